@@ -1,0 +1,74 @@
+"""Evaluate an exported ``model/`` folder or a Lightning checkpoint on a folder of ABID photos.
+
+Usage:
+    python eval.py model_dir=outputs/RUN/model data.root=../shared/abid data.split=all
+    python eval.py ckpt_path=outputs/RUN/checkpoints/last.ckpt data.root=../shared/abid
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, open_dict
+
+from bincount.config import config_dir
+from bincount.models.export import load_model_dir
+from bincount.models.module import BinCountModule
+from bincount.train import instantiate_trainer, report_test
+
+log = logging.getLogger(__name__)
+
+
+def load_for_eval(cfg: DictConfig) -> tuple[BinCountModule, int | None]:
+    """The model named by ``cfg.model_dir`` or ``cfg.ckpt_path``, and its training input size.
+
+    Raises:
+        ValueError: If neither or both are given.
+    """
+    if bool(cfg.get("model_dir")) == bool(cfg.get("ckpt_path")):
+        raise ValueError("give exactly one of model_dir=<run>/model or ckpt_path=<file.ckpt>")
+    if cfg.get("model_dir"):
+        net, config = load_model_dir(cfg.model_dir)
+        model = BinCountModule(arch=config["arch"], min_count=config["min_count"], max_count=config["max_count"])
+        model.net.load_state_dict(net.state_dict())
+        return model, config["preset"]["image_size"]
+    model = BinCountModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
+    checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)
+    image_size = checkpoint.get("datamodule_hyper_parameters", {}).get("image_size")
+    return model, image_size
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Test a trained model on ``cfg.data`` and write ``metrics.json``, ``predictions.csv`` and
+    ``confusion_matrix.png`` into ``cfg.paths.output_dir``.
+
+    The class range and the input size come from the model, overriding ``cfg.data``.
+
+    Returns:
+        The report (see :func:`bincount.report.count_report`).
+    """
+    model, image_size = load_for_eval(cfg)
+    with open_dict(cfg):
+        cfg.data.min_count = model.hparams.min_count
+        cfg.data.max_count = model.hparams.max_count
+        if image_size is not None:
+            cfg.data.image_size = image_size
+    datamodule = hydra.utils.instantiate(cfg.data)
+    trainer = instantiate_trainer(cfg)
+    trainer.test(model, datamodule=datamodule)
+    source = cfg.get("model_dir") or cfg.get("ckpt_path")
+    return report_test(trainer, model, datamodule, Path(cfg.paths.output_dir),
+                       title=f"{source} on {datamodule.root} ({cfg.data.split})")
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

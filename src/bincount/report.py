@@ -1,0 +1,127 @@
+"""Evaluation reports: ``metrics.json``, ``predictions.csv`` and ``confusion_matrix.png``."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from bincount.models.metrics import count_metrics, per_class_metrics
+
+
+def count_report(target: torch.Tensor, probs: torch.Tensor, *, min_count: int) -> dict:
+    """Counting metrics of one evaluation, with the majority-class baseline on the same photos.
+
+    Args:
+        target: ``(N,)`` true class indices (count ``- min_count``).
+        probs: ``(N, num_classes)`` predicted probabilities.
+        min_count: Count of class 0.
+
+    Returns:
+        ``acc, obo_acc, mae, rmse, n, per_class_acc, confusion_matrix, baseline_majority_count,
+        baseline_majority_acc, baseline_majority_mae``. Errors are in objects; ``per_class_acc`` maps
+        each count to its accuracy (``None`` where the data has no photo of that count); the
+        baseline always answers the most common true count of these photos (an upper bound for
+        any constant answer's accuracy).
+
+    Raises:
+        ValueError: If there are no predictions.
+    """
+    if len(target) == 0:
+        raise ValueError("no predictions to report on")
+    num_classes = probs.shape[1]
+    preds = probs.argmax(dim=1)
+    scalar = count_metrics(num_classes)
+    for name, metric in scalar.items():
+        metric.update(*((preds, target) if name == "acc" else (preds.float(), target.float())))
+    out = {k: float(v) for k, v in scalar.compute().items()}
+    per_class = per_class_metrics(num_classes)
+    for metric in per_class.values():
+        metric.update(preds, target)
+    support = torch.bincount(target, minlength=num_classes)
+    acc_per_class = per_class["per_class_acc"].compute()
+    majority = int(support.argmax())
+    baseline = torch.full_like(target, majority)
+    out.update(
+        n=int(len(target)),
+        per_class_acc={
+            str(min_count + k): (float(acc_per_class[k]) if support[k] > 0 else None) for k in range(num_classes)
+        },
+        confusion_matrix=per_class["confusion_matrix"].compute().tolist(),
+        baseline_majority_count=min_count + majority,
+        baseline_majority_acc=float((baseline == target).float().mean()),
+        baseline_majority_mae=float((baseline - target).abs().float().mean()),
+    )
+    return out
+
+
+def write_predictions_csv(path: Path, image_ids: Sequence[str], target: torch.Tensor, probs: torch.Tensor,
+                          *, min_count: int) -> None:
+    """One row per photo: ``image_id,expected_quantity,predicted,prob_<count>...``."""
+    counts = range(min_count, min_count + probs.shape[1])
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_id", "expected_quantity", "predicted", *(f"prob_{c}" for c in counts)])
+        for image_id, t, p in zip(image_ids, target.tolist(), probs.tolist()):
+            pred = max(range(len(p)), key=p.__getitem__)
+            writer.writerow([image_id, t + min_count, pred + min_count, *(f"{x:.5f}" for x in p)])
+
+
+def plot_confusion_matrix(path: Path, confusion: Sequence[Sequence[int]], *, min_count: int, title: str) -> None:
+    """Save the row-normalised confusion matrix (colour) with the raw numbers in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = torch.tensor(confusion, dtype=torch.float64)
+    norm = cm / cm.sum(dim=1, keepdim=True).clamp(min=1)
+    labels = [str(min_count + k) for k in range(len(cm))]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(cm), 0.6 + 0.8 * len(cm)), dpi=120)
+    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(cm)):
+        for j in range(len(cm)):
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
+                    color="white" if norm[i, j] > 0.5 else "black", fontsize=9)
+    ax.set_xticks(range(len(cm)), labels)
+    ax.set_yticks(range(len(cm)), labels)
+    ax.set_xlabel("predicted count")
+    ax.set_ylabel("true count")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of true count")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, image_ids: Sequence[str], target: torch.Tensor, probs: torch.Tensor,
+                 *, min_count: int, title: str) -> dict:
+    """Write ``metrics.json``, ``predictions.csv`` and ``confusion_matrix.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = count_report(target, probs, min_count=min_count)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_predictions_csv(out_dir / "predictions.csv", image_ids, target, probs, min_count=min_count)
+    plot_confusion_matrix(out_dir / "confusion_matrix.png", metrics["confusion_matrix"], min_count=min_count,
+                          title=f"{title} (n={metrics['n']}, acc={metrics['acc']:.3f}, mae={metrics['mae']:.3f})")
+    return metrics
+
+
+def print_report(metrics: dict, title: str) -> None:
+    """Print the metrics beside the majority-class baseline as a rich table."""
+    table = Table(title=title)
+    table.add_column("")
+    table.add_column("model", justify="right")
+    table.add_column(f"always {metrics['baseline_majority_count']}", justify="right")
+    table.add_row("acc", f"{metrics['acc']:.3f}", f"{metrics['baseline_majority_acc']:.3f}")
+    table.add_row("obo_acc", f"{metrics['obo_acc']:.3f}", "")
+    table.add_row("mae", f"{metrics['mae']:.3f}", f"{metrics['baseline_majority_mae']:.3f}")
+    table.add_row("rmse", f"{metrics['rmse']:.3f}", "")
+    table.add_row("n", str(metrics["n"]), str(metrics["n"]))
+    for count, acc in metrics["per_class_acc"].items():
+        table.add_row(f"acc[{count}]", "-" if acc is None else f"{acc:.3f}", "")
+    Console().print(table)

@@ -1,0 +1,97 @@
+"""Train a bin-count model, test its best checkpoint and export it for serving.
+
+Usage:
+    python train.py +experiment=quickstart data.root=../shared/abid
+    python train.py +experiment=resnet18_subset data.root=data/abid trainer.max_epochs=20
+    python train.py +experiment=quickstart hydra.run.dir=outputs/RUN ckpt_path=last   # resume
+    python train.py -m hparams_search=lr_optuna +experiment=quickstart data.root=../shared/abid
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, OmegaConf
+
+from bincount.config import config_dir
+from bincount.data.datamodule import ABIDDataModule
+from bincount.models.export import save_model_dir
+from bincount.models.module import BinCountModule
+from bincount.report import print_report, write_report
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_trainer(cfg: DictConfig) -> L.Trainer:
+    """The Trainer of ``cfg.trainer`` with the non-null ``cfg.callbacks`` and ``cfg.logger`` entries."""
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def report_test(trainer: L.Trainer, model: BinCountModule, datamodule: ABIDDataModule, out_dir: Path,
+                title: str) -> dict:
+    """Write and print the test report from ``model.test_predictions`` (global rank 0 only)."""
+    if not trainer.is_global_zero:
+        return {}
+    pred = model.test_predictions
+    records = datamodule.splits["test"]
+    image_ids = [records[i].image_id for i in pred["index"].tolist()]
+    metrics = write_report(out_dir, image_ids, pred["target"], pred["probs"],
+                           min_count=model.hparams.min_count, title=title)
+    print_report(metrics, title)
+    return metrics
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, test the best checkpoint, write the report and export ``model/``.
+
+    Args:
+        cfg: The composed ``train.yaml`` config.
+
+    Returns:
+        The trainer's final callback metrics (``train/*``, ``val/*``, ``test/*``) as floats.
+    """
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    datamodule: ABIDDataModule = hydra.utils.instantiate(cfg.data)
+    model: BinCountModule = hydra.utils.instantiate(cfg.model)
+    trainer = instantiate_trainer(cfg)
+    if trainer.is_global_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+    if cfg.get("test", True):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            log.warning("no best checkpoint (no validation ran?); testing the final weights")
+        rank_zero_info(f"testing {best or 'the final weights'}")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        report_test(trainer, model, datamodule, out_dir, title=f"test split of {datamodule.root}")
+        if trainer.is_global_zero:
+            save_model_dir(
+                model.net, out_dir / "model", arch=model.hparams.arch, min_count=model.hparams.min_count,
+                max_count=model.hparams.max_count, preset=datamodule.eval_preset.to_config(),
+                extra={"checkpoint": Path(best).name if best else None},
+            )
+            rank_zero_info(f"run folder: {out_dir}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
+    metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()
