@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from bincount.config import config_dir
+from tests.fakes import make_fake_abid
+
+SHARED_ABID = Path(__file__).resolve().parents[1].parent / "shared" / "abid"
+
+
+@pytest.fixture(scope="session")
+def fake_abid(tmp_path_factory) -> tuple[Path, dict]:
+    """A 40-photo fake ABID folder (counts 1..5) plus one photo of each kind of bad input."""
+    root = tmp_path_factory.mktemp("fake_abid")
+    return root, make_fake_abid(root)
+
+
+def compose_cfg(config_name: str, overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+# small, fast, CPU-only and quiet: what every test run of train()/evaluate() uses
+FAST = [
+    "trainer.accelerator=cpu",
+    "data.num_workers=0",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.val_fraction=0.2",
+    "data.test_fraction=0.2",
+    "data.block_size=2",
+    "callbacks.rich_progress_bar=null",
+]
+
+
+def set_output_dir(cfg: DictConfig, out: Path) -> DictConfig:
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return cfg
+
+
+@pytest.fixture
+def train_cfg(tmp_path, fake_abid):
+    """``train.yaml`` composed for a fast CPU run on the fake folder; extra overrides as args."""
+    root, _ = fake_abid
+
+    def make(*overrides: str, out: Path | None = None) -> DictConfig:
+        cfg = compose_cfg("train", [f"data.root={root}", *FAST, "trainer.max_epochs=1",
+                                      "callbacks.rich_model_summary=null", *overrides])
+        return set_output_dir(cfg, out or tmp_path / "run")
+
+    return make

@@ -1,0 +1,80 @@
+"""Tiny stand-ins for ABID data, made inside a test (in the spirit of Lightning's BoringModel)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+
+def write_bin_photo(path: Path, count: int, *, size: int = 64, seed: int = 0) -> None:
+    """A small JPEG of a grey bin with ``count`` coloured boxes in it."""
+    rng = random.Random(seed)
+    img = Image.new("RGB", (size, size), (90, 90, 90))
+    draw = ImageDraw.Draw(img)
+    for _ in range(count):
+        x, y = rng.randrange(0, size - 12), rng.randrange(0, size - 12)
+        draw.rectangle([x, y, x + 10, y + 10], fill=(rng.randrange(256), rng.randrange(256), rng.randrange(256)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="JPEG", quality=90)
+
+
+def write_metadata(path: Path, count: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"BIN_FCSKU_DATA": {}, "EXPECTED_QUANTITY": count}))
+
+
+def make_fake_abid(root: Path, n: int = 40, *, min_count: int = 1, max_count: int = 5, bad: bool = True) -> dict:
+    """An ABID-layout folder with ``n`` good labelled photos (ids ``00001``...; counts cycle
+    ``min_count..max_count``) and, when ``bad``, one of each kind of bad input.
+
+    Returns:
+        ``{"good": {id: count}, "bad": {id: reason}, "out_of_range": {id: count}}``.
+    """
+    good: dict[str, int] = {}
+    for i in range(1, n + 1):
+        image_id = f"{i:05d}"
+        count = min_count + (i - 1) % (max_count - min_count + 1)
+        write_bin_photo(root / "bin-images" / f"{image_id}.jpg", count, seed=i)
+        write_metadata(root / "metadata" / f"{image_id}.json", count)
+        good[image_id] = count
+    out = {"good": good, "bad": {}, "out_of_range": {}}
+    if not bad:
+        return out
+    images, meta = root / "bin-images", root / "metadata"
+    # a photo whose count is outside the class range
+    write_bin_photo(images / "90001.jpg", max_count + 3, seed=1)
+    write_metadata(meta / "90001.json", max_count + 3)
+    out["out_of_range"]["90001"] = max_count + 3
+    # truncated JPEG (no end-of-image marker)
+    write_bin_photo(images / "90002.jpg", 2, seed=2)
+    data = (images / "90002.jpg").read_bytes()
+    (images / "90002.jpg").write_bytes(data[: len(data) // 2])
+    write_metadata(meta / "90002.json", 2)
+    out["bad"]["90002"] = "truncated JPEG"
+    # not an image at all
+    (images / "90003.jpg").write_text("this is not a photo")
+    write_metadata(meta / "90003.json", 2)
+    out["bad"]["90003"] = "not a JPEG"
+    # malformed metadata JSON
+    write_bin_photo(images / "90004.jpg", 3, seed=4)
+    (meta / "90004.json").write_text("{ not json")
+    out["bad"]["90004"] = "malformed metadata"
+    # non-integer count
+    write_bin_photo(images / "90005.jpg", 3, seed=5)
+    write_metadata(meta / "90005.json", 2.5)
+    out["bad"]["90005"] = "malformed metadata"
+    # no metadata file and no other label
+    write_bin_photo(images / "90006.jpg", 3, seed=6)
+    out["bad"]["90006"] = "no label"
+    return out
+
+
+def corrupt_middle(path: Path) -> None:
+    """Overwrite the middle of a JPEG with junk, keeping its start and end markers (passes the
+    cheap index check, fails at decode time)."""
+    data = bytearray(path.read_bytes())
+    data[4:-2] = b"\x00" * (len(data) - 6)
+    path.write_bytes(bytes(data))

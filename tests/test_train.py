@@ -1,0 +1,140 @@
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf import open_dict
+
+from bincount.config import config_dir
+from bincount.evaluate import evaluate
+from bincount.models.module import BinCountModule
+from bincount.train import train
+from tests.conftest import FAST, compose_cfg, set_output_dir
+
+REPO = Path(__file__).resolve().parents[1]
+METRIC_KEYS = {"acc", "obo_acc", "mae", "rmse", "n", "per_class_acc", "confusion_matrix",
+               "baseline_majority_acc", "baseline_majority_mae"}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml")))
+def test_every_experiment_composes(name, tmp_path):
+    cfg = compose_cfg("train", [f"+experiment={name}", "data.root=x"])
+    assert cfg.model.min_count == cfg.data.min_count
+    set_output_dir(cfg, tmp_path)
+    model = __import__("hydra").utils.instantiate(cfg.model, weights=None)
+    assert model.num_classes == cfg.data.max_count - cfg.data.min_count + 1
+
+
+def test_first_line_of_every_experiment_is_its_command():
+    for path in (Path(config_dir()) / "experiment").glob("*.yaml"):
+        lines = path.read_text().splitlines()
+        assert lines[0] == "# @package _global_" and f"+experiment={path.stem}" in lines[1], path
+
+
+def test_hparams_search_composes():
+    cfg = compose_cfg("train", ["hparams_search=lr_optuna", "+experiment=quickstart"])
+    assert cfg.optimized_metric == "val/acc_best"
+
+
+def test_misspelt_key_fails_at_composition():
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg("train", ["data.rooot=x"])
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg("train", ["+experiment=quickstrat"])
+
+
+def test_train_writes_the_run_folder_and_eval_reproduces_it(train_cfg, tmp_path):
+    cfg = train_cfg()
+    metrics = train(cfg)
+    run = Path(cfg.paths.output_dir)
+    for name in ("config.yaml", "metrics.json", "predictions.csv", "confusion_matrix.png",
+                 "checkpoints/last.ckpt", "model/model.pt", "model/model_config.json", "csv/version_0/metrics.csv"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    report = json.loads((run / "metrics.json").read_text())
+    assert METRIC_KEYS <= report.keys()
+    assert report["acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    rows = list(csv.DictReader((run / "predictions.csv").open()))
+    assert len(rows) == report["n"] == sum(map(sum, report["confusion_matrix"]))
+    assert list(rows[0]) == ["image_id", "expected_quantity", "predicted", "prob_1", "prob_2", "prob_3", "prob_4", "prob_5"]
+    assert sum(float(rows[0][f"prob_{k}"]) for k in range(1, 6)) == pytest.approx(1, abs=1e-3)
+
+    # the exported model alone (no Lightning checkpoint) gives the same test predictions
+    eval_cfg = compose_cfg("eval", [f"data.root={cfg.data.root}", *FAST, "data.split=block",
+                                    f"model_dir={run / 'model'}"])
+    set_output_dir(eval_cfg, tmp_path / "eval")
+    again = evaluate(eval_cfg)
+    assert again["acc"] == report["acc"] and again["confusion_matrix"] == report["confusion_matrix"]
+    assert (tmp_path / "eval" / "predictions.csv").read_text() == (run / "predictions.csv").read_text()
+
+
+def test_eval_all_from_checkpoint_and_load_without_hydra(train_cfg, tmp_path, fake_abid):
+    root, made = fake_abid
+    cfg = train_cfg()
+    train(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    model = BinCountModule.load_from_checkpoint(ckpt, map_location="cpu")
+    assert model.hparams.arch == "resnet18" and model.num_classes == 5
+    eval_cfg = compose_cfg("eval", [f"data.root={root}", *FAST, f"ckpt_path={ckpt}"])
+    set_output_dir(eval_cfg, tmp_path / "eval")
+    report = evaluate(eval_cfg)
+    assert report["n"] == len(made["good"])
+    neither = compose_cfg("eval", [f"data.root={root}"])
+    with pytest.raises(ValueError, match="exactly one"):
+        evaluate(set_output_dir(neither, tmp_path / "e2"))
+
+
+@pytest.mark.slow
+def test_resume_from_last_continues_the_step_count(train_cfg, tmp_path):
+    out = tmp_path / "run"
+    train(train_cfg("trainer.max_epochs=1", "test=false", out=out))
+    first = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    train(train_cfg("trainer.max_epochs=2", "ckpt_path=last", "test=false", out=out))
+    second = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert second["global_step"] == 2 * first["global_step"] > 0
+    logged = [[row["epoch"] for row in csv.DictReader((out / "csv" / v / "metrics.csv").open()) if row.get("train/loss_epoch")]
+              for v in ("version_0", "version_1")]
+    assert logged == [["0"], ["1"]]  # the first run's log is kept, the second starts at epoch 1
+
+
+@pytest.mark.slow
+def test_cli_typo_fails_before_training_and_cli_runs(fake_abid, tmp_path):
+    root, _ = fake_abid
+    bad = subprocess.run([sys.executable, "train.py", "trainer.max_epochs=1", "data.batchsize=4"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "batchsize" in bad.stderr
+    ok = subprocess.run([sys.executable, "train.py", f"data.root={root}", *FAST, "trainer.max_epochs=1",
+                         "callbacks.rich_model_summary=null",
+                         f"hydra.run.dir={tmp_path / 'cli'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert (tmp_path / "cli" / "model" / "model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_optuna_sweep_runs_and_reports_best(fake_abid, tmp_path):
+    root, _ = fake_abid
+    run = subprocess.run([sys.executable, "train.py", "-m", "hparams_search=lr_optuna", f"data.root={root}", *FAST,
+                          "trainer.max_epochs=1", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=1",
+                          f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    best = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
+    assert "best_params" in best and "model.optimizer.lr" in best
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not (REPO.parent / "shared" / "abid").is_dir(), reason="../shared/abid not present")
+def test_short_training_on_real_abid_photos(tmp_path):
+    cfg = compose_cfg("train", ["+experiment=quickstart", f"data.root={REPO.parent / 'shared' / 'abid'}",
+                                "data.image_size=64", "data.num_workers=0", "trainer.max_epochs=1",
+                                "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2",
+                                "callbacks.rich_progress_bar=null"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    metrics = train(cfg)
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["n"] > 200  # the whole block-split test set of the real sample
+    assert 0 <= metrics["test/acc"] <= 1 and report["baseline_majority_count"] in range(1, 6)
