@@ -1,0 +1,123 @@
+"""LightningDataModule over a folder in the ABID layout."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from bincount.data.abid import BinRecord, IndexReport, block_split, build_index
+from bincount.data.dataset import BinImageDataset, collate_skip_none
+from bincount.data.transforms import CountingPresetEval, CountingPresetTrain
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("block", "all")
+
+
+class ABIDDataModule(L.LightningDataModule):
+    """Bin photos and counts from an ABID-layout folder, split by id blocks.
+
+    Args:
+        root: Folder with ``bin-images/``, ``metadata/`` and/or ``labels.csv``.
+        min_count: Smallest count (class 0). Photos outside ``[min_count, max_count]`` are dropped.
+        max_count: Largest count (class ``max_count - min_count``).
+        label_list: Optional ``file_list.json`` / counting-split JSON / id list selecting the photos.
+        split: ``"block"``: train/val/test from :func:`bincount.data.abid.block_split`;
+            ``"all"``: every photo is in the test (and predict) set, for evaluating a held-out folder.
+        val_fraction: Approximate share of photos for validation.
+        test_fraction: Approximate share of photos for test.
+        block_size: Ids ``n // block_size`` equal stay on one side of the split.
+        seed: Seed of the split (independent of the training seed on purpose).
+        image_size: Side of the square network input, pixels.
+        batch_size: Photos per batch (per device under DDP).
+        num_workers: DataLoader worker processes.
+        decoder: ``"torchvision"`` or ``"pil"`` (see ``benchmarks/decode.py``).
+        train_transform: Keyword arguments of :class:`CountingPresetTrain` besides ``image_size``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        min_count: int = 1,
+        max_count: int = 5,
+        label_list: str | None = None,
+        split: str = "block",
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        block_size: int = 20,
+        seed: int = 0,
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        decoder: str = "torchvision",
+        train_transform: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}: must be one of {SPLITS}")
+        self.save_hyperparameters(logger=False)
+        self.root = Path(root)
+        self.eval_preset = CountingPresetEval(image_size=image_size)
+        self.train_preset = CountingPresetTrain(image_size=image_size, **(train_transform or {}))
+        self.splits: dict[str, list[BinRecord]] = {}
+        self.index_report: IndexReport | None = None
+        self.datasets: dict[str, BinImageDataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return self.hparams.max_count - self.hparams.min_count + 1
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        hp = self.hparams
+        records, self.index_report = build_index(
+            self.root, min_count=hp.min_count, max_count=hp.max_count, label_list=hp.label_list
+        )
+        if hp.split == "all":
+            self.splits = {"train": [], "val": [], "test": records}
+        else:
+            self.splits = block_split(
+                records,
+                val_fraction=hp.val_fraction,
+                test_fraction=hp.test_fraction,
+                seed=hp.seed,
+                block_size=hp.block_size,
+            )
+        for name, recs in self.splits.items():
+            counts = Counter(r.expected_quantity for r in recs)
+            log.info("%s: %d photos, by count %s", name, len(recs), dict(sorted(counts.items())))
+            transform = self.train_preset if name == "train" else self.eval_preset
+            self.datasets[name] = BinImageDataset(
+                self.root, recs, min_count=hp.min_count, transform=transform, decoder=hp.decoder
+            )
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        if not self.datasets[name]:
+            raise ValueError(f"the {name} split of {self.root} is empty (data.split={self.hparams.split})")
+        return DataLoader(
+            self.datasets[name],
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+            collate_fn=collate_skip_none,
+            drop_last=shuffle and len(self.datasets[name]) > self.hparams.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,101 @@
+"""Map-style dataset of ABID bin photos."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, default_collate
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+from bincount.data.abid import IMAGE_DIR, BinRecord
+
+log = logging.getLogger(__name__)
+
+Sample = tuple[torch.Tensor, int, int]
+
+
+def decode_image(path: str | Path, decoder: str = "torchvision") -> torch.Tensor:
+    """Decode a JPEG to a ``uint8`` RGB tensor of shape ``(3, H, W)``.
+
+    Args:
+        path: The JPEG file.
+        decoder: ``"torchvision"`` (libjpeg-turbo via ``torchvision.io.decode_jpeg``) or ``"pil"``.
+
+    Raises:
+        ValueError: If the file is not a decodable image or ``decoder`` is unknown.
+        OSError: If the file cannot be read.
+    """
+    if decoder == "torchvision":
+        try:
+            return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
+        except RuntimeError as err:
+            raise ValueError(f"{path}: cannot decode JPEG ({err})") from None
+    if decoder == "pil":
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"{path}: cannot decode image ({err})") from None
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    raise ValueError(f"unknown decoder {decoder!r}: use 'torchvision' or 'pil'")
+
+
+class BinImageDataset(Dataset):
+    """ABID photos with their count class.
+
+    Item ``i`` is ``(image, target, i)``: the transformed image, the class index
+    ``expected_quantity - min_count`` and the item's own index (to join predictions back to
+    ``records[i].image_id``). A photo that fails to decode yields ``None`` with a warning;
+    :func:`collate_skip_none` drops it from the batch, so a bad file never stops an epoch.
+
+    Args:
+        root: ABID-layout folder.
+        records: The photos and counts to serve.
+        min_count: Count of class 0.
+        transform: Applied to the ``uint8`` ``(3, H, W)`` tensor.
+        decoder: See :func:`decode_image`.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        records: Sequence[BinRecord],
+        *,
+        min_count: int,
+        transform: Callable | None = None,
+        decoder: str = "torchvision",
+    ) -> None:
+        self.root = Path(root)
+        self.records = list(records)
+        self.min_count = min_count
+        self.transform = transform
+        self.decoder = decoder
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample | None:
+        rec = self.records[index]
+        path = self.root / IMAGE_DIR / f"{rec.image_id}.jpg"
+        try:
+            image = decode_image(path, self.decoder)
+        except (ValueError, OSError) as err:
+            log.warning("skipping photo %s: %s", rec.image_id, err)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, rec.expected_quantity - self.min_count, index
+
+
+def collate_skip_none(batch: list[Sample | None]):
+    """``default_collate`` without the samples that failed to load.
+
+    Returns ``None`` when the whole batch failed (the LightningModule skips such a batch).
+    """
+    batch = [b for b in batch if b is not None]
+    return default_collate(batch) if batch else None

@@ -1,0 +1,87 @@
+"""Image presets shared by training, evaluation and serving, so preprocessing cannot drift.
+
+Modelled on torchvision's ``references/classification/presets.py``, with one change for
+counting: no crop may cut items out of the bin, so photos are resized whole to a square.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class CountingPresetEval:
+    """Deterministic preprocessing: whole photo -> ``image_size`` square, normalised.
+
+    Input: a ``uint8`` tensor ``(3, H, W)`` or a PIL image. Output: ``float32`` ``(3, S, S)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
+        self.image_size = image_size
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.transforms = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize((image_size, image_size), antialias=True),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=self.mean, std=self.std),
+            ]
+        )
+
+    def __call__(self, img):
+        return self.transforms(img)
+
+    def to_config(self) -> dict:
+        """The fields serving needs to rebuild this preset (stored in ``model_config.json``)."""
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+
+
+class CountingPresetTrain:
+    """Training augmentation that keeps every item of the bin in view.
+
+    Flips and small rotations (a bin photographed from above has no canonical orientation),
+    a mild scale jitter that keeps at least ``min_scale`` of the photo, and colour jitter.
+
+    Input: a ``uint8`` tensor ``(3, H, W)`` or a PIL image. Output: ``float32`` ``(3, S, S)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        hflip_prob: float = 0.5,
+        vflip_prob: float = 0.5,
+        rotation_degrees: float = 10.0,
+        min_scale: float = 0.9,
+        color_jitter: float = 0.2,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
+        steps: list = [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)]
+        if min_scale < 1.0:
+            steps.append(
+                v2.RandomResizedCrop((image_size, image_size), scale=(min_scale, 1.0), ratio=(0.9, 1.1), antialias=True)
+            )
+        if hflip_prob > 0:
+            steps.append(v2.RandomHorizontalFlip(hflip_prob))
+        if vflip_prob > 0:
+            steps.append(v2.RandomVerticalFlip(vflip_prob))
+        if rotation_degrees > 0:
+            steps.append(v2.RandomRotation(rotation_degrees))
+        if color_jitter > 0:
+            steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=mean, std=std)]
+        self.transforms = v2.Compose(steps)
+
+    def __call__(self, img):
+        return self.transforms(img)
