@@ -9,6 +9,7 @@ Usage:
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bincount.config import config_dir
 from bincount.data.datamodule import ABIDDataModule
+from bincount.models.calibration import calibrate, held_out_report
 from bincount.models.export import save_model_dir
 from bincount.models.module import BinCountModule
 from bincount.report import print_report, write_report
@@ -75,12 +77,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         rank_zero_info(f"testing {best or 'the final weights'}")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-        report_test(trainer, model, datamodule, out_dir, title=f"test split of {datamodule.root}")
+        report = report_test(trainer, model, datamodule, out_dir, title=f"test split of {datamodule.root}")
         if trainer.is_global_zero:
+            calibration = calibrate(model.net, datamodule.val_dataloader())
+            report.update(held_out_report(model.test_predictions["probs"], model.test_predictions["target"], calibration))
+            (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
             save_model_dir(
                 model.net, out_dir / "model", arch=model.hparams.arch, min_count=model.hparams.min_count,
                 max_count=model.hparams.max_count, preset=datamodule.eval_preset.to_config(),
-                extra={"checkpoint": Path(best).name if best else None},
+                extra={"checkpoint": Path(best).name if best else None, "calibration": calibration},
             )
             rank_zero_info(f"run folder: {out_dir}")
     return metrics
