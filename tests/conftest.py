@@ -56,3 +56,7 @@ def train_cfg(tmp_path, fake_abid):
         return set_output_dir(cfg, out or tmp_path / "run")
 
     return make
+
+
+# the local S3 server fixtures (s3_server, s3_env) used by the data-at-scale tests
+pytest_plugins = ["tests.conftest_s3"]

@@ -1,0 +1,250 @@
+"""S3 access shared by ``bincount data fetch``, ``bincount data prepare`` and the streaming datamodule.
+
+One client factory (anonymous or signed, any S3-compatible endpoint, botocore's own retry modes),
+one place that turns S3 failures into errors a user can act on, and the litdata/obstore
+workaround for plain-``http`` endpoints (local test servers, MinIO, SeaweedFS).
+
+The endpoint is ``endpoint_url`` when given, else ``AWS_ENDPOINT_URL`` (which boto3 and litdata
+read too), else AWS itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import boto3
+from botocore import UNSIGNED
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+RETRY_MODES = ("standard", "adaptive", "legacy")
+UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError, ReadTimeoutError)
+
+
+class S3Error(RuntimeError):
+    """An S3 request failed for a reason that retrying does not fix; the message says what to do."""
+
+
+def is_s3_uri(uri: str | os.PathLike) -> bool:
+    """Whether ``uri`` is an ``s3://bucket/...`` address (anything else is a local path)."""
+    return str(uri).startswith("s3://")
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``"s3://bucket/a/b/"`` -> ``("bucket", "a/b")``.
+
+    Raises:
+        ValueError: If ``uri`` is not ``s3://<bucket>[/<prefix>]``.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"{uri!r} is not an S3 URI: expected s3://BUCKET/PREFIX")
+    return parsed.netloc, parsed.path.strip("/")
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or an S3 URI with ``/``."""
+    if is_s3_uri(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(base, *parts))
+
+
+def resolve_endpoint(endpoint_url: str | None = None) -> str | None:
+    """``endpoint_url`` if given, else ``$AWS_ENDPOINT_URL``, else ``None`` (AWS)."""
+    return endpoint_url or os.environ.get(ENDPOINT_ENV) or None
+
+
+def make_client(
+    *,
+    endpoint_url: str | None = None,
+    anonymous: bool = False,
+    retry_mode: str = "standard",
+    max_attempts: int = 5,
+    max_pool_connections: int = 10,
+    connect_timeout: float = 10.0,
+    read_timeout: float = 60.0,
+):
+    """A boto3 S3 client whose retries are botocore's (no hand-written retry loops).
+
+    Args:
+        endpoint_url: S3-compatible endpoint; default ``$AWS_ENDPOINT_URL`` or AWS.
+        anonymous: Send unsigned requests (public buckets such as ``aft-vbi-pds``; no credentials).
+        retry_mode: botocore retry mode: ``standard`` (exponential backoff with jitter on
+            throttling, 5xx and connection errors), ``adaptive`` (also rate-limits the client
+            when throttled) or ``legacy``.
+        max_attempts: Attempts per request including the first.
+        max_pool_connections: HTTP connections kept open; at least the number of threads using it.
+        connect_timeout: Seconds to wait for a connection.
+        read_timeout: Seconds to wait for data on an open connection.
+
+    Raises:
+        ValueError: If ``retry_mode`` is not a botocore mode or ``max_attempts < 1``.
+    """
+    if retry_mode not in RETRY_MODES:
+        raise ValueError(f"retry_mode={retry_mode!r}: must be one of {RETRY_MODES}")
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts={max_attempts} must be >= 1")
+    config = Config(
+        retries={"mode": retry_mode, "max_attempts": max_attempts},
+        max_pool_connections=max_pool_connections,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        signature_version=UNSIGNED if anonymous else None,
+    )
+    return boto3.session.Session().client("s3", endpoint_url=resolve_endpoint(endpoint_url), config=config)
+
+
+def error_code(err: ClientError) -> str:
+    """The S3 error code of ``err`` (``NoSuchKey``, ``AccessDenied``, ``404`` for HEAD requests, ...)."""
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def is_not_found(err: BaseException) -> bool:
+    """Whether ``err`` says the object does not exist (``NoSuchKey`` or a HEAD 404)."""
+    return isinstance(err, ClientError) and error_code(err) in ("NoSuchKey", "404", "NotFound")
+
+
+def explain(err: BaseException, *, uri: str, endpoint_url: str | None = None) -> S3Error:
+    """Turn a boto3/botocore failure on ``uri`` into an :class:`S3Error` that says what to do.
+
+    Covers a missing bucket or key, refused access, rejected or missing credentials and an
+    unreachable endpoint; anything else keeps botocore's own message.
+    """
+    where = resolve_endpoint(endpoint_url) or "AWS S3"
+    if isinstance(err, ClientError):
+        code = error_code(err)
+        if code in ("NoSuchBucket",) or (code == "404" and "/" not in uri.removeprefix("s3://").strip("/")):
+            return S3Error(f"{uri}: the bucket does not exist at {where} (NoSuchBucket); create it or fix the URI")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return S3Error(f"{uri} does not exist at {where} ({code})")
+        if code in ("AccessDenied", "403", "AllAccessDisabled", "Forbidden"):
+            return S3Error(
+                f"{uri}: access denied at {where} ({code}). Check the credentials boto3 finds "
+                "(AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and the bucket policy; "
+                "a bucket that does not exist can also answer AccessDenied"
+            )
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+            return S3Error(f"{uri}: credentials rejected by {where} ({code}); refresh or fix them")
+        return S3Error(f"{uri}: S3 request failed at {where}: {err}")
+    if isinstance(err, UNREACHABLE):
+        return S3Error(
+            f"{uri}: cannot reach the S3 endpoint {where} ({err}); check --endpoint-url / "
+            f"{ENDPOINT_ENV} and the network"
+        )
+    if isinstance(err, NoCredentialsError):
+        return S3Error(
+            f"{uri}: no AWS credentials found for a signed request; configure them "
+            "(aws configure, AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+        )
+    if isinstance(err, BotoCoreError):
+        return S3Error(f"{uri}: S3 request failed at {where}: {err}")
+    return S3Error(f"{uri}: {err}")
+
+
+def read_bytes(uri: str, *, endpoint_url: str | None = None, client=None) -> bytes:
+    """Read a whole object (``s3://...``) or local file.
+
+    Raises:
+        FileNotFoundError: If the object or file does not exist.
+        S3Error: For any other S3 failure (see :func:`explain`).
+    """
+    if not is_s3_uri(uri):
+        return Path(uri).read_bytes()
+    bucket, key = split_s3_uri(uri)
+    client = client or make_client(endpoint_url=endpoint_url)
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except (ClientError, BotoCoreError) as err:
+        if is_not_found(err):
+            raise FileNotFoundError(f"{uri} does not exist at {resolve_endpoint(endpoint_url) or 'AWS S3'}") from None
+        raise explain(err, uri=uri, endpoint_url=endpoint_url) from None
+
+
+def exists(uri: str, *, endpoint_url: str | None = None, client=None) -> bool:
+    """Whether an object (``s3://...``) or local file exists.
+
+    Raises:
+        S3Error: If the bucket is missing, access is refused or the endpoint is unreachable.
+    """
+    if not is_s3_uri(uri):
+        return Path(uri).exists()
+    bucket, key = split_s3_uri(uri)
+    client = client or make_client(endpoint_url=endpoint_url)
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+    except (ClientError, BotoCoreError) as err:
+        if is_not_found(err):
+            return False
+        raise explain(err, uri=uri, endpoint_url=endpoint_url) from None
+    return True
+
+
+def check_bucket(uri: str, *, endpoint_url: str | None = None, client=None) -> None:
+    """Fail early, with a clear message, if the bucket of ``uri`` cannot be used.
+
+    Raises:
+        S3Error: If the bucket does not exist, access is refused, the credentials are rejected
+            or the endpoint is unreachable.
+    """
+    bucket, _ = split_s3_uri(uri)
+    client = client or make_client(endpoint_url=endpoint_url)
+    try:
+        client.head_bucket(Bucket=bucket)
+    except (ClientError, BotoCoreError) as err:
+        raise explain(err, uri=f"s3://{bucket}", endpoint_url=endpoint_url) from None
+
+
+def allow_http_in_litdata(endpoint_url: str | None = None) -> bool:
+    """Let litdata's obstore path talk to a plain-``http`` S3 endpoint.
+
+    litdata 0.2.x builds its obstore ``S3Store`` from the module-level client options
+    ``litdata.streaming.downloader._OBSTORE_CLIENT_OPTIONS`` without ``allow_http``, so every
+    chunk read from an ``http://`` endpoint fails with "builder error / BadScheme". This adds
+    ``allow_http`` there, only when the endpoint is ``http://`` (real S3 is https and needs
+    nothing). It must run in every process that reads chunks; importing this module does it
+    for ``$AWS_ENDPOINT_URL``, and the datamodule calls it for an explicit endpoint.
+
+    Returns:
+        Whether the option was set (``False`` for https or AWS).
+
+    Raises:
+        RuntimeError: If litdata no longer has that option table (an upgrade changed it):
+            the workaround must then be revisited rather than silently not applied.
+    """
+    endpoint = resolve_endpoint(endpoint_url)
+    if not endpoint or not endpoint.startswith("http://"):
+        return False
+    from litdata.streaming import downloader
+
+    options = getattr(downloader, "_OBSTORE_CLIENT_OPTIONS", None)
+    if not isinstance(options, dict):
+        raise RuntimeError(
+            "litdata.streaming.downloader._OBSTORE_CLIENT_OPTIONS is gone (litdata upgrade?): "
+            "bincount.data.s3.allow_http_in_litdata cannot enable http endpoints; revisit it"
+        )
+    options["allow_http"] = "true"
+    return True
+
+
+def _allow_http_from_env() -> None:
+    try:
+        allow_http_in_litdata()
+    except ImportError:  # litdata is optional for fetch-only installs
+        pass
+
+
+_allow_http_from_env()
