@@ -1,0 +1,124 @@
+"""The ``bincount`` command: one subcommand per ``add_*_command`` function in :data:`COMMANDS`.
+
+Usage:
+    bincount serve --model-dir outputs/RUN/model --port 8080
+    bincount predict --model-dir outputs/RUN/model photos/ s3://BUCKET/bin-images/ --out predictions.csv
+
+Each ``add_*_command(subparsers)`` adds its parser and sets ``func(args) -> int`` (the exit
+code); implementations are imported when their command runs, so ``bincount --help`` stays fast.
+Expected failures print one ``error:`` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _model_dir_default() -> str:
+    return os.environ.get("SM_MODEL_DIR", "/opt/ml/model")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"),
+                        help="exported model/ folder (default: $SM_MODEL_DIR or /opt/ml/model)")
+    parser.add_argument("--review-threshold", type=float, default=None,
+                        help="calibrated confidence below which a verdict is 'review' (default: model_config.json)")
+    parser.add_argument("--max-image-bytes", type=int, default=None,
+                        help="largest photo, bytes (default: $BINCOUNT_MAX_IMAGE_BYTES or 10 MiB)")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="largest photo, width x height, checked before decoding (default: "
+                             "$BINCOUNT_MAX_PIXELS or 40 million)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+
+
+def _limits(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from bincount.serve.inference import Limits
+
+    given = {k: getattr(args, k, None) for k in ("max_image_bytes", "max_pixels", "max_instances")}
+    return replace(Limits.from_env(), **{k: v for k, v in given.items() if v is not None})
+
+
+def add_serve_command(subparsers) -> None:
+    """``bincount serve``: the SageMaker-compatible HTTP server (:mod:`bincount.serve.app`)."""
+    parser = subparsers.add_parser("serve", help="serve a model over HTTP (SageMaker /ping and /invocations)")
+    _add_model_options(parser)
+    parser.add_argument("--host", default=os.environ.get("BINCOUNT_HOST", "127.0.0.1"),
+                        help="interface (default: $BINCOUNT_HOST or 127.0.0.1; 0.0.0.0 in a container)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("SAGEMAKER_BIND_TO_PORT", 8080)),
+                        help="TCP port (default: $SAGEMAKER_BIND_TO_PORT or 8080)")
+    parser.add_argument("--max-instances", type=int, default=None,
+                        help="photos per JSON request (default: $BINCOUNT_MAX_INSTANCES or 64)")
+    parser.add_argument("--max-body-bytes", type=int, default=32 * 2**20, help="largest JSON body, bytes")
+    parser.add_argument("--max-batch-size", type=int, default=16,
+                        help="photos per forward pass across concurrent requests (1: no batching)")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0,
+                        help="wait this long for more requests before a forward pass (0: never wait)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from bincount.serve.app import serve
+
+    serve(args.model_dir, host=args.host, port=args.port, log_level=args.log_level,
+          review_threshold=args.review_threshold, limits=_limits(args),
+          max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+          device=args.device)
+    return 0
+
+
+def add_predict_command(subparsers) -> None:
+    """``bincount predict``: batch prediction to CSV (:mod:`bincount.serve.predict`)."""
+    parser = subparsers.add_parser("predict", help="count the objects in photo files, folders or S3 prefixes")
+    parser.add_argument("inputs", nargs="+", metavar="PATH_OR_S3_PREFIX", help="photo files, folders, s3:// prefixes")
+    parser.add_argument("--out", required=True, help="CSV to write")
+    parser.add_argument("--labels", default=None,
+                        help="CSV with image_id,expected_quantity: adds the expected quantity and the verdict")
+    _add_model_options(parser)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=2, help="processes reading and decoding photos")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from bincount.serve.predict import S3Error, predict
+
+    try:
+        summary = predict(args.model_dir, args.inputs, args.out, labels=args.labels, batch_size=args.batch_size,
+                          num_workers=args.num_workers, review_threshold=args.review_threshold,
+                          limits=_limits(args), device=args.device, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError, S3Error) as err:  # LabelError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    verdicts = ", ".join(f"{n} {v}" for v, n in sorted(summary["verdicts"].items()))
+    Console(stderr=True).print(f"{summary['photos']} photos -> {summary['out']} ({summary['failed']} unreadable"
+                               f"{'; ' + verdicts if verdicts else ''})")
+    return 0
+
+
+COMMANDS = (add_serve_command, add_predict_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bincount", description="Count the objects in warehouse bin photos.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the subcommand; returns its exit code."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

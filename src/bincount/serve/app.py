@@ -1,0 +1,249 @@
+"""The HTTP server of SageMaker's inference container contract, on FastAPI + uvicorn.
+
+``GET /ping`` answers 200 once the model is loaded (503 before, or if loading failed);
+``POST /invocations`` decodes with :func:`~bincount.serve.inference.decode_request`, counts, and
+answers with :func:`~bincount.serve.inference.output_fn`: the handler functions the SageMaker
+PyTorch image runs. Client mistakes get a 4xx with ``{"error": "<what was wrong>"}``.
+
+Concurrent requests share forward passes: photos that queue up while the network is busy go
+through it together in the next batch (:class:`Batcher`), so a lone request waits for nobody.
+
+Usage:
+    bincount serve --model-dir outputs/RUN/model --port 8080
+    curl -s --data-binary @bin.jpg -H 'Content-Type: image/jpeg' \\
+         -H 'X-Amzn-SageMaker-Custom-Attributes: expected_quantity=3' localhost:8080/invocations
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from bincount.serve.inference import (
+    CONTENT_TYPES,
+    CUSTOM_ATTRIBUTES,
+    IMAGE_CONTENT_TYPES,
+    CountingModel,
+    CountRequest,
+    Limits,
+    RequestError,
+    UnsupportedContentType,
+    check_accept,
+    decode_request,
+    forward,
+    make_predictions,
+    media_type,
+    output_fn,
+    preprocess,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Batcher:
+    """Run a batch function on several requests' tensors at once.
+
+    One worker task takes the first queued request, adds whatever else is already queued
+    (and whatever arrives within ``max_wait_ms``) until ``max_batch_size`` rows are in, runs
+    ``fn`` once on the concatenation in a dedicated thread, and hands each request its rows.
+    While ``fn`` runs, new requests queue up and form the next batch.
+
+    Args:
+        fn: ``(N, ...)`` tensor -> ``(N, ...)`` tensor, called in one thread at a time.
+        max_batch_size: Rows per call; one request larger than this runs alone.
+        max_wait_ms: How long to wait for more requests once one is queued (0: take only
+            what is already waiting, so a lone request is not delayed).
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], *, max_batch_size: int = 16,
+                 max_wait_ms: float = 0.0) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
+        self.fn = fn
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bincount-forward")
+        self.stats = {"batches": 0, "rows": 0, "max_rows": 0}
+
+    async def submit(self, rows: torch.Tensor) -> torch.Tensor:
+        """Queue ``rows`` ``(n, ...)`` and wait for ``fn``'s output for them ``(n, ...)``.
+
+        Raises:
+            Exception: Whatever ``fn`` raised on the batch these rows were in.
+        """
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((rows, future))
+        return await future
+
+    async def _collect(self) -> list[tuple[torch.Tensor, asyncio.Future]]:
+        items = [await self.queue.get()]
+        rows = len(items[0][0])
+        deadline = asyncio.get_running_loop().time() + self.max_wait
+        while rows < self.max_batch_size:
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                item = self.queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self.queue.get(), remaining)
+            except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                break
+            items.append(item)
+            rows += len(item[0])
+        return [(x, f) for x, f in items if not f.cancelled()]  # a client that hung up needs no answer
+
+    async def run(self) -> None:
+        """The worker loop; runs until cancelled. An error fails only the batch it occurred in."""
+        loop = asyncio.get_running_loop()
+        while True:
+            items = await self._collect()
+            if not items:
+                continue
+            try:
+                out = await loop.run_in_executor(self.executor, self.fn, torch.cat([x for x, _ in items]))
+                parts = out.split([len(x) for x, _ in items])
+            except Exception as err:  # noqa: BLE001 - handed to every waiting request
+                for _, future in items:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            self.stats["batches"] += 1
+            self.stats["rows"] += len(out)
+            self.stats["max_rows"] = max(self.stats["max_rows"], len(out))
+            for part, (_, future) in zip(parts, items):
+                if not future.done():
+                    future.set_result(part)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def read_body(request: Request, limit: int, *, status: int) -> bytes:
+    """The request body, refused with ``status`` as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(f"body is {declared} bytes; the limit is {limit} bytes", status)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"body is over the limit of {limit} bytes", status)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _prepare(model: CountingModel, body: bytes, content_type: str | None,
+             custom_attributes: str | None) -> tuple[CountRequest, torch.Tensor]:
+    request = decode_request(body, content_type, limits=model.limits, custom_attributes=custom_attributes)
+    return request, preprocess(model, request.images)
+
+
+def create_app(model_dir: str | Path, *, review_threshold: float | None = None, limits: Limits | None = None,
+               max_body_bytes: int = 32 * 2**20, max_batch_size: int = 16, max_wait_ms: float = 0.0,
+               device: str | None = None) -> FastAPI:
+    """The FastAPI app; the model loads in the background once the server starts.
+
+    Args:
+        model_dir: Exported ``model/`` folder.
+        review_threshold: Overrides the calibrated review threshold.
+        limits: Per-photo and per-request limits (default :class:`Limits`).
+        max_body_bytes: Largest JSON body (larger: 413). An image body's limit is
+            ``limits.max_image_bytes`` (larger: 400).
+        max_batch_size: Photos per forward pass (1: one request at a time).
+        max_wait_ms: See :class:`Batcher`.
+        device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
+
+    Returns:
+        The app; ``app.state.model`` is ``None`` until loaded, ``app.state.load_error`` says why
+        loading failed, ``app.state.batcher.stats`` counts batches.
+    """
+    limits = limits or Limits()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def load() -> None:
+            try:
+                model = await asyncio.to_thread(CountingModel.load, model_dir, review_threshold=review_threshold,
+                                                limits=limits, device=device)
+            except Exception as err:  # noqa: BLE001 - reported by /ping; the process stays up to say so
+                log.exception("cannot load the model from %s", model_dir)
+                app.state.load_error = f"{type(err).__name__}: {err}"
+                return
+            app.state.batcher = Batcher(partial(forward, model), max_batch_size=max_batch_size,
+                                        max_wait_ms=max_wait_ms)
+            worker = asyncio.create_task(app.state.batcher.run())
+            worker.add_done_callback(lambda t: t.cancelled() or log.error("batch worker stopped: %r", t.exception()))
+            app.state.tasks.append(worker)
+            app.state.model = model
+            log.info("model %s loaded from %s (review threshold %.4f, temperature %.3f)", model.config["arch"],
+                     model_dir, model.review_threshold, model.temperature)
+
+        app.state.tasks = [asyncio.create_task(load())]
+        yield
+        for task in app.state.tasks:
+            task.cancel()
+        if app.state.batcher is not None:
+            app.state.batcher.close()
+
+    app = FastAPI(title="bincount", summary="Count the objects in a bin photo", lifespan=lifespan)
+    app.state.model = None
+    app.state.load_error = None
+    app.state.batcher = None
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, err: RequestError) -> JSONResponse:
+        return JSONResponse({"error": err.message}, status_code=err.status_code)
+
+    @app.get("/ping")
+    async def ping() -> JSONResponse:
+        if app.state.model is not None:
+            return JSONResponse({"status": "ok"})
+        if app.state.load_error is not None:
+            return JSONResponse({"status": "error", "error": app.state.load_error}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.post("/invocations")
+    async def invocations(request: Request) -> Response:
+        model: CountingModel | None = app.state.model
+        if model is None:
+            return JSONResponse({"error": "the model is not loaded (see GET /ping)"}, status_code=503)
+        content_type = request.headers.get("content-type")
+        if media_type(content_type) not in CONTENT_TYPES:
+            raise UnsupportedContentType(content_type)
+        accept = check_accept(request.headers.get("accept"))
+        if media_type(content_type) in IMAGE_CONTENT_TYPES:
+            body = await read_body(request, limits.max_image_bytes, status=400)
+        else:
+            body = await read_body(request, max_body_bytes, status=413)
+        count_request, batch = await run_in_threadpool(_prepare, model, body, content_type,
+                                                       request.headers.get(CUSTOM_ATTRIBUTES))
+        probs = await app.state.batcher.submit(batch)
+        payload, answer_type = output_fn(make_predictions(probs, count_request.expected, model), accept)
+        return Response(payload, media_type=answer_type)
+
+    return app
+
+
+def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info",
+          **app_kwargs) -> None:
+    """Run :func:`create_app` under uvicorn (one process: batching needs one model per process).
+
+    Args:
+        model_dir: Exported ``model/`` folder.
+        host: Interface to bind (``0.0.0.0`` in a container).
+        port: TCP port (SageMaker: 8080).
+        log_level: uvicorn log level.
+        **app_kwargs: See :func:`create_app`.
+    """
+    import uvicorn
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(model_dir, **app_kwargs), host=host, port=port, log_level=log_level)

@@ -1,0 +1,582 @@
+"""The inference handler on a tiny model, and a real uvicorn server hit over HTTP."""
+
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from inspect import signature
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+from torch import nn
+
+from bincount.data.dataset import decode_image
+from bincount.data.transforms import CountingPresetEval
+from bincount.models.backbones import build_backbone
+from bincount.models.calibration import NEVER
+from bincount.models.export import load_model_dir, save_model_dir
+from bincount.serve.app import Batcher, create_app
+from bincount.serve.inference import (
+    CUSTOM_ATTRIBUTES,
+    CountingModel,
+    Limits,
+    RequestError,
+    check_accept,
+    decode_image_bytes,
+    decode_request,
+    input_fn,
+    model_fn,
+    output_fn,
+    predict_fn,
+)
+from tests.fakes import corrupt_middle, write_bin_photo
+
+IMAGE_SIZE = 32
+THRESHOLD = 0.75
+MIN_COUNT, MAX_COUNT = 1, 5
+
+
+def make_model_dir(out: Path, photos: list[Path], *, temperature: float = 1.0,
+                   review_threshold: float | None = THRESHOLD) -> Path:
+    """An untrained resnet18 whose head is centred on ``photos``' features, so its counts and
+    confidences differ from photo to photo (a fresh head says the same count for all)."""
+    torch.manual_seed(0)
+    net = build_backbone("resnet18", MAX_COUNT - MIN_COUNT + 1).eval()
+    preset = CountingPresetEval(image_size=IMAGE_SIZE)
+    head, net.fc = net.fc, nn.Identity()
+    with torch.no_grad():
+        features = net(torch.stack([preset(decode_image(p)) for p in photos]))
+        centre, spread = features.mean(0), features.std(0).mean()
+        weight = 3 * torch.randn(head.out_features, head.in_features) / (spread * head.in_features**0.5)
+        head.weight.copy_(weight)
+        head.bias.copy_(-weight @ centre)
+    net.fc = head
+    calibration = {"temperature": temperature}
+    if review_threshold is not None:
+        calibration["review_threshold"] = review_threshold
+    return save_model_dir(net, out, arch="resnet18", min_count=MIN_COUNT, max_count=MAX_COUNT,
+                          preset=preset.to_config(), extra={"calibration": calibration})
+
+
+def reference_probs(model_dir: Path, path: Path) -> torch.Tensor:
+    """Calibrated probabilities ``(C,)`` computed the way training evaluates: no serving code."""
+    net, config = load_model_dir(model_dir)
+    x = CountingPresetEval(**config["preset"])(decode_image(path))
+    with torch.no_grad():
+        return (net(x[None]) / config["calibration"]["temperature"]).softmax(1)[0]
+
+
+@dataclass
+class Bundle:
+    model_dir: Path
+    photos: list[Path]
+    probs: list[torch.Tensor]  # reference answer of each photo
+
+    def count(self, i: int) -> int:
+        return MIN_COUNT + int(self.probs[i].argmax())
+
+    def confidence(self, i: int) -> float:
+        return float(self.probs[i].max())
+
+    def pick(self, sure: bool) -> int:
+        """A photo well above (``sure``) or well below the review threshold."""
+        for i in range(len(self.photos)):
+            if (self.confidence(i) > THRESHOLD + 0.05) if sure else (self.confidence(i) < THRESHOLD - 0.05):
+                return i
+        raise AssertionError("the tiny model has no photo on that side of the threshold")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Bundle:
+    root = tmp_path_factory.mktemp("serve")
+    photos = []
+    for i in range(16):
+        photos.append(root / "photos" / f"{i:05d}.jpg")
+        write_bin_photo(photos[-1], MIN_COUNT + i % 5, seed=i)
+    model_dir = make_model_dir(root / "model", photos)
+    return Bundle(model_dir, photos, [reference_probs(model_dir, p) for p in photos])
+
+
+@pytest.fixture(scope="module")
+def model(bundle) -> CountingModel:
+    return model_fn(str(bundle.model_dir))
+
+
+def png_bytes(size=(40, 30), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width x height`` pixels (a decompression bomb's header)."""
+    data = bytearray(png_bytes((1, 1), "L"))
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    return bytes(data)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# ---------------------------------------------------------------- the handler functions
+
+
+def test_handler_chain_matches_the_training_preprocessing(bundle, model):
+    for i in range(4):
+        request = input_fn(bundle.photos[i].read_bytes(), "image/jpeg")
+        body, content_type = output_fn(predict_fn(request, model), "application/json")
+        [pred] = json.loads(body)["predictions"]
+        assert content_type == "application/json"
+        assert pred["count"] == bundle.count(i)
+        assert pred["probabilities"] == pytest.approx(bundle.probs[i].tolist(), abs=1e-5)
+        assert pred["confidence"] == pytest.approx(bundle.confidence(i), abs=1e-5)
+        assert "verdict" not in pred and "expected_quantity" not in pred
+
+
+def test_temperature_and_threshold_come_from_model_config(bundle, tmp_path, monkeypatch):
+    hot = make_model_dir(tmp_path / "hot", bundle.photos, temperature=4.0)
+    model = CountingModel.load(hot)
+    assert (model.temperature, model.review_threshold) == (4.0, THRESHOLD)
+    [pred] = predict_fn(input_fn(bundle.photos[0].read_bytes(), "image/jpeg"), model)
+    assert pred["probabilities"] == pytest.approx(reference_probs(hot, bundle.photos[0]).tolist(), abs=1e-5)
+    assert pred["confidence"] < bundle.confidence(0)  # a higher temperature is less sure
+
+    monkeypatch.setenv("BINCOUNT_REVIEW_THRESHOLD", "0.3")
+    monkeypatch.setenv("BINCOUNT_MAX_PIXELS", "1234")
+    monkeypatch.setenv("SM_MODEL_DIR", str(hot))
+    model = model_fn("")  # read at call time, not import time
+    assert model.review_threshold == 0.3 and model.limits.max_pixels == 1234 and model.temperature == 4.0
+
+    uncalibrated = CountingModel.load(make_model_dir(tmp_path / "raw", bundle.photos, review_threshold=None))
+    assert uncalibrated.review_threshold == NEVER  # no threshold, no automatic verdict
+
+
+def test_json_batch_with_verdicts(bundle, model):
+    sure, unsure = bundle.pick(sure=True), bundle.pick(sure=False)
+    other = MIN_COUNT + (bundle.count(sure) - MIN_COUNT + 1) % 5
+    instances = [bundle.photos[i].read_bytes() for i in (sure, sure, unsure, sure, sure)]
+    body = json.dumps({"instances": [{"image_b64": b64(x)} for x in instances],
+                       "expected_quantity": [bundle.count(sure), other, bundle.count(unsure), None, 40]})
+    preds = predict_fn(input_fn(body, "application/json; charset=utf-8"), model)  # the toolkit hands JSON as str
+    assert [p.get("verdict") for p in preds] == ["match", "mismatch", "review", None, "review"]
+    assert [p.get("expected_quantity") for p in preds] == [bundle.count(sure), other, bundle.count(unsure), None, 40]
+    assert preds[0]["count"] == bundle.count(sure) and preds[2]["count"] == bundle.count(unsure)
+
+
+def test_png_and_x_image(model):
+    for content_type in ("image/png", "application/x-image"):
+        [pred] = predict_fn(input_fn(png_bytes(), content_type), model)
+        assert MIN_COUNT <= pred["count"] <= MAX_COUNT and sum(pred["probabilities"]) == pytest.approx(1, abs=1e-4)
+    gray_and_alpha = [png_bytes(mode="L"), png_bytes(mode="RGBA")]
+    request = input_fn(json.dumps({"instances": [{"image_b64": b64(x)} for x in gray_and_alpha]}), "application/json")
+    assert [tuple(x.shape) for x in request.images] == [(3, 30, 40)] * 2
+
+
+def test_expected_quantity_of_a_single_photo_from_custom_attributes(bundle, model):
+    sure = bundle.pick(sure=True)
+
+    class ToolkitContext:  # what the SageMaker toolkit passes as `context`
+        request_processor = [type("P", (), {"get_request_properties": lambda self: {
+            "Content-Type": "image/jpeg", CUSTOM_ATTRIBUTES: f"trace=1; expected_quantity={bundle.count(sure)}"}})()]
+
+    [pred] = predict_fn(input_fn(bundle.photos[sure].read_bytes(), "image/jpeg", ToolkitContext()), model)
+    assert pred["verdict"] == "match"
+
+
+def test_handler_signatures_fit_the_sagemaker_toolkit():
+    # the toolkit calls f(*args) or, when f takes one parameter more, f(*args, context)
+    for fn, args in ((model_fn, 1), (input_fn, 2), (predict_fn, 2), (output_fn, 2)):
+        assert len(signature(fn).parameters) in (args, args + 1), fn.__name__
+    err = RequestError("bad photo")
+    assert (err.status_code, err.message, err.phrase, str(err)) == (400, "bad photo", "bad photo", "bad photo")
+
+
+def truncated(path: Path, drop: int | None = None) -> bytes:
+    """The JPEG without its second half (header cut), or without its last ``drop`` bytes (pixels cut)."""
+    data = path.read_bytes()
+    return data[: len(data) // 2 if drop is None else len(data) - drop]
+
+
+def corrupted(path: Path, tmp: Path) -> bytes:
+    copy = tmp / "corrupt.jpg"
+    copy.write_bytes(path.read_bytes())
+    corrupt_middle(copy)
+    return copy.read_bytes()
+
+
+def gif_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+def two_photos(expected) -> Callable[[Path, Path], bytes]:
+    """A JSON body of two photos with ``expected_quantity`` set to ``expected``."""
+    def make(photo: Path, tmp: Path) -> bytes:
+        one = {"image_b64": b64(photo.read_bytes())}
+        return json.dumps({"instances": [one, one], "expected_quantity": expected}).encode()
+    return make
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "message"),
+    [
+        pytest.param(b"", "image/jpeg", 400, "empty image", id="empty"),
+        pytest.param(b"this is not a photo", "image/jpeg", 400, "not an image", id="text"),
+        pytest.param(lambda photo, tmp: truncated(photo), "image/jpeg", 400, "corrupt or truncated image header",
+                     id="truncated-header"),
+        pytest.param(lambda photo, tmp: truncated(photo, drop=100), "image/jpeg", 400, "corrupt or truncated JPEG",
+                     id="truncated-pixels"),
+        pytest.param(corrupted, "image/jpeg", 400, "not an image", id="corrupt"),
+        pytest.param(png_bytes(), "image/jpeg", 400, "PNG image but Content-Type says JPEG", id="png-as-jpeg"),
+        pytest.param(gif_bytes(), "application/x-image", 400, "unsupported image format GIF", id="gif"),
+        pytest.param(png_declaring(7000, 6000), "image/png", 400, "42000000 pixels; the limit is 40000000",
+                     id="over-pixel-limit"),
+        pytest.param(png_declaring(50000, 50000), "image/png", 400, "decompression bomb", id="bomb"),
+        pytest.param(b"3", "text/plain", 415, "unsupported Content-Type 'text/plain'", id="text-plain"),
+        pytest.param(b"3", None, 415, "unsupported Content-Type None", id="no-content-type"),
+        pytest.param(b"{not json", "application/json", 400, "malformed JSON", id="malformed-json"),
+        pytest.param(b"[]", "application/json", 400, '"instances" list', id="json-list"),
+        pytest.param(b'{"instances": []}', "application/json", 400, "1 to 64 photos, got 0", id="no-instances"),
+        pytest.param(b'{"instances": [{"url": "x"}]}', "application/json", 400, "instances[0] must be",
+                     id="bad-instance"),
+        pytest.param(b'{"instances": [{"image_b64": "", "s3_uri": "s3://b/k"}]}', "application/json", 400,
+                     "not both", id="both-keys"),
+        pytest.param(b'{"instances": [{"image_b64": "***"}]}', "application/json", 400, "not valid base64",
+                     id="bad-base64"),
+        pytest.param(json.dumps({"instances": [{"image_b64": b64(b"junk")}]}).encode(), "application/json", 400,
+                     "instances[0]: not an image", id="bad-photo-in-batch"),
+        pytest.param(two_photos(["3", 1]), "application/json", 400,
+                     'expected_quantity[0] must be a non-negative integer or null, got "3"', id="expected-string"),
+        pytest.param(two_photos([1, 3.5]), "application/json", 400, "expected_quantity[1]", id="expected-float"),
+        pytest.param(two_photos([True, 1]), "application/json", 400, "got true", id="expected-bool"),
+        pytest.param(two_photos([-1, 1]), "application/json", 400, "got -1", id="expected-negative"),
+        pytest.param(two_photos(3), "application/json", 400, "one entry (integer or null) per instance",
+                     id="expected-scalar"),
+        pytest.param(two_photos([3]), "application/json", 400, "one entry (integer or null) per instance",
+                     id="expected-short"),
+        pytest.param(b'{"instances": [{"s3_uri": "http://x/y.jpg"}]}', "application/json", 400, "is not an S3 URI",
+                     id="bad-s3-uri"),
+    ],
+)
+def test_bad_input_raises_a_request_error(body, content_type, status, message, bundle, tmp_path):
+    if callable(body):
+        body = body(bundle.photos[0], tmp_path)
+    with pytest.raises(RequestError) as caught:
+        input_fn(body, content_type)
+    assert caught.value.status_code == status
+    assert message in caught.value.message
+
+
+def test_limits(bundle):
+    data = bundle.photos[0].read_bytes()
+    with pytest.raises(RequestError, match=f"image is {len(data)} bytes; the limit is 100 bytes"):
+        decode_image_bytes(data, limits=Limits(max_image_bytes=100))
+    with pytest.raises(RequestError, match="64 = 4096 pixels; the limit is 4000"):
+        decode_image_bytes(data, limits=Limits(max_pixels=4000))
+    assert decode_image_bytes(data, limits=Limits(max_pixels=4096)).shape == (3, 64, 64)
+    too_many = json.dumps({"instances": [{"image_b64": b64(data)}] * 3})
+    with pytest.raises(RequestError, match="1 to 2 photos, got 3"):
+        decode_request(too_many, "application/json", limits=Limits(max_instances=2))
+
+
+@pytest.mark.parametrize(
+    ("accept", "ok"),
+    [(None, True), ("", True), ("*/*", True), ("application/json", True), ("text/html, application/*;q=0.5", True),
+     ("text/csv", False), ("application/json;q=0, text/csv", False), ("image/png", False)],
+)
+def test_accept(accept, ok):
+    if ok:
+        assert check_accept(accept) == "application/json"
+    else:
+        with pytest.raises(RequestError) as caught:
+            check_accept(accept)
+        assert caught.value.status_code == 406
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_s3_is_a_502_that_says_so(bundle, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setattr("bincount.serve.inference._s3_clients", {})  # a client made with these settings
+    with pytest.raises(RequestError) as caught:
+        input_fn(json.dumps({"instances": [{"s3_uri": "s3://bucket/bin-images/00001.jpg"}]}), "application/json")
+    assert caught.value.status_code == 502
+    assert "cannot reach S3" in caught.value.message
+
+
+# ---------------------------------------------------------------- dynamic batching
+
+
+def run_batcher(coro_fn, **kwargs):
+    calls: list[int] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if (x < 0).any():
+            raise ValueError("negative rows")
+        calls.append(len(x))
+        return x * 2
+
+    async def main():
+        batcher = Batcher(fn, **kwargs)
+        worker = asyncio.create_task(batcher.run())
+        try:
+            return await coro_fn(batcher)
+        finally:
+            worker.cancel()
+            batcher.close()
+
+    return asyncio.run(main()), calls
+
+
+def test_batcher_runs_queued_requests_together_and_answers_each():
+    sizes = [1, 2, 1, 1, 3]
+
+    async def go(batcher):
+        return await asyncio.gather(*(batcher.submit(torch.full((n, 2), float(i))) for i, n in enumerate(sizes)))
+
+    results, calls = run_batcher(go)
+    assert calls == [8]
+    for i, (n, out) in enumerate(zip(sizes, results)):
+        assert torch.equal(out, torch.full((n, 2), 2.0 * i))
+
+
+def test_batcher_respects_max_batch_size():
+    async def go(batcher):
+        return await asyncio.gather(*(batcher.submit(torch.ones(1, 2)) for _ in range(6)))
+
+    _, calls = run_batcher(go, max_batch_size=4)
+    assert calls == [4, 2]
+    _, calls = run_batcher(go, max_batch_size=1)
+    assert calls == [1] * 6
+
+
+def test_batcher_waits_for_stragglers_only_when_asked():
+    async def go(batcher):
+        first = asyncio.create_task(batcher.submit(torch.ones(1, 2)))
+        await asyncio.sleep(0.05)
+        return await asyncio.gather(first, batcher.submit(torch.ones(1, 2)))
+
+    assert run_batcher(go, max_wait_ms=2000)[1] == [2]
+    assert run_batcher(go, max_wait_ms=0)[1] == [1, 1]
+
+
+def test_batcher_error_fails_its_batch_only():
+    async def go(batcher):
+        bad = await asyncio.gather(batcher.submit(torch.ones(1, 2)), batcher.submit(-torch.ones(1, 2)),
+                                   return_exceptions=True)
+        return bad, await batcher.submit(torch.ones(1, 2))
+
+    (bad, after), calls = run_batcher(go)
+    assert all(isinstance(e, ValueError) for e in bad)
+    assert torch.equal(after, torch.full((1, 2), 2.0)) and calls == [1]
+
+
+# ---------------------------------------------------------------- a real server over HTTP
+
+SERVER_LIMITS = Limits(max_image_bytes=100_000, max_pixels=200 * 200, max_instances=8)
+MAX_BODY = 300_000
+
+
+@contextmanager
+def running(app, *, ready_status: int = 200):
+    """Serve ``app`` with uvicorn on a free loopback port in a thread; yield its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if server.started and httpx.get(f"{url}/ping").status_code == ready_status:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    app = create_app(bundle.model_dir, limits=SERVER_LIMITS, max_body_bytes=MAX_BODY, max_batch_size=8, device="cpu")
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client, app
+
+
+def assert_answer(pred: dict, bundle: Bundle, i: int) -> None:
+    assert pred["count"] == bundle.count(i)
+    assert pred["probabilities"] == pytest.approx(bundle.probs[i].tolist(), abs=1e-4)
+
+
+def test_ping_and_one_photo_per_content_type(server, bundle):
+    client, _ = server
+    assert client.get("/ping").json() == {"status": "ok"}
+    for i, content_type in enumerate(("image/jpeg", "application/x-image", "image/jpeg; charset=binary")):
+        r = client.post("/invocations", content=bundle.photos[i].read_bytes(), headers={"Content-Type": content_type})
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+        [pred] = r.json()["predictions"]
+        assert_answer(pred, bundle, i)
+    r = client.post("/invocations", content=png_bytes(), headers={"Content-Type": "image/png", "Accept": "*/*"})
+    assert r.status_code == 200 and len(r.json()["predictions"][0]["probabilities"]) == MAX_COUNT - MIN_COUNT + 1
+
+
+def test_json_batch_and_verdicts_over_http(server, bundle):
+    client, _ = server
+    sure, unsure = bundle.pick(sure=True), bundle.pick(sure=False)
+    other = MIN_COUNT + (bundle.count(sure) - MIN_COUNT + 1) % 5
+    order = [sure, sure, unsure, 3]
+    r = client.post("/invocations", json={
+        "instances": [{"image_b64": b64(bundle.photos[i].read_bytes())} for i in order],
+        "expected_quantity": [bundle.count(sure), other, bundle.count(unsure), None],
+    })
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p.get("verdict") for p in preds] == ["match", "mismatch", "review", None]
+    for pred, i in zip(preds, order):
+        assert_answer(pred, bundle, i)
+    r = client.post("/invocations", content=bundle.photos[sure].read_bytes(), headers={
+        "Content-Type": "image/jpeg", CUSTOM_ATTRIBUTES: f"expected_quantity={other}"})
+    assert r.json()["predictions"][0]["verdict"] == "mismatch"
+
+
+def bad_requests(bundle: Bundle, tmp: Path):
+    photo = bundle.photos[0].read_bytes()
+    jpeg = {"Content-Type": "image/jpeg"}
+    as_json = {"Content-Type": "application/json"}
+    one = {"image_b64": b64(photo)}
+    return [
+        ("unsupported content type", {"Content-Type": "text/csv"}, b"1,2", 415, "unsupported Content-Type"),
+        ("no content type", {}, photo, 415, "unsupported Content-Type"),
+        ("unsupported accept", {**jpeg, "Accept": "text/csv"}, photo, 406, "answers application/json"),
+        ("empty body", jpeg, b"", 400, "empty image"),
+        ("not an image", jpeg, b"GIF89a nonsense", 400, "not an image"),
+        ("truncated jpeg", jpeg, truncated(bundle.photos[0], drop=100), 400, "corrupt or truncated JPEG"),
+        ("corrupt jpeg", jpeg, corrupted(bundle.photos[0], tmp), 400, "not an image"),
+        ("too many bytes", jpeg, bundle.photos[0].read_bytes() + bytes(SERVER_LIMITS.max_image_bytes), 400, f"the limit is {SERVER_LIMITS.max_image_bytes} bytes"),
+        ("too many pixels", {"Content-Type": "image/png"}, png_bytes((201, 200)), 400, "the limit is 40000"),
+        ("decompression bomb", {"Content-Type": "image/png"}, png_declaring(50000, 50000), 400, "decompression bomb"),
+        ("json body too large", as_json, b" " * (MAX_BODY + 1), 413, f"the limit is {MAX_BODY} bytes"),
+        ("malformed json", as_json, b'{"instances": [', 400, "malformed JSON"),
+        ("too many instances", as_json, json.dumps({"instances": [one] * 9}).encode(), 400, "1 to 8 photos"),
+        ("expected quantity string", as_json, json.dumps({"instances": [one], "expected_quantity": ["3"]}).encode(),
+         400, "expected_quantity[0] must be a non-negative integer or null, got \"3\""),
+        ("expected quantity float", as_json, json.dumps({"instances": [one], "expected_quantity": [2.5]}).encode(),
+         400, "got 2.5"),
+        ("bad custom attribute", {**jpeg, CUSTOM_ATTRIBUTES: "expected_quantity=three"}, photo, 400,
+         "expected_quantity must be a non-negative integer"),
+    ]
+
+
+def test_every_bad_request_is_a_4xx_and_the_server_keeps_serving(server, bundle, tmp_path):
+    client, _ = server
+    for name, headers, body, status, message in bad_requests(bundle, tmp_path):
+        r = client.post("/invocations", content=body, headers=headers)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        assert r.headers["content-type"] == "application/json", name
+        assert message in r.json()["error"], (name, r.json())
+        # the next request is served normally
+        ok = client.post("/invocations", content=bundle.photos[5].read_bytes(), headers={"Content-Type": "image/jpeg"})
+        assert ok.status_code == 200, name
+        assert_answer(ok.json()["predictions"][0], bundle, 5)
+    assert client.get("/ping").status_code == 200
+
+
+def test_concurrent_clients_get_every_answer_right_and_are_batched(server, bundle):
+    client, app = server
+    clients, per_client = 8, 10
+    before = dict(app.state.batcher.stats)
+
+    async def one_client(http: httpx.AsyncClient, c: int) -> list[tuple[int, dict]]:
+        answers = []
+        for k in range(per_client):
+            i = (c * per_client + k) % len(bundle.photos)
+            r = await http.post("/invocations", content=bundle.photos[i].read_bytes(),
+                                headers={"Content-Type": "image/jpeg"})
+            assert r.status_code == 200, r.text
+            answers.append((i, r.json()["predictions"][0]))
+        return answers
+
+    async def main():
+        async with httpx.AsyncClient(base_url=str(client.base_url), timeout=60) as http:
+            return await asyncio.gather(*(one_client(http, c) for c in range(clients)))
+
+    results = [a for answers in asyncio.run(main()) for a in answers]
+    assert len(results) == clients * per_client
+    for i, pred in results:
+        assert_answer(pred, bundle, i)
+    stats = app.state.batcher.stats
+    assert stats["rows"] - before["rows"] == clients * per_client  # none lost, none run twice
+    assert stats["batches"] - before["batches"] < clients * per_client  # some requests shared a forward pass
+    assert stats["max_rows"] > 1
+
+
+def test_ping_is_503_while_the_model_cannot_load(tmp_path):
+    (tmp_path / "model").mkdir()
+    app = create_app(tmp_path / "model", device="cpu")
+    with running(app, ready_status=503) as url:
+        r = httpx.get(f"{url}/ping")
+        assert r.status_code == 503 and r.json()["status"] == "error" and "model_config.json" in r.json()["error"]
+        r = httpx.post(f"{url}/invocations", content=b"x", headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 503 and "not loaded" in r.json()["error"]
+
+
+def test_bincount_serve_command(bundle):
+    port = free_port()
+    env = {**os.environ, "BINCOUNT_MAX_PIXELS": "5000"}
+    proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "serve", "--model-dir", str(bundle.model_dir),
+                             "--port", str(port), "--log-level", "warning", "--review-threshold", "0"], env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, "bincount serve exited"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "bincount serve did not become ready"
+            time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/invocations", content=bundle.photos[2].read_bytes(),
+                       headers={"Content-Type": "image/jpeg", CUSTOM_ATTRIBUTES: f"expected_quantity={bundle.count(2)}"})
+        assert r.status_code == 200
+        assert_answer(r.json()["predictions"][0], bundle, 2)
+        assert r.json()["predictions"][0]["verdict"] == "match"  # --review-threshold 0: always sure
+        r = httpx.post(f"http://127.0.0.1:{port}/invocations", content=png_bytes((100, 100)),
+                       headers={"Content-Type": "image/png"})
+        assert r.status_code == 400 and "the limit is 5000" in r.json()["error"]  # env limit reached the server
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
