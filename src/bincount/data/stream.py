@@ -1,0 +1,214 @@
+"""LightningDataModule that streams shards written by ``bincount data prepare`` from S3 or a local folder.
+
+Usage:
+    python train.py +experiment=quickstart data=abid_stream data.uri=s3://BUCKET/abid/v1
+    python train.py +experiment=quickstart data=abid_stream data.uri=data/abid-shards      # no S3 at all
+    torchrun --nproc_per_node 2 train.py +experiment=quickstart data=abid_stream data.uri=s3://BUCKET/abid/v1 \
+        trainer.strategy=ddp trainer.devices=2
+
+Each split is a ``litdata.StreamingDataset`` read through a ``StreamingDataLoader``, both built in
+``setup()``: litdata reads the rank and world size when the dataset is constructed (from the
+process group, else ``WORLD_SIZE``/``GLOBAL_RANK``), so building them earlier would give every
+DDP rank the same data. litdata shards by rank and by worker itself (Lightning's distributed
+sampler does not reach an iterable dataset): on one process every photo comes once per epoch;
+under DDP each rank gets an equal, disjoint share and the remainder (fewer than
+``world_size * batch_size`` photos) is left out of that epoch (litdata's ``drop_last``). The
+training order is reshuffled every epoch. The loader's ``state_dict`` is stored in Lightning
+checkpoints, so a run resumed mid-epoch continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from bincount.data.abid import BinRecord
+from bincount.data.dataset import collate_skip_none
+from bincount.data.prepare import SPLIT_NAMES, decode_image_bytes, read_manifest
+from bincount.data.s3 import allow_http_in_litdata, is_s3_uri, join_uri, resolve_endpoint
+from bincount.data.transforms import CountingPresetEval, CountingPresetTrain
+
+log = logging.getLogger(__name__)
+
+
+class ShardSample:
+    """litdata transform: a stored sample -> ``(image, target, index)`` like :class:`BinImageDataset`.
+
+    ``index`` is the photo's position in the manifest's list for its split (``datamodule.splits``),
+    found by its ``image_id`` (the order inside the chunks is litdata's). A photo that fails to
+    decode yields ``None`` with a warning; :func:`collate_skip_none` drops it.
+
+    Args:
+        image_ids: The split's ids in manifest order.
+        min_count: Count of class 0.
+        transform: Applied to the ``uint8`` ``(3, H, W)`` tensor.
+        decoder: ``"torchvision"`` or ``"pil"``.
+        endpoint_url: Re-applies the litdata http workaround in spawned worker processes.
+    """
+
+    def __init__(self, image_ids, *, min_count: int, transform, decoder: str = "torchvision",
+                 endpoint_url: str | None = None) -> None:
+        self.position = {image_id: i for i, image_id in enumerate(image_ids)}
+        self.min_count = min_count
+        self.transform = transform
+        self.decoder = decoder
+        self.endpoint_url = endpoint_url
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        allow_http_in_litdata(self.endpoint_url)
+
+    def __call__(self, sample: dict):
+        try:
+            image = decode_image_bytes(sample["image"], self.decoder)
+        except ValueError as err:
+            log.warning("skipping photo %s: %s", sample["image_id"], err)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, sample["count"] - self.min_count, self.position[sample["image_id"]]
+
+
+class ABIDStreamDataModule(L.LightningDataModule):
+    """Bin photos and counts streamed from prepared shards (``bincount data prepare``).
+
+    Offers what :class:`~bincount.data.datamodule.ABIDDataModule` offers to ``train()``:
+    ``root`` (here the URI), ``splits`` (lists of :class:`BinRecord` from the manifest, after
+    ``setup()``), ``datasets``, ``eval_preset``, ``num_classes`` and ``hparams.min_count``.
+
+    Args:
+        uri: ``s3://BUCKET/PREFIX`` or a local folder holding ``manifest.json``.
+        min_count: Must equal the manifest's (the classes were fixed when the shards were made).
+        max_count: Must equal the manifest's.
+        label_list: Accepted so experiment files written for ``data=abid`` compose; the shards
+            already hold the selection, so a list other than the manifest's only warns.
+        split: ``"block"`` (the manifest's train/val/test); the only split shards have.
+        image_size: Side of the square network input, pixels.
+        batch_size: Photos per batch (per device under DDP).
+        num_workers: DataLoader worker processes per rank (litdata gives each a disjoint share).
+        decoder: ``"torchvision"`` or ``"pil"``.
+        train_transform: Keyword arguments of :class:`CountingPresetTrain` besides ``image_size``.
+        shuffle: Reshuffle the training photos every epoch.
+        seed: Seed of litdata's shuffle (the epoch is mixed in).
+        cache_dir: Where chunks from S3 are cached; a subfolder per dataset URI and split is used.
+            Required for S3 (litdata's default location is a shared system path).
+        max_cache_size: Cache budget, e.g. ``"20GB"`` (litdata evicts chunks already read).
+        max_pre_download: Chunks each worker downloads ahead.
+        endpoint_url: S3-compatible endpoint (default ``$AWS_ENDPOINT_URL`` or AWS).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        min_count: int = 1,
+        max_count: int = 5,
+        label_list: str | None = None,
+        split: str = "block",
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        decoder: str = "torchvision",
+        train_transform: dict | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        max_cache_size: str | None = None,
+        max_pre_download: int = 2,
+        endpoint_url: str | None = None,
+    ) -> None:
+        super().__init__()
+        if split != "block":
+            raise ValueError(f"split={split!r}: shards keep the split they were prepared with; use 'block'")
+        if is_s3_uri(uri) and not cache_dir:
+            raise ValueError(f"data.cache_dir is required to stream {uri} (chunks are cached there)")
+        self.save_hyperparameters(logger=False)
+        self.root = uri
+        self.eval_preset = CountingPresetEval(image_size=image_size)
+        self.train_preset = CountingPresetTrain(image_size=image_size, **(train_transform or {}))
+        self.manifest: dict | None = None
+        self.splits: dict[str, list[BinRecord]] = {}
+        self.datasets: dict = {}
+
+    @property
+    def num_classes(self) -> int:
+        return self.hparams.max_count - self.hparams.min_count + 1
+
+    def _cache_dir(self, split: str) -> str | None:
+        if not is_s3_uri(self.root):
+            return None  # litdata reads local chunks in place
+        tag = hashlib.sha1(self.root.rstrip("/").encode()).hexdigest()[:12]
+        return str(Path(self.hparams.cache_dir) / tag / split)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        from litdata import StreamingDataset
+
+        hp = self.hparams
+        endpoint = resolve_endpoint(hp.endpoint_url)
+        allow_http_in_litdata(endpoint)
+        self.manifest = read_manifest(self.root, endpoint_url=endpoint)
+        if (self.manifest["min_count"], self.manifest["max_count"]) != (hp.min_count, hp.max_count):
+            raise ValueError(
+                f"{self.root} was prepared for counts {self.manifest['min_count']}..{self.manifest['max_count']}, "
+                f"but data.min_count={hp.min_count}, data.max_count={hp.max_count}: set them to match "
+                f"or prepare the shards again with --min-count/--max-count"
+            )
+        listed = self.manifest.get("label_list")
+        if hp.label_list and Path(hp.label_list).name != Path(listed or "").name:
+            log.warning("data.label_list=%s, but %s was prepared with %s; the shards decide", hp.label_list,
+                        self.root, listed or "every labelled photo")
+        storage_options = {"endpoint_url": endpoint} if endpoint else None
+        for name in SPLIT_NAMES:
+            entry = self.manifest["splits"][name]
+            self.splits[name] = [BinRecord(i, c) for i, c in zip(entry["image_ids"], entry["counts"])]
+            counts = Counter(entry["counts"])
+            rank_zero_info(f"{name}: {len(entry['image_ids'])} photos from {self.root}, by count {dict(sorted(counts.items()))}")
+            if not entry["image_ids"]:
+                continue
+            train = name == "train"
+            cache_dir = self._cache_dir(name)
+            if cache_dir:
+                Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            self.datasets[name] = StreamingDataset(
+                join_uri(self.root, entry["dir"]),
+                cache_dir=cache_dir,
+                shuffle=train and hp.shuffle,
+                seed=hp.seed,
+                max_cache_size=hp.max_cache_size,
+                max_pre_download=hp.max_pre_download,
+                storage_options=storage_options,
+                transform=ShardSample(entry["image_ids"], min_count=hp.min_count,
+                                      transform=self.train_preset if train else self.eval_preset,
+                                      decoder=hp.decoder, endpoint_url=endpoint),
+            )
+
+    def _loader(self, name: str):
+        from litdata import StreamingDataLoader
+
+        if name not in self.datasets:
+            raise ValueError(f"the {name} split of {self.root} is empty")
+        return StreamingDataLoader(
+            self.datasets[name],
+            batch_size=self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate_skip_none,
+        )
+
+    def train_dataloader(self):
+        return self._loader("train")
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        return self._loader("test")
+
+    def predict_dataloader(self):
+        return self._loader("test")
