@@ -15,6 +15,8 @@ import argparse
 import os
 import sys
 
+from bincount.data.cli import add_data_command
+
 
 def _model_dir_default() -> str:
     return os.environ.get("SM_MODEL_DIR", "/opt/ml/model")
@@ -103,7 +105,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (add_serve_command, add_predict_command)
+COMMANDS = (add_serve_command, add_predict_command, add_data_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

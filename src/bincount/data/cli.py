@@ -1,9 +1,13 @@
-"""``bincount data fetch|prepare``: the data commands, registered on the ``bincount`` CLI.
+"""``bincount data fetch|prepare``: the data commands of the ``bincount`` CLI.
 
 Usage:
     bincount data fetch --list file_list.json --out data/abid
+    bincount data fetch --ids 1-5000 --out data/abid --workers 32
     bincount data prepare --in data/abid --out s3://BUCKET/abid/v1 --resize 256
     python -m bincount.data.cli fetch --ids 1-100 --out data/abid      # the same without the wrapper
+
+Only argparse lives here; :mod:`bincount.data.fetch` and :mod:`bincount.data.prepare` are
+imported when their command runs, so ``bincount --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -12,41 +16,126 @@ import argparse
 import logging
 import sys
 
-from bincount.data.fetch import add_fetch_parser
-from bincount.data.prepare import add_prepare_parser
-from bincount.data.s3 import S3Error
+PUBLIC_BUCKET = "aft-vbi-pds"  # bincount.data.abid.PUBLIC_BUCKET, without importing it for --help
 
 
-def add_data_commands(subparsers) -> None:
+def add_data_command(subparsers) -> None:
     """Add ``data`` with its ``fetch`` and ``prepare`` subcommands to an argparse subparsers object.
 
-    The ``data`` parser sets ``func=run``, so a CLI that dispatches with ``args.func(args)`` needs
-    nothing else; each leaf sets ``data_func(args) -> int`` (the exit code), which :func:`run` calls.
+    Each leaf sets ``func(args) -> int`` (the exit code); expected failures (bad input, S3
+    errors) print one ``error:`` line and return 2.
     """
     data = subparsers.add_parser("data", help="fetch ABID from S3 and prepare streaming shards")
     commands = data.add_subparsers(dest="data_command", metavar="{fetch,prepare}", required=True)
-    add_fetch_parser(commands)
-    add_prepare_parser(commands)
-    data.set_defaults(func=run)
+    _add_fetch(commands)
+    _add_prepare(commands)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run a parsed ``data`` command; expected failures print one clear line and exit 2."""
-    try:
-        return args.data_func(args)
-    except (S3Error, ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def _add_fetch(commands) -> None:
+    p = commands.add_parser(
+        "fetch", help="download ABID photos + metadata from the public bucket",
+        description="Download bin-images/<id>.jpg and metadata/<id>.json from s3://aft-vbi-pds: anonymous, "
+                    "parallel, retried by botocore, resumable (a rerun fetches only what is missing); "
+                    "keys the bucket lacks are listed in OUT/fetch_report.json.",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--list", dest="list_path", metavar="FILE",
+                       help="file_list.json, abid_counting_{train,val}.json or a text file of ids")
+    which.add_argument("--ids", dest="id_spec", metavar="RANGES", help="e.g. 1-5000,7 (numbers written %%05d)")
+    which.add_argument("--all", dest="all_ids", action="store_true", help="every photo (lists the bucket)")
+    p.add_argument("--out", required=True, help="destination folder (ABID layout)")
+    p.add_argument("--per-class", type=int, metavar="N", help="at most N photos of each count (balanced set)")
+    p.add_argument("--max-count", type=int, help="with --per-class: leave out counts above this")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --per-class draw")
+    p.add_argument("--bucket", default=PUBLIC_BUCKET, help="source bucket (default %(default)s)")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (default $AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--workers", type=int, default=16, help="concurrent downloads (default %(default)s)")
+    p.add_argument("--retry-mode", default="standard", choices=("standard", "adaptive", "legacy"),
+                   help="botocore retry mode (default %(default)s)")
+    p.add_argument("--max-attempts", type=int, default=8, help="botocore attempts per request (default %(default)s)")
+    p.add_argument("--signed", action="store_true", help="sign requests with your credentials (private mirror)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_guarded(_run_fetch))
+
+
+def _add_prepare(commands) -> None:
+    p = commands.add_parser(
+        "prepare", help="validate, split and shard an ABID folder into S3 or a local folder",
+        description="Decode every photo (corrupt ones are reported, not written), split by id blocks as "
+                    "training does, optionally resize, write litdata chunks per split, manifest.json and eda/.",
+    )
+    p.add_argument("--in", dest="in_dir", required=True, help="ABID-layout folder (from `bincount data fetch`)")
+    p.add_argument("--out", required=True, help="s3://BUCKET/PREFIX or a local folder")
+    p.add_argument("--list", dest="label_list", help="label list selecting the photos (e.g. lists/file_list.json)")
+    p.add_argument("--min-count", type=int, default=1, help="smallest count kept (default %(default)s)")
+    p.add_argument("--max-count", type=int, default=5, help="largest count kept (default %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--test-fraction", type=float, default=0.15)
+    p.add_argument("--block-size", type=int, default=20, help="neighbouring ids kept on one side of the split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (default %(default)s)")
+    p.add_argument("--resize", type=int, metavar="PX", help="shorter side of larger photos, e.g. 256")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of resized photos")
+    p.add_argument("--chunk-bytes", default="64MB", help="target chunk size (default %(default)s)")
+    p.add_argument("--workers", type=int, help="optimize worker processes (default: CPU count)")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (default $AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--staging-dir", help="local folder for chunks before the upload (default: temp)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
+    p.add_argument("--no-eda", action="store_true", help="skip the eda/ report")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_guarded(_run_prepare))
+
+
+def _run_fetch(args: argparse.Namespace) -> int:
+    from bincount.data.fetch import REPORT_NAME, select_and_fetch
+
+    report = select_and_fetch(
+        args.out, list_path=args.list_path, id_spec=args.id_spec, all_ids=args.all_ids,
+        per_class=args.per_class, max_count=args.max_count, seed=args.seed, bucket=args.bucket,
+        endpoint_url=args.endpoint_url, workers=args.workers, retry_mode=args.retry_mode,
+        max_attempts=args.max_attempts, anonymous=not args.signed, progress=not args.no_progress,
+    )
+    print(f"{args.out}: {report.summary()}; report: {args.out}/{REPORT_NAME}")
+    return 1 if any(report.failed.values()) else 0
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from bincount.data.prepare import MANIFEST, prepare
+    from bincount.data.s3 import join_uri
+
+    manifest = prepare(
+        args.in_dir, args.out, min_count=args.min_count, max_count=args.max_count, label_list=args.label_list,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, block_size=args.block_size,
+        seed=args.seed, resize=args.resize, quality=args.quality, chunk_bytes=args.chunk_bytes,
+        num_workers=args.workers, endpoint_url=args.endpoint_url, staging_dir=args.staging_dir,
+        overwrite=args.overwrite, eda=not args.no_eda, progress=not args.no_progress,
+    )
+    sizes = ", ".join(f"{k} {len(v['image_ids'])}" for k, v in manifest["splits"].items())
+    print(f"{args.out}: {sizes} photos; {len(manifest['rejected'])} rejected; {join_uri(args.out, MANIFEST)}")
+    return 0
+
+
+def _guarded(run):
+    def guarded(args: argparse.Namespace) -> int:
+        from bincount.data.s3 import S3Error
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return run(args)
+        except (S3Error, ValueError, FileNotFoundError, FileExistsError) as err:  # LabelError is a ValueError
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    return guarded
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bincount.data.cli fetch|prepare ...``."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="bincount data", description=__doc__.splitlines()[0])
+    """``python -m bincount.data.cli fetch|prepare ...``; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="bincount data", description="Fetch ABID from S3 and prepare shards.")
     commands = parser.add_subparsers(dest="data_command", metavar="{fetch,prepare}", required=True)
-    add_fetch_parser(commands)
-    add_prepare_parser(commands)
-    return run(parser.parse_args(argv))
+    _add_fetch(commands)
+    _add_prepare(commands)
+    args = parser.parse_args(argv)
+    return args.func(args)
 
 
 if __name__ == "__main__":
