@@ -256,7 +256,7 @@ def two_photos(expected) -> Callable[[Path, Path], bytes]:
         pytest.param(b"{not json", "application/json", 400, "malformed JSON", id="malformed-json"),
         pytest.param(b"[]", "application/json", 400, '"instances" list', id="json-list"),
         pytest.param(b'{"instances": []}', "application/json", 400, "1 to 64 photos, got 0", id="no-instances"),
-        pytest.param(b'{"instances": [{"url": "x"}]}', "application/json", 400, "instances[0] must be",
+        pytest.param(b'{"instances": [{"url": "x"}]}', "application/json", 400, "instances[0]: must be",
                      id="bad-instance"),
         pytest.param(b'{"instances": [{"image_b64": "", "s3_uri": "s3://b/k"}]}', "application/json", 400,
                      "not both", id="both-keys"),
@@ -327,7 +327,7 @@ def test_unreachable_s3_is_a_502_that_says_so(bundle, monkeypatch):
     with pytest.raises(RequestError) as caught:
         input_fn(json.dumps({"instances": [{"s3_uri": "s3://bucket/bin-images/00001.jpg"}]}), "application/json")
     assert caught.value.status_code == 502
-    assert "cannot reach S3" in caught.value.message
+    assert "cannot reach the S3 endpoint" in caught.value.message
 
 
 # ---------------------------------------------------------------- dynamic batching

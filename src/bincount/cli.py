@@ -90,7 +90,8 @@ def add_predict_command(subparsers) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from bincount.serve.predict import S3Error, predict
+    from bincount.data.s3 import S3Error
+    from bincount.serve.predict import predict
 
     try:
         summary = predict(args.model_dir, args.inputs, args.out, labels=args.labels, batch_size=args.batch_size,

@@ -340,45 +340,24 @@ _s3_lock = threading.Lock()
 
 
 def s3_client():
-    """A boto3 S3 client for this process (a forked DataLoader worker makes its own).
+    """This process's S3 client (:func:`bincount.data.s3.make_client`; a forked worker makes its own).
 
-    Credentials, region and endpoint come from the usual AWS sources (``AWS_ENDPOINT_URL_S3``
-    included); without credentials the requests go unsigned, which reads public buckets
-    such as ABID's. Retries are botocore's standard mode.
+    Endpoint and credentials come from the usual AWS sources (``AWS_ENDPOINT_URL`` included);
+    without credentials the requests go unsigned, which reads public buckets such as ABID's.
 
     Raises:
         ImportError: If boto3 is not installed (``pip install bincount[serve]``).
     """
-    pid = os.getpid()
     with _s3_lock:
-        if pid not in _s3_clients:
+        if os.getpid() not in _s3_clients:
             import boto3
-            from botocore import UNSIGNED
-            from botocore.config import Config
 
-            session = boto3.session.Session()
-            unsigned = {} if session.get_credentials() is not None else {"signature_version": UNSIGNED}
-            config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30,
-                            **unsigned)
-            _s3_clients[pid] = session.client("s3", config=config)
-        return _s3_clients[pid]
+            from bincount.data.s3 import make_client
 
-
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    """``"s3://bucket/a/b.jpg"`` -> ``("bucket", "a/b.jpg")`` (the key may be empty for a prefix).
-
-    Raises:
-        ValueError: If ``uri`` is not ``s3://bucket/...``.
-    """
-    if not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]:
-        raise ValueError(f"{uri!r} is not an S3 URI (s3://bucket/key)")
-    bucket, _, key = uri[5:].partition("/")
-    return bucket, key
-
-
-def s3_unreachable_message(err: Exception) -> str:
-    return (f"cannot reach S3 ({err}); check the network, AWS_ENDPOINT_URL_S3 and the credentials "
-            "(aws sts get-caller-identity)")
+            anonymous = boto3.session.Session().get_credentials() is None
+            _s3_clients[os.getpid()] = make_client(anonymous=anonymous, max_attempts=3, connect_timeout=5,
+                                                   read_timeout=30)
+        return _s3_clients[os.getpid()]
 
 
 def read_s3_object(uri: str, *, max_bytes: int) -> bytes:
@@ -390,23 +369,38 @@ def read_s3_object(uri: str, *, max_bytes: int) -> bytes:
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from bincount.data.s3 import explain, split_s3_uri
+
     try:
         bucket, key = split_s3_uri(uri)
     except ValueError as err:
         raise RequestError(str(err)) from None
     try:
         response = s3_client().get_object(Bucket=bucket, Key=key)
-        size = response["ContentLength"]
-        if size > max_bytes:
-            response["Body"].close()
-            raise RequestError(f"{uri} is {size} bytes; the limit is {max_bytes} bytes")
         with response["Body"] as body:
+            if response["ContentLength"] > max_bytes:
+                raise RequestError(f"{uri} is {response['ContentLength']} bytes; the limit is {max_bytes} bytes")
             return body.read()
     except ClientError as err:
-        code = err.response.get("Error", {}).get("Code", "?")
-        raise RequestError(f"cannot read {uri}: {code} ({err})") from None
+        raise RequestError(str(explain(err, uri=uri))) from None
     except BotoCoreError as err:
-        raise UpstreamError(s3_unreachable_message(err)) from None
+        raise UpstreamError(str(explain(err, uri=uri))) from None
+
+
+def _instance_bytes(instance: Any, limits: Limits) -> bytes:
+    """The encoded photo of one JSON instance: ``{"image_b64": ...}`` or ``{"s3_uri": ...}``."""
+    keys = set(instance) & {"image_b64", "s3_uri"} if isinstance(instance, dict) else set()
+    if len(keys) != 1 or not isinstance(instance[next(iter(keys))], str):
+        raise RequestError('must be an object with a string "image_b64" or "s3_uri" (not both)')
+    if "s3_uri" in keys:
+        return read_s3_object(instance["s3_uri"], max_bytes=limits.max_image_bytes)
+    encoded = instance["image_b64"]
+    if len(encoded) * 3 // 4 > limits.max_image_bytes + 3:  # 4 base64 characters per 3 bytes
+        raise RequestError(f"image is over the limit of {limits.max_image_bytes} bytes")
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise RequestError(f"image_b64 is not valid base64 ({err})") from None
 
 
 def decode_json(body: bytes | str, limits: Limits) -> CountRequest:
@@ -434,21 +428,8 @@ def decode_json(body: bytes | str, limits: Limits) -> CountRequest:
     counts = [parse_expected(e, f"expected_quantity[{i}]") for i, e in enumerate(expected)]
     images = []
     for i, inst in enumerate(instances):
-        keys = set(inst) & {"image_b64", "s3_uri"} if isinstance(inst, dict) else set()
-        if len(keys) != 1 or not isinstance(inst[next(iter(keys))], str):
-            raise RequestError(f'instances[{i}] must be an object with a string "image_b64" or "s3_uri" (not both)')
-        if "image_b64" in keys:
-            encoded = inst["image_b64"]
-            if len(encoded) * 3 // 4 > limits.max_image_bytes + 3:
-                raise RequestError(f"instances[{i}]: image is over the limit of {limits.max_image_bytes} bytes")
-            try:
-                data = base64.b64decode(encoded, validate=True)
-            except (binascii.Error, ValueError) as err:
-                raise RequestError(f"instances[{i}].image_b64 is not valid base64 ({err})") from None
-        else:
-            data = read_s3_object(inst["s3_uri"], max_bytes=limits.max_image_bytes)
         try:
-            images.append(decode_image_bytes(data, limits=limits))
+            images.append(decode_image_bytes(_instance_bytes(inst, limits), limits=limits))
         except RequestError as err:
             raise RequestError(f"instances[{i}]: {err.message}", err.status_code) from None
     return CountRequest(images, counts)

@@ -1,0 +1,206 @@
+"""Batch prediction over photo files, folders and S3 prefixes, written to one CSV.
+
+Uses the serving code end to end (:class:`~bincount.serve.inference.CountingModel`, the same
+decoding, limits, calibrated probabilities and verdicts), batched through a DataLoader so
+decoding runs in worker processes while the network counts.
+
+Usage:
+    bincount predict --model-dir outputs/RUN/model photos/ extra.jpg --out predictions.csv
+    bincount predict --model-dir outputs/RUN/model s3://BUCKET/bin-images/ --labels labels.csv --out verdicts.csv
+
+Each row: ``source,image_id,count,confidence,prob_<count>...,expected_quantity,verdict,error``.
+``image_id`` is the file name without its extension (ABID's id); ``expected_quantity`` and
+``verdict`` are filled for photos named in ``--labels`` (``image_id,expected_quantity``). A photo
+that cannot be read or decoded gets a row with only ``error`` filled; the run goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader, Dataset
+
+from bincount.data.abid import read_labels_csv
+from bincount.data.transforms import CountingPresetEval
+from bincount.serve.inference import (
+    CountingModel,
+    Limits,
+    RequestError,
+    decode_image_bytes,
+    forward,
+    make_predictions,
+    read_s3_object,
+    s3_client,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def list_s3_photos(uri: str) -> list[str]:
+    """The ``s3://`` URIs of the photos (by suffix) under an S3 prefix, sorted by key.
+
+    Raises:
+        ValueError: If ``uri`` is not an S3 URI.
+        bincount.data.s3.S3Error: If the prefix cannot be listed; the message says why.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from bincount.data.s3 import explain, split_s3_uri
+
+    bucket, _ = split_s3_uri(uri)
+    prefix = uri[len(f"s3://{bucket}/"):]  # as given: "bin-images/" must not match "bin-images-old/"
+    try:
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+    except (ClientError, BotoCoreError) as err:
+        raise explain(err, uri=uri) from None
+    return [f"s3://{bucket}/{key}" for key in sorted(keys) if key.lower().endswith(IMAGE_SUFFIXES)]
+
+
+def find_photos(inputs: Sequence[str]) -> list[str]:
+    """Expand files, folders (searched recursively for ``.jpg``/``.jpeg``/``.png``) and S3 prefixes.
+
+    Returns:
+        Local paths and ``s3://`` URIs, in the order given, each folder's and prefix's sorted.
+
+    Raises:
+        FileNotFoundError: If a local input does not exist.
+        ValueError: If the inputs hold no photo.
+        bincount.data.s3.S3Error: If an S3 prefix cannot be listed.
+    """
+    photos: list[str] = []
+    for item in inputs:
+        if item.startswith("s3://"):
+            found = list_s3_photos(item)
+        elif Path(item).is_dir():
+            found = sorted(str(p) for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif Path(item).is_file():
+            found = [item]
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+        if not found:
+            log.warning("%s holds no .jpg/.jpeg/.png photo", item)
+        photos += found
+    if not photos:
+        raise ValueError(f"no photos found in {', '.join(inputs)}")
+    return photos
+
+
+def image_id(source: str) -> str:
+    """``"s3://b/bin-images/00523.jpg"`` or ``"dir/00523.jpg"`` -> ``"00523"``."""
+    return Path(source.rsplit("/", 1)[-1]).stem
+
+
+class PhotoDataset(Dataset):
+    """Photos by path or S3 URI, decoded and preprocessed as serving does.
+
+    Item ``i`` is ``(image (3, S, S) float32 or None, i, error message or "")``.
+
+    Args:
+        sources: Local paths and ``s3://`` URIs.
+        preset: The model's eval preprocessing.
+        limits: Per-photo limits.
+    """
+
+    def __init__(self, sources: Sequence[str], preset: CountingPresetEval, limits: Limits) -> None:
+        self.sources = list(sources)
+        self.preset = preset
+        self.limits = limits
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def _read(self, source: str) -> bytes:
+        if source.startswith("s3://"):
+            return read_s3_object(source, max_bytes=self.limits.max_image_bytes)
+        size = Path(source).stat().st_size
+        if size > self.limits.max_image_bytes:
+            raise RequestError(f"image is {size} bytes; the limit is {self.limits.max_image_bytes} bytes")
+        return Path(source).read_bytes()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str]:
+        try:
+            image = decode_image_bytes(self._read(self.sources[index]), limits=self.limits)
+        except (RequestError, OSError) as err:
+            return None, index, str(err)
+        return self.preset(image), index, ""
+
+
+def collate_photos(batch: list[tuple[torch.Tensor | None, int, str]]) -> dict:
+    """``{"images": (M, 3, S, S) of the readable photos, "indices": their M indices, "failed": [(index, error)]}``."""
+    good = [(img, i) for img, i, _ in batch if img is not None]
+    return {
+        "images": torch.stack([img for img, _ in good]) if good else None,
+        "indices": [i for _, i in good],
+        "failed": [(i, err) for img, i, err in batch if img is None],
+    }
+
+
+def predict(model_dir: str | Path, inputs: Sequence[str], out: str | Path, *, labels: str | Path | None = None,
+            batch_size: int = 32, num_workers: int = 2, review_threshold: float | None = None,
+            limits: Limits | None = None, device: str | None = None, progress: bool = True) -> dict:
+    """Count the objects in every photo of ``inputs`` and write one CSV row per photo.
+
+    Args:
+        model_dir: Exported ``model/`` folder.
+        inputs: Files, folders and ``s3://`` prefixes.
+        out: The CSV to write.
+        labels: CSV with ``image_id,expected_quantity``: adds the expected quantity and the verdict.
+        batch_size: Photos per forward pass.
+        num_workers: DataLoader processes reading and decoding photos (0: in this process).
+        review_threshold: Overrides the calibrated review threshold.
+        limits: Per-photo limits (default :class:`~bincount.serve.inference.Limits`).
+        device: Default CUDA when available.
+        progress: Show a rich progress bar.
+
+    Returns:
+        ``{"photos": rows written, "failed": unreadable photos, "verdicts": {verdict: n}, "out": path}``.
+
+    Raises:
+        FileNotFoundError: A missing input, model folder or labels file.
+        ValueError: No photos in ``inputs``.
+        bincount.data.s3.S3Error: An S3 prefix cannot be listed.
+        bincount.data.abid.LabelError: ``labels`` lacks the needed columns.
+    """
+    model = CountingModel.load(model_dir, review_threshold=review_threshold, limits=limits, device=device)
+    sources = find_photos(inputs)
+    expected = read_labels_csv(Path(labels)) if labels else {}
+    loader = DataLoader(PhotoDataset(sources, model.preset, model.limits), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=collate_photos)
+    counts = [f"prob_{c}" for c in range(model.min_count, model.max_count + 1)]
+    verdicts: Counter[str] = Counter()
+    failed = 0
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress)
+    with out.open("w", newline="") as f, bar:
+        writer = csv.DictWriter(f, ["source", "image_id", "count", "confidence", *counts, "expected_quantity",
+                                    "verdict", "error"])
+        writer.writeheader()
+        task = bar.add_task("counting", total=len(sources))
+        for batch in loader:
+            rows = {i: {"source": sources[i], "image_id": image_id(sources[i]), "error": err}
+                    for i, err in batch["failed"]}
+            failed += len(rows)
+            if batch["images"] is not None:
+                ids = [image_id(sources[i]) for i in batch["indices"]]
+                preds = make_predictions(forward(model, batch["images"]), [expected.get(x) for x in ids], model)
+                for i, x, pred in zip(batch["indices"], ids, preds):
+                    verdicts.update([pred["verdict"]] if "verdict" in pred else [])
+                    rows[i] = {"source": sources[i], "image_id": x, "count": pred["count"],
+                               "confidence": f"{pred['confidence']:.5f}",
+                               **{c: f"{p:.5f}" for c, p in zip(counts, pred["probabilities"])},
+                               "expected_quantity": pred.get("expected_quantity", ""),
+                               "verdict": pred.get("verdict", "")}
+            writer.writerows(rows[i] for i in sorted(rows))
+            bar.advance(task, len(rows))
+    return {"photos": len(sources), "failed": failed, "verdicts": dict(verdicts), "out": str(out)}
