@@ -18,10 +18,6 @@ import sys
 from bincount.data.cli import add_data_command
 
 
-def _model_dir_default() -> str:
-    return os.environ.get("SM_MODEL_DIR", "/opt/ml/model")
-
-
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"),
                         help="exported model/ folder (default: $SM_MODEL_DIR or /opt/ml/model)")
