@@ -25,10 +25,10 @@ def sample_labels(logits: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 def test_fit_temperature_recovers_the_temperature_that_made_the_logits_overconfident():
     torch.manual_seed(0)
-    z = 2 * torch.randn(20000, 5)
+    z = 2 * torch.randn(8000, 5)
     y = sample_labels(z)
-    assert fit_temperature(2.5 * z, y) == pytest.approx(2.5, rel=0.05)
-    assert fit_temperature(0.5 * z, y) == pytest.approx(0.5, rel=0.05)
+    assert fit_temperature(2.5 * z, y) == pytest.approx(2.5, rel=0.06)
+    assert fit_temperature(0.5 * z, y) == pytest.approx(0.5, rel=0.06)
     with pytest.raises(ValueError, match="zero samples"):
         fit_temperature(torch.empty(0, 5), torch.empty(0, dtype=torch.long))
 

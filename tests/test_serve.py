@@ -73,12 +73,12 @@ def make_model_dir(out: Path, photos: list[Path], *, temperature: float = 1.0,
                           preset=preset.to_config(), extra={"calibration": calibration})
 
 
-def reference_probs(model_dir: Path, path: Path) -> torch.Tensor:
-    """Calibrated probabilities ``(C,)`` computed the way training evaluates: no serving code."""
+def reference_probs(model_dir: Path, paths: list[Path]) -> list[torch.Tensor]:
+    """Calibrated probabilities ``(C,)`` of each photo, computed the way training evaluates: no serving code."""
     net, config = load_model_dir(model_dir)
-    x = CountingPresetEval(**config["preset"])(decode_image(path))
+    x = torch.stack([CountingPresetEval(**config["preset"])(decode_image(p)) for p in paths])
     with torch.no_grad():
-        return (net(x[None]) / config["calibration"]["temperature"]).softmax(1)[0]
+        return list((net(x) / config["calibration"]["temperature"]).softmax(1))
 
 
 @dataclass
@@ -109,7 +109,7 @@ def bundle(tmp_path_factory) -> Bundle:
         photos.append(root / "photos" / f"{i:05d}.jpg")
         write_bin_photo(photos[-1], MIN_COUNT + i % 5, seed=i)
     model_dir = make_model_dir(root / "model", photos)
-    return Bundle(model_dir, photos, [reference_probs(model_dir, p) for p in photos])
+    return Bundle(model_dir, photos, reference_probs(model_dir, photos))
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_temperature_and_threshold_come_from_model_config(bundle, tmp_path, monk
     model = CountingModel.load(hot)
     assert (model.temperature, model.review_threshold) == (4.0, THRESHOLD)
     [pred] = predict_fn(input_fn(bundle.photos[0].read_bytes(), "image/jpeg"), model)
-    assert pred["probabilities"] == pytest.approx(reference_probs(hot, bundle.photos[0]).tolist(), abs=1e-5)
+    assert pred["probabilities"] == pytest.approx(reference_probs(hot, bundle.photos[:1])[0].tolist(), abs=1e-5)
     assert pred["confidence"] < bundle.confidence(0)  # a higher temperature is less sure
 
     monkeypatch.setenv("BINCOUNT_REVIEW_THRESHOLD", "0.3")

@@ -6,12 +6,12 @@ torch, torchvision and Pillow only (no Hydra, no Lightning), and preprocess with
 code's :class:`~bincount.data.transforms.CountingPresetEval`.
 
 Usage:
-    # SageMaker PyTorch serving image: model.tar.gz = model.pt, model_config.json and
-    #   code/inference.py:      from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn
-    #   code/requirements.txt:  bincount[serve]
-    tar -czf model.tar.gz -C outputs/RUN/model . -C /path/to/code_parent code
+    # the SageMaker PyTorch serving image: model.tar.gz holds model.pt, model_config.json and code/ with
+    #   code/inference.py       from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn
+    #   code/requirements.txt   bincount[serve]
+    cp -r outputs/RUN/model pkg && mkdir pkg/code && ... && tar -czf model.tar.gz -C pkg .
 
-    # locally, the same functions behind FastAPI
+    # locally (and in serve/Dockerfile), the same functions behind FastAPI
     bincount serve --model-dir outputs/RUN/model --port 8080
 
 Requests: ``image/jpeg``, ``image/png`` or ``application/x-image`` (one photo; an expected

@@ -1,0 +1,123 @@
+"""Latency of one photo through HTTP vs the bare model forward on the same photo, side by side.
+
+Usage:
+    python benchmarks/serve_latency.py                                  # untrained resnet18, 128 px (quickstart)
+    python benchmarks/serve_latency.py --model-dir outputs/RUN/model --n 300
+    python benchmarks/serve_latency.py --image-size 224 --photo ../shared/abid/bin-images/00001.jpg
+
+Starts ``bincount serve`` in a subprocess on a free loopback port, then for ``--n`` rounds times,
+one after the other on the same photo: the bare forward ``net(x)`` of the preprocessed photo in
+this process, the handler functions without HTTP (decode + preset + forward), and one
+``POST /invocations`` with the JPEG. Prints p50/p99 of each, in milliseconds, and the ratio
+HTTP / bare forward (the goal is p50 <= 1.2x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import torch
+
+SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "abid" / "bin-images"
+
+
+def default_model_dir(image_size: int, out: Path) -> Path:
+    """An untrained resnet18 counting 1..5 at ``image_size`` px, exported like training does."""
+    from bincount.data.transforms import CountingPresetEval
+    from bincount.models.backbones import build_backbone
+    from bincount.models.export import save_model_dir
+
+    torch.manual_seed(0)
+    return save_model_dir(build_backbone("resnet18", 5), out / "model", arch="resnet18", min_count=1, max_count=5,
+                          preset=CountingPresetEval(image_size=image_size).to_config(),
+                          extra={"calibration": {"temperature": 1.0, "review_threshold": 0.5}})
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+@contextmanager
+def serving(model_dir: Path, *extra: str):
+    """Run ``bincount serve`` on a free loopback port until the block ends; yield its URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "serve", "--model-dir", str(model_dir),
+                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *extra])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bincount serve exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{url}/ping").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("bincount serve did not become ready in 120 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def summary(name: str, ms: list[float]) -> str:
+    return f"  {name:34s} p50 {statistics.median(ms):7.2f} ms   p99 {percentile(ms, 99):7.2f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=None, help="default: an untrained resnet18")
+    parser.add_argument("--image-size", type=int, default=128, help="input size of the default model")
+    parser.add_argument("--photo", type=Path, default=SHARED_PHOTOS / "00001.jpg")
+    parser.add_argument("--n", type=int, default=300, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=20)
+    args = parser.parse_args()
+
+    from bincount.serve.inference import forward, input_fn, model_fn, predict_fn, preprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model_dir or default_model_dir(args.image_size, Path(tmp))
+        model = model_fn(str(model_dir))
+        data = args.photo.read_bytes()
+        x = preprocess(model, input_fn(data, "image/jpeg").images)
+        times: dict[str, list[float]] = {"bare forward net(x)": [], "handler, no HTTP": [], "HTTP POST /invocations": []}
+        with serving(model_dir) as url, httpx.Client(base_url=url, timeout=60) as client:
+            for i in range(args.warmup + args.n):
+                t0 = time.perf_counter()
+                forward(model, x)
+                t1 = time.perf_counter()
+                predict_fn(input_fn(data, "image/jpeg"), model)
+                t2 = time.perf_counter()
+                r = client.post("/invocations", content=data, headers={"Content-Type": "image/jpeg"})
+                t3 = time.perf_counter()
+                r.raise_for_status()
+                if i >= args.warmup:
+                    for name, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+                        times[name].append(1000 * dt)
+    print(f"{args.photo.name} ({len(data)} bytes) -> {model.config['arch']} at {model.preset.image_size} px, "
+          f"{args.n} rounds, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, loopback")
+    for name, ms in times.items():
+        print(summary(name, ms))
+    bare = times["bare forward net(x)"]
+    http = times["HTTP POST /invocations"]
+    print(f"  ratio HTTP / bare forward: p50 {statistics.median(http) / statistics.median(bare):.2f}x   "
+          f"p99 {percentile(http, 99) / percentile(bare, 99):.2f}x   (goal p50 <= 1.2x)")
+
+
+if __name__ == "__main__":
+    main()

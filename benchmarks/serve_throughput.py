@@ -1,0 +1,88 @@
+"""Requests/s with concurrent clients: dynamic batching vs one request per forward pass.
+
+Usage:
+    python benchmarks/serve_throughput.py                               # untrained resnet18, 128 px (quickstart)
+    python benchmarks/serve_throughput.py --model-dir outputs/RUN/model --clients 8 --requests 40
+
+Starts ``bincount serve`` twice per round in a subprocess on loopback, with ``--max-batch-size 1``
+(one at a time) and ``--max-batch-size 16`` (batched), and has ``--clients`` concurrent clients
+each send ``--requests`` JPEGs (shared ABID photos). Prints requests/s and p50/p99 latency of each
+(median over ``--rounds``, the two servers alternating) and the ratio batched / one at a time
+(the goal is >= 2x at 8 clients). Clients and server share this machine's CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from serve_latency import SHARED_PHOTOS, default_model_dir, percentile, serving
+
+from bincount.models.export import read_model_config
+
+MODES = {"one at a time": ["--max-batch-size", "1"], "batched": ["--max-batch-size", "16"]}
+
+
+async def load(url: str, photos: list[bytes], clients: int, requests: int) -> tuple[float, list[float]]:
+    """``clients`` concurrent clients x ``requests`` each; returns (requests/s, latencies in ms)."""
+    latencies: list[float] = []
+
+    async def client(http: httpx.AsyncClient, c: int) -> None:
+        for k in range(requests):
+            data = photos[(c * requests + k) % len(photos)]
+            t0 = time.perf_counter()
+            r = await http.post("/invocations", content=data, headers={"Content-Type": "image/jpeg"})
+            latencies.append(1000 * (time.perf_counter() - t0))
+            r.raise_for_status()
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        await asyncio.gather(*(client(http, c) for c in range(2)))  # warm-up
+        latencies.clear()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http, c) for c in range(clients)))
+        elapsed = time.perf_counter() - t0
+    return clients * requests / elapsed, latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=None, help="default: an untrained resnet18")
+    parser.add_argument("--image-size", type=int, default=128, help="input size of the default model")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=40, help="per client")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--photos", type=Path, default=SHARED_PHOTOS)
+    args = parser.parse_args()
+
+    photos = [p.read_bytes() for p in sorted(args.photos.glob("*.jpg"))[:64]]
+    results: dict[str, list[tuple[float, list[float]]]] = {mode: [] for mode in MODES}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model_dir or default_model_dir(args.image_size, Path(tmp))
+        for _ in range(args.rounds):
+            for mode, flags in MODES.items():
+                with serving(model_dir, *flags) as url:
+                    results[mode].append(asyncio.run(load(url, photos, args.clients, args.requests)))
+        config = read_model_config(model_dir)
+    print(f"{args.clients} clients x {args.requests} requests, {len(photos)} ABID photos, {config['arch']} at "
+          f"{config['preset']['image_size']} px, median of {args.rounds} rounds, {os.cpu_count()} CPUs, "
+          f"torch threads {torch.get_num_threads()}, loopback")
+    rates = {}
+    for mode, runs in results.items():
+        rates[mode] = statistics.median(rate for rate, _ in runs)
+        p50 = statistics.median(statistics.median(ms) for _, ms in runs)
+        p99 = statistics.median(percentile(ms, 99) for _, ms in runs)
+        print(f"  {mode:14s} {rates[mode]:7.1f} requests/s   p50 {p50:7.1f} ms   p99 {p99:7.1f} ms")
+    print(f"  ratio batched / one at a time: {rates['batched'] / rates['one at a time']:.2f}x   (goal >= 2x)")
+
+
+if __name__ == "__main__":
+    main()
