@@ -6,10 +6,11 @@ torch, torchvision and Pillow only (no Hydra, no Lightning), and preprocess with
 code's :class:`~bincount.data.transforms.CountingPresetEval`.
 
 Usage:
-    # the SageMaker PyTorch serving image: model.tar.gz holds model.pt, model_config.json and code/ with
-    #   code/inference.py       from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn
-    #   code/requirements.txt   bincount[serve]
-    cp -r outputs/RUN/model pkg && mkdir pkg/code && ... && tar -czf model.tar.gz -C pkg .
+    # the SageMaker PyTorch serving image: model.tar.gz = model.pt, model_config.json and code/
+    mkdir -p pkg/code && cp outputs/RUN/model/* pkg/ && cp dist/bincount-*.whl pkg/code/
+    echo 'from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn' > pkg/code/inference.py
+    (cd pkg/code && ls bincount-*.whl) > pkg/code/requirements.txt   # the toolkit pip-installs it
+    tar -czf model.tar.gz -C pkg .
 
     # locally (and in serve/Dockerfile), the same functions behind FastAPI
     bincount serve --model-dir outputs/RUN/model --port 8080
