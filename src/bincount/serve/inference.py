@@ -9,7 +9,7 @@ Usage:
     # the SageMaker PyTorch serving image: model.tar.gz = model.pt, model_config.json and code/
     mkdir -p pkg/code && cp outputs/RUN/model/* pkg/ && cp dist/bincount-*.whl pkg/code/
     echo 'from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn' > pkg/code/inference.py
-    (cd pkg/code && ls bincount-*.whl) > pkg/code/requirements.txt   # the toolkit pip-installs it
+    echo "/opt/ml/model/code/$(cd pkg/code && ls bincount-*.whl)[serve]" > pkg/code/requirements.txt
     tar -czf model.tar.gz -C pkg .
 
     # locally (and in serve/Dockerfile), the same functions behind FastAPI
