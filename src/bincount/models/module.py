@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from torchmetrics import MaxMetric
 
 from bincount.models.backbones import build_backbone
-from bincount.models.metrics import count_metrics, per_class_metrics
+from bincount.models.metrics import count_metrics
 
 
 class BinCountModule(L.LightningModule):
@@ -55,7 +55,6 @@ class BinCountModule(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {stage: count_metrics(self.num_classes) for stage in ("train_", "val_", "test_")}
         )
-        self.test_per_class = nn.ModuleDict(per_class_metrics(self.num_classes))
         self.val_acc_best = MaxMetric()
         self.test_outputs: list[dict[str, torch.Tensor]] = []
         self.test_predictions: dict[str, torch.Tensor] = {}
@@ -114,8 +113,6 @@ class BinCountModule(L.LightningModule):
         out = self._shared_step(batch, "test")
         if out is None:
             return
-        for metric in self.test_per_class.values():
-            metric.update(out["preds"], out["targets"])
         self.test_outputs.append(
             {"index": out["indices"], "target": out["targets"], "probs": out["logits"].float().softmax(dim=1)}
         )
@@ -134,9 +131,20 @@ class BinCountModule(L.LightningModule):
                 "target": torch.empty(0, dtype=torch.long, device=self.device),
                 "probs": torch.empty(0, self.num_classes, device=self.device),
             }
-        gathered = self.all_gather(local)
         if self.trainer.world_size > 1:
-            gathered = {k: v.flatten(0, 1) for k, v in gathered.items()}
+            # all_gather needs equal shapes; ranks differ when a photo failed to decode
+            longest = int(self.all_gather(torch.tensor(len(local["index"]), device=self.device)).max())
+            pad = longest - len(local["index"])
+            local = {
+                "index": F.pad(local["index"], (0, pad), value=-1),
+                "target": F.pad(local["target"], (0, pad)),
+                "probs": F.pad(local["probs"], (0, 0, 0, pad)),
+            }
+            gathered = {k: v.flatten(0, 1) for k, v in self.all_gather(local).items()}
+            real = gathered["index"] >= 0
+            gathered = {k: v[real] for k, v in gathered.items()}
+        else:
+            gathered = local
         order = torch.argsort(gathered["index"], stable=True)
         gathered = {k: v[order].cpu() for k, v in gathered.items()}
         keep = torch.ones_like(gathered["index"], dtype=torch.bool)
