@@ -1,0 +1,118 @@
+"""What a SageMaker job costs: instance-hours x on-demand and estimated spot price.
+
+Usage:
+    python -m sagemaker_launch.cost                                    # every instance type, gpu_single
+    python -m sagemaker_launch.cost sagemaker=gpu_multi sagemaker.instance_count=4 sagemaker.expected_hours=3
+
+Prices come from ``conf/sagemaker/prices.yaml`` (dated, with its source); nothing is fetched.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from bincount.config import config_dir
+
+PRICES_FILE = "sagemaker/prices.yaml"
+
+
+def load_prices(path: str | Path | None = None) -> DictConfig:
+    """The price table (``conf/sagemaker/prices.yaml`` unless ``path``)."""
+    return OmegaConf.load(path or Path(config_dir()) / PRICES_FILE)
+
+
+def instance_gpus(instance_type: str, prices: DictConfig | None = None) -> int:
+    """GPUs of ``instance_type`` per the price table.
+
+    Raises:
+        KeyError: If the table doesn't know the type (set ``sagemaker.processes_per_instance``).
+    """
+    prices = prices or load_prices()
+    for table in ("training", "hosting"):
+        if instance_type in prices[table]:
+            return int(prices[table][instance_type].gpus)
+    raise KeyError(f"{instance_type} is not in conf/{PRICES_FILE}: add it, or set sagemaker.processes_per_instance")
+
+
+@dataclass(frozen=True)
+class CostLine:
+    """One instance type's estimate.
+
+    Attributes:
+        instance_type: e.g. ``ml.g5.xlarge``.
+        instance_count: Instances of the job.
+        hours: Wall-clock hours priced.
+        usd_per_hour: On-demand price of one instance, USD/h.
+        spot_savings: Fraction saved with managed spot (an assumption, see the table).
+    """
+
+    instance_type: str
+    instance_count: int
+    hours: float
+    usd_per_hour: float
+    spot_savings: float
+
+    @property
+    def instance_hours(self) -> float:
+        return self.instance_count * self.hours
+
+    @property
+    def on_demand_usd(self) -> float:
+        return self.instance_hours * self.usd_per_hour
+
+    @property
+    def spot_usd(self) -> float:
+        return self.on_demand_usd * (1 - self.spot_savings)
+
+
+def estimate(instance_type: str, instance_count: int, hours: float, *, table: str = "training",
+             prices: DictConfig | None = None) -> CostLine:
+    """The cost of ``instance_count`` x ``instance_type`` for ``hours``.
+
+    Raises:
+        KeyError: If the price table doesn't list ``instance_type``.
+    """
+    prices = prices or load_prices()
+    if instance_type not in prices[table]:
+        raise KeyError(f"no {table} price for {instance_type} in conf/{PRICES_FILE}")
+    return CostLine(instance_type, int(instance_count), float(hours), float(prices[table][instance_type].usd_per_hour),
+                    float(prices.spot_savings))
+
+
+def format_table(lines: list[CostLine], prices: DictConfig | None = None, *, mark: str | None = None) -> str:
+    """A plain-text table of ``lines`` with the price table's date and source underneath."""
+    prices = prices or load_prices()
+    rows = [f"{'instance type':<18} {'count':>5} {'hours':>6} {'inst-h':>7} {'USD/h':>7} {'on-demand':>10} {'spot (est.)':>11}"]
+    for c in lines:
+        star = " <-" if c.instance_type == mark else ""
+        rows.append(f"{c.instance_type:<18} {c.instance_count:>5} {c.hours:>6.1f} {c.instance_hours:>7.1f} "
+                    f"{c.usd_per_hour:>7.3f} {c.on_demand_usd:>10.2f} {c.spot_usd:>11.2f}{star}")
+    rows.append(f"prices: {prices.region} {prices.currency} on-demand as of {prices.date} ({prices.source}); "
+                f"spot assumes {prices.spot_savings:.0%} saved")
+    return "\n".join(rows)
+
+
+def job_hours(sm: DictConfig) -> float:
+    """Hours a job is priced for: ``expected_hours``, else ``max_run_hours`` (the upper bound)."""
+    return float(sm.expected_hours if sm.get("expected_hours") is not None else sm.max_run_hours)
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Print the cost of the composed ``sagemaker`` config on every training instance type."""
+    from sagemaker_launch.launch import compose_launch
+
+    cfg = compose_launch(list(sys.argv[1:] if argv is None else argv))
+    sm, prices = cfg.sagemaker, load_prices()
+    hours = job_hours(sm)
+    lines = [estimate(t, sm.instance_count, hours, prices=prices) for t in prices.training]
+    text = format_table(lines, prices, mark=sm.instance_type)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,475 @@
+"""Send a training experiment to SageMaker: compose its config here, then start a training job.
+
+Usage:
+    python -m sagemaker_launch.launch +experiment=resnet50_subset sagemaker=gpu_single sagemaker.inputs.train=s3://BUCKET/abid/subset
+    python -m sagemaker_launch.launch +experiment=resnet50_subset sagemaker=gpu_multi sagemaker.instance_count=4 \
+        sagemaker.spot=true sagemaker.inputs.train=s3://BUCKET/abid/subset --dry-run
+    python -m sagemaker_launch.launch +experiment=quickstart data=abid_stream data.uri=s3://BUCKET/abid/v1 \
+        sagemaker=cpu sagemaker.profiler=true --no-wait
+
+Every argument but ``--dry-run``/``--no-wait`` is a Hydra override of ``conf/launch.yaml`` =
+``conf/train.yaml`` + a ``sagemaker`` group (``conf/sagemaker/*.yaml``). The config is composed
+and resolved here, so a typo fails before a job is paid for. The job gets the *overrides* (not the
+resolved config) as hyperparameters (:func:`sagemaker_launch.entry.encode_overrides`), and its
+container composes the same ``conf/`` with them (``sagemaker_launch/entry.py``).
+
+What the launcher adds to the job:
+
+- the code: ``pyproject.toml``, ``src/``, ``conf/``, ``sagemaker_launch/`` and a
+  ``requirements.txt`` that pip-installs that folder (torch and torchvision come with the AWS
+  PyTorch training image);
+- the trainer for the hardware: ``trainer.accelerator``, and for more than one process
+  ``trainer.devices`` (processes per instance), ``trainer.num_nodes`` (instances) and
+  ``trainer.strategy=ddp``, run by torchrun (ModelTrainer's ``Torchrun``);
+- ``SM_CHECKPOINT_DIR=/opt/ml/checkpoints`` (no SageMaker driver sets one); with
+  ``sagemaker.spot=true`` managed spot, ``max_wait`` and a per-job checkpoint S3 URI;
+- metric definitions for the ``[bincount]`` log lines (``val/acc``, ``val/mae``, ...);
+- with ``sagemaker.profiler=true``, a ``ProfilerConfig`` in the request (ModelTrainer has no field
+  for it: :class:`RequestHook` adds it) and ``++trainer.profiler=simple`` (its report lands in
+  output.tar.gz under ``csv/``).
+
+``--dry-run`` prints the CreateTrainingJob request and the cost, and sends nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from bincount.callbacks import metric_regex
+from bincount.config import config_dir
+from sagemaker_launch import cost
+from sagemaker_launch.entry import encode_overrides
+
+log = logging.getLogger("sagemaker_launch")
+
+REPO = Path(__file__).resolve().parents[1]
+# what the job's code channel holds (the container pip-installs the folder)
+SOURCE_ITEMS = ("pyproject.toml", "README.md", "src", "conf", "sagemaker_launch")
+SOURCE_IGNORE = ("__pycache__", "*.pyc", "*.egg-info", ".DS_Store")
+ENTRY_SCRIPT = "sagemaker_launch/entry.py"
+CHECKPOINT_DIR = "/opt/ml/checkpoints"
+# override roots that configure the launch, not the training run
+LAUNCHER_KEYS = ("sagemaker", "hydra", "hparams_search")
+METRICS = ("val/acc", "val/acc_best", "val/mae", "val/rmse", "val/obo_acc", "val/loss",
+           "test/acc", "test/mae", "test/rmse", "test/obo_acc")
+
+
+def compose_launch(overrides: list[str], *, return_hydra_config: bool = False) -> DictConfig:
+    """``conf/launch.yaml`` composed with ``overrides`` (Hydra's compose API).
+
+    Raises:
+        hydra.errors.ConfigCompositionException: On an unknown key, group or option.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="launch", overrides=overrides, return_hydra_config=return_hydra_config)
+
+
+def override_root(override: str) -> str:
+    """``"+sagemaker.spot=true"`` -> ``"sagemaker"``; ``"hydra/launcher=x"`` -> ``"hydra"``."""
+    return override.lstrip("+~").partition("=")[0].split(".")[0].split("/")[0]
+
+
+def override_key(override: str) -> str:
+    return override.lstrip("+~").partition("=")[0]
+
+
+def job_overrides(overrides: list[str]) -> list[str]:
+    """The overrides a training job gets: those of the training config (not ``sagemaker.*``,
+    ``hydra.*``, ``hparams_search``)."""
+    return [o for o in overrides if override_root(o) not in LAUNCHER_KEYS]
+
+
+def check_config(cfg: DictConfig, overrides: list[str]) -> None:
+    """Fail here, not in a paid job: every value must resolve and the job must find data.
+
+    Raises:
+        omegaconf.errors.OmegaConfBaseException: A missing value (``???``) or a broken interpolation.
+        ValueError: The data config reads a folder (``data.root``) but no ``train`` channel is given.
+    """
+    run = copy.deepcopy(cfg)
+    with open_dict(run):
+        run.paths.output_dir = "/opt/ml/output/data"  # what the container sets
+        run.pop("hydra", None)
+    OmegaConf.to_container(run, resolve=True, throw_on_missing=True)
+    given = {override_key(o) for o in overrides}
+    inputs = cfg.sagemaker.inputs or {}
+    if "root" in cfg.data and not inputs.get("train") and "data.root" not in given:
+        raise ValueError("no training data for the job: set sagemaker.inputs.train=s3://BUCKET/PREFIX (an ABID-layout "
+                         "folder, mounted as data.root) or stream shards (data=abid_stream data.uri=s3://...)")
+    for name, uri in inputs.items():
+        if uri and not str(uri).startswith("s3://"):
+            raise ValueError(f"sagemaker.inputs.{name}={uri}: must be an s3:// URI")
+    sm = cfg.sagemaker
+    if sm.spot and sm.max_wait_hours < sm.max_run_hours:
+        raise ValueError(f"sagemaker.max_wait_hours={sm.max_wait_hours} < max_run_hours={sm.max_run_hours}: "
+                         "spot needs max_wait >= max_run")
+
+
+def processes_per_instance(sm: DictConfig) -> int:
+    """``sagemaker.processes_per_instance``, else the instance type's GPUs, else 1 (CPU)."""
+    if sm.processes_per_instance is not None:
+        return int(sm.processes_per_instance)
+    return max(1, cost.instance_gpus(sm.instance_type))
+
+
+def trainer_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """The trainer settings the hardware needs, unless ``overrides`` set them.
+
+    Returns:
+        e.g. ``["trainer.accelerator=gpu", "trainer.devices=4", "trainer.num_nodes=2",
+        "++trainer.strategy=ddp"]`` for 2 x ml.g5.12xlarge: ``devices * num_nodes`` equals the
+        WORLD_SIZE torchrun starts.
+    """
+    sm, given = cfg.sagemaker, {override_key(o) for o in overrides}
+    gpus = cost.instance_gpus(sm.instance_type) if sm.processes_per_instance is None else None
+    on_gpu = gpus > 0 if gpus is not None else "gpu" in str(cfg.trainer.accelerator)
+    procs = processes_per_instance(sm)
+    wanted = {"trainer.accelerator": "gpu" if on_gpu else "cpu"}
+    if not on_gpu and str(cfg.trainer.precision).startswith("16"):
+        wanted["trainer.precision"] = "32-true"  # fp16 AMP is GPU-only
+    if procs * sm.instance_count > 1:
+        wanted.update({"trainer.devices": str(procs), "trainer.num_nodes": str(sm.instance_count),
+                       "trainer.strategy": "ddp"})
+    out = []
+    for key, value in wanted.items():
+        if key not in given:
+            # trainer/default.yaml has no strategy key: add it
+            out.append(f"++{key}={value}" if key == "trainer.strategy" else f"{key}={value}")
+    return out
+
+
+@dataclass
+class TrainingJobPlan:
+    """Everything a training job request is built from.
+
+    Attributes:
+        overrides: Hydra overrides the container composes ``conf/train.yaml`` with.
+        hyperparameters: ``overrides`` encoded for SageMaker (``__`` for ``.``).
+        processes: Processes per instance (torchrun when ``processes * instance_count > 1``).
+        image_uri: The training image.
+        environment: Container environment.
+        profiler_config: ``ProfilerConfig`` of the request or ``None``.
+        sagemaker: The composed ``sagemaker`` config.
+    """
+
+    overrides: list[str]
+    hyperparameters: dict[str, str]
+    processes: int
+    image_uri: str
+    environment: dict[str, str]
+    profiler_config: dict[str, Any] | None
+    sagemaker: DictConfig = field(repr=False)
+
+    @property
+    def distributed(self) -> bool:
+        return self.processes * self.sagemaker.instance_count > 1
+
+
+def training_image(sm: DictConfig) -> str:
+    """``sagemaker.image_uri``, else the AWS PyTorch training image for the instance type."""
+    if sm.image_uri:
+        return str(sm.image_uri)
+    from sagemaker.core import image_uris
+
+    return image_uris.retrieve("pytorch", sm.region, version=str(sm.framework_version), py_version=sm.py_version,
+                               instance_type=sm.instance_type, image_scope="training")
+
+
+def plan_training_job(cfg: DictConfig, overrides: list[str]) -> TrainingJobPlan:
+    """Check ``cfg`` (composed from ``overrides``) and decide the job.
+
+    Raises:
+        ValueError: See :func:`check_config` and :func:`sagemaker_launch.entry.encode_override`.
+        KeyError: An instance type the price table doesn't know, without ``processes_per_instance``.
+    """
+    check_config(cfg, overrides)
+    sm = cfg.sagemaker
+    run = job_overrides(overrides) + trainer_overrides(cfg, overrides)
+    if sm.profiler and not any(override_key(o) == "trainer.profiler" for o in run):
+        run.append("++trainer.profiler=simple")
+    bucket = sm.bucket or "BUCKET"
+    profiler = None
+    if sm.profiler:
+        profiler = {"S3OutputPath": f"s3://{bucket}/{sm.base_job_name}/profiler",
+                    "ProfilingIntervalInMilliseconds": int(sm.profiler_interval_ms), "DisableProfiler": False}
+    environment = {"SM_CHECKPOINT_DIR": CHECKPOINT_DIR, "PYTHONUNBUFFERED": "1",
+                   **{str(k): str(v) for k, v in (sm.environment or {}).items()}}
+    return TrainingJobPlan(overrides=run, hyperparameters=encode_overrides(run), processes=processes_per_instance(sm),
+                           image_uri=training_image(sm), environment=environment, profiler_config=profiler,
+                           sagemaker=sm)
+
+
+def stage_source(dst: Path) -> Path:
+    """Copy the code a job needs into ``dst`` (see :data:`SOURCE_ITEMS`) with its ``requirements.txt``.
+
+    Returns:
+        ``dst``.
+    """
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in SOURCE_ITEMS:
+        src = REPO / item
+        if src.is_dir():
+            shutil.copytree(src, dst / item, ignore=shutil.ignore_patterns(*SOURCE_IGNORE), dirs_exist_ok=True)
+        elif src.is_file():
+            shutil.copy2(src, dst / item)
+    (dst / "requirements.txt").write_text(
+        "# bincount itself (this folder) and its dependencies; torch and torchvision come with the image\n.\n")
+    return dst
+
+
+class DryRun(Exception):  # noqa: N818 - not an error: how a dry run stops before sending
+    """Raised instead of sending a Create* request in a dry run."""
+
+    def __init__(self, operation: str, params: dict[str, Any]) -> None:
+        super().__init__(f"dry run: {operation} not sent")
+        self.operation = operation
+        self.params = params
+
+
+class RequestHook:
+    """botocore event handlers on one boto3 session.
+
+    - add request fields the SDK has no parameter for (``extra``: operation -> fields, e.g.
+      ``{"CreateTrainingJob": {"ProfilerConfig": {...}}}``);
+    - keep every SageMaker ``Create*`` request as sent (``sent``), so the launcher knows the job name;
+    - in a dry run, send nothing: ``Create*`` raises :class:`DryRun` carrying the request, S3 uploads
+      are answered locally and recorded (``uploads``), any other call is refused (``AccessDenied``,
+      which the SDK treats as "cannot verify").
+
+    Args:
+        boto_session: The ``boto3.Session`` every client of the job is made from (register before
+            creating clients: a client copies the session's handlers when it is created).
+        extra: Fields to add per operation.
+        dry_run: Send nothing.
+    """
+
+    def __init__(self, boto_session, *, extra: dict[str, dict[str, Any]] | None = None, dry_run: bool = False) -> None:
+        self.extra = extra or {}
+        self.dry_run = dry_run
+        self.sent: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.uploads: list[str] = []
+        boto_session.events.register("before-parameter-build.sagemaker", self._sagemaker_params)
+        if dry_run:
+            boto_session.events.register("before-parameter-build.s3.PutObject", self._s3_put)
+            boto_session.events.register("before-call", self._refuse)
+
+    def _sagemaker_params(self, params: dict[str, Any], model, **_: Any) -> None:
+        params.update(copy.deepcopy(self.extra.get(model.name, {})))
+        if model.name.startswith("Create"):
+            self.sent[model.name].append(copy.deepcopy(params))
+            if self.dry_run:
+                raise DryRun(model.name, copy.deepcopy(params))
+
+    def _s3_put(self, params: dict[str, Any], **_: Any) -> None:
+        self.uploads.append(f"s3://{params['Bucket']}/{params['Key']}")
+
+    def _refuse(self, model, **_: Any):
+        from botocore.awsrequest import AWSResponse
+        from botocore.exceptions import ClientError
+
+        if model.service_model.service_name == "s3" and model.name == "PutObject":
+            return AWSResponse(None, 200, {}, None), {"ETag": '"dry-run"'}
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "dry run: nothing is sent"}}, model.name)
+
+
+def make_session(sm: DictConfig, *, dry_run: bool = False, extra: dict[str, dict[str, Any]] | None = None):
+    """A SageMaker ``Session`` in ``sm.region`` on ``sm.bucket`` with a :class:`RequestHook`.
+
+    In a dry run the default bucket is ``sm.bucket`` (or a placeholder) without asking S3.
+
+    Returns:
+        ``(session, hook)``.
+    """
+    import boto3
+    from sagemaker.core.helper.session_helper import Session
+
+    boto_session = boto3.Session(region_name=sm.region)
+    hook = RequestHook(boto_session, extra=extra, dry_run=dry_run)
+    if dry_run:
+        from sagemaker.core.config.config import load_sagemaker_config
+
+        class DryRunSession(Session):
+            def default_bucket(self) -> str:  # the real one lists, checks or creates the bucket
+                return sm.bucket or f"sagemaker-{sm.region}-ACCOUNT_ID"
+
+        # the user's SDK defaults still apply; the SDK's usage telemetry (plain HTTPS, not boto) is off
+        config = load_sagemaker_config()
+        config.setdefault("SchemaVersion", "1.0")
+        config.setdefault("SageMaker", {}).setdefault("PythonSDK", {}).setdefault("Modules", {})["TelemetryOptOut"] = True
+        return DryRunSession(boto_session=boto_session, default_bucket=sm.bucket, sagemaker_config=config), hook
+    return Session(boto_session=boto_session, default_bucket=sm.bucket), hook
+
+
+def role_for(sm: DictConfig, dry_run: bool) -> str | None:
+    """``sm.role``; in a dry run without one, a placeholder (a real launch asks AWS for the caller's)."""
+    if sm.role or not dry_run:
+        return sm.role
+    log.warning("no role (sagemaker.role or $SAGEMAKER_ROLE): the dry run shows a placeholder")
+    return "arn:aws:iam::ACCOUNT_ID:role/SageMakerExecutionRole"
+
+
+def channels(sm: DictConfig) -> list:
+    """ModelTrainer channels for ``sm.inputs`` (``None`` entries skipped)."""
+    from sagemaker.core.training.configs import Channel, DataSource, S3DataSource
+
+    return [Channel(channel_name=name, input_mode=sm.input_mode,
+                    data_source=DataSource(s3_data_source=S3DataSource(
+                        s3_data_type="S3Prefix", s3_uri=str(uri), s3_data_distribution_type="FullyReplicated")))
+            for name, uri in (sm.inputs or {}).items() if uri]
+
+
+def metric_definitions() -> list[dict[str, str]]:
+    """``[{"Name": "val/acc", "Regex": ...}, ...]`` for :class:`bincount.callbacks.MetricLines` lines."""
+    return [{"Name": name, "Regex": metric_regex(name)} for name in METRICS]
+
+
+def make_model_trainer(plan: TrainingJobPlan, session, source_dir: Path, *, role: str | None,
+                       checkpoint_s3_uri: str | None = None):
+    """A fresh ``ModelTrainer`` for one job (it writes the job's checkpoint URI back into itself).
+
+    Args:
+        plan: From :func:`plan_training_job`.
+        session: From :func:`make_session`.
+        source_dir: From :func:`stage_source`.
+        role: Execution role ARN or name (``None``: the caller's role).
+        checkpoint_s3_uri: Overrides ``sagemaker.checkpoint_s3_uri``; with spot and neither set,
+            the SDK picks ``s3://BUCKET/BASE/JOB/checkpoints`` per job.
+    """
+    from sagemaker.core.training.configs import (CheckpointConfig, Compute, MetricDefinition, SourceCode,
+                                                 StoppingCondition, Tag)
+    from sagemaker.train.distributed import Torchrun
+    from sagemaker.train.model_trainer import ModelTrainer
+
+    sm = plan.sagemaker
+    uri = checkpoint_s3_uri or sm.checkpoint_s3_uri
+    trainer = ModelTrainer(
+        sagemaker_session=session,
+        role=role,
+        base_job_name=sm.base_job_name,
+        training_image=plan.image_uri,
+        source_code=SourceCode(source_dir=str(source_dir), entry_script=ENTRY_SCRIPT, requirements="requirements.txt",
+                               ignore_patterns=list(SOURCE_IGNORE)),
+        distributed=Torchrun(process_count_per_node=plan.processes) if plan.distributed else None,
+        compute=Compute(instance_type=sm.instance_type, instance_count=int(sm.instance_count),
+                        volume_size_in_gb=int(sm.volume_size_gb), enable_managed_spot_training=bool(sm.spot)),
+        stopping_condition=StoppingCondition(
+            max_runtime_in_seconds=int(sm.max_run_hours * 3600),
+            max_wait_time_in_seconds=int(sm.max_wait_hours * 3600) if sm.spot else None),
+        checkpoint_config=CheckpointConfig(s3_uri=uri, local_path=CHECKPOINT_DIR) if (sm.spot or uri) else None,
+        environment=plan.environment,
+        hyperparameters=dict(plan.hyperparameters),
+        tags=[Tag(key=str(k), value=str(v)) for k, v in (sm.tags or {}).items()] or None,
+    )
+    return trainer.with_metric_definitions([MetricDefinition(name=m["Name"], regex=m["Regex"])
+                                            for m in metric_definitions()])
+
+
+def console_url(region: str, job_name: str) -> str:
+    return f"https://{region}.console.aws.amazon.com/sagemaker/home?region={region}#/jobs/{job_name}"
+
+
+def describe_request(request: dict[str, Any], uploads: list[str]) -> str:
+    """The dry-run printout of a request and of the files it would upload."""
+    lines = [json.dumps(request, indent=2, sort_keys=True, default=str)]
+    if uploads:
+        prefixes = sorted({u.rsplit("/input/", 1)[0] + "/input/" + u.rsplit("/input/", 1)[1].split("/")[0] + "/"
+                           if "/input/" in u else u for u in uploads})
+        lines.append(f"would upload {len(uploads)} files to: " + ", ".join(prefixes))
+    return "\n".join(lines)
+
+
+@dataclass
+class Submission:
+    """What :func:`submit_training_job` did.
+
+    Attributes:
+        request: The CreateTrainingJob parameters (sent, or in a dry run what would be sent).
+        job_name: The training job's name.
+        uploads: S3 objects a dry run would have written.
+        dry_run: Nothing was sent.
+    """
+
+    request: dict[str, Any]
+    job_name: str
+    uploads: list[str]
+    dry_run: bool
+
+
+def submit_training_job(plan: TrainingJobPlan, *, dry_run: bool = False, wait: bool = False) -> Submission:
+    """Build a fresh ``ModelTrainer`` from ``plan`` and start the job (or, in a dry run, don't).
+
+    Args:
+        plan: From :func:`plan_training_job`.
+        dry_run: Build and capture the request, send nothing.
+        wait: Stream the job's log until it ends.
+    """
+    sm = plan.sagemaker
+    extra = {"CreateTrainingJob": {"ProfilerConfig": plan.profiler_config}} if plan.profiler_config else {}
+    session, hook = make_session(sm, dry_run=dry_run, extra=extra)
+    with tempfile.TemporaryDirectory(prefix="bincount-source-") as tmp:
+        trainer = make_model_trainer(plan, session, stage_source(Path(tmp) / "source"), role=role_for(sm, dry_run))
+        try:
+            trainer.train(input_data_config=channels(sm) or None, wait=False, logs=False)
+        except DryRun as stop:
+            return Submission(stop.params, stop.params["TrainingJobName"], hook.uploads, True)
+    request = hook.sent["CreateTrainingJob"][-1]
+    name = request["TrainingJobName"]
+    print(f"training job {name}\n  {console_url(sm.region, name)}", flush=True)
+    if wait:
+        from sagemaker.core.resources import TrainingJob
+
+        TrainingJob.get(training_job_name=name, session=session.boto_session, region=sm.region).wait(logs=True)
+    return Submission(request, name, [], False)
+
+
+def cost_text(sm: DictConfig) -> str:
+    """The dry run's cost lines: the chosen instance type, or a note if the table lacks it."""
+    try:
+        line = cost.estimate(sm.instance_type, sm.instance_count, cost.job_hours(sm))
+    except KeyError as err:
+        return f"cost: {err.args[0]}"
+    return cost.format_table([line])
+
+
+def parse_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Split ``--dry-run``/``--no-wait`` from the Hydra overrides."""
+    parser = argparse.ArgumentParser(prog="python -m sagemaker_launch.launch", add_help=True,
+                                     description="Hydra overrides of conf/launch.yaml, plus:")
+    parser.add_argument("--dry-run", action="store_true", help="print the request and the cost, send nothing")
+    parser.add_argument("--no-wait", action="store_true", help="don't stream the job's log")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Submission:
+    """Compose, check, and submit (or dry-run) one training job; see the module docstring."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    flags, overrides = parse_argv(list(sys.argv[1:] if argv is None else argv))
+    cfg = compose_launch(overrides)
+    plan = plan_training_job(cfg, overrides)
+    dry_run = flags.dry_run or bool(cfg.sagemaker.dry_run)
+    sub = submit_training_job(plan, dry_run=dry_run, wait=bool(cfg.sagemaker.wait) and not flags.no_wait)
+    if dry_run:
+        print(f"DRY RUN: CreateTrainingJob {sub.job_name} (not sent)")
+        print(describe_request(sub.request, sub.uploads))
+        print(cost_text(cfg.sagemaker))
+    return sub
+
+
+if __name__ == "__main__":
+    main()
