@@ -255,6 +255,8 @@ def two_photos(expected) -> Callable[[Path, Path], bytes]:
         pytest.param(b"3", None, 415, "unsupported Content-Type None", id="no-content-type"),
         pytest.param(b"{not json", "application/json", 400, "malformed JSON", id="malformed-json"),
         pytest.param(b"[]", "application/json", 400, '"instances" list', id="json-list"),
+        pytest.param(b"[" * 100_000, "application/json", 400, "malformed JSON", id="json-nested-too-deep"),
+        pytest.param(b"\xff\xd8 a jpeg?", "application/json", 400, "malformed JSON", id="json-not-utf8"),
         pytest.param(b'{"instances": []}', "application/json", 400, "1 to 64 photos, got 0", id="no-instances"),
         pytest.param(b'{"instances": [{"url": "x"}]}', "application/json", 400, "instances[0]: must be",
                      id="bad-instance"),

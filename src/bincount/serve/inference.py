@@ -413,7 +413,7 @@ def decode_json(body: bytes | str, limits: Limits) -> CountRequest:
     """
     try:
         doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: absurd nesting
         raise RequestError(f"malformed JSON: {err}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("instances"), list):
         raise RequestError('JSON body must be an object with an "instances" list')
