@@ -34,7 +34,7 @@ def _weed_binary() -> str | None:
     return str(beside_python) if beside_python.is_file() else shutil.which("weed")
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     socks = []
     try:
         for _ in range(n):
@@ -101,7 +101,7 @@ def start_seaweedfs(workdir: Path) -> S3Server:
     ]}))
     names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
              "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc"]
-    ports = dict(zip(names, _free_ports(len(names))))
+    ports = dict(zip(names, free_ports(len(names))))
     args = [weed, "mini", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-master.telemetry=false", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
             "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", f"-s3.config={config}",

@@ -19,7 +19,6 @@ checkpoints, so a run resumed mid-epoch continues where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
 from pathlib import Path
@@ -95,8 +94,8 @@ class ABIDStreamDataModule(L.LightningDataModule):
         train_transform: Keyword arguments of :class:`CountingPresetTrain` besides ``image_size``.
         shuffle: Reshuffle the training photos every epoch.
         seed: Seed of litdata's shuffle (the epoch is mixed in).
-        cache_dir: Where chunks from S3 are cached; a subfolder per dataset URI and split is used.
-            Required for S3 (litdata's default location is a shared system path).
+        cache_dir: Where chunks from S3 are cached (litdata makes a subfolder per split URI).
+            Required for S3: litdata's default location is a shared system path.
         max_cache_size: Cache budget, e.g. ``"20GB"`` (litdata evicts chunks already read).
         max_pre_download: Chunks each worker downloads ahead.
         endpoint_url: S3-compatible endpoint (default ``$AWS_ENDPOINT_URL`` or AWS).
@@ -139,12 +138,6 @@ class ABIDStreamDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return self.hparams.max_count - self.hparams.min_count + 1
 
-    def _cache_dir(self, split: str) -> str | None:
-        if not is_s3_uri(self.root):
-            return None  # litdata reads local chunks in place
-        tag = hashlib.sha1(self.root.rstrip("/").encode()).hexdigest()[:12]
-        return str(Path(self.hparams.cache_dir) / tag / split)
-
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
@@ -165,6 +158,10 @@ class ABIDStreamDataModule(L.LightningDataModule):
             log.warning("data.label_list=%s, but %s was prepared with %s; the shards decide", hp.label_list,
                         self.root, listed or "every labelled photo")
         storage_options = {"endpoint_url": endpoint} if endpoint else None
+        cache_dir = None  # litdata reads local chunks in place
+        if is_s3_uri(self.root):
+            cache_dir = hp.cache_dir
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
         for name in SPLIT_NAMES:
             entry = self.manifest["splits"][name]
             self.splits[name] = [BinRecord(i, c) for i, c in zip(entry["image_ids"], entry["counts"])]
@@ -173,12 +170,9 @@ class ABIDStreamDataModule(L.LightningDataModule):
             if not entry["image_ids"]:
                 continue
             train = name == "train"
-            cache_dir = self._cache_dir(name)
-            if cache_dir:
-                Path(cache_dir).mkdir(parents=True, exist_ok=True)
             self.datasets[name] = StreamingDataset(
                 join_uri(self.root, entry["dir"]),
-                cache_dir=cache_dir,
+                cache_dir=cache_dir,  # litdata keeps a subfolder per input URI and index version
                 shuffle=train and hp.shuffle,
                 seed=hp.seed,
                 max_cache_size=hp.max_cache_size,
