@@ -185,9 +185,9 @@ def test_png_and_x_image(model):
     for content_type in ("image/png", "application/x-image"):
         [pred] = predict_fn(input_fn(png_bytes(), content_type), model)
         assert MIN_COUNT <= pred["count"] <= MAX_COUNT and sum(pred["probabilities"]) == pytest.approx(1, abs=1e-4)
-    gray_and_alpha = [png_bytes(mode="L"), png_bytes(mode="RGBA")]
-    request = input_fn(json.dumps({"instances": [{"image_b64": b64(x)} for x in gray_and_alpha]}), "application/json")
-    assert [tuple(x.shape) for x in request.images] == [(3, 30, 40)] * 2
+    other_modes = [png_bytes(mode="L"), png_bytes(mode="RGBA"), png_bytes(mode="P"), png_bytes(mode="I;16")]
+    request = input_fn(json.dumps({"instances": [{"image_b64": b64(x)} for x in other_modes]}), "application/json")
+    assert [(tuple(x.shape), x.dtype) for x in request.images] == [((3, 30, 40), torch.uint8)] * 4
 
 
 def test_expected_quantity_of_a_single_photo_from_custom_attributes(bundle, model):

@@ -49,6 +49,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2.functional import to_dtype
 
 from bincount.data.transforms import CountingPresetEval
 from bincount.models.calibration import NEVER
@@ -299,9 +300,10 @@ def decode_image_bytes(data: bytes, *, limits: Limits, expected_format: str | No
     if width * height > limits.max_pixels:
         raise RequestError(f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as err:
         raise RequestError(f"corrupt or truncated {fmt} image ({str(err).splitlines()[0]})") from None
+    return to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs: the 8 bits training photos have
 
 
 def parse_expected(value: Any, where: str) -> int | None:
