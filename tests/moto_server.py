@@ -1,0 +1,134 @@
+"""A local stand-in for AWS: moto's server on 127.0.0.1 (S3, SageMaker, SageMaker Runtime), recording
+every request it receives, so tests assert on what the real SDK sent.
+
+Use in a test module::
+
+    from tests.moto_server import aws, moto_server  # noqa: F401  (pytest fixtures)
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+
+REGION = "us-east-1"
+BUCKET = "bincount-test"
+ROLE = "arn:aws:iam::123456789012:role/BincountSageMaker"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class MotoServer:
+    """A running ``moto.server`` and its request recording.
+
+    Attributes:
+        url: ``http://127.0.0.1:PORT``.
+        recording: The file moto appends one JSON line per received request to.
+    """
+
+    url: str
+    recording: Path
+
+    def post(self, path: str, data: bytes = b"") -> bytes:
+        with urllib.request.urlopen(urllib.request.Request(self.url + path, data=data, method="POST"), timeout=10) as r:
+            return r.read()
+
+    def reset(self) -> None:
+        """Forget every resource and every recorded request."""
+        self.post("/moto-api/reset")
+        self.post("/moto-api/recorder/reset-recording")
+
+    def requests(self) -> list[dict]:
+        """Every request received since :meth:`reset`: ``method``, ``path``, ``target``
+        (``X-Amz-Target``), ``body`` (bytes) and ``json`` (the parsed body, for JSON APIs)."""
+        out = []
+        if not self.recording.exists():
+            return out
+        for line in self.recording.read_text().splitlines():
+            entry = json.loads(line)
+            body = entry.get("body") or ""
+            raw = base64.b64decode(body) if entry.get("body_encoded") else body.encode()
+            headers = {k.lower(): v for k, v in entry["headers"].items()}
+            parsed = None
+            if "json" in headers.get("content-type", "") and raw:
+                parsed = json.loads(raw)
+            out.append({"method": entry["method"], "path": unquote(urlparse(entry["url"]).path),
+                        "target": headers.get("x-amz-target", ""), "headers": headers, "body": raw, "json": parsed})
+        return out
+
+    def calls(self, operation: str, service: str = "SageMaker") -> list[dict]:
+        """The parsed bodies of every ``service.operation`` request (e.g. ``CreateTrainingJob``)."""
+        return [r["json"] for r in self.requests() if r["target"] == f"{service}.{operation}"]
+
+    def puts(self, prefix: str = "") -> dict[str, bytes]:
+        """S3 objects written (``PUT /bucket/key``) since :meth:`reset`, by ``bucket/key``."""
+        return {r["path"].lstrip("/"): r["body"] for r in self.requests()
+                if r["method"] == "PUT" and r["path"].lstrip("/").startswith(prefix) and not r["target"]}
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory) -> MotoServer:
+    """moto's server on a free port of 127.0.0.1, recording requests; stopped after the session."""
+    tmp = tmp_path_factory.mktemp("moto")
+    port = free_port()
+    env = dict(os.environ, MOTO_ENABLE_RECORDING="1", MOTO_RECORDER_FILEPATH=str(tmp / "recording.jsonl"))
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=(tmp / "server.log").open("w"), stderr=subprocess.STDOUT)
+    server = MotoServer(f"http://127.0.0.1:{port}", tmp / "recording.jsonl")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(server.url + "/moto-api/", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+    yield server
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def aws(moto_server, monkeypatch, tmp_path) -> MotoServer:
+    """Point every AWS client of this process at a freshly reset moto server with bucket :data:`BUCKET`.
+
+    Also: fake credentials, :data:`REGION`, no IAM role validation (moto can't simulate policies)
+    and the SDK's usage telemetry off (it would try the internet).
+    """
+    moto_server.reset()
+    config = tmp_path / "sagemaker_config.yaml"
+    config.write_text("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n")
+    for key, value in {"AWS_ENDPOINT_URL": moto_server.url, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+                       "AWS_DEFAULT_REGION": REGION, "SAGEMAKER_VALIDATE_ROLE": "false",
+                       "SAGEMAKER_USER_CONFIG_OVERRIDE": str(config), "SAGEMAKER_ROLE": ROLE,
+                       "SAGEMAKER_BUCKET": BUCKET}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    import boto3
+
+    boto3.Session(region_name=REGION).client("s3").create_bucket(Bucket=BUCKET)
+    moto_server.post("/moto-api/recorder/reset-recording")
+    return moto_server
