@@ -1,0 +1,138 @@
+"""The launcher side: the real SageMaker SDK builds each request and sends it to a local moto
+server; the tests read what moto received (its request recording), not mocks of our code."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import MissingMandatoryValue
+
+from bincount.callbacks import PREFIX, format_metrics
+from sagemaker_launch import cost, launch
+from sagemaker_launch.entry import decode_hyperparameters
+from tests.conftest import compose_cfg
+from tests.moto_server import BUCKET, ROLE, aws, moto_server  # noqa: F401  (fixtures)
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_S3 = f"s3://{BUCKET}/abid/subset"
+
+
+def only_training_overrides(hyperparameters: dict) -> list[str]:
+    return decode_hyperparameters(hyperparameters)
+
+
+def test_dry_run_prints_the_request_and_cost_and_sends_nothing(aws, capsys):
+    sub = launch.main(["+experiment=resnet50_subset", "sagemaker=gpu_multi", "sagemaker.instance_count=2",
+                       "sagemaker.spot=true", f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
+    out = capsys.readouterr().out
+    assert aws.requests() == []  # not even an S3 upload reached the server
+    assert sub.dry_run and sub.request["EnableManagedSpotTraining"] is True
+    assert sub.request["ResourceConfig"] == {"InstanceType": "ml.g5.xlarge", "InstanceCount": 2, "VolumeSizeInGB": 50}
+    assert f"DRY RUN: CreateTrainingJob {sub.job_name} (not sent)" in out
+    assert json.loads(out[out.index("{"):out.index("\nwould upload")]) == json.loads(json.dumps(sub.request))
+    assert re.search(r"would upload \d+ files to: s3://bincount-test/bincount/bincount-[-\d]+/input/code/", out)
+    assert re.search(r"ml\.g5\.xlarge\s+2\s+8\.0\s+16\.0\s+1\.408\s+22\.53\s+6\.76", out)
+
+
+def test_typos_and_missing_data_fail_before_any_request(aws):
+    for bad in (["data.rooot=x"], ["sagemaker.instance_cont=2"], ["+experiment=quickstrat"], ["sagemaker=gpu_mutli"]):
+        with pytest.raises(ConfigCompositionException):
+            launch.main([*bad, f"sagemaker.inputs.train={TRAIN_S3}"])
+    with pytest.raises(ValueError, match="no training data"):
+        launch.main(["+experiment=quickstart"])
+    with pytest.raises(ValueError, match="s3://"):
+        launch.main(["sagemaker.inputs.train=/local/abid"])
+    with pytest.raises(MissingMandatoryValue):  # streaming shards need their URI
+        launch.main(["data=abid_stream"])
+    with pytest.raises(ValueError, match="max_wait"):
+        launch.main([f"sagemaker.inputs.train={TRAIN_S3}", "sagemaker.spot=true", "sagemaker.max_wait_hours=1"])
+    assert aws.requests() == []
+
+
+def test_single_instance_job(aws):
+    sub = launch.main(["+experiment=quickstart", "sagemaker=gpu_single", f"sagemaker.inputs.train={TRAIN_S3}",
+                       "trainer.max_epochs=3", "model.optimizer.lr=0.003", "--no-wait"])
+    [req] = aws.calls("CreateTrainingJob")
+    assert req["TrainingJobName"] == sub.job_name and req["RoleArn"] == ROLE
+    spec = req["AlgorithmSpecification"]
+    assert spec["TrainingImage"] == "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.8.0-gpu-py312"
+    assert spec["ContainerEntrypoint"] == ["/bin/bash"]
+    assert req["ResourceConfig"] == {"InstanceType": "ml.g5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 50}
+    # the user's overrides, names with __ (a dot fails every job), plus the GPU trainer (quickstart picks cpu)
+    assert req["HyperParameters"] == {"_add__experiment": "quickstart", "trainer__max_epochs": "3",
+                                      "model__optimizer__lr": "0.003", "trainer__accelerator": "gpu"}
+    cfg = compose_cfg("train", only_training_overrides(req["HyperParameters"]))  # what the container composes
+    assert cfg.trainer.max_epochs == 3 and cfg.model.optimizer.lr == 0.003 and cfg.trainer.accelerator == "gpu"
+    assert req["Environment"] == {"SM_CHECKPOINT_DIR": "/opt/ml/checkpoints", "PYTHONUNBUFFERED": "1"}
+    assert not req.get("EnableManagedSpotTraining") and "CheckpointConfig" not in req and "ProfilerConfig" not in req
+    assert req["StoppingCondition"] == {"MaxRuntimeInSeconds": 8 * 3600}
+    train = next(c for c in req["InputDataConfig"] if c["ChannelName"] == "train")
+    assert train["DataSource"]["S3DataSource"]["S3Uri"] == TRAIN_S3
+    # the metric regexes read our log lines
+    line = f"{PREFIX} validation epoch=2 global_step=30 {format_metrics({'val/acc': 0.75, 'val/acc_best': 0.8, 'val/obo_acc': 0.9})}"
+    found = {m["Name"]: re.search(m["Regex"], line) for m in spec["MetricDefinitions"]}
+    assert found["val/acc"].group(1) == "0.75" and found["val/acc_best"].group(1) == "0.8"
+    # the code the job runs
+    code = aws.puts(f"{BUCKET}/bincount/{sub.job_name}/input/code/")
+    names = {k.split("/input/code/")[1] for k in code}
+    assert {"sagemaker_launch/entry.py", "conf/train.yaml", "conf/sagemaker/prices.yaml", "src/bincount/train.py",
+            "pyproject.toml", "requirements.txt"} <= names
+    assert not any("__pycache__" in n for n in names)
+    assert code[f"{BUCKET}/bincount/{sub.job_name}/input/code/requirements.txt"].decode().splitlines()[-1] == "."
+    drivers = f"{BUCKET}/bincount/{sub.job_name}/input/sm_drivers/"
+    puts = aws.puts(drivers)
+    assert json.loads(puts[drivers + "sourcecode.json"])["entry_script"] == "sagemaker_launch/entry.py"
+    assert json.loads(puts[drivers + "distributed.json"]) == {}  # one process: no torchrun
+    assert "install_requirements.py requirements.txt" in puts[drivers + "sm_train.sh"].decode()
+
+
+def test_multi_instance_spot_profiled_job(aws):
+    args = ["+experiment=resnet50_subset", "sagemaker=gpu_multi", "sagemaker.instance_count=2", "sagemaker.spot=true",
+            "sagemaker.profiler=true", f"sagemaker.inputs.train={TRAIN_S3}", "--no-wait"]
+    first, second = launch.main(args), launch.main(args)
+    reqs = aws.calls("CreateTrainingJob")
+    assert [r["TrainingJobName"] for r in reqs] == [first.job_name, second.job_name]
+    req = reqs[0]
+    assert req["ResourceConfig"]["InstanceCount"] == 2 and req["EnableManagedSpotTraining"] is True
+    assert req["StoppingCondition"] == {"MaxRuntimeInSeconds": 8 * 3600, "MaxWaitTimeInSeconds": 16 * 3600}
+    # a checkpoint URI per job (a fresh ModelTrainer each time), synced with SM_CHECKPOINT_DIR
+    assert [r["CheckpointConfig"] for r in reqs] == [
+        {"S3Uri": f"s3://{BUCKET}/bincount/{s.job_name}/checkpoints", "LocalPath": "/opt/ml/checkpoints"}
+        for s in (first, second)]
+    assert req["ProfilerConfig"] == {"S3OutputPath": f"s3://{BUCKET}/bincount/profiler",
+                                     "ProfilingIntervalInMilliseconds": 500, "DisableProfiler": False}
+    hps = req["HyperParameters"]
+    assert {k: hps[k] for k in ("trainer__devices", "trainer__num_nodes", "_force__trainer__strategy",
+                                "_force__trainer__profiler")} == {
+        "trainer__devices": "1", "trainer__num_nodes": "2", "_force__trainer__strategy": "ddp",
+        "_force__trainer__profiler": "simple"}
+    cfg = compose_cfg("train", only_training_overrides(hps))
+    assert cfg.trainer.devices * cfg.trainer.num_nodes == 2 and cfg.trainer.strategy == "ddp"
+    drivers = f"{BUCKET}/bincount/{first.job_name}/input/sm_drivers/"
+    puts = aws.puts(drivers)
+    assert json.loads(puts[drivers + "distributed.json"]) == {"process_count_per_node": 1, "smp": None}
+    assert "torchrun_driver.py" in puts[drivers + "sm_train.sh"].decode()
+
+
+def test_processes_follow_the_instance_type(aws):
+    cfg = launch.compose_launch(["sagemaker.instance_type=ml.g5.12xlarge", "sagemaker.instance_count=3"])
+    assert launch.trainer_overrides(cfg, []) == ["trainer.accelerator=gpu", "trainer.devices=4", "trainer.num_nodes=3",
+                                                 "++trainer.strategy=ddp"]
+    cpu = launch.compose_launch(["sagemaker=cpu", "+experiment=resnet18_subset"])  # a GPU experiment on a CPU box
+    assert launch.trainer_overrides(cpu, []) == ["trainer.accelerator=cpu", "trainer.precision=32-true"]
+    with pytest.raises(KeyError, match="processes_per_instance"):
+        launch.trainer_overrides(launch.compose_launch(["sagemaker.instance_type=ml.x9.huge"]), [])
+
+
+def test_cost_table():
+    line = cost.estimate("ml.g5.xlarge", 4, 2.5)
+    assert line.instance_hours == 10 and line.on_demand_usd == pytest.approx(14.08)
+    assert line.spot_usd == pytest.approx(14.08 * 0.3)
+    text = cost.main(["sagemaker=gpu_multi", "sagemaker.instance_count=4", "sagemaker.expected_hours=2.5"])
+    assert re.search(r"ml\.g5\.xlarge\s+4\s+2\.5\s+10\.0\s+1\.408\s+14\.08\s+4\.22 <-", text)
+    assert "as of 2024-11-01 (https://aws.amazon.com/sagemaker/pricing/)" in text
+    assert cost.instance_gpus("ml.p4d.24xlarge") == 8 and cost.instance_gpus("ml.m5.xlarge") == 0
