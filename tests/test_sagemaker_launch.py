@@ -12,7 +12,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import MissingMandatoryValue
 
 from bincount.callbacks import PREFIX, format_metrics
-from sagemaker_launch import cost, launch
+from sagemaker_launch import cost, launch, tune
 from sagemaker_launch.entry import decode_hyperparameters
 from tests.conftest import compose_cfg
 from tests.moto_server import BUCKET, ROLE, aws, moto_server  # noqa: F401  (fixtures)
@@ -136,3 +136,47 @@ def test_cost_table():
     assert re.search(r"ml\.g5\.xlarge\s+4\s+2\.5\s+10\.0\s+1\.408\s+14\.08\s+4\.22 <-", text)
     assert "as of 2024-11-01 (https://aws.amazon.com/sagemaker/pricing/)" in text
     assert cost.instance_gpus("ml.p4d.24xlarge") == 8 and cost.instance_gpus("ml.m5.xlarge") == 0
+
+
+def test_tuning_job_uses_the_optuna_search_space(aws):
+    sub = tune.main(["+experiment=quickstart", "hparams_search=lr_optuna", "sagemaker=gpu_multi", "sagemaker.spot=true",
+                     f"sagemaker.inputs.train={TRAIN_S3}", "model.optimizer.lr=0.005", "--no-wait"])
+    [req] = aws.calls("CreateHyperParameterTuningJob")
+    assert req["HyperParameterTuningJobName"] == sub.job_name and len(sub.job_name) <= 32
+    config = req["HyperParameterTuningJobConfig"]
+    optuna = compose_cfg("train", ["hparams_search=lr_optuna"])  # the local sweep's settings
+    assert config["Strategy"] == "Bayesian"
+    assert config["HyperParameterTuningJobObjective"] == {"MetricName": "val/acc_best", "Type": "Maximize"}
+    assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 6, "MaxParallelTrainingJobs": 1}
+    assert config["ParameterRanges"]["ContinuousParameterRanges"] == [
+        {"Name": "model__optimizer__lr", "MinValue": "0.0002", "MaxValue": "0.01", "ScalingType": "Logarithmic"},
+        {"Name": "model__optimizer__weight_decay", "MinValue": "0.0", "MaxValue": "0.1", "ScalingType": "Auto"}]
+    assert optuna.optimized_metric == "val/acc_best"
+    job = req["TrainingJobDefinition"]
+    static = job["StaticHyperParameters"]
+    assert "model__optimizer__lr" not in static and "hparams_search" not in static  # tuned / launcher-only
+    assert static["sagemaker_program"] == "sagemaker_launch/entry.py"
+    assert static["sagemaker_torch_distributed_enabled"] == "true"  # the legacy toolkit path drops Torchrun
+    assert static["trainer__num_nodes"] == "2" and static["_add__experiment"] == "quickstart"
+    assert job["EnableManagedSpotTraining"] is True
+    assert job["CheckpointConfig"]["S3Uri"] == f"s3://{BUCKET}/bincount/{sub.job_name}/checkpoints"
+    assert job["Environment"]["SM_CHECKPOINT_DIR"] == "/opt/ml/checkpoints"
+    regex = {m["Name"]: m["Regex"] for m in job["AlgorithmSpecification"]["MetricDefinitions"]}["val/acc_best"]
+    assert re.search(regex, f"{PREFIX} validation epoch=0 global_step=3 val/acc=0.5 val/acc_best=0.625").group(1) == "0.625"
+    tarball = aws.puts(static["sagemaker_submit_directory"][len("s3://"):])
+    assert len(tarball) == 1
+
+
+def test_search_space_translation():
+    space = {k: v for k, v in ((s, tune.parameter_range(s)) for s in (
+        "tag(int, interval(1, 8))", "choice(32, 64)", "range(1, 5)", "range(0.1, 0.4, 0.1)", "tag(log, interval(1e-4, 1e-2))"))}
+    assert type(space["tag(int, interval(1, 8))"]).__name__ == "IntegerParameter"
+    assert space["tag(int, interval(1, 8))"].min_value == 1
+    assert space["choice(32, 64)"].values == ["32", "64"]
+    assert type(space["range(1, 5)"]).__name__ == "IntegerParameter" and space["range(1, 5)"].max_value == 4
+    assert type(space["range(0.1, 0.4, 0.1)"]).__name__ == "CategoricalParameter"
+    assert space["tag(log, interval(1e-4, 1e-2))"].scaling_type == "Logarithmic"
+    with pytest.raises(ValueError, match="not a sweep"):
+        tune.parameter_range("0.5")
+    with pytest.raises(ValueError, match="hparams_search"):
+        tune.search_space(launch.compose_launch([], return_hydra_config=True))

@@ -1,0 +1,183 @@
+"""Tune an experiment with a SageMaker hyperparameter tuning job over its ``hparams_search`` space.
+
+Usage:
+    python -m sagemaker_launch.tune +experiment=quickstart hparams_search=lr_optuna sagemaker=cpu \
+        sagemaker.inputs.train=s3://BUCKET/abid/sample
+    python -m sagemaker_launch.tune +experiment=resnet50_subset hparams_search=lr_optuna sagemaker=gpu_multi \
+        sagemaker.spot=true sagemaker.inputs.train=s3://BUCKET/abid/subset --dry-run
+
+One search space, two backends: the ``hydra.sweeper.params`` that ``python train.py -m
+hparams_search=lr_optuna`` gives Optuna become the tuning job's ranges
+(``interval`` -> continuous, ``tag(int, interval(...))`` -> integer, ``tag(log, ...)`` ->
+logarithmic, ``choice`` -> categorical, ``range`` -> integer or categorical), ``optimized_metric`` and ``hydra.sweeper.direction`` its
+objective (read by regex from the ``[bincount] validation`` log lines, Bayesian search), and
+``hydra.sweeper.n_trials``/``n_jobs`` its job limits.
+
+Tuning jobs bypass ModelTrainer's drivers: the PyTorch image's training toolkit runs
+``sagemaker_program`` from ``sagemaker_submit_directory``. It drops the Torchrun config, so a
+multi-process trial gets ``sagemaker_torch_distributed_enabled=true`` (torchrun over all GPUs of
+every instance). With spot, the trials share one explicit checkpoint URI; the entry keeps each
+trial's checkpoints in a subfolder named after its training job.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from sagemaker_launch.entry import encode_override
+from sagemaker_launch.launch import (DryRun, channels, compose_launch, console_url, cost_text, describe_request,
+                                     make_model_trainer, make_session, metric_definitions, parse_argv,
+                                     plan_training_job, role_for, stage_source)
+
+log = logging.getLogger("sagemaker_launch")
+
+# SageMaker's limit on a tuning job's name
+TUNING_NAME_MAX = 32
+
+
+def parameter_range(spec: str):
+    """A Hydra sweep expression as a SageMaker parameter range.
+
+    Args:
+        spec: e.g. ``"tag(log, interval(0.0002, 0.01))"``, ``"interval(0.0, 0.1)"``,
+            ``"tag(int, interval(1, 8))"``, ``"choice(32, 64)"``, ``"range(1, 5)"``.
+
+    Returns:
+        A ``ContinuousParameter``, ``IntegerParameter`` or ``CategoricalParameter``.
+
+    Raises:
+        ValueError: A fixed value or a sweep SageMaker can't express.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+    from sagemaker.core.parameter import CategoricalParameter, ContinuousParameter, IntegerParameter
+
+    sweep = OverridesParser.create().parse_overrides([f"x={spec}"])[0].value()
+    tags = getattr(sweep, "tags", set())
+    scaling = "Logarithmic" if "log" in tags else "Auto"
+    if isinstance(sweep, IntervalSweep):
+        if "int" in tags:  # as the Optuna sweeper reads it: intervals are float unless tagged int
+            return IntegerParameter(int(sweep.start), int(sweep.end), scaling_type=scaling)
+        return ContinuousParameter(float(sweep.start), float(sweep.end), scaling_type=scaling)
+    if isinstance(sweep, ChoiceSweep):
+        return CategoricalParameter([str(v) for v in sweep.list])
+    if isinstance(sweep, RangeSweep):
+        values = list(sweep.range())
+        if all(isinstance(v, int) for v in values) and sweep.step == 1:
+            return IntegerParameter(values[0], values[-1], scaling_type=scaling)
+        return CategoricalParameter([str(v) for v in values])
+    raise ValueError(f"{spec!r} is not a sweep SageMaker can tune (interval, choice or range)")
+
+
+def search_space(cfg: DictConfig) -> dict[str, Any]:
+    """``hydra.sweeper.params`` as SageMaker ranges keyed by encoded hyperparameter name.
+
+    Raises:
+        ValueError: If the config has no search space (pick one: ``hparams_search=...``).
+    """
+    params = (cfg.hydra.sweeper.get("params") or {}) if "sweeper" in cfg.hydra else {}
+    if not params:
+        raise ValueError("no search space: add hparams_search=<name> (conf/hparams_search/*.yaml)")
+    return {encode_override(f"{key}=x")[0]: parameter_range(str(spec)) for key, spec in params.items()}
+
+
+def tuning_job_name(base: str) -> str:
+    """``<base>-tune-<yymmdd-HHMMSS>``, shortened to SageMaker's 32 characters."""
+    stamp = time.strftime("%y%m%d-%H%M%S", time.gmtime())
+    return f"{base[:TUNING_NAME_MAX - len(stamp) - 6]}-tune-{stamp}"
+
+
+@dataclass
+class TuningSubmission:
+    """What :func:`submit_tuning_job` did.
+
+    Attributes:
+        request: The CreateHyperParameterTuningJob parameters (sent, or what a dry run would send).
+        job_name: The tuning job's name.
+        uploads: S3 objects a dry run would have written.
+        dry_run: Nothing was sent.
+    """
+
+    request: dict[str, Any]
+    job_name: str
+    uploads: list[str]
+    dry_run: bool
+
+
+def submit_tuning_job(cfg: DictConfig, overrides: list[str], *, dry_run: bool = False,
+                      wait: bool = False) -> TuningSubmission:
+    """Plan the trials like a training job, then start a Bayesian tuning job over the search space.
+
+    Args:
+        cfg: ``conf/launch.yaml`` composed with ``overrides`` and the Hydra config.
+        overrides: The command line's overrides (``hparams_search=...`` included).
+        dry_run: Build and capture the request, send nothing.
+        wait: Wait until the tuning job ends.
+
+    Raises:
+        ValueError: See :func:`search_space` and :func:`sagemaker_launch.launch.plan_training_job`.
+    """
+    from sagemaker.train.tuner import HyperparameterTuner
+
+    sm = cfg.sagemaker
+    ranges = search_space(cfg)
+    plan = plan_training_job(cfg, overrides)
+    for name in ranges:  # the tuner sets these per trial
+        plan.hyperparameters.pop(name, None)
+    if plan.distributed:
+        plan.hyperparameters["sagemaker_torch_distributed_enabled"] = "true"
+    direction = str(cfg.hydra.sweeper.get("direction", "maximize"))
+    name = tuning_job_name(sm.base_job_name)
+    session, hook = make_session(sm, dry_run=dry_run)
+    with tempfile.TemporaryDirectory(prefix="bincount-source-") as tmp:
+        checkpoints = None
+        if sm.spot or sm.checkpoint_s3_uri:  # a tuning job picks no per-trial URI by itself
+            checkpoints = sm.checkpoint_s3_uri or f"s3://{session.default_bucket()}/{sm.base_job_name}/{name}/checkpoints"
+        trainer = make_model_trainer(plan, session, stage_source(Path(tmp) / "source"), role=role_for(sm, dry_run),
+                                     checkpoint_s3_uri=checkpoints)
+        tuner = HyperparameterTuner(
+            model_trainer=trainer, objective_metric_name=str(cfg.optimized_metric), hyperparameter_ranges=ranges,
+            metric_definitions=metric_definitions(), strategy="Bayesian",
+            objective_type="Minimize" if direction.lower().startswith("min") else "Maximize",
+            max_jobs=int(cfg.hydra.sweeper.get("n_trials", 10)),
+            max_parallel_jobs=int(cfg.hydra.sweeper.get("n_jobs", 1)), base_tuning_job_name=sm.base_job_name)
+        try:
+            tuner.tune(inputs=channels(sm) or None, job_name=name, wait=False)
+        except DryRun as stop:
+            return TuningSubmission(stop.params, name, hook.uploads, True)
+    request = hook.sent["CreateHyperParameterTuningJob"][-1]
+    print(f"tuning job {name}\n  https://{sm.region}.console.aws.amazon.com/sagemaker/home?region={sm.region}"
+          f"#/hyper-tuning-jobs/{name}", flush=True)
+    if wait:
+        tuner.wait()
+        best = tuner.best_training_job()
+        print(f"best training job {best}\n  {console_url(sm.region, best)}")
+    return TuningSubmission(request, name, [], False)
+
+
+def main(argv: list[str] | None = None) -> TuningSubmission:
+    """Compose, check and submit (or dry-run) a tuning job; see the module docstring."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    flags, overrides = parse_argv(list(sys.argv[1:] if argv is None else argv))
+    cfg = compose_launch(overrides, return_hydra_config=True)
+    dry_run = flags.dry_run or bool(cfg.sagemaker.dry_run)
+    sub = submit_tuning_job(cfg, overrides, dry_run=dry_run, wait=bool(cfg.sagemaker.wait) and not flags.no_wait)
+    if dry_run:
+        print(f"DRY RUN: CreateHyperParameterTuningJob {sub.job_name} (not sent)")
+        print(describe_request(sub.request, sub.uploads))
+        trials = int(cfg.hydra.sweeper.get("n_trials", 10))
+        print(f"{trials} trials, each at most:")
+        print(cost_text(cfg.sagemaker))
+    return sub
+
+
+if __name__ == "__main__":
+    main()
