@@ -180,3 +180,20 @@ def test_search_space_translation():
         tune.parameter_range("0.5")
     with pytest.raises(ValueError, match="hparams_search"):
         tune.search_space(launch.compose_launch([], return_hydra_config=True))
+
+
+@pytest.mark.integration
+def test_hydra_multirun_with_the_sagemaker_launcher(aws, tmp_path):
+    run = subprocess.run([sys.executable, "train.py", "-m", "hydra/launcher=sagemaker", "+sagemaker=cpu",
+                          f"sagemaker.inputs.train={TRAIN_S3}", "+experiment=quickstart",
+                          "model.optimizer.lr=0.001,0.003", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    reqs = aws.calls("CreateTrainingJob")
+    assert [r["HyperParameters"]["model__optimizer__lr"] for r in reqs] == ["0.001", "0.003"]
+    assert [r["TrainingJobName"].rsplit("-", 1)[0] for r in reqs] == ["bincount-0", "bincount-1"]
+    for req in reqs:  # only the training overrides reach the job; the CPU instance sets the trainer
+        assert {k: v for k, v in req["HyperParameters"].items() if k != "model__optimizer__lr"} == {
+            "_add__experiment": "quickstart", "trainer__accelerator": "cpu"}
+        assert req["ResourceConfig"]["InstanceType"] == "ml.m5.xlarge"
+    assert (tmp_path / "sweep" / "multirun.yaml").is_file()

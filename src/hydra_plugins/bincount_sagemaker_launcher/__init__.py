@@ -1,0 +1,1 @@
+"""``hydra/launcher=sagemaker``: each job of a Hydra multirun becomes a SageMaker training job."""
