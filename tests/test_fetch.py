@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bincount.data.fetch import choose_per_class, fetch, parse_id_ranges, select_and_fetch
+from bincount.data.prepare import prepare
 from bincount.data.s3 import S3Error, allow_http_in_litdata, make_client, split_s3_uri
 from tests.conftest_s3 import PRIVATE_BUCKET, PUBLIC_BUCKET
 from tests.fakes import make_fake_abid
@@ -78,6 +79,12 @@ def test_fetch_reports_missing_keys_and_copies_bytes_exactly(public_bucket, tmp_
     assert sorted(on_disk["missing"]["images"]) == sorted(MISSING_IMAGES)
     assert on_disk["error"] is None and on_disk["photos_per_second"] > 0
     assert not list(out.rglob("*.part"))
+
+    manifest = prepare(out, str(tmp_path / "shards"), chunk_bytes="64KB", num_workers=2, start_method="fork",
+                       eda=False, progress=False, block_size=4)
+    assert manifest["rejected"].keys() == {CORRUPT}, "prepare must catch the corrupt photo fetch copied"
+    kept = {i for entry in manifest["splits"].values() for i in entry["image_ids"]}
+    assert kept == set(good) - MISSING_IMAGES - MISSING_METADATA - {CORRUPT}
 
 
 @pytest.mark.integration

@@ -7,6 +7,7 @@ from litdata import StreamingDataset
 from PIL import Image
 
 from bincount.data.abid import block_split, build_index
+from bincount.cli import main as bincount_cli
 from bincount.data.cli import main as data_cli
 from bincount.data.prepare import MANIFEST, decode_image_bytes, prepare, read_manifest, upload_tree
 from bincount.data.s3 import S3Error
@@ -89,6 +90,8 @@ def test_prepare_overwrite_and_bad_input_errors(abid_folder, tmp_path, capsys):
 
     assert data_cli(["prepare", "--in", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "bin-images not found" in capsys.readouterr().err
+    assert bincount_cli(["data", "prepare", "--in", str(root), "--out", str(out)]) == 2  # the `bincount` command
+    assert "--overwrite" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="bincount data prepare"):
         read_manifest(str(tmp_path / "x"))
     (tmp_path / "x").mkdir()
