@@ -74,7 +74,8 @@ def test_fetch_reports_missing_keys_and_copies_bytes_exactly(public_bucket, tmp_
     assert set(report.missing["metadata"]) == MISSING_METADATA
     assert set(report.fetched["images"]) == set(good) - MISSING_IMAGES
     for image_id in report.fetched["images"]:
-        assert (out / "bin-images" / f"{image_id}.jpg").read_bytes() == (src / "bin-images" / f"{image_id}.jpg").read_bytes()
+        name = f"bin-images/{image_id}.jpg"
+        assert (out / name).read_bytes() == (src / name).read_bytes()
     on_disk = json.loads((out / "fetch_report.json").read_text())
     assert sorted(on_disk["missing"]["images"]) == sorted(MISSING_IMAGES)
     assert on_disk["error"] is None and on_disk["photos_per_second"] > 0
@@ -159,8 +160,8 @@ def test_fatal_s3_errors_stop_the_run_with_a_clear_message(public_bucket, tmp_pa
         fetch(["00001"], tmp_path / "c", endpoint_url="http://127.0.0.1:9", max_attempts=1, progress=False)
 
 
-def test_litdata_still_needs_and_accepts_the_http_workaround():
-    """Fails loudly when a litdata upgrade moves the obstore options the workaround patches."""
+def test_http_workaround_applies_to_http_endpoints_only():
+    """Also fails loudly when a litdata upgrade moves the obstore options the workaround patches."""
     from litdata.streaming import downloader
 
     options = downloader._OBSTORE_CLIENT_OPTIONS

@@ -107,7 +107,8 @@ def test_prepare_into_s3_uploads_chunks_then_manifest(abid_folder, s3_env, tmp_p
     s3_env.empty_bucket(DATA_BUCKET, "prepare-test/")
     manifest = prepare(root, uri, staging_dir=str(tmp_path), **SPLIT, **FAST)
     assert read_manifest(uri) == manifest
-    keys = {o["Key"] for o in s3_env.client().list_objects_v2(Bucket=DATA_BUCKET, Prefix="prepare-test/v1/")["Contents"]}
+    listing = s3_env.client().list_objects_v2(Bucket=DATA_BUCKET, Prefix="prepare-test/v1/")
+    keys = {o["Key"] for o in listing["Contents"]}
     for name in ("manifest.json", "train/index.json", "val/index.json", "test/index.json", "eda/summary.json",
                  "eda/sample_grid.png", "eda/class_histogram.png", "eda/image_sizes.png"):
         assert f"prepare-test/v1/{name}" in keys, name

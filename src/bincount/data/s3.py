@@ -135,7 +135,7 @@ def explain(err: BaseException, *, uri: str, endpoint_url: str | None = None) ->
             return S3Error(
                 f"{uri}: access denied at {where} ({code}). Check the credentials boto3 finds "
                 "(AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and the bucket policy; "
-                "a bucket that does not exist can also answer AccessDenied"
+                "a missing bucket, or a missing key where listing is not allowed, also answers AccessDenied"
             )
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
             return S3Error(f"{uri}: credentials rejected by {where} ({code}); refresh or fix them")

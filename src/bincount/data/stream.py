@@ -165,8 +165,8 @@ class ABIDStreamDataModule(L.LightningDataModule):
         for name in SPLIT_NAMES:
             entry = self.manifest["splits"][name]
             self.splits[name] = [BinRecord(i, c) for i, c in zip(entry["image_ids"], entry["counts"])]
-            counts = Counter(entry["counts"])
-            rank_zero_info(f"{name}: {len(entry['image_ids'])} photos from {self.root}, by count {dict(sorted(counts.items()))}")
+            by_count = dict(sorted(Counter(entry["counts"]).items()))
+            rank_zero_info(f"{name}: {len(entry['image_ids'])} photos from {self.root}, by count {by_count}")
             if not entry["image_ids"]:
                 continue
             train = name == "train"
