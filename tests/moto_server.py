@@ -82,6 +82,25 @@ class MotoServer:
                 if r["method"] == "PUT" and r["path"].lstrip("/").startswith(prefix) and not r["target"]}
 
 
+def drop_empty_structures(parsed: dict, **_) -> None:
+    """botocore ``after-call`` handler: moto describes unset structures as ``{}`` (``VpcConfig``
+    of a model, ``DataCaptureConfig`` of an endpoint config) where AWS leaves the field out, and the
+    SDK's resource classes reject an empty one."""
+    for key in [k for k, v in parsed.items() if v == {}]:
+        del parsed[key]
+
+
+def with_moto_fixes(make_session):
+    """Wrap a function returning a ``boto3.Session`` so that its clients tolerate moto's answers."""
+
+    def make(*args, **kwargs):
+        session = make_session(*args, **kwargs)
+        session.events.register("after-call.sagemaker", drop_empty_structures)
+        return session
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory) -> MotoServer:
     """moto's server on a free port of 127.0.0.1, recording requests; stopped after the session."""
