@@ -100,7 +100,8 @@ def check_config(cfg: DictConfig, overrides: list[str]) -> None:
 
     Raises:
         omegaconf.errors.OmegaConfBaseException: A missing value (``???``) or a broken interpolation.
-        ValueError: The data config reads a folder (``data.root``) but no ``train`` channel is given.
+        ValueError: The data config reads a folder (``data.root``) but no ``train`` channel is given,
+            or streams from a ``data.uri`` the job can't reach (a local path).
     """
     run = copy.deepcopy(cfg)
     with open_dict(run):
@@ -112,6 +113,9 @@ def check_config(cfg: DictConfig, overrides: list[str]) -> None:
     if "root" in cfg.data and not inputs.get("train") and "data.root" not in given:
         raise ValueError("no training data for the job: set sagemaker.inputs.train=s3://BUCKET/PREFIX (an ABID-layout "
                          "folder, mounted as data.root) or stream shards (data=abid_stream data.uri=s3://...)")
+    uri = str(cfg.data.get("uri") or "")
+    if "uri" in cfg.data and not uri.startswith(("s3://", "/opt/ml/")):
+        raise ValueError(f"data.uri={uri} is not reachable from the job: shards on S3 (s3://...) or under /opt/ml")
     for name, uri in inputs.items():
         if uri and not str(uri).startswith("s3://"):
             raise ValueError(f"sagemaker.inputs.{name}={uri}: must be an s3:// URI")

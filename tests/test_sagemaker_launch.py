@@ -28,6 +28,9 @@ def only_training_overrides(hyperparameters: dict) -> list[str]:
 def test_dry_run_prints_the_request_and_cost_and_sends_nothing(aws, capsys):
     sub = launch.main(["+experiment=resnet50_subset", "sagemaker=gpu_multi", "sagemaker.instance_count=2",
                        "sagemaker.spot=true", f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
+    streaming = launch.main(["data=abid_stream", f"data.uri=s3://{BUCKET}/abid/v1", "--dry-run"])
+    assert streaming.request["HyperParameters"]["data__uri"] == f"s3://{BUCKET}/abid/v1"
+    assert not any(c["ChannelName"] == "train" for c in streaming.request["InputDataConfig"])
     out = capsys.readouterr().out
     assert aws.requests() == []  # not even an S3 upload reached the server
     assert sub.dry_run and sub.request["EnableManagedSpotTraining"] is True
@@ -46,8 +49,10 @@ def test_typos_and_missing_data_fail_before_any_request(aws):
         launch.main(["+experiment=quickstart"])
     with pytest.raises(ValueError, match="s3://"):
         launch.main(["sagemaker.inputs.train=/local/abid"])
-    with pytest.raises(MissingMandatoryValue):  # streaming shards need their URI
-        launch.main(["data=abid_stream"])
+    with pytest.raises(ValueError, match="not reachable"):  # streaming shards: the job reads S3, not this disk
+        launch.main(["data=abid_stream", "data.uri=data/abid-shards"])
+    with pytest.raises(MissingMandatoryValue):
+        launch.main([f"sagemaker.inputs.train={TRAIN_S3}", "data.label_list=???"])
     with pytest.raises(ValueError, match="max_wait"):
         launch.main([f"sagemaker.inputs.train={TRAIN_S3}", "sagemaker.spot=true", "sagemaker.max_wait_hours=1"])
     assert aws.requests() == []
