@@ -51,15 +51,27 @@ def test_review_threshold_is_the_lowest_meeting_the_precision(target, threshold)
     confidence = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
     correct = torch.tensor([True, True, False, True, False])
     # precision of answers at or above each threshold: 1, 1, 2/3, 3/4, 3/5
-    assert choose_review_threshold(confidence, correct, target) == pytest.approx(threshold)
+    assert choose_review_threshold(confidence, correct, target, min_support=1) == pytest.approx(threshold)
+
+
+def test_review_threshold_needs_enough_answered_photos():
+    confidence = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    correct = torch.tensor([True, True, False, True, False])
+    # 100% precision holds on the top 2 photos only
+    assert choose_review_threshold(confidence, correct, 1.0, min_support=2) == pytest.approx(0.8)
+    assert choose_review_threshold(confidence, correct, 1.0, min_support=3) == NEVER
+    # 75% holds on 4 photos
+    assert choose_review_threshold(confidence, correct, 0.75, min_support=4) == pytest.approx(0.6)
+    assert choose_review_threshold(confidence, correct, 0.75, min_support=5) == NEVER
+    assert choose_review_threshold(confidence, torch.ones(5, dtype=torch.bool), 0.9, min_support=6) == NEVER
 
 
 def test_review_threshold_edge_cases():
     confidence = torch.tensor([0.9, 0.4])
-    assert choose_review_threshold(confidence, torch.tensor([False, False]), 0.5) == NEVER > 1.0
-    assert choose_review_threshold(confidence, torch.tensor([True, True]), 0.99) == pytest.approx(0.4)
+    assert choose_review_threshold(confidence, torch.tensor([False, False]), 0.5, min_support=1) == NEVER > 1.0
+    assert choose_review_threshold(confidence, torch.tensor([True, True]), 0.99, min_support=1) == pytest.approx(0.4)
     # the only right answer is the least confident one: 50% is the best reachable precision
-    assert choose_review_threshold(confidence, torch.tensor([False, True]), 0.9) == NEVER
+    assert choose_review_threshold(confidence, torch.tensor([False, True]), 0.9, min_support=1) == NEVER
     with pytest.raises(ValueError, match="target_precision"):
         choose_review_threshold(confidence, torch.tensor([True, True]), 0.0)
 

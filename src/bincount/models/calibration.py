@@ -20,6 +20,7 @@ import logging
 import math
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from sklearn.metrics import precision_recall_curve
 from torch import nn
@@ -109,20 +110,24 @@ def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, *, n_
     return float(metric(probs.float(), targets))
 
 
-def choose_review_threshold(confidence: torch.Tensor, correct: torch.Tensor, target_precision: float) -> float:
+def choose_review_threshold(confidence: torch.Tensor, correct: torch.Tensor, target_precision: float, *,
+                            min_support: int = 30) -> float:
     """The lowest confidence threshold whose confident answers are right ``target_precision`` of the time.
 
-    "Confident" means ``confidence >= threshold``. Among thresholds meeting the precision, the
-    lowest answers the most photos without review.
+    "Confident" means ``confidence >= threshold``. Among thresholds meeting the precision on at
+    least ``min_support`` photos, the lowest answers the most photos without review. The support
+    floor keeps a threshold from resting on the handful of most confident photos, whose
+    precision says little about the next thousand.
 
     Args:
         confidence: ``(N,)`` calibrated top-1 probabilities.
         correct: ``(N,)`` bools, whether the top-1 count was right.
         target_precision: Wanted share of right answers among confident ones, in ``(0, 1]``.
+        min_support: Fewest photos a threshold must answer.
 
     Returns:
         The threshold, or :data:`NEVER` (every verdict "review") when no threshold reaches the
-        precision on these samples.
+        precision on enough of these photos.
 
     Raises:
         ValueError: If ``target_precision`` is outside ``(0, 1]``.
@@ -130,12 +135,13 @@ def choose_review_threshold(confidence: torch.Tensor, correct: torch.Tensor, tar
     if not 0.0 < target_precision <= 1.0:
         raise ValueError(f"target_precision={target_precision} must be in (0, 1]")
     correct = correct.bool()
-    if not correct.any():
+    if not correct.any() or len(correct) < min_support:
         return NEVER
     if correct.all():
         return float(confidence.min())
     precision, _, thresholds = precision_recall_curve(correct.numpy(), confidence.double().numpy())
-    ok = precision[:-1] >= target_precision  # the last point (recall 0) has no threshold
+    answered = len(confidence) - np.searchsorted(np.sort(confidence.double().numpy()), thresholds, side="left")
+    ok = (precision[:-1] >= target_precision) & (answered >= min_support)  # the last point (recall 0) has no threshold
     if not ok.any():
         return NEVER
     return float(thresholds[ok.argmax()])  # thresholds ascend: the first is the lowest
@@ -156,19 +162,21 @@ def verdict_stats(confidence: torch.Tensor, correct: torch.Tensor, threshold: fl
     }
 
 
-def calibrate(net: nn.Module, loader: Iterable, *, target_precision: float = 0.95, n_bins: int = 15) -> dict:
+def calibrate(net: nn.Module, loader: Iterable, *, target_precision: float = 0.95, min_support: int = 30,
+              n_bins: int = 15) -> dict:
     """Fit the temperature and the review threshold on held-out labelled photos (the validation split).
 
     Args:
         net: The trained backbone, ``(N, 3, S, S)`` -> ``(N, C)`` logits.
         loader: Validation batches ``(images, targets, ...)`` or ``None``.
         target_precision: Wanted precision of "match" verdicts.
+        min_support: Fewest validation photos the threshold must answer (see :func:`choose_review_threshold`).
         n_bins: ECE bins.
 
     Returns:
         The ``calibration`` entry of ``model_config.json``: ``temperature``, ``review_threshold``,
-        ``target_precision``, ``ece_before``, ``ece_after``, ``coverage`` and ``precision`` (of
-        the threshold on these photos) and ``n`` (photos used).
+        ``target_precision``, ``min_support``, ``ece_before``, ``ece_after``, ``coverage`` and
+        ``precision`` (of the threshold on these photos) and ``n`` (photos used).
 
     Raises:
         ValueError: If ``loader`` yields no photo.
@@ -181,19 +189,20 @@ def calibrate(net: nn.Module, loader: Iterable, *, target_precision: float = 0.9
     calibrated = (logits / temperature).softmax(dim=1)
     confidence, pred = calibrated.max(dim=1)
     correct = pred == targets
-    threshold = choose_review_threshold(confidence, correct, target_precision)
+    threshold = choose_review_threshold(confidence, correct, target_precision, min_support=min_support)
     out = {
         "temperature": temperature,
         "review_threshold": threshold,
         "target_precision": target_precision,
+        "min_support": min_support,
         "ece_before": expected_calibration_error(probs, targets, n_bins=n_bins),
         "ece_after": expected_calibration_error(calibrated, targets, n_bins=n_bins),
         **verdict_stats(confidence, correct, threshold),
         "n": len(targets),
     }
     if threshold == NEVER:
-        log.warning("no confidence reaches %.0f%% precision on %d validation photos: every verdict will be "
-                    "'review'", 100 * target_precision, len(targets))
+        log.warning("no confidence threshold reaches %.0f%% precision on at least %d of %d validation photos: "
+                    "every verdict will be 'review'", 100 * target_precision, min_support, len(targets))
     log.info("calibration: %s", out)
     return out
 
