@@ -216,7 +216,7 @@ class RecordIds(L.Callback):
 
 def fit(uri: str, root_dir: Path, *, ckpt_path=None, callbacks=(), **trainer_kwargs):
     """A tiny ResNet-18 run on the shards; returns (trainer, recorder)."""
-    dm = ABIDStreamDataModule(uri, image_size=32, batch_size=2, num_workers=2)
+    dm = ABIDStreamDataModule(uri, image_size=32, batch_size=2, num_workers=2, cache_dir=str(root_dir / "cache"))
     model = BinCountModule(arch="resnet18", min_count=1, max_count=5,
                            optimizer=functools.partial(torch.optim.SGD, lr=0.01))
     recorder = RecordIds(dm)
@@ -242,10 +242,11 @@ def test_lightning_checkpoint_resumes_mid_epoch_without_repeats(shards, tmp_path
     assert resumed.ids["train"] == full.ids["train"][3 * 2:], "the resumed epoch must continue where step 3 left off"
 
 
+@pytest.mark.integration
 @pytest.mark.slow
-def test_real_ddp_ranks_get_disjoint_equal_shares(shards, tmp_path):
-    """Two CPU processes (gloo) under torchrun, two loader workers each, one epoch through Lightning."""
-    uri, manifest = shards
+def test_real_ddp_ranks_get_disjoint_equal_shares(s3_shards, s3_env, tmp_path):
+    """Shards in S3, two CPU processes (gloo) under torchrun sharing one cache, two loader workers each."""
+    uri, manifest = s3_shards
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(free_ports(1)[0]), "-m", "tests.test_stream", uri, str(tmp_path)]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "GLOBAL_RANK", "LOCAL_RANK")}
@@ -258,7 +259,7 @@ def test_real_ddp_ranks_get_disjoint_equal_shares(shards, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         pytest.fail(f"DDP run hung:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == 0, "\n".join(line for line in output.splitlines() if "[rank" in line)[-6000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     for name, batch_size in (("train", 2), ("val", 2)):

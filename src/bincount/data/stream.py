@@ -24,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from bincount.data.abid import BinRecord
@@ -94,8 +95,8 @@ class ABIDStreamDataModule(L.LightningDataModule):
         train_transform: Keyword arguments of :class:`CountingPresetTrain` besides ``image_size``.
         shuffle: Reshuffle the training photos every epoch.
         seed: Seed of litdata's shuffle (the epoch is mixed in).
-        cache_dir: Where chunks from S3 are cached (litdata makes a subfolder per split URI).
-            Required for S3: litdata's default location is a shared system path.
+        cache_dir: Where chunks from S3 are cached, in a subfolder per rank (and litdata's per
+            split URI). Required for S3: litdata's default location is a shared system path.
         max_cache_size: Cache budget, e.g. ``"20GB"`` (litdata evicts chunks already read).
         max_pre_download: Chunks each worker downloads ahead.
         endpoint_url: S3-compatible endpoint (default ``$AWS_ENDPOINT_URL`` or AWS).
@@ -138,6 +139,13 @@ class ABIDStreamDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return self.hparams.max_count - self.hparams.min_count + 1
 
+    def _global_rank(self) -> int:
+        if self.trainer is not None:
+            return self.trainer.global_rank
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank()
+        return 0
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
@@ -160,7 +168,9 @@ class ABIDStreamDataModule(L.LightningDataModule):
         storage_options = {"endpoint_url": endpoint} if endpoint else None
         cache_dir = None  # litdata reads local chunks in place
         if is_s3_uri(self.root):
-            cache_dir = hp.cache_dir
+            # one folder per rank: ranks read disjoint chunks anyway, and litdata's cache set-up
+            # deletes a folder another process is creating when two build datasets at once
+            cache_dir = str(Path(hp.cache_dir) / f"rank{self._global_rank()}")
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
         for name in SPLIT_NAMES:
             entry = self.manifest["splits"][name]
