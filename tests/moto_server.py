@@ -101,10 +101,12 @@ def with_moto_fixes(make_session):
     return make
 
 
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory) -> MotoServer:
-    """moto's server on a free port of 127.0.0.1, recording requests; stopped after the session."""
-    tmp = tmp_path_factory.mktemp("moto")
+def start_server(tmp: Path) -> tuple[MotoServer, subprocess.Popen]:
+    """Start ``python -m moto.server`` on a free port of 127.0.0.1, recording to ``tmp``.
+
+    Raises:
+        RuntimeError: If it doesn't answer within 60 s.
+    """
     port = free_port()
     env = dict(os.environ, MOTO_ENABLE_RECORDING="1", MOTO_RECORDER_FILEPATH=str(tmp / "recording.jsonl"))
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
@@ -114,18 +116,33 @@ def moto_server(tmp_path_factory) -> MotoServer:
     while True:
         try:
             urllib.request.urlopen(server.url + "/moto-api/", timeout=2).read()
-            break
+            return server, proc
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 raise RuntimeError(f"moto server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
             time.sleep(0.2)
-    yield server
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+
+
+# one server per test session: each test module importing the fixture gets its own definition of it
+_shared: dict = {"users": 0}
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory) -> MotoServer:
+    """moto's server on a free port of 127.0.0.1, recording requests; stopped after the session."""
+    if not _shared["users"]:
+        _shared["server"], _shared["proc"] = start_server(tmp_path_factory.mktemp("moto"))
+    _shared["users"] += 1
+    yield _shared["server"]
+    _shared["users"] -= 1
+    if not _shared["users"]:
+        proc = _shared.pop("proc")
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @pytest.fixture
