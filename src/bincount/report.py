@@ -36,11 +36,11 @@ def count_report(target: torch.Tensor, probs: torch.Tensor, *, min_count: int) -
         raise ValueError("no predictions to report on")
     num_classes = probs.shape[1]
     preds = probs.argmax(dim=1)
-    scalar = count_metrics(num_classes)
+    scalar = count_metrics(num_classes, sync_on_compute=False)  # already gathered
     for name, metric in scalar.items():
         metric.update(*((preds, target) if name == "acc" else (preds.float(), target.float())))
     out = {k: float(v) for k, v in scalar.compute().items()}
-    per_class = per_class_metrics(num_classes)
+    per_class = per_class_metrics(num_classes, sync_on_compute=False)
     for metric in per_class.values():
         metric.update(preds, target)
     support = torch.bincount(target, minlength=num_classes)

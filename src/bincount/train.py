@@ -71,7 +71,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
     if cfg.get("test", True):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        monitored = [cb for cb in trainer.checkpoint_callbacks if cb.monitor]
+        best = monitored[0].best_model_path if monitored else ""
         if not best:
             log.warning("no best checkpoint (no validation ran?); testing the final weights")
         rank_zero_info(f"testing {best or 'the final weights'}")

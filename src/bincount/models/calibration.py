@@ -106,7 +106,7 @@ def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, *, n_
     Returns:
         ECE in ``[0, 1]`` (L1, weighted by the share of samples in each bin).
     """
-    metric = MulticlassCalibrationError(num_classes=probs.shape[1], n_bins=n_bins, norm="l1")
+    metric = MulticlassCalibrationError(num_classes=probs.shape[1], n_bins=n_bins, norm="l1", sync_on_compute=False)
     return float(metric(probs.float(), targets))
 
 

@@ -17,26 +17,28 @@ class OffByOneAccuracy(MeanMetric):
         super().update(((preds - target).abs() <= 1).float())
 
 
-def count_metrics(num_classes: int) -> MetricCollection:
+def count_metrics(num_classes: int, **metric_kwargs) -> MetricCollection:
     """Scalar counting metrics over predicted and true class indices of shape ``(N,)``.
 
     ``acc`` (top-1 accuracy over all photos), ``obo_acc`` (off-by-one accuracy), ``mae`` and
     ``rmse`` in objects. Class indices and counts differ by a constant, so errors are in objects.
+    ``metric_kwargs`` go to every metric (``sync_on_compute=False`` for predictions that one
+    process already gathered: syncing them would wait for ranks that are not computing).
     """
     return MetricCollection(
         {
-            "acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
-            "obo_acc": OffByOneAccuracy(),
-            "mae": MeanAbsoluteError(),
-            "rmse": MeanSquaredError(squared=False),
+            "acc": MulticlassAccuracy(num_classes=num_classes, average="micro", **metric_kwargs),
+            "obo_acc": OffByOneAccuracy(**metric_kwargs),
+            "mae": MeanAbsoluteError(**metric_kwargs),
+            "rmse": MeanSquaredError(squared=False, **metric_kwargs),
         }
     )
 
 
-def per_class_metrics(num_classes: int) -> dict[str, Metric]:
+def per_class_metrics(num_classes: int, **metric_kwargs) -> dict[str, Metric]:
     """Per-class accuracy ``(num_classes,)`` (recall of each count) and the confusion matrix
     ``(num_classes, num_classes)`` (rows: true count, columns: predicted)."""
     return {
-        "per_class_acc": MulticlassAccuracy(num_classes=num_classes, average=None),
-        "confusion_matrix": MulticlassConfusionMatrix(num_classes=num_classes),
+        "per_class_acc": MulticlassAccuracy(num_classes=num_classes, average=None, **metric_kwargs),
+        "confusion_matrix": MulticlassConfusionMatrix(num_classes=num_classes, **metric_kwargs),
     }

@@ -83,7 +83,8 @@ class BinCountModule(L.LightningModule):
             else:
                 metric.update(preds.float(), targets.float())
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(targets),
+                 sync_dist=not on_step)
         self.log_dict(
             {f"{stage}/{k}": m for k, m in metrics.items()},
             on_step=False,
