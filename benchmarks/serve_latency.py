@@ -5,11 +5,15 @@ Usage:
     python benchmarks/serve_latency.py --model-dir outputs/RUN/model --n 300
     python benchmarks/serve_latency.py --image-size 224 --photo ../shared/abid/bin-images/00001.jpg
 
-Starts ``bincount serve`` in a subprocess on a free loopback port, then for ``--n`` rounds times,
-one after the other on the same photo: the bare forward ``net(x)`` of the preprocessed photo in
-this process, the handler functions without HTTP (decode + preset + forward), and one
-``POST /invocations`` with the JPEG. Prints p50/p99 of each, in milliseconds, and the ratio
-HTTP / bare forward (the goal is p50 <= 1.2x).
+Starts ``bincount serve`` in a subprocess on a free loopback port, then times on the same photo,
+in alternating blocks of ``--block``: the bare forward ``net(x)`` of the preprocessed photo in
+this process, the handler functions without HTTP (decode + preset + forward), and
+``POST /invocations`` with the JPEG. Prints p50/p99 of each over ``--n`` timings, in
+milliseconds, and the ratio HTTP / bare forward (the goal is p50 <= 1.2x).
+
+Blocks, with a pause between them, because after a forward pass torch's OpenMP threads spin
+for a while (milliseconds): timing this process and the server back to back would have each
+one's idle threads slow the other's forward on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -84,9 +88,13 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=None, help="default: an untrained resnet18")
     parser.add_argument("--image-size", type=int, default=128, help="input size of the default model")
     parser.add_argument("--photo", type=Path, default=SHARED_PHOTOS / "00001.jpg")
-    parser.add_argument("--n", type=int, default=300, help="timed rounds")
-    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--n", type=int, default=300, help="timings of each kind")
+    parser.add_argument("--block", type=int, default=25, help="timings in a row of one kind, the kinds alternating")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads here and in the server")
     args = parser.parse_args()
+    threads = [] if args.threads is None else ["--threads", str(args.threads)]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     from bincount.serve.inference import forward, input_fn, model_fn, predict_fn, preprocess
 
@@ -95,22 +103,25 @@ def main() -> None:
         model = model_fn(str(model_dir))
         data = args.photo.read_bytes()
         x = preprocess(model, input_fn(data, "image/jpeg").images)
-        times: dict[str, list[float]] = {"bare forward net(x)": [], "handler, no HTTP": [], "HTTP POST /invocations": []}
-        with serving(model_dir) as url, httpx.Client(base_url=url, timeout=60) as client:
-            for i in range(args.warmup + args.n):
-                t0 = time.perf_counter()
-                forward(model, x)
-                t1 = time.perf_counter()
-                predict_fn(input_fn(data, "image/jpeg"), model)
-                t2 = time.perf_counter()
-                r = client.post("/invocations", content=data, headers={"Content-Type": "image/jpeg"})
-                t3 = time.perf_counter()
-                r.raise_for_status()
-                if i >= args.warmup:
-                    for name, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
-                        times[name].append(1000 * dt)
+        post = {"content": data, "headers": {"Content-Type": "image/jpeg"}}
+        steps = {
+            "bare forward net(x)": lambda: forward(model, x),
+            "handler, no HTTP": lambda: predict_fn(input_fn(data, "image/jpeg"), model),
+            "HTTP POST /invocations": lambda: client.post("/invocations", **post).raise_for_status(),
+        }
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        with serving(model_dir, *threads) as url, httpx.Client(base_url=url, timeout=60) as client:
+            for block in range(-1, -(-args.n // args.block)):  # block -1 warms up
+                for name, step in steps.items():
+                    time.sleep(0.1)  # let the other process's idle OpenMP threads stop spinning
+                    for _ in range(args.block):
+                        t0 = time.perf_counter()
+                        step()
+                        if block >= 0:
+                            times[name].append(1000 * (time.perf_counter() - t0))
     print(f"{args.photo.name} ({len(data)} bytes) -> {model.config['arch']} at {model.preset.image_size} px, "
-          f"{args.n} rounds, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, loopback")
+          f"{len(times['HTTP POST /invocations'])} timings each in blocks of {args.block}, "
+          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, loopback")
     for name, ms in times.items():
         print(summary(name, ms))
     bare = times["bare forward net(x)"]

@@ -61,7 +61,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40, help="per client")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--photos", type=Path, default=SHARED_PHOTOS)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the server's forward pass")
     args = parser.parse_args()
+    threads = [] if args.threads is None else ["--threads", str(args.threads)]
 
     photos = [p.read_bytes() for p in sorted(args.photos.glob("*.jpg"))[:64]]
     results: dict[str, list[tuple[float, list[float]]]] = {mode: [] for mode in MODES}
@@ -69,12 +71,12 @@ def main() -> None:
         model_dir = args.model_dir or default_model_dir(args.image_size, Path(tmp))
         for _ in range(args.rounds):
             for mode, flags in MODES.items():
-                with serving(model_dir, *flags) as url:
+                with serving(model_dir, *flags, *threads) as url:
                     results[mode].append(asyncio.run(load(url, photos, args.clients, args.requests)))
         config = read_model_config(model_dir)
     print(f"{args.clients} clients x {args.requests} requests, {len(photos)} ABID photos, {config['arch']} at "
           f"{config['preset']['image_size']} px, median of {args.rounds} rounds, {os.cpu_count()} CPUs, "
-          f"torch threads {torch.get_num_threads()}, loopback")
+          f"server torch threads {args.threads or torch.get_num_threads()}, loopback")
     rates = {}
     for mode, runs in results.items():
         rates[mode] = statistics.median(rate for rate, _ in runs)

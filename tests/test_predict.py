@@ -66,7 +66,8 @@ def test_predict_writes_one_row_per_photo_with_verdicts(photos, tmp_path):
     for row in rows:
         if row["image_id"] in ("00001", "00002", "00003"):
             photo = base64.b64encode(Path(row["source"]).read_bytes()).decode()
-            body = json.dumps({"instances": [{"image_b64": photo}], "expected_quantity": [int(row["expected_quantity"])]})
+            body = json.dumps({"instances": [{"image_b64": photo}],
+                               "expected_quantity": [int(row["expected_quantity"])]})
             assert row["verdict"] == predict_fn(input_fn(body, "application/json"), model)[0]["verdict"]
         else:
             assert row["verdict"] == row["expected_quantity"] == ""

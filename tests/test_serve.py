@@ -338,7 +338,8 @@ def test_unreachable_s3_is_a_502_that_says_so(bundle, monkeypatch):
 def run_batcher(coro_fn, **kwargs):
     calls: list[int] = []
 
-    def fn(x: torch.Tensor) -> torch.Tensor:
+    def fn(items: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.stack(items)
         if (x < 0).any():
             raise ValueError("negative rows")
         calls.append(len(x))
@@ -360,7 +361,7 @@ def test_batcher_runs_queued_requests_together_and_answers_each():
     sizes = [1, 2, 1, 1, 3]
 
     async def go(batcher):
-        return await asyncio.gather(*(batcher.submit(torch.full((n, 2), float(i))) for i, n in enumerate(sizes)))
+        return await asyncio.gather(*(batcher.submit(list(torch.full((n, 2), float(i)))) for i, n in enumerate(sizes)))
 
     results, calls = run_batcher(go)
     assert calls == [8]
@@ -370,7 +371,7 @@ def test_batcher_runs_queued_requests_together_and_answers_each():
 
 def test_batcher_respects_max_batch_size():
     async def go(batcher):
-        return await asyncio.gather(*(batcher.submit(torch.ones(1, 2)) for _ in range(6)))
+        return await asyncio.gather(*(batcher.submit([torch.ones(2)]) for _ in range(6)))
 
     _, calls = run_batcher(go, max_batch_size=4)
     assert calls == [4, 2]
@@ -380,9 +381,9 @@ def test_batcher_respects_max_batch_size():
 
 def test_batcher_waits_for_stragglers_only_when_asked():
     async def go(batcher):
-        first = asyncio.create_task(batcher.submit(torch.ones(1, 2)))
+        first = asyncio.create_task(batcher.submit([torch.ones(2)]))
         await asyncio.sleep(0.05)
-        return await asyncio.gather(first, batcher.submit(torch.ones(1, 2)))
+        return await asyncio.gather(first, batcher.submit([torch.ones(2)]))
 
     assert run_batcher(go, max_wait_ms=2000)[1] == [2]
     assert run_batcher(go, max_wait_ms=0)[1] == [1, 1]
@@ -390,9 +391,9 @@ def test_batcher_waits_for_stragglers_only_when_asked():
 
 def test_batcher_error_fails_its_batch_only():
     async def go(batcher):
-        bad = await asyncio.gather(batcher.submit(torch.ones(1, 2)), batcher.submit(-torch.ones(1, 2)),
+        bad = await asyncio.gather(batcher.submit([torch.ones(2)]), batcher.submit([-torch.ones(2)]),
                                    return_exceptions=True)
-        return bad, await batcher.submit(torch.ones(1, 2))
+        return bad, await batcher.submit([torch.ones(2)])
 
     (bad, after), calls = run_batcher(go)
     assert all(isinstance(e, ValueError) for e in bad)
@@ -408,7 +409,7 @@ MAX_BODY = 300_000
 @contextmanager
 def running(app, *, ready_status: int = 200):
     """Serve ``app`` with uvicorn on a free loopback port in a thread; yield its base URL."""
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -487,7 +488,8 @@ def bad_requests(bundle: Bundle, tmp: Path):
         ("not an image", jpeg, b"GIF89a nonsense", 400, "not an image"),
         ("truncated jpeg", jpeg, truncated(bundle.photos[0], drop=100), 400, "corrupt or truncated JPEG"),
         ("corrupt jpeg", jpeg, corrupted(bundle.photos[0], tmp), 400, "not an image"),
-        ("too many bytes", jpeg, bundle.photos[0].read_bytes() + bytes(SERVER_LIMITS.max_image_bytes), 400, f"the limit is {SERVER_LIMITS.max_image_bytes} bytes"),
+        ("too many bytes", jpeg, photo + bytes(SERVER_LIMITS.max_image_bytes), 400,
+         f"the limit is {SERVER_LIMITS.max_image_bytes} bytes"),
         ("too many pixels", {"Content-Type": "image/png"}, png_bytes((201, 200)), 400, "the limit is 40000"),
         ("decompression bomb", {"Content-Type": "image/png"}, png_declaring(50000, 50000), 400, "decompression bomb"),
         ("json body too large", as_json, b" " * (MAX_BODY + 1), 413, f"the limit is {MAX_BODY} bytes"),
@@ -572,7 +574,8 @@ def test_bincount_serve_command(bundle):
             assert time.monotonic() < deadline, "bincount serve did not become ready"
             time.sleep(0.2)
         r = httpx.post(f"http://127.0.0.1:{port}/invocations", content=bundle.photos[2].read_bytes(),
-                       headers={"Content-Type": "image/jpeg", CUSTOM_ATTRIBUTES: f"expected_quantity={bundle.count(2)}"})
+                       headers={"Content-Type": "image/jpeg",
+                                CUSTOM_ATTRIBUTES: f"expected_quantity={bundle.count(2)}"})
         assert r.status_code == 200
         assert_answer(r.json()["predictions"][0], bundle, 2)
         assert r.json()["predictions"][0]["verdict"] == "match"  # --review-threshold 0: always sure

@@ -55,6 +55,8 @@ def add_serve_command(subparsers) -> None:
                         help="photos per forward pass across concurrent requests (1: no batching)")
     parser.add_argument("--max-wait-ms", type=float, default=0.0,
                         help="wait this long for more requests before a forward pass (0: never wait)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the forward pass (default: one per core)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=_run_serve)
 
@@ -62,7 +64,7 @@ def add_serve_command(subparsers) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from bincount.serve.app import serve
 
-    serve(args.model_dir, host=args.host, port=args.port, log_level=args.log_level,
+    serve(args.model_dir, host=args.host, port=args.port, log_level=args.log_level, threads=args.threads,
           review_threshold=args.review_threshold, limits=_limits(args),
           max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
           device=args.device)

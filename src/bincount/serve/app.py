@@ -5,8 +5,9 @@
 answers with :func:`~bincount.serve.inference.output_fn`: the handler functions the SageMaker
 PyTorch image runs. Client mistakes get a 4xx with ``{"error": "<what was wrong>"}``.
 
-Concurrent requests share forward passes: photos that queue up while the network is busy go
-through it together in the next batch (:class:`Batcher`), so a lone request waits for nobody.
+Concurrent requests share forward passes: photos are decoded in a thread pool, and those that
+queue up while the network is busy are preprocessed and counted together in the next batch
+(:class:`Batcher`), so a lone request waits for nobody.
 
 Usage:
     bincount serve --model-dir outputs/RUN/model --port 8080
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
@@ -34,91 +35,91 @@ from bincount.serve.inference import (
     CUSTOM_ATTRIBUTES,
     IMAGE_CONTENT_TYPES,
     CountingModel,
-    CountRequest,
     Limits,
     RequestError,
     UnsupportedContentType,
     check_accept,
     decode_request,
-    forward,
     make_predictions,
     media_type,
     output_fn,
-    preprocess,
+    probabilities,
 )
 
 log = logging.getLogger(__name__)
 
 
 class Batcher:
-    """Run a batch function on several requests' tensors at once.
+    """Run a batch function on several requests' items (photos) at once.
 
     One worker task takes the first queued request, adds whatever else is already queued
-    (and whatever arrives within ``max_wait_ms``) until ``max_batch_size`` rows are in, runs
-    ``fn`` once on the concatenation in a dedicated thread, and hands each request its rows.
-    While ``fn`` runs, new requests queue up and form the next batch.
+    (and whatever arrives within ``max_wait_ms``) until ``max_batch_size`` items are in, runs
+    ``fn`` once on all their items in a dedicated thread, and hands each request its rows of
+    the output. While ``fn`` runs, new requests queue up and form the next batch.
 
     Args:
-        fn: ``(N, ...)`` tensor -> ``(N, ...)`` tensor, called in one thread at a time.
-        max_batch_size: Rows per call; one request larger than this runs alone.
+        fn: ``N`` items -> ``(N, ...)`` tensor, called in one thread at a time (so all of the
+            network's work stays on one thread and one OpenMP team).
+        max_batch_size: Items per call; one request larger than this runs alone.
         max_wait_ms: How long to wait for more requests once one is queued (0: take only
             what is already waiting, so a lone request is not delayed).
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], *, max_batch_size: int = 16,
+    def __init__(self, fn: Callable[[list], torch.Tensor], *, max_batch_size: int = 16,
                  max_wait_ms: float = 0.0) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
-        self.queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[Sequence, asyncio.Future]] = asyncio.Queue()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bincount-forward")
         self.stats = {"batches": 0, "rows": 0, "max_rows": 0}
 
-    async def submit(self, rows: torch.Tensor) -> torch.Tensor:
-        """Queue ``rows`` ``(n, ...)`` and wait for ``fn``'s output for them ``(n, ...)``.
+    async def submit(self, items: Sequence) -> torch.Tensor:
+        """Queue ``items`` and wait for ``fn``'s output rows for them, ``(len(items), ...)``.
 
         Raises:
-            Exception: Whatever ``fn`` raised on the batch these rows were in.
+            Exception: Whatever ``fn`` raised on the batch these items were in.
         """
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((rows, future))
+        await self.queue.put((items, future))
         return await future
 
-    async def _collect(self) -> list[tuple[torch.Tensor, asyncio.Future]]:
-        items = [await self.queue.get()]
-        rows = len(items[0][0])
+    async def _collect(self) -> list[tuple[Sequence, asyncio.Future]]:
+        requests = [await self.queue.get()]
+        size = len(requests[0][0])
         deadline = asyncio.get_running_loop().time() + self.max_wait
-        while rows < self.max_batch_size:
+        while size < self.max_batch_size:
             remaining = deadline - asyncio.get_running_loop().time()
             try:
-                item = self.queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self.queue.get(), remaining)
+                request = self.queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self.queue.get(),
+                                                                                                 remaining)
             except (asyncio.QueueEmpty, asyncio.TimeoutError):
                 break
-            items.append(item)
-            rows += len(item[0])
-        return [(x, f) for x, f in items if not f.cancelled()]  # a client that hung up needs no answer
+            requests.append(request)
+            size += len(request[0])
+        return [(items, f) for items, f in requests if not f.cancelled()]  # a client that hung up needs no answer
 
     async def run(self) -> None:
         """The worker loop; runs until cancelled. An error fails only the batch it occurred in."""
         loop = asyncio.get_running_loop()
         while True:
-            items = await self._collect()
-            if not items:
+            requests = await self._collect()
+            if not requests:
                 continue
             try:
-                out = await loop.run_in_executor(self.executor, self.fn, torch.cat([x for x, _ in items]))
-                parts = out.split([len(x) for x, _ in items])
+                out = await loop.run_in_executor(self.executor, self.fn, [x for items, _ in requests for x in items])
+                parts = out.split([len(items) for items, _ in requests])
             except Exception as err:  # noqa: BLE001 - handed to every waiting request
-                for _, future in items:
+                for _, future in requests:
                     if not future.done():
                         future.set_exception(err)
                 continue
             self.stats["batches"] += 1
             self.stats["rows"] += len(out)
             self.stats["max_rows"] = max(self.stats["max_rows"], len(out))
-            for part, (_, future) in zip(parts, items):
+            for part, (_, future) in zip(parts, requests):
                 if not future.done():
                     future.set_result(part)
 
@@ -138,12 +139,6 @@ async def read_body(request: Request, limit: int, *, status: int) -> bytes:
             raise RequestError(f"body is over the limit of {limit} bytes", status)
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _prepare(model: CountingModel, body: bytes, content_type: str | None,
-             custom_attributes: str | None) -> tuple[CountRequest, torch.Tensor]:
-    request = decode_request(body, content_type, limits=model.limits, custom_attributes=custom_attributes)
-    return request, preprocess(model, request.images)
 
 
 def create_app(model_dir: str | Path, *, review_threshold: float | None = None, limits: Limits | None = None,
@@ -177,7 +172,7 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
                 log.exception("cannot load the model from %s", model_dir)
                 app.state.load_error = f"{type(err).__name__}: {err}"
                 return
-            app.state.batcher = Batcher(partial(forward, model), max_batch_size=max_batch_size,
+            app.state.batcher = Batcher(partial(probabilities, model), max_batch_size=max_batch_size,
                                         max_wait_ms=max_wait_ms)
             worker = asyncio.create_task(app.state.batcher.run())
             worker.add_done_callback(lambda t: t.cancelled() or log.error("batch worker stopped: %r", t.exception()))
@@ -223,9 +218,9 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
             body = await read_body(request, limits.max_image_bytes, status=400)
         else:
             body = await read_body(request, max_body_bytes, status=413)
-        count_request, batch = await run_in_threadpool(_prepare, model, body, content_type,
-                                                       request.headers.get(CUSTOM_ATTRIBUTES))
-        probs = await app.state.batcher.submit(batch)
+        count_request = await run_in_threadpool(decode_request, body, content_type, limits=model.limits,
+                                                custom_attributes=request.headers.get(CUSTOM_ATTRIBUTES))
+        probs = await app.state.batcher.submit(count_request.images)
         payload, answer_type = output_fn(make_predictions(probs, count_request.expected, model), accept)
         return Response(payload, media_type=answer_type)
 
@@ -233,7 +228,7 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
 
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info",
-          **app_kwargs) -> None:
+          threads: int | None = None, **app_kwargs) -> None:
     """Run :func:`create_app` under uvicorn (one process: batching needs one model per process).
 
     Args:
@@ -241,9 +236,13 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8080, l
         host: Interface to bind (``0.0.0.0`` in a container).
         port: TCP port (SageMaker: 8080).
         log_level: uvicorn log level.
+        threads: torch intra-op threads of the forward pass (default: torch's, one per core). On
+            a small machine fewer threads leave cores for decoding and HTTP.
         **app_kwargs: See :func:`create_app`.
     """
     import uvicorn
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(model_dir, **app_kwargs), host=host, port=port, log_level=log_level)

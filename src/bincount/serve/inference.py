@@ -474,6 +474,11 @@ def forward(model: CountingModel, batch: torch.Tensor) -> torch.Tensor:
     return (logits.float() / model.temperature).softmax(dim=1).cpu()
 
 
+def probabilities(model: CountingModel, images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Calibrated probabilities ``(N, C)`` of ``uint8`` ``(3, H, W)`` photos (:func:`preprocess`, :func:`forward`)."""
+    return forward(model, preprocess(model, images))
+
+
 def verdict(count: int, confidence: float, expected: int, *, model: CountingModel) -> str:
     """``"match"``/``"mismatch"`` when the model is confident enough, else ``"review"``.
 
@@ -536,8 +541,7 @@ def input_fn(request_body: bytes | str, request_content_type: str | None, contex
 
 def predict_fn(input_data: CountRequest, model: CountingModel, context: Any = None) -> list[dict]:
     """Count the objects in every photo of the request (SageMaker contract)."""
-    probs = forward(model, preprocess(model, input_data.images))
-    return make_predictions(probs, input_data.expected, model)
+    return make_predictions(probabilities(model, input_data.images), input_data.expected, model)
 
 
 def output_fn(prediction: list[dict], accept: str | None, context: Any = None) -> tuple[str, str]:
