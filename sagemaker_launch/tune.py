@@ -26,7 +26,6 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from omegaconf import DictConfig
 from sagemaker_launch.entry import encode_override
 from sagemaker_launch.launch import (DryRun, channels, compose_launch, console_url, cost_text, describe_request,
                                      make_model_trainer, make_session, metric_definitions, parse_argv,
-                                     plan_training_job, role_for, stage_source)
+                                     plan_training_job, role_for, stage_source, Submission)
 
 log = logging.getLogger("sagemaker_launch")
 
@@ -95,25 +94,8 @@ def tuning_job_name(base: str) -> str:
     return f"{base[:TUNING_NAME_MAX - len(stamp) - 6]}-tune-{stamp}"
 
 
-@dataclass
-class TuningSubmission:
-    """What :func:`submit_tuning_job` did.
-
-    Attributes:
-        request: The CreateHyperParameterTuningJob parameters (sent, or what a dry run would send).
-        job_name: The tuning job's name.
-        uploads: S3 objects a dry run would have written.
-        dry_run: Nothing was sent.
-    """
-
-    request: dict[str, Any]
-    job_name: str
-    uploads: list[str]
-    dry_run: bool
-
-
 def submit_tuning_job(cfg: DictConfig, overrides: list[str], *, dry_run: bool = False,
-                      wait: bool = False) -> TuningSubmission:
+                      wait: bool = False) -> Submission:
     """Plan the trials like a training job, then start a Bayesian tuning job over the search space.
 
     Args:
@@ -152,7 +134,7 @@ def submit_tuning_job(cfg: DictConfig, overrides: list[str], *, dry_run: bool = 
         try:
             tuner.tune(inputs=channels(sm) or None, job_name=name, wait=False)
         except DryRun as stop:
-            return TuningSubmission(stop.params, name, hook.uploads, True)
+            return Submission(stop.params, name, hook.uploads, True)
     request = hook.sent["CreateHyperParameterTuningJob"][-1]
     print(f"tuning job {name}\n  https://{sm.region}.console.aws.amazon.com/sagemaker/home?region={sm.region}"
           f"#/hyper-tuning-jobs/{name}", flush=True)
@@ -160,10 +142,10 @@ def submit_tuning_job(cfg: DictConfig, overrides: list[str], *, dry_run: bool = 
         tuner.wait()
         best = tuner.best_training_job()
         print(f"best training job {best}\n  {console_url(sm.region, best)}")
-    return TuningSubmission(request, name, [], False)
+    return Submission(request, name, [], False)
 
 
-def main(argv: list[str] | None = None) -> TuningSubmission:
+def main(argv: list[str] | None = None) -> Submission:
     """Compose, check and submit (or dry-run) a tuning job; see the module docstring."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     flags, overrides = parse_argv(list(sys.argv[1:] if argv is None else argv))
