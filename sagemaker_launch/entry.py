@@ -212,13 +212,16 @@ def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
     By step, not file time: a restarted spot job gets the folder back from S3 with download
     times. Checkpoints are memory-mapped, so only their small metadata is read.
     """
+    import pickle
+
     import torch
 
     best: tuple[int, float, Path] | None = None
     for path in checkpoint_dir.glob("*.ckpt") if checkpoint_dir.is_dir() else []:
         try:
             step = int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
-        except Exception as err:  # a file cut short by the kill: skip it, resume from another
+        except (RuntimeError, EOFError, OSError, KeyError, pickle.UnpicklingError) as err:
+            # a file cut short by the kill: skip it, resume from another
             log.warning("ignoring unreadable checkpoint %s: %s", path, err)
             continue
         key = (step, path.stat().st_mtime, path)

@@ -36,7 +36,8 @@ def load_for_eval(cfg: DictConfig) -> tuple[BinCountModule, int | None]:
         model.net.load_state_dict(net.state_dict())
         return model, config["preset"]["image_size"]
     model = BinCountModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
-    checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)
+    # memory-mapped: only the hyperparameters are read, not the weights a second time
+    checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False, mmap=True)
     image_size = checkpoint.get("datamodule_hyper_parameters", {}).get("image_size")
     return model, image_size
 
