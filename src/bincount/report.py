@@ -100,10 +100,11 @@ def plot_confusion_matrix(path: Path, confusion: Sequence[Sequence[int]], *, min
 
 
 def write_report(out_dir: Path, image_ids: Sequence[str], target: torch.Tensor, probs: torch.Tensor,
-                 *, min_count: int, title: str) -> dict:
-    """Write ``metrics.json``, ``predictions.csv`` and ``confusion_matrix.png`` into ``out_dir``."""
+                 *, min_count: int, title: str, extra: dict | None = None) -> dict:
+    """Write ``metrics.json`` (:func:`count_report` plus ``extra``), ``predictions.csv`` and
+    ``confusion_matrix.png`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = count_report(target, probs, min_count=min_count)
+    metrics = {**count_report(target, probs, min_count=min_count), **(extra or {})}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_predictions_csv(out_dir / "predictions.csv", image_ids, target, probs, min_count=min_count)
     plot_confusion_matrix(out_dir / "confusion_matrix.png", metrics["confusion_matrix"], min_count=min_count,

@@ -9,7 +9,6 @@ Usage:
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -36,15 +35,16 @@ def instantiate_trainer(cfg: DictConfig) -> L.Trainer:
 
 
 def report_test(trainer: L.Trainer, model: BinCountModule, datamodule: ABIDDataModule, out_dir: Path,
-                title: str) -> dict:
-    """Write and print the test report from ``model.test_predictions`` (global rank 0 only)."""
+                title: str, extra: dict | None = None) -> dict:
+    """Write and print the test report from ``model.test_predictions`` (global rank 0 only);
+    ``extra`` fields go into ``metrics.json`` too."""
     if not trainer.is_global_zero:
         return {}
     pred = model.test_predictions
     records = datamodule.splits["test"]
     image_ids = [records[i].image_id for i in pred["index"].tolist()]
     metrics = write_report(out_dir, image_ids, pred["target"], pred["probs"],
-                           min_count=model.hparams.min_count, title=title)
+                           min_count=model.hparams.min_count, title=title, extra=extra)
     print_report(metrics, title)
     return metrics
 
@@ -78,11 +78,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         rank_zero_info(f"testing {best or 'the final weights'}")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-        report = report_test(trainer, model, datamodule, out_dir, title=f"test split of {datamodule.root}")
+        calibration, held_out = None, None
         if trainer.is_global_zero:
             calibration = calibrate(model.net, datamodule.val_dataloader())
-            report.update(held_out_report(model.test_predictions["probs"], model.test_predictions["target"], calibration))
-            (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+            held_out = held_out_report(model.test_predictions["probs"], model.test_predictions["target"], calibration)
+        report_test(trainer, model, datamodule, out_dir, title=f"test split of {datamodule.root}", extra=held_out)
+        if trainer.is_global_zero:
             save_model_dir(
                 model.net, out_dir / "model", arch=model.hparams.arch, min_count=model.hparams.min_count,
                 max_count=model.hparams.max_count, preset=datamodule.eval_preset.to_config(),
