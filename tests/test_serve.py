@@ -406,6 +406,20 @@ SERVER_LIMITS = Limits(max_image_bytes=100_000, max_pixels=200 * 200, max_instan
 MAX_BODY = 300_000
 
 
+def wait_for_ping(url: str, *, status: int = 200, timeout: float = 60, alive=lambda: True) -> None:
+    """Poll ``GET url/ping`` until it answers ``status``; fail if ``alive()`` turns false or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert alive(), "the server stopped before it became ready"
+        try:
+            if httpx.get(f"{url}/ping").status_code == status:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not answer /ping with {status} in {timeout} s"
+        time.sleep(0.05)
+
+
 @contextmanager
 def running(app, *, ready_status: int = 200):
     """Serve ``app`` with uvicorn on a free loopback port in a thread; yield its base URL."""
@@ -416,15 +430,7 @@ def running(app, *, ready_status: int = 200):
     thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if server.started and httpx.get(f"{url}/ping").status_code == ready_status:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.05)
+        wait_for_ping(url, status=ready_status, alive=thread.is_alive)
         yield url
     finally:
         server.should_exit = True
@@ -563,16 +569,7 @@ def test_bincount_serve_command(bundle):
     proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "serve", "--model-dir", str(bundle.model_dir),
                              "--port", str(port), "--log-level", "warning", "--review-threshold", "0"], env=env)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, "bincount serve exited"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ping").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "bincount serve did not become ready"
-            time.sleep(0.2)
+        wait_for_ping(f"http://127.0.0.1:{port}", timeout=90, alive=lambda: proc.poll() is None)
         r = httpx.post(f"http://127.0.0.1:{port}/invocations", content=bundle.photos[2].read_bytes(),
                        headers={"Content-Type": "image/jpeg",
                                 CUSTOM_ATTRIBUTES: f"expected_quantity={bundle.count(2)}"})
