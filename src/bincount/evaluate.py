@@ -32,7 +32,8 @@ def load_for_eval(cfg: DictConfig) -> tuple[BinCountModule, int | None]:
         raise ValueError("give exactly one of model_dir=<run>/model or ckpt_path=<file.ckpt>")
     if cfg.get("model_dir"):
         net, config = load_model_dir(cfg.model_dir)
-        model = BinCountModule(arch=config["arch"], min_count=config["min_count"], max_count=config["max_count"])
+        model = BinCountModule(arch=config["arch"], min_count=config["min_count"], max_count=config["max_count"],
+                               decode=config.get("decode", "argmax"), tta=config.get("tta", "none"))
         model.net.load_state_dict(net.state_dict())
         return model, config["preset"]["image_size"]
     model = BinCountModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")

@@ -11,16 +11,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bincount.models.decoding import decode_counts
 from bincount.models.metrics import count_metrics, per_class_metrics
 
 
-def count_report(target: torch.Tensor, probs: torch.Tensor, *, min_count: int) -> dict:
+def count_report(target: torch.Tensor, probs: torch.Tensor, *, min_count: int, decode: str = "argmax") -> dict:
     """Counting metrics of one evaluation, with the majority-class baseline on the same photos.
 
     Args:
         target: ``(N,)`` true class indices (count ``- min_count``).
         probs: ``(N, num_classes)`` predicted probabilities.
         min_count: Count of class 0.
+        decode: The model's decoding rule (:func:`bincount.models.decoding.decode_counts`).
 
     Returns:
         ``acc, obo_acc, mae, rmse, n, per_class_acc, confusion_matrix, baseline_majority_count,
@@ -35,7 +37,7 @@ def count_report(target: torch.Tensor, probs: torch.Tensor, *, min_count: int) -
     if len(target) == 0:
         raise ValueError("no predictions to report on")
     num_classes = probs.shape[1]
-    preds = probs.argmax(dim=1)
+    _, preds = decode_counts(probs, decode)
     scalar = count_metrics(num_classes, sync_on_compute=False)  # already gathered
     for name, metric in scalar.items():
         metric.update(*((preds, target) if name == "acc" else (preds.float(), target.float())))
@@ -61,14 +63,14 @@ def count_report(target: torch.Tensor, probs: torch.Tensor, *, min_count: int) -
 
 
 def write_predictions_csv(path: Path, image_ids: Sequence[str], target: torch.Tensor, probs: torch.Tensor,
-                          *, min_count: int) -> None:
+                          *, min_count: int, decode: str = "argmax") -> None:
     """One row per photo: ``image_id,expected_quantity,predicted,prob_<count>...``."""
     counts = range(min_count, min_count + probs.shape[1])
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image_id", "expected_quantity", "predicted", *(f"prob_{c}" for c in counts)])
-        for image_id, t, p in zip(image_ids, target.tolist(), probs.tolist()):
-            pred = max(range(len(p)), key=p.__getitem__)
+        _, preds = decode_counts(probs, decode)
+        for image_id, t, pred, p in zip(image_ids, target.tolist(), preds.tolist(), probs.tolist()):
             writer.writerow([image_id, t + min_count, pred + min_count, *(f"{x:.5f}" for x in p)])
 
 
@@ -100,13 +102,13 @@ def plot_confusion_matrix(path: Path, confusion: Sequence[Sequence[int]], *, min
 
 
 def write_report(out_dir: Path, image_ids: Sequence[str], target: torch.Tensor, probs: torch.Tensor,
-                 *, min_count: int, title: str, extra: dict | None = None) -> dict:
+                 *, min_count: int, title: str, decode: str = "argmax", extra: dict | None = None) -> dict:
     """Write ``metrics.json`` (:func:`count_report` plus ``extra``), ``predictions.csv`` and
     ``confusion_matrix.png`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {**count_report(target, probs, min_count=min_count), **(extra or {})}
+    metrics = {**count_report(target, probs, min_count=min_count, decode=decode), "decode": decode, **(extra or {})}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_predictions_csv(out_dir / "predictions.csv", image_ids, target, probs, min_count=min_count)
+    write_predictions_csv(out_dir / "predictions.csv", image_ids, target, probs, min_count=min_count, decode=decode)
     plot_confusion_matrix(out_dir / "confusion_matrix.png", metrics["confusion_matrix"], min_count=min_count,
                           title=f"{title} (n={metrics['n']}, acc={metrics['acc']:.3f}, mae={metrics['mae']:.3f})")
     return metrics

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from bincount.config import config_dir
 from bincount.data.datamodule import ABIDDataModule
 from bincount.models.calibration import calibrate, held_out_report
+from bincount.models.decoding import with_tta
 from bincount.models.export import save_model_dir
 from bincount.models.module import BinCountModule
 from bincount.report import print_report, write_report
@@ -43,8 +44,8 @@ def report_test(trainer: L.Trainer, model: BinCountModule, datamodule: ABIDDataM
     pred = model.test_predictions
     records = datamodule.splits["test"]
     image_ids = [records[i].image_id for i in pred["index"].tolist()]
-    metrics = write_report(out_dir, image_ids, pred["target"], pred["probs"],
-                           min_count=model.hparams.min_count, title=title, extra=extra)
+    metrics = write_report(out_dir, image_ids, pred["target"], pred["probs"], min_count=model.hparams.min_count,
+                           title=title, decode=model.hparams.decode, extra=extra)
     print_report(metrics, title)
     return metrics
 
@@ -80,14 +81,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
         calibration, held_out = None, None
         if trainer.is_global_zero:
-            calibration = calibrate(model.net, datamodule.val_dataloader())
-            held_out = held_out_report(model.test_predictions["probs"], model.test_predictions["target"], calibration)
+            decode = model.hparams.decode
+            calibration = calibrate(with_tta(model.net, model.hparams.tta), datamodule.val_dataloader(), decode=decode)
+            held_out = held_out_report(model.test_predictions["probs"], model.test_predictions["target"], calibration,
+                                       decode=decode)
         report_test(trainer, model, datamodule, out_dir, title=f"test split of {datamodule.root}", extra=held_out)
         if trainer.is_global_zero:
             save_model_dir(
                 model.net, out_dir / "model", arch=model.hparams.arch, min_count=model.hparams.min_count,
                 max_count=model.hparams.max_count, preset=datamodule.eval_preset.to_config(),
-                extra={"checkpoint": Path(best).name if best else None, "calibration": calibration},
+                extra={"decode": model.hparams.decode, "tta": model.hparams.tta,
+                       "checkpoint": Path(best).name if best else None, "calibration": calibration},
             )
             rank_zero_info(f"run folder: {out_dir}")
     return metrics

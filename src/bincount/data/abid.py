@@ -329,3 +329,31 @@ def block_split(
     for i, rec in enumerate(records):
         out["test" if i in test_idx else "val" if i in val_idx else "train"].append(rec)
     return out
+
+
+def per_image_split(
+    records: Sequence[BinRecord],
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    block_size: int = 20,
+) -> dict[str, list[BinRecord]]:
+    """The test set of :func:`block_split`, with train/val split per photo at random (stratified).
+
+    This reproduces the per-image split common in ABID projects for comparison only: near-duplicate
+    photos of one bin land on both sides of train/val, so validation scores are optimistic and
+    model selection on them is biased. The test photos are the block split's, so test figures stay
+    comparable with :func:`block_split` runs.
+
+    Raises:
+        ValueError: As :func:`block_split`.
+    """
+    from sklearn.model_selection import train_test_split
+
+    blocks = block_split(records, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                         block_size=block_size)
+    pool = sorted(blocks["train"] + blocks["val"], key=lambda r: r.image_id)
+    train, val = train_test_split(pool, test_size=len(blocks["val"]), random_state=seed,
+                                  stratify=[r.expected_quantity for r in pool])
+    return {"train": train, "val": val, "test": blocks["test"]}

@@ -7,15 +7,16 @@ from collections import Counter
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from bincount.data.abid import BinRecord, IndexReport, block_split, build_index
+from bincount.data.abid import BinRecord, IndexReport, block_split, build_index, per_image_split
 from bincount.data.dataset import BinImageDataset, collate_skip_none
 from bincount.data.transforms import CountingPresetEval, CountingPresetTrain
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("block", "all")
+SPLITS = ("block", "per_image", "all")
 
 
 class ABIDDataModule(L.LightningDataModule):
@@ -27,6 +28,8 @@ class ABIDDataModule(L.LightningDataModule):
         max_count: Largest count (class ``max_count - min_count``).
         label_list: Optional ``file_list.json`` / counting-split JSON / id list selecting the photos.
         split: ``"block"``: train/val/test from :func:`bincount.data.abid.block_split`;
+            ``"per_image"``: the same test photos, train/val split per photo
+            (:func:`bincount.data.abid.per_image_split`; for comparing with projects that do so);
             ``"all"``: every photo is in the test (and predict) set, for evaluating a held-out folder.
         val_fraction: Approximate share of photos for validation.
         test_fraction: Approximate share of photos for test.
@@ -37,6 +40,10 @@ class ABIDDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         decoder: ``"torchvision"`` or ``"pil"`` (see ``benchmarks/decode.py``).
         train_transform: Keyword arguments of :class:`CountingPresetTrain` besides ``image_size``.
+        cache_images: Decode every photo once in ``setup`` and keep it resized to ``image_size`` in
+            memory (``3 * image_size**2`` bytes a photo; for data sets that fit, like the shared sample).
+        balance: Draw training photos with probability inversely proportional to the frequency of
+            their count (``WeightedRandomSampler``, with replacement), so every count is seen equally often.
     """
 
     def __init__(
@@ -56,6 +63,8 @@ class ABIDDataModule(L.LightningDataModule):
         num_workers: int = 2,
         decoder: str = "torchvision",
         train_transform: dict | None = None,
+        cache_images: bool = False,
+        balance: bool = False,
     ) -> None:
         super().__init__()
         if split not in SPLITS:
@@ -82,7 +91,8 @@ class ABIDDataModule(L.LightningDataModule):
         if hp.split == "all":
             self.splits = {"train": [], "val": [], "test": records}
         else:
-            self.splits = block_split(
+            split_fn = block_split if hp.split == "block" else per_image_split
+            self.splits = split_fn(
                 records,
                 val_fraction=hp.val_fraction,
                 test_fraction=hp.test_fraction,
@@ -94,16 +104,25 @@ class ABIDDataModule(L.LightningDataModule):
             log.info("%s: %d photos, by count %s", name, len(recs), dict(sorted(counts.items())))
             transform = self.train_preset if name == "train" else self.eval_preset
             self.datasets[name] = BinImageDataset(
-                self.root, recs, min_count=hp.min_count, transform=transform, decoder=hp.decoder
+                self.root, recs, min_count=hp.min_count, transform=transform, decoder=hp.decoder,
+                cache_size=hp.image_size if hp.cache_images else None,
             )
+
+    def _balanced_sampler(self) -> WeightedRandomSampler:
+        counts = torch.tensor([r.expected_quantity for r in self.datasets["train"].records])
+        frequency = {int(c): int(n) for c, n in zip(*counts.unique(return_counts=True))}
+        weights = torch.tensor([1.0 / frequency[int(c)] for c in counts], dtype=torch.float64)
+        return WeightedRandomSampler(weights, num_samples=len(weights), replacement=True)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if not self.datasets[name]:
             raise ValueError(f"the {name} split of {self.root} is empty (data.split={self.hparams.split})")
+        sampler = self._balanced_sampler() if shuffle and self.hparams.balance else None
         return DataLoader(
             self.datasets[name],
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
             collate_fn=collate_skip_none,

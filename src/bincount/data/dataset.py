@@ -11,6 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.transforms.v2 import functional as TF
 
 from bincount.data.abid import IMAGE_DIR, BinRecord
 
@@ -59,6 +60,10 @@ class BinImageDataset(Dataset):
         min_count: Count of class 0.
         transform: Applied to the ``uint8`` ``(3, H, W)`` tensor.
         decoder: See :func:`decode_image`.
+        cache_size: If set, every photo is decoded once here, resized to a ``cache_size`` square
+            and kept in memory as ``uint8`` (``3 * cache_size**2`` bytes a photo), so epochs after
+            the first cost no JPEG decoding. Exact when ``transform`` starts by resizing to that
+            square, as the counting presets do.
     """
 
     def __init__(
@@ -69,27 +74,36 @@ class BinImageDataset(Dataset):
         min_count: int,
         transform: Callable | None = None,
         decoder: str = "torchvision",
+        cache_size: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.records = list(records)
         self.min_count = min_count
         self.transform = transform
         self.decoder = decoder
+        self.cache: list[torch.Tensor | None] | None = None
+        if cache_size is not None:
+            self.cache = [self._load(i, cache_size) for i in range(len(self.records))]
+
+    def _load(self, index: int, size: int | None = None) -> torch.Tensor | None:
+        rec = self.records[index]
+        try:
+            image = decode_image(self.root / IMAGE_DIR / f"{rec.image_id}.jpg", self.decoder)
+        except (ValueError, OSError) as err:
+            log.warning("skipping photo %s: %s", rec.image_id, err)
+            return None
+        return image if size is None else TF.resize(image, [size, size], antialias=True)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> Sample | None:
-        rec = self.records[index]
-        path = self.root / IMAGE_DIR / f"{rec.image_id}.jpg"
-        try:
-            image = decode_image(path, self.decoder)
-        except (ValueError, OSError) as err:
-            log.warning("skipping photo %s: %s", rec.image_id, err)
+        image = self._load(index) if self.cache is None else self.cache[index]
+        if image is None:
             return None
         if self.transform is not None:
             image = self.transform(image)
-        return image, rec.expected_quantity - self.min_count, index
+        return image, self.records[index].expected_quantity - self.min_count, index
 
 
 def collate_skip_none(batch: list[Sample | None]):

@@ -27,6 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassCalibrationError
 
+from bincount.models.decoding import decode_counts
+
 log = logging.getLogger(__name__)
 
 NEVER = math.nextafter(1.0, 2.0)
@@ -163,7 +165,7 @@ def verdict_stats(confidence: torch.Tensor, correct: torch.Tensor, threshold: fl
 
 
 def calibrate(net: nn.Module, loader: Iterable, *, target_precision: float = 0.95, min_support: int = 30,
-              n_bins: int = 15) -> dict:
+              n_bins: int = 15, decode: str = "argmax") -> dict:
     """Fit the temperature and the review threshold on held-out labelled photos (the validation split).
 
     Args:
@@ -172,6 +174,8 @@ def calibrate(net: nn.Module, loader: Iterable, *, target_precision: float = 0.9
         target_precision: Wanted precision of "match" verdicts.
         min_support: Fewest validation photos the threshold must answer (see :func:`choose_review_threshold`).
         n_bins: ECE bins.
+        decode: The model's decoding rule; the confidence of an answer is the calibrated
+            probability of the count it decodes to.
 
     Returns:
         The ``calibration`` entry of ``model_config.json``: ``temperature``, ``review_threshold``,
@@ -187,7 +191,7 @@ def calibrate(net: nn.Module, loader: Iterable, *, target_precision: float = 0.9
     temperature = fit_temperature(logits, targets)
     probs = logits.softmax(dim=1)
     calibrated = (logits / temperature).softmax(dim=1)
-    confidence, pred = calibrated.max(dim=1)
+    confidence, pred = decode_counts(calibrated, decode)
     correct = pred == targets
     threshold = choose_review_threshold(confidence, correct, target_precision, min_support=min_support)
     out = {
@@ -207,7 +211,8 @@ def calibrate(net: nn.Module, loader: Iterable, *, target_precision: float = 0.9
     return out
 
 
-def held_out_report(probs: torch.Tensor, targets: torch.Tensor, calibration: dict, *, n_bins: int = 15) -> dict:
+def held_out_report(probs: torch.Tensor, targets: torch.Tensor, calibration: dict, *, n_bins: int = 15,
+                    decode: str = "argmax") -> dict:
     """Calibration measured on photos it was not fitted on (the test split), for ``metrics.json``.
 
     Args:
@@ -215,6 +220,7 @@ def held_out_report(probs: torch.Tensor, targets: torch.Tensor, calibration: dic
         targets: ``(N,)`` class indices.
         calibration: The output of :func:`calibrate`.
         n_bins: ECE bins.
+        decode: The model's decoding rule.
 
     Returns:
         ``ece_before``, ``ece_after``, ``temperature``, ``review_threshold``, ``target_precision``,
@@ -223,7 +229,7 @@ def held_out_report(probs: torch.Tensor, targets: torch.Tensor, calibration: dic
     """
     # log(softmax(z)) = z - logsumexp(z): the logits up to a per-row constant, which softmax ignores
     calibrated = (probs.float().clamp_min(1e-30).log() / calibration["temperature"]).softmax(dim=1)
-    confidence, pred = calibrated.max(dim=1)
+    confidence, pred = decode_counts(calibrated, decode)
     stats = verdict_stats(confidence, pred == targets, calibration["review_threshold"])
     return {
         "ece_before": expected_calibration_error(probs, targets, n_bins=n_bins),

@@ -11,15 +11,31 @@ from torch.nn import functional as F
 from torchmetrics import MaxMetric
 
 from bincount.models.backbones import build_backbone
+from bincount.models.decoding import DECODE_RULES, TTA_MODES, decode_counts, with_tta
 from bincount.models.metrics import count_metrics
+
+LOSSES = ("ce", "soft_ce")
+
+
+def soft_count_targets(targets: torch.Tensor, num_classes: int, sigma: float) -> torch.Tensor:
+    """Soft labels over neighbouring counts: ``p(k) ∝ exp(-(k - y)^2 / (2 sigma^2))``.
+
+    Cross-entropy against them charges a near miss less than a far one (an ordinal-aware
+    objective in the spirit of Gao et al. 2017, "Deep Label Distribution Learning With Label
+    Ambiguity"). ``targets`` ``(N,)`` class indices -> ``(N, num_classes)`` rows summing to 1.
+    """
+    k = torch.arange(num_classes, device=targets.device, dtype=torch.float32)
+    logits = -((k[None, :] - targets[:, None].float()) ** 2) / (2 * sigma**2)
+    return logits.softmax(dim=1)
 
 
 class BinCountModule(L.LightningModule):
-    """Counting as classification over ``min_count..max_count`` with cross-entropy.
+    """Counting as classification over ``min_count..max_count``.
 
     This is the ABID challenge baseline's formulation (silverbottlep/abid_challenge): class ``k``
-    means ``min_count + k`` objects. Hyperparameters are primitives, so
-    ``BinCountModule.load_from_checkpoint(path)`` needs no Hydra.
+    means ``min_count + k`` objects, trained with cross-entropy (``loss="ce"``) or with
+    cross-entropy on soft ordinal labels (``loss="soft_ce"``). Hyperparameters are primitives,
+    so ``BinCountModule.load_from_checkpoint(path)`` needs no Hydra.
 
     Args:
         arch: torchvision model name (``resnet18``, ``resnet50``, ...).
@@ -27,10 +43,20 @@ class BinCountModule(L.LightningModule):
         max_count: Count of the last class.
         weights: torchvision pretrained weights name or ``None`` (random init).
         weights_path: Local file of those weights (offline machines).
-        label_smoothing: Cross-entropy label smoothing.
+        label_smoothing: Cross-entropy label smoothing (``loss="ce"`` only).
+        loss: ``"ce"`` or ``"soft_ce"`` (see :func:`soft_count_targets`).
+        label_sigma: Width of the soft labels in objects (``loss="soft_ce"``).
+        decode: How probabilities become a count: ``"argmax"`` or ``"median"``
+            (:func:`bincount.models.decoding.decode_counts`); used by the metrics and exported.
+        tta: Test-time augmentation for validation, test and serving: ``"none"`` or ``"flips"``.
         channels_last: Use the channels-last memory format (faster convolutions on CPU and GPU).
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``); needed only for training.
         scheduler: ``optimizer -> LRScheduler`` (a Hydra ``_partial_``) or ``None``.
+        scheduler_interval: ``"epoch"`` or ``"step"``; with ``"step"`` the scheduler is also given
+            ``total_steps`` (the trainer's estimate), as ``torch.optim.lr_scheduler.OneCycleLR`` needs.
+
+    Raises:
+        ValueError: If ``loss``, ``decode``, ``tta`` or ``scheduler_interval`` is unknown.
     """
 
     def __init__(
@@ -41,11 +67,20 @@ class BinCountModule(L.LightningModule):
         weights: str | None = None,
         weights_path: str | None = None,
         label_smoothing: float = 0.0,
+        loss: str = "ce",
+        label_sigma: float = 1.0,
+        decode: str = "argmax",
+        tta: str = "none",
         channels_last: bool = True,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
+        scheduler_interval: str = "epoch",
     ) -> None:
         super().__init__()
+        for name, value, allowed in (("loss", loss, LOSSES), ("decode", decode, DECODE_RULES), ("tta", tta, TTA_MODES),
+                                     ("scheduler_interval", scheduler_interval, ("epoch", "step"))):
+            if value not in allowed:
+                raise ValueError(f"model.{name}={value!r}: must be one of {allowed}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -64,18 +99,24 @@ class BinCountModule(L.LightningModule):
         return self.hparams.max_count - self.hparams.min_count + 1
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, H, W)`` normalised images -> ``(N, num_classes)`` logits."""
+        """``(N, 3, H, W)`` normalised images -> ``(N, num_classes)`` logits (with TTA outside training)."""
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.net(images)
+        return self.net(images) if self.training else with_tta(self.net, self.hparams.tta)(images)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean loss of ``(N, C)`` logits against ``(N,)`` class indices."""
+        if self.hparams.loss == "soft_ce":
+            return F.cross_entropy(logits, soft_count_targets(targets, self.num_classes, self.hparams.label_sigma))
+        return F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
 
     def _shared_step(self, batch, stage: str) -> dict[str, torch.Tensor] | None:
         if batch is None:  # every photo of the batch failed to decode (each was warned about)
             return None
         images, targets, indices = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
-        preds = logits.argmax(dim=1)
+        loss = self.loss(logits, targets)
+        _, preds = decode_counts(logits.detach().float().softmax(dim=1), self.hparams.decode)
         metrics = self.metrics[f"{stage}_"]
         for name, metric in metrics.items():
             if name == "acc":
@@ -165,5 +206,9 @@ class BinCountModule(L.LightningModule):
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        interval = self.hparams.scheduler_interval
+        if interval == "step":
+            scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        else:
+            scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

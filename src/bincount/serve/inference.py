@@ -53,6 +53,7 @@ from torchvision.transforms.v2.functional import to_dtype
 
 from bincount.data.transforms import CountingPresetEval
 from bincount.models.calibration import NEVER
+from bincount.models.decoding import decode_counts, with_tta
 from bincount.models.export import load_model_dir
 
 try:  # inside the SageMaker serving image: make the toolkit answer with our status codes
@@ -196,6 +197,7 @@ class CountingModel:
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         net, config = load_model_dir(model_dir, map_location=device)
+        net = with_tta(net, config.get("tta", "none"))
         calibration = config.get("calibration") or {}
         if review_threshold is None:
             review_threshold = calibration.get("review_threshold")
@@ -497,7 +499,7 @@ def make_predictions(probs: torch.Tensor, expected: Sequence[int | None], model:
         ``[{"count", "probabilities", "confidence"[, "expected_quantity", "verdict"]}, ...]``;
         probabilities rounded to 6 decimals.
     """
-    confidence, index = probs.max(dim=1)
+    confidence, index = decode_counts(probs, model.config.get("decode", "argmax"))
     out = []
     for p, c, k, e in zip(probs.tolist(), confidence.tolist(), index.tolist(), expected):
         pred = {"count": model.min_count + k, "probabilities": [round(x, 6) for x in p], "confidence": round(c, 6)}

@@ -1,0 +1,69 @@
+"""How a network's output becomes a count: the decoding rule and test-time augmentation.
+
+Both are part of the model (stored in ``model_config.json``), so training, evaluation,
+calibration and serving answer the same count for the same photo.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DECODE_RULES = ("argmax", "median")
+TTA_MODES = ("none", "flips")
+
+
+def decode_counts(probs: torch.Tensor, rule: str = "argmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one class per photo from predicted probabilities.
+
+    ``argmax`` is the most probable count (best for accuracy). ``median`` is the median of the
+    predicted distribution, the answer that minimises the expected absolute error (best for MAE
+    when the model hesitates between neighbouring counts).
+
+    Args:
+        probs: ``(N, C)`` probabilities over classes ``0..C-1`` (rows sum to 1).
+        rule: One of :data:`DECODE_RULES`.
+
+    Returns:
+        ``confidence`` ``(N,)`` (the probability of the chosen class) and ``index`` ``(N,)``
+        (the chosen class, ``long``).
+
+    Raises:
+        ValueError: If ``rule`` is unknown.
+    """
+    if rule == "argmax":
+        return probs.max(dim=1)
+    if rule == "median":
+        # the smallest class whose cumulative probability reaches one half
+        index = (probs.cumsum(dim=1) < 0.5).sum(dim=1).clamp_max(probs.shape[1] - 1)
+        return probs.gather(1, index[:, None])[:, 0], index
+    raise ValueError(f"unknown decode rule {rule!r}: use one of {DECODE_RULES}")
+
+
+class FlipTTA(nn.Module):
+    """Test-time augmentation: mean logits over the photo and its horizontal, vertical and double flips.
+
+    A bin seen from above has no canonical orientation, so the four views are equally valid.
+    ``(N, 3, H, W)`` -> ``(N, C)``; costs four forwards.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        views = torch.cat([images, images.flip(-1), images.flip(-2), images.flip(-1, -2)])
+        return self.net(views).unflatten(0, (4, len(images))).mean(dim=0)
+
+
+def with_tta(net: nn.Module, tta: str) -> nn.Module:
+    """``net`` wrapped for test-time augmentation ``tta`` (one of :data:`TTA_MODES`).
+
+    Raises:
+        ValueError: If ``tta`` is unknown.
+    """
+    if tta == "none":
+        return net
+    if tta == "flips":
+        return FlipTTA(net)
+    raise ValueError(f"unknown tta {tta!r}: use one of {TTA_MODES}")
