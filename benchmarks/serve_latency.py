@@ -8,8 +8,10 @@ Usage:
 Starts ``bincount serve`` in a subprocess on a free loopback port, then times on the same photo,
 in alternating blocks of ``--block``: the bare forward ``net(x)`` of the preprocessed photo in
 this process, the handler functions without HTTP (decode + preset + forward), and
-``POST /invocations`` with the JPEG. Prints p50/p99 of each over ``--n`` timings, in
-milliseconds, and the ratio HTTP / bare forward (the goal is p50 <= 1.2x).
+``POST /invocations`` with the JPEG, from two clients on a kept-alive connection: the standard
+library's ``http.client`` (a lean client, as load tools are) and httpx (a convenient one, whose
+own per-request cost is part of its figure). Prints p50/p99 of each over ``--n`` timings, in
+milliseconds, and the ratio HTTP (http.client) / bare forward (the goal is p50 <= 1.2x).
 
 Blocks, with a pause between them, because after a forward pass torch's OpenMP threads spin
 for a while (milliseconds): timing this process and the server back to back would have each
@@ -19,6 +21,7 @@ one's idle threads slow the other's forward on a 2-core machine.
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import socket
 import statistics
@@ -79,8 +82,18 @@ def serving(model_dir: Path, *extra: str):
         proc.wait(timeout=30)
 
 
+def post_stdlib(conn: http.client.HTTPConnection, data: bytes) -> bytes:
+    """``POST /invocations`` on a kept-alive ``http.client`` connection; the answer's body."""
+    conn.request("POST", "/invocations", body=data, headers={"Content-Type": "image/jpeg"})
+    response = conn.getresponse()
+    body = response.read()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {body[:200]!r}")
+    return body
+
+
 def summary(name: str, ms: list[float]) -> str:
-    return f"  {name:34s} p50 {statistics.median(ms):7.2f} ms   p99 {percentile(ms, 99):7.2f} ms"
+    return f"  {name:38s} p50 {statistics.median(ms):7.2f} ms   p99 {percentile(ms, 99):7.2f} ms"
 
 
 def main() -> None:
@@ -107,10 +120,12 @@ def main() -> None:
         steps = {
             "bare forward net(x)": lambda: forward(model, x),
             "handler, no HTTP": lambda: predict_fn(input_fn(data, "image/jpeg"), model),
-            "HTTP POST /invocations": lambda: client.post("/invocations", **post).raise_for_status(),
+            "HTTP POST /invocations": lambda: post_stdlib(conn, data),
+            "HTTP POST /invocations (httpx)": lambda: client.post("/invocations", **post).raise_for_status(),
         }
         times: dict[str, list[float]] = {name: [] for name in steps}
         with serving(model_dir, *threads) as url, httpx.Client(base_url=url, timeout=60) as client:
+            conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
             for block in range(-1, -(-args.n // args.block)):  # block -1 warms up
                 for name, step in steps.items():
                     time.sleep(0.1)  # let the other process's idle OpenMP threads stop spinning
@@ -126,7 +141,7 @@ def main() -> None:
         print(summary(name, ms))
     bare = times["bare forward net(x)"]
     http = times["HTTP POST /invocations"]
-    print(f"  ratio HTTP / bare forward: p50 {statistics.median(http) / statistics.median(bare):.2f}x   "
+    print(f"  ratio HTTP (http.client) / bare forward: p50 {statistics.median(http) / statistics.median(bare):.2f}x   "
           f"p99 {percentile(http, 99) / percentile(bare, 99):.2f}x   (goal p50 <= 1.2x)")
 
 
