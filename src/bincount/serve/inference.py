@@ -26,7 +26,9 @@ Answer (``application/json``)::
     {"predictions": [{"count": 3, "probabilities": [...], "confidence": 0.62,
                       "expected_quantity": 3, "verdict": "match"}, ...]}
 
-``probabilities[i]`` is the calibrated probability of ``min_count + i`` objects; ``verdict``
+``probabilities[i]`` is the calibrated probability of ``min_count + i`` objects; ``count`` is
+decoded from them by the model's rule (``decode`` in ``model_config.json``, see
+:func:`bincount.models.decoding.decode_counts`) and ``confidence`` is its probability; ``verdict``
 (only with an expected quantity) is ``"match"``, ``"mismatch"`` or ``"review"`` (confidence
 below the review threshold, or an expected quantity outside the model's count range).
 """
