@@ -139,7 +139,7 @@ def summarise(results: list[dict], reference: str) -> str:
                      f"| {t['acc']:.3f} | {t['mae']:.3f} | {r['wall_min']:.1f} |")
     if reference in by_recipe:
         lines += ["", f"Against `{reference}` (difference of means; 'within noise' when it is under twice its "
-                  "standard error over seeds, or when either side has a single seed):", ""]
+                  "standard error over seeds; a recipe with one seed has no noise estimate):", ""]
         ref = by_recipe[reference]
         for name, runs in by_recipe.items():
             if name == reference:
