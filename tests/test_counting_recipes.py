@@ -74,6 +74,8 @@ def test_unknown_options_fail_at_construction():
     for kwargs in ({"loss": "mse"}, {"decode": "mode"}, {"tta": "rot"}, {"scheduler_interval": "batch"}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             BinCountModule(**kwargs)
+    with pytest.raises(ValueError, match="label_sigma"):
+        BinCountModule(loss="soft_ce", label_smoothing=0.1)
 
 
 def _records(n_blocks: int = 30) -> list[BinRecord]:

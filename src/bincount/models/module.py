@@ -81,6 +81,9 @@ class BinCountModule(L.LightningModule):
                                      ("scheduler_interval", scheduler_interval, ("epoch", "step"))):
             if value not in allowed:
                 raise ValueError(f"model.{name}={value!r}: must be one of {allowed}")
+        if loss == "soft_ce" and label_smoothing > 0:
+            raise ValueError("model.label_smoothing applies to loss=ce; soft_ce already spreads its labels "
+                             "(set model.label_sigma instead)")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
