@@ -56,7 +56,8 @@ class BinCountModule(L.LightningModule):
             ``total_steps`` (the trainer's estimate), as ``torch.optim.lr_scheduler.OneCycleLR`` needs.
 
     Raises:
-        ValueError: If ``loss``, ``decode``, ``tta`` or ``scheduler_interval`` is unknown.
+        ValueError: If ``loss``, ``decode``, ``tta`` or ``scheduler_interval`` is unknown, or
+            ``label_smoothing`` is set with ``loss="soft_ce"``.
     """
 
     def __init__(
