@@ -74,7 +74,8 @@ def run_one(name: str, overrides: list[str], seed: int, root: str, budget_min: f
         proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"{name} seed {seed} failed (exit {proc.returncode}); see {log_path}")
+        tail = "\n".join(log_path.read_text().splitlines()[-5:])
+        raise RuntimeError(f"{name} seed {seed} failed (exit {proc.returncode}); {log_path} ends:\n{tail}")
     test = json.loads((run_dir / "metrics.json").read_text())
     return {
         "recipe": name, "seed": seed, "budget_min": budget_min, "wall_min": wall / 60,

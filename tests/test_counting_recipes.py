@@ -21,6 +21,7 @@ from bincount.models.decoding import FlipTTA, decode_counts, with_tta
 from bincount.models.module import BinCountModule, soft_count_targets
 from bincount.serve.inference import CountingModel, make_predictions
 from bincount.train import train
+from tests.conftest import compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,10 +165,20 @@ def _load_recipe_compare():
     return module
 
 
-def test_recipes_file_composes():
+def test_every_recipe_composes_into_a_training_config():
     rc = _load_recipe_compare()
     recipes = rc.load_recipes()
     assert {"seeds", "quickstart"} <= set(recipes)
+    for name, recipe in recipes.items():
+        cfg = compose_cfg("train", [*recipe["overrides"], "data.root=x"])  # a misspelt key raises here
+        assert cfg.model.arch == "resnet18", name
+    assert compose_cfg("train", recipes["quickstart_pretrained"]["overrides"]).model.weights == "IMAGENET1K_V1"
+
+
+def test_a_failed_run_names_its_error(tmp_path):
+    rc = _load_recipe_compare()
+    with pytest.raises(RuntimeError, match=r"(?s)failed.*model\.no_such_key"):
+        rc.run_one("typo", ["model.no_such_key=1"], 0, str(tmp_path), 0.1, tmp_path)
 
 
 def test_recipe_compare_runs_a_recipe_and_reports_it_against_the_reference(fake_abid, tmp_path):
