@@ -42,6 +42,22 @@ def test_pretrained_weights_offline_fail_fast_with_advice(tmp_path, monkeypatch)
     assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in str(err.value)
 
 
+def test_pretrained_weights_from_the_torch_hub_cache_need_no_network(tmp_path, monkeypatch):
+    with socket.socket() as s:  # a refused port: any download attempt would fail the test
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    monkeypatch.setattr(type(weights), "url", property(lambda self: f"http://127.0.0.1:{port}/resnet18-f37072fd.pth"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    reference = torchvision.models.resnet18(num_classes=1000)
+    torch.save(reference.state_dict(), cache / "resnet18-f37072fd.pth")
+    net = backbones.build_backbone("resnet18", 5, weights="IMAGENET1K_V1")
+    assert torch.equal(net.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    assert net.fc.out_features == 5
+
+
 def test_count_report_by_hand():
     target = torch.tensor([0, 1, 2, 2, 4])
     preds = torch.tensor([0, 2, 2, 4, 1])
