@@ -2,6 +2,7 @@ import logging
 
 import pytest
 import torch
+import torchvision
 
 from bincount.data.abid import build_index
 from bincount.data.datamodule import ABIDDataModule
@@ -43,6 +44,14 @@ def test_presets_shapes_and_eval_is_deterministic():
     assert torch.equal(ev(img), ev(img))
     assert CountingPresetTrain(image_size=24)(img).shape == (3, 24, 24)
     assert ev.to_config() == {"image_size": 24, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def test_eval_preset_tensor_fast_path_equals_the_v2_pipeline_and_pil():
+    img = torch.randint(0, 256, (3, 61, 97), dtype=torch.uint8)
+    ev = CountingPresetEval(image_size=28)
+    assert torch.equal(ev(img), ev.transforms(img))
+    pil = torchvision.transforms.v2.functional.to_pil_image(img)
+    assert torch.allclose(ev(pil), ev(img), atol=1e-6)  # PIL input takes the v2 pipeline
 
 
 def test_datamodule_splits_and_batches(fake_abid):

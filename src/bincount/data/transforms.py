@@ -39,6 +39,11 @@ class CountingPresetEval:
         )
 
     def __call__(self, img):
+        if isinstance(img, torch.Tensor) and img.dtype == torch.uint8:
+            # the same ops as self.transforms without v2's per-call dispatch (about 0.3 ms of a
+            # served photo's preprocessing at 112 px); tests hold the two paths equal
+            img = v2.functional.resize(img, [self.image_size, self.image_size], antialias=True)
+            return v2.functional.normalize(v2.functional.to_dtype(img, torch.float32, scale=True), self.mean, self.std)
         return self.transforms(img)
 
     def to_config(self) -> dict:
