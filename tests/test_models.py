@@ -30,26 +30,27 @@ def test_pretrained_weights_from_a_local_file(tmp_path):
     assert net.fc.out_features == 5
 
 
-def test_pretrained_weights_offline_fail_fast_with_advice(tmp_path, monkeypatch):
-    with socket.socket() as s:  # a port nothing listens on: the download is refused, as offline
+@pytest.fixture
+def offline_torch_home(tmp_path, monkeypatch):
+    """``TORCH_HOME`` in ``tmp_path``, and resnet18's weights URL on a port nothing listens on (refused, as offline)."""
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     monkeypatch.setattr(type(weights), "url", property(lambda self: f"http://127.0.0.1:{port}/resnet18-f37072fd.pth"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    return tmp_path
+
+
+def test_pretrained_weights_offline_fail_fast_with_advice(offline_torch_home):
+    tmp_path = offline_torch_home
     with pytest.raises(WeightsUnavailableError, match="model.weights_path=") as err:
         backbones.build_backbone("resnet18", 5, weights="IMAGENET1K_V1")
     assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in str(err.value)
 
 
-def test_pretrained_weights_from_the_torch_hub_cache_need_no_network(tmp_path, monkeypatch):
-    with socket.socket() as s:  # a refused port: any download attempt would fail the test
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    monkeypatch.setattr(type(weights), "url", property(lambda self: f"http://127.0.0.1:{port}/resnet18-f37072fd.pth"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    cache = tmp_path / "hub" / "checkpoints"
+def test_pretrained_weights_from_the_torch_hub_cache_need_no_network(offline_torch_home):
+    cache = offline_torch_home / "hub" / "checkpoints"  # any download attempt would be refused
     cache.mkdir(parents=True)
     reference = torchvision.models.resnet18(num_classes=1000)
     torch.save(reference.state_dict(), cache / "resnet18-f37072fd.pth")
