@@ -46,12 +46,15 @@ def test_presets_shapes_and_eval_is_deterministic():
     assert ev.to_config() == {"image_size": 24, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
-def test_eval_preset_tensor_fast_path_equals_the_v2_pipeline_and_pil():
+def test_eval_preset_equals_torchvisions_compose_of_the_same_transforms():
+    v2 = torchvision.transforms.v2
     img = torch.randint(0, 256, (3, 61, 97), dtype=torch.uint8)
     ev = CountingPresetEval(image_size=28)
-    assert torch.equal(ev(img), ev.transforms(img))
-    pil = torchvision.transforms.v2.functional.to_pil_image(img)
-    assert torch.allclose(ev(pil), ev(img), atol=1e-6)  # PIL input takes the v2 pipeline
+    reference = v2.Compose([v2.ToImage(), v2.Resize((28, 28), antialias=True), v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize(mean=ev.mean, std=ev.std)])
+    assert torch.equal(ev(img), reference(img))
+    pil = v2.functional.to_pil_image(img)
+    assert torch.equal(ev(pil), reference(pil)) and torch.equal(ev(pil), ev(img))
 
 
 def test_datamodule_splits_and_batches(fake_abid):

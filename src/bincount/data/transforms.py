@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,22 +30,14 @@ class CountingPresetEval:
         self.image_size = image_size
         self.mean = tuple(mean)
         self.std = tuple(std)
-        self.transforms = v2.Compose(
-            [
-                v2.ToImage(),
-                v2.Resize((image_size, image_size), antialias=True),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(mean=self.mean, std=self.std),
-            ]
-        )
 
     def __call__(self, img):
-        if isinstance(img, torch.Tensor) and img.dtype == torch.uint8:
-            # the same ops as self.transforms without v2's per-call dispatch (about 0.3 ms of a
-            # served photo's preprocessing at 112 px); tests hold the two paths equal
-            img = v2.functional.resize(img, [self.image_size, self.image_size], antialias=True)
-            return v2.functional.normalize(v2.functional.to_dtype(img, torch.float32, scale=True), self.mean, self.std)
-        return self.transforms(img)
+        # torchvision's functional ops rather than a v2.Compose of the same four transforms: equal
+        # output (tested), without the per-call dispatch that costs a served photo ~0.3 ms at 112 px
+        if not isinstance(img, torch.Tensor):
+            img = TF.to_image(img)  # PIL image or ndarray -> uint8 (3, H, W)
+        img = TF.resize(img, [self.image_size, self.image_size], antialias=True)
+        return TF.normalize(TF.to_dtype(img, torch.float32, scale=True), self.mean, self.std)
 
     def to_config(self) -> dict:
         """The fields serving needs to rebuild this preset (stored in ``model_config.json``)."""
