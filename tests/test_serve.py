@@ -400,6 +400,28 @@ def test_batcher_error_fails_its_batch_only():
     assert torch.equal(after, torch.full((1, 2), 2.0)) and calls == [1]
 
 
+def test_batcher_prepares_items_in_its_thread_and_a_bad_item_fails_only_its_request():
+    threads: list[str] = []
+
+    def prepare(value: float) -> torch.Tensor:
+        threads.append(threading.current_thread().name)
+        if value < 0:
+            raise ValueError(f"cannot prepare {value}")
+        return torch.full((2,), value)
+
+    async def go(batcher):
+        return await asyncio.gather(batcher.submit([1.0], prepare), batcher.submit([2.0, -1.0], prepare),
+                                    batcher.submit([torch.full((2,), 3.0)]), batcher.submit([4.0], prepare),
+                                    return_exceptions=True)
+
+    (one, bad, ready, four), calls = run_batcher(go)
+    assert torch.equal(one, torch.full((1, 2), 2.0)) and torch.equal(four, torch.full((1, 2), 8.0))
+    assert torch.equal(ready, torch.full((1, 2), 6.0))  # items without prepare go in as they are
+    assert isinstance(bad, ValueError) and "cannot prepare -1.0" in str(bad)
+    assert calls == [3]  # the three good requests still shared one call
+    assert threads and all(name.startswith("bincount-forward") for name in threads)
+
+
 # ---------------------------------------------------------------- a real server over HTTP
 
 SERVER_LIMITS = Limits(max_image_bytes=100_000, max_pixels=200 * 200, max_instances=8)
@@ -551,6 +573,24 @@ def test_concurrent_clients_get_every_answer_right_and_are_batched(server, bundl
     assert stats["rows"] - before["rows"] == clients * per_client  # none lost, none run twice
     assert stats["batches"] - before["batches"] < clients * per_client  # some requests shared a forward pass
     assert stats["max_rows"] > 1
+
+
+def test_a_corrupt_photo_among_concurrent_ones_fails_alone(server, bundle):
+    client, _ = server
+    bad = truncated(bundle.photos[0], drop=100)
+    bodies = [bundle.photos[i].read_bytes() if i % 3 else bad for i in range(12)]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=str(client.base_url), timeout=60) as http:
+            return await asyncio.gather(*(http.post("/invocations", content=body,
+                                                    headers={"Content-Type": "image/jpeg"}) for body in bodies))
+
+    for i, r in enumerate(asyncio.run(main())):
+        if i % 3:
+            assert r.status_code == 200, r.text
+            assert_answer(r.json()["predictions"][0], bundle, i)
+        else:
+            assert r.status_code == 400 and "corrupt or truncated JPEG" in r.json()["error"]
 
 
 def test_ping_is_503_while_the_model_cannot_load(tmp_path):

@@ -5,9 +5,11 @@
 answers with :func:`~bincount.serve.inference.output_fn`: the handler functions the SageMaker
 PyTorch image runs. Client mistakes get a 4xx with ``{"error": "<what was wrong>"}``.
 
-Concurrent requests share forward passes: photos are decoded in a thread pool, and those that
-queue up while the network is busy are preprocessed and counted together in the next batch
-(:class:`Batcher`), so a lone request waits for nobody.
+Concurrent requests share forward passes: requests that queue up while the network is busy are
+preprocessed and counted together in the next batch (:class:`Batcher`), so a lone request waits
+for nobody. A single photo is decoded in the forward thread just before its batch (one thread
+hand-off per request instead of two); a JSON body, which may name S3 objects, is decoded in a
+thread pool so that downloads never hold up the network.
 
 Usage:
     bincount serve --model-dir outputs/RUN/model --port 8080
@@ -24,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request, Response
@@ -39,10 +42,12 @@ from bincount.serve.inference import (
     RequestError,
     UnsupportedContentType,
     check_accept,
+    decode_image_bytes,
     decode_request,
     make_predictions,
     media_type,
     output_fn,
+    parse_custom_attributes,
     probabilities,
 )
 
@@ -53,9 +58,10 @@ class Batcher:
     """Run a batch function on several requests' items (photos) at once.
 
     One worker task takes the first queued request, adds whatever else is already queued
-    (and whatever arrives within ``max_wait_ms``) until ``max_batch_size`` items are in, runs
-    ``fn`` once on all their items in a dedicated thread, and hands each request its rows of
-    the output. While ``fn`` runs, new requests queue up and form the next batch.
+    (and whatever arrives within ``max_wait_ms``) until ``max_batch_size`` items are in, and in
+    a dedicated thread prepares each request's items and runs ``fn`` once on all of them, then
+    hands each request its rows of the output. While that runs, new requests queue up and form
+    the next batch.
 
     Args:
         fn: ``N`` items -> ``(N, ...)`` tensor, called in one thread at a time (so all of the
@@ -72,21 +78,27 @@ class Batcher:
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
-        self.queue: asyncio.Queue[tuple[Sequence, asyncio.Future]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[Sequence, Callable | None, asyncio.Future]] = asyncio.Queue()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bincount-forward")
         self.stats = {"batches": 0, "rows": 0, "max_rows": 0}
 
-    async def submit(self, items: Sequence) -> torch.Tensor:
+    async def submit(self, items: Sequence, prepare: Callable[[Any], Any] | None = None) -> torch.Tensor:
         """Queue ``items`` and wait for ``fn``'s output rows for them, ``(len(items), ...)``.
 
+        Args:
+            items: This request's items.
+            prepare: Applied to each item in the batch thread before ``fn`` (e.g. decoding a
+                photo); what it raises fails this request only.
+
         Raises:
-            Exception: Whatever ``fn`` raised on the batch these items were in.
+            Exception: What ``prepare`` raised on one of these items, or what ``fn`` raised on
+                the batch they were in.
         """
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((items, future))
+        await self.queue.put((items, prepare, future))
         return await future
 
-    async def _collect(self) -> list[tuple[Sequence, asyncio.Future]]:
+    async def _collect(self) -> list[tuple[Sequence, Callable | None, asyncio.Future]]:
         requests = [await self.queue.get()]
         size = len(requests[0][0])
         deadline = asyncio.get_running_loop().time() + self.max_wait
@@ -99,29 +111,53 @@ class Batcher:
                 break
             requests.append(request)
             size += len(request[0])
-        return [(items, f) for items, f in requests if not f.cancelled()]  # a client that hung up needs no answer
+        return [r for r in requests if not r[2].cancelled()]  # a client that hung up needs no answer
+
+    def _step(self, requests: list[tuple[Sequence, Callable | None]]) -> list[torch.Tensor | Exception]:
+        """In the batch thread: each request's output rows, or the error that failed it."""
+        results: list[torch.Tensor | Exception | None] = [None] * len(requests)
+        batch, sizes, prepared = [], [], []
+        for i, (items, prepare) in enumerate(requests):
+            try:
+                items = [prepare(x) for x in items] if prepare is not None else list(items)
+            except Exception as err:  # noqa: BLE001 - this request's own error, answered to it alone
+                results[i] = err
+                continue
+            batch += items
+            sizes.append(len(items))
+            prepared.append(i)
+        if batch:
+            try:
+                out = self.fn(batch)
+                parts = out.split(sizes)
+            except Exception as err:  # noqa: BLE001 - handed to every request of the batch
+                parts = [err] * len(prepared)
+            else:
+                self.stats["batches"] += 1
+                self.stats["rows"] += len(out)
+                self.stats["max_rows"] = max(self.stats["max_rows"], len(out))
+            for i, part in zip(prepared, parts):
+                results[i] = part
+        return results
 
     async def run(self) -> None:
-        """The worker loop; runs until cancelled. An error fails only the batch it occurred in."""
+        """The worker loop; runs until cancelled. An error fails only the request or batch it occurred in."""
         loop = asyncio.get_running_loop()
         while True:
             requests = await self._collect()
             if not requests:
                 continue
             try:
-                out = await loop.run_in_executor(self.executor, self.fn, [x for items, _ in requests for x in items])
-                parts = out.split([len(items) for items, _ in requests])
-            except Exception as err:  # noqa: BLE001 - handed to every waiting request
-                for _, future in requests:
-                    if not future.done():
-                        future.set_exception(err)
-                continue
-            self.stats["batches"] += 1
-            self.stats["rows"] += len(out)
-            self.stats["max_rows"] = max(self.stats["max_rows"], len(out))
-            for part, (_, future) in zip(parts, requests):
-                if not future.done():
-                    future.set_result(part)
+                results = await loop.run_in_executor(self.executor, self._step, [r[:2] for r in requests])
+            except Exception as err:  # noqa: BLE001 - e.g. the executor shut down: no request is left waiting
+                results = [err] * len(requests)
+            for result, (_, _, future) in zip(results, requests):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -214,14 +250,18 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
         if media_type(content_type) not in CONTENT_TYPES:
             raise UnsupportedContentType(content_type)
         accept = check_accept(request.headers.get("accept"))
-        if media_type(content_type) in IMAGE_CONTENT_TYPES:
+        kind = media_type(content_type)
+        if kind in IMAGE_CONTENT_TYPES:
             body = await read_body(request, limits.max_image_bytes, status=400)
+            expected = [parse_custom_attributes(request.headers.get(CUSTOM_ATTRIBUTES))]
+            probs = await app.state.batcher.submit([body], prepare=partial(
+                decode_image_bytes, limits=model.limits, expected_format=IMAGE_CONTENT_TYPES[kind]))
         else:
             body = await read_body(request, max_body_bytes, status=413)
-        count_request = await run_in_threadpool(decode_request, body, content_type, limits=model.limits,
-                                                custom_attributes=request.headers.get(CUSTOM_ATTRIBUTES))
-        probs = await app.state.batcher.submit(count_request.images)
-        payload, answer_type = output_fn(make_predictions(probs, count_request.expected, model), accept)
+            count_request = await run_in_threadpool(decode_request, body, content_type, limits=model.limits)
+            probs = await app.state.batcher.submit(count_request.images)
+            expected = count_request.expected
+        payload, answer_type = output_fn(make_predictions(probs, expected, model), accept)
         return Response(payload, media_type=answer_type)
 
     return app
