@@ -1,7 +1,7 @@
 """Latency of one photo through HTTP vs the bare model forward on the same photo, side by side.
 
 Usage:
-    python benchmarks/serve_latency.py                                  # untrained resnet18, 128 px (quickstart)
+    python benchmarks/serve_latency.py                                  # untrained resnet18, 112 px (as the quickstart)
     python benchmarks/serve_latency.py --model-dir outputs/RUN/model --n 300
     python benchmarks/serve_latency.py --image-size 224 --photo ../shared/abid/bin-images/00001.jpg
 
@@ -11,7 +11,9 @@ this process, the handler functions without HTTP (decode + preset + forward), an
 ``POST /invocations`` with the JPEG, from two clients on a kept-alive connection: the standard
 library's ``http.client`` (a lean client, as load tools are) and httpx (a convenient one, whose
 own per-request cost is part of its figure). Prints p50/p99 of each over ``--n`` timings, in
-milliseconds, and the ratio HTTP (http.client) / bare forward (the goal is p50 <= 1.2x).
+milliseconds, the server's own account of the http.client requests (its ``Server-Timing``
+header: decode, preprocess + forward, handler total; and the rest, the HTTP round trip), and the
+ratio HTTP (http.client) / bare forward (the goal is p50 <= 1.2x).
 
 Blocks, with a pause between them, because after a forward pass torch's OpenMP threads spin
 for a while (milliseconds): timing this process and the server back to back would have each
@@ -82,24 +84,33 @@ def serving(model_dir: Path, *extra: str):
         proc.wait(timeout=30)
 
 
-def post_stdlib(conn: http.client.HTTPConnection, data: bytes) -> bytes:
-    """``POST /invocations`` on a kept-alive ``http.client`` connection; the answer's body."""
+def post_stdlib(conn: http.client.HTTPConnection, data: bytes) -> dict[str, float]:
+    """``POST /invocations`` on a kept-alive ``http.client`` connection; the server's timings (ms)."""
     conn.request("POST", "/invocations", body=data, headers={"Content-Type": "image/jpeg"})
     response = conn.getresponse()
     body = response.read()
     if response.status != 200:
         raise RuntimeError(f"HTTP {response.status}: {body[:200]!r}")
-    return body
+    return server_timing(response.getheader("Server-Timing", ""))
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``Server-Timing: decode;dur=0.7, batch;dur=15.2;desc="size 1", ...`` -> ``{"decode": 0.7, ...}``."""
+    out = {}
+    for metric in filter(None, header.split(",")):
+        name, *params = (p.strip() for p in metric.split(";"))
+        out[name] = float(dict(p.split("=", 1) for p in params)["dur"])
+    return out
 
 
 def summary(name: str, ms: list[float]) -> str:
-    return f"  {name:38s} p50 {statistics.median(ms):7.2f} ms   p99 {percentile(ms, 99):7.2f} ms"
+    return f"  {name:40s} p50 {statistics.median(ms):7.2f} ms   p99 {percentile(ms, 99):7.2f} ms"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=None, help="default: an untrained resnet18")
-    parser.add_argument("--image-size", type=int, default=128, help="input size of the default model")
+    parser.add_argument("--image-size", type=int, default=112, help="input size of the default model")
     parser.add_argument("--photo", type=Path, default=SHARED_PHOTOS / "00001.jpg")
     parser.add_argument("--n", type=int, default=300, help="timings of each kind")
     parser.add_argument("--block", type=int, default=25, help="timings in a row of one kind, the kinds alternating")
@@ -124,6 +135,7 @@ def main() -> None:
             "HTTP POST /invocations (httpx)": lambda: client.post("/invocations", **post).raise_for_status(),
         }
         times: dict[str, list[float]] = {name: [] for name in steps}
+        inside: dict[str, list[float]] = {"decode": [], "batch": [], "total": [], "outside": []}
         with serving(model_dir, *threads) as url, httpx.Client(base_url=url, timeout=60) as client:
             conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
             for block in range(-1, -(-args.n // args.block)):  # block -1 warms up
@@ -131,14 +143,25 @@ def main() -> None:
                     time.sleep(0.1)  # let the other process's idle OpenMP threads stop spinning
                     for _ in range(args.block):
                         t0 = time.perf_counter()
-                        step()
-                        if block >= 0:
-                            times[name].append(1000 * (time.perf_counter() - t0))
+                        out = step()
+                        ms = 1000 * (time.perf_counter() - t0)
+                        if block < 0:
+                            continue
+                        times[name].append(ms)
+                        if name == "HTTP POST /invocations":
+                            for key in ("decode", "batch", "total"):
+                                inside[key].append(out[key])
+                            inside["outside"].append(ms - out["total"])
     print(f"{args.photo.name} ({len(data)} bytes) -> {model.config['arch']} at {model.preset.image_size} px, "
           f"{len(times['HTTP POST /invocations'])} timings each in blocks of {args.block}, "
           f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, loopback")
     for name, ms in times.items():
         print(summary(name, ms))
+    print("  inside the server (Server-Timing of the http.client requests):")
+    names = {"decode": "decode (JPEG -> uint8 tensor)", "batch": "preprocess + forward",
+             "total": "handler, headers in to answer out", "outside": "HTTP: client time - handler total"}
+    for key, ms in inside.items():
+        print(summary("  " + names[key], ms))
     bare = times["bare forward net(x)"]
     over_http = times["HTTP POST /invocations"]
     print(f"  ratio HTTP (http.client) / bare forward: p50 {statistics.median(over_http) / statistics.median(bare):.2f}x   "

@@ -1,7 +1,7 @@
 """Requests/s with concurrent clients: dynamic batching vs one request per forward pass.
 
 Usage:
-    python benchmarks/serve_throughput.py                               # untrained resnet18, 128 px (quickstart)
+    python benchmarks/serve_throughput.py                               # untrained resnet18, 112 px (as the quickstart)
     python benchmarks/serve_throughput.py --model-dir outputs/RUN/model --clients 8 --requests 40
 
 Starts ``bincount serve`` twice per round in a subprocess on loopback, with ``--max-batch-size 1``
@@ -56,7 +56,7 @@ async def load(url: str, photos: list[bytes], clients: int, requests: int) -> tu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=None, help="default: an untrained resnet18")
-    parser.add_argument("--image-size", type=int, default=128, help="input size of the default model")
+    parser.add_argument("--image-size", type=int, default=112, help="input size of the default model")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=40, help="per client")
     parser.add_argument("--rounds", type=int, default=2)

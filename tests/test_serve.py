@@ -366,7 +366,8 @@ def test_batcher_runs_queued_requests_together_and_answers_each():
     results, calls = run_batcher(go)
     assert calls == [8]
     for i, (n, out) in enumerate(zip(sizes, results)):
-        assert torch.equal(out, torch.full((n, 2), 2.0 * i))
+        assert torch.equal(out.rows, torch.full((n, 2), 2.0 * i))
+        assert out.batch_size == 8 and out.batch_ms > 0
 
 
 def test_batcher_respects_max_batch_size():
@@ -397,7 +398,7 @@ def test_batcher_error_fails_its_batch_only():
 
     (bad, after), calls = run_batcher(go)
     assert all(isinstance(e, ValueError) for e in bad)
-    assert torch.equal(after, torch.full((1, 2), 2.0)) and calls == [1]
+    assert torch.equal(after.rows, torch.full((1, 2), 2.0)) and calls == [1]
 
 
 def test_batcher_prepares_items_in_its_thread_and_a_bad_item_fails_only_its_request():
@@ -415,8 +416,8 @@ def test_batcher_prepares_items_in_its_thread_and_a_bad_item_fails_only_its_requ
                                     return_exceptions=True)
 
     (one, bad, ready, four), calls = run_batcher(go)
-    assert torch.equal(one, torch.full((1, 2), 2.0)) and torch.equal(four, torch.full((1, 2), 8.0))
-    assert torch.equal(ready, torch.full((1, 2), 6.0))  # items without prepare go in as they are
+    assert torch.equal(one.rows, torch.full((1, 2), 2.0)) and torch.equal(four.rows, torch.full((1, 2), 8.0))
+    assert torch.equal(ready.rows, torch.full((1, 2), 6.0))  # items without prepare go in as they are
     assert isinstance(bad, ValueError) and "cannot prepare -1.0" in str(bad)
     assert calls == [3]  # the three good requests still shared one call
     assert threads and all(name.startswith("bincount-forward") for name in threads)
@@ -482,6 +483,28 @@ def test_ping_and_one_photo_per_content_type(server, bundle):
         assert_answer(pred, bundle, i)
     r = client.post("/invocations", content=png_bytes(), headers={"Content-Type": "image/png", "Accept": "*/*"})
     assert r.status_code == 200 and len(r.json()["predictions"][0]["probabilities"]) == MAX_COUNT - MIN_COUNT + 1
+
+
+def server_timing(header: str) -> dict[str, tuple[float, str | None]]:
+    """``Server-Timing`` (W3C) -> ``{name: (dur, desc)}``."""
+    metrics = {}
+    for metric in header.split(","):
+        name, *params = (p.strip() for p in metric.split(";"))
+        fields = dict(p.split("=", 1) for p in params)
+        metrics[name] = (float(fields["dur"]), fields.get("desc", "").strip('"') or None)
+    return metrics
+
+
+def test_every_answer_says_where_its_time_went(server, bundle):
+    client, _ = server
+    r = client.post("/invocations", content=bundle.photos[0].read_bytes(), headers={"Content-Type": "image/jpeg"})
+    timing = server_timing(r.headers["server-timing"])
+    assert set(timing) == {"decode", "batch", "total"} and timing["batch"][1] == "size 1"
+    (decode, _), (batch, _), (total, _) = timing["decode"], timing["batch"], timing["total"]
+    assert 0 < decode < total and 0 < batch < total and decode + batch <= total
+    r = client.post("/invocations", json={"instances": [{"image_b64": b64(bundle.photos[i].read_bytes())}
+                                                        for i in range(3)]})
+    assert server_timing(r.headers["server-timing"])["batch"][1] == "size 3"
 
 
 def test_json_batch_and_verdicts_over_http(server, bundle):

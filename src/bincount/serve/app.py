@@ -3,7 +3,10 @@
 ``GET /ping`` answers 200 once the model is loaded (503 before, or if loading failed);
 ``POST /invocations`` decodes with :func:`~bincount.serve.inference.decode_request`, counts, and
 answers with :func:`~bincount.serve.inference.output_fn`: the handler functions the SageMaker
-PyTorch image runs. Client mistakes get a 4xx with ``{"error": "<what was wrong>"}``.
+PyTorch image runs. Client mistakes get a 4xx with ``{"error": "<what was wrong>"}``. Every
+answer says where its time went in a ``Server-Timing`` header (W3C Server Timing), in
+milliseconds: ``decode`` (this request's photos), ``batch`` (preprocess + forward of the batch
+it shared, ``desc`` its size) and ``total`` (in the handler, from headers read to answer ready).
 
 Concurrent requests share forward passes: requests that queue up while the network is busy are
 preprocessed and counted together in the next batch (:class:`Batcher`), so a lone request waits
@@ -21,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -54,6 +59,24 @@ from bincount.serve.inference import (
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Batched:
+    """One request's share of a batch.
+
+    Attributes:
+        rows: ``fn``'s output rows for the request's items, ``(len(items), ...)``.
+        prepare_ms: Time spent preparing this request's items, milliseconds.
+        batch_ms: Time of the ``fn`` call the rows came from, milliseconds (shared by the
+            requests of the batch).
+        batch_size: Items in that call.
+    """
+
+    rows: torch.Tensor
+    prepare_ms: float
+    batch_ms: float
+    batch_size: int
+
+
 class Batcher:
     """Run a batch function on several requests' items (photos) at once.
 
@@ -82,8 +105,8 @@ class Batcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bincount-forward")
         self.stats = {"batches": 0, "rows": 0, "max_rows": 0}
 
-    async def submit(self, items: Sequence, prepare: Callable[[Any], Any] | None = None) -> torch.Tensor:
-        """Queue ``items`` and wait for ``fn``'s output rows for them, ``(len(items), ...)``.
+    async def submit(self, items: Sequence, prepare: Callable[[Any], Any] | None = None) -> Batched:
+        """Queue ``items`` and wait for ``fn``'s output rows for them.
 
         Args:
             items: This request's items.
@@ -113,11 +136,12 @@ class Batcher:
             size += len(request[0])
         return [r for r in requests if not r[2].cancelled()]  # a client that hung up needs no answer
 
-    def _step(self, requests: list[tuple[Sequence, Callable | None]]) -> list[torch.Tensor | Exception]:
-        """In the batch thread: each request's output rows, or the error that failed it."""
-        results: list[torch.Tensor | Exception | None] = [None] * len(requests)
+    def _step(self, requests: list[tuple[Sequence, Callable | None]]) -> list[Batched | Exception]:
+        """In the batch thread: each request's share of the batch, or the error that failed it."""
+        results: list[Batched | Exception | None] = [None] * len(requests)
         batch, sizes, prepared = [], [], []
         for i, (items, prepare) in enumerate(requests):
+            t0 = time.perf_counter()
             try:
                 items = [prepare(x) for x in items] if prepare is not None else list(items)
             except Exception as err:  # noqa: BLE001 - this request's own error, answered to it alone
@@ -125,19 +149,23 @@ class Batcher:
                 continue
             batch += items
             sizes.append(len(items))
-            prepared.append(i)
-        if batch:
-            try:
-                out = self.fn(batch)
-                parts = out.split(sizes)
-            except Exception as err:  # noqa: BLE001 - handed to every request of the batch
-                parts = [err] * len(prepared)
-            else:
-                self.stats["batches"] += 1
-                self.stats["rows"] += len(out)
-                self.stats["max_rows"] = max(self.stats["max_rows"], len(out))
-            for i, part in zip(prepared, parts):
-                results[i] = part
+            prepared.append((i, 1000 * (time.perf_counter() - t0)))
+        if not batch:
+            return results
+        t0 = time.perf_counter()
+        try:
+            out = self.fn(batch)
+            parts = out.split(sizes)
+        except Exception as err:  # noqa: BLE001 - handed to every request of the batch
+            for i, _ in prepared:
+                results[i] = err
+            return results
+        batch_ms = 1000 * (time.perf_counter() - t0)
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(out)
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(out))
+        for (i, prepare_ms), rows in zip(prepared, parts):
+            results[i] = Batched(rows, prepare_ms, batch_ms, len(out))
         return results
 
     async def run(self) -> None:
@@ -243,6 +271,7 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
 
     @app.post("/invocations")
     async def invocations(request: Request) -> Response:
+        start = time.perf_counter()
         model: CountingModel | None = app.state.model
         if model is None:
             return JSONResponse({"error": "the model is not loaded (see GET /ping)"}, status_code=503)
@@ -254,15 +283,20 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
         if kind in IMAGE_CONTENT_TYPES:
             body = await read_body(request, limits.max_image_bytes, status=400)
             expected = [parse_custom_attributes(request.headers.get(CUSTOM_ATTRIBUTES))]
-            probs = await app.state.batcher.submit([body], prepare=partial(
+            batched = await app.state.batcher.submit([body], prepare=partial(
                 decode_image_bytes, limits=model.limits, expected_format=IMAGE_CONTENT_TYPES[kind]))
+            decode_ms = batched.prepare_ms
         else:
             body = await read_body(request, max_body_bytes, status=413)
+            t0 = time.perf_counter()
             count_request = await run_in_threadpool(decode_request, body, content_type, limits=model.limits)
-            probs = await app.state.batcher.submit(count_request.images)
+            decode_ms = 1000 * (time.perf_counter() - t0)
+            batched = await app.state.batcher.submit(count_request.images)
             expected = count_request.expected
-        payload, answer_type = output_fn(make_predictions(probs, expected, model), accept)
-        return Response(payload, media_type=answer_type)
+        payload, answer_type = output_fn(make_predictions(batched.rows, expected, model), accept)
+        timing = (f"decode;dur={decode_ms:.3f}, batch;dur={batched.batch_ms:.3f};desc=\"size {batched.batch_size}\", "
+                  f"total;dur={1000 * (time.perf_counter() - start):.3f}")
+        return Response(payload, media_type=answer_type, headers={"Server-Timing": timing})
 
     return app
 
