@@ -208,7 +208,7 @@ class CountingModel:
                         "'review' (retrain, or pass --review-threshold)", model_dir)
             review_threshold = NEVER
         model = cls(
-            net=net.to(device).eval(),
+            net=net.to(device, memory_format=torch.channels_last).eval(),  # as in training; ~25% faster on CPU
             config=config,
             preset=CountingPresetEval(**config["preset"]),
             temperature=float(calibration.get("temperature", 1.0)),
@@ -474,7 +474,7 @@ def preprocess(model: CountingModel, images: Sequence[torch.Tensor]) -> torch.Te
 @torch.inference_mode()
 def forward(model: CountingModel, batch: torch.Tensor) -> torch.Tensor:
     """Calibrated probabilities ``(N, C)`` (CPU, float32) of a preprocessed batch ``(N, 3, S, S)``."""
-    logits = model.net(batch.to(model.device, non_blocking=True))
+    logits = model.net(batch.to(model.device, memory_format=torch.channels_last, non_blocking=True))
     return (logits.float() / model.temperature).softmax(dim=1).cpu()
 
 
