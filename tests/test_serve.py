@@ -616,6 +616,19 @@ def test_a_corrupt_photo_among_concurrent_ones_fails_alone(server, bundle):
             assert r.status_code == 400 and "corrupt or truncated JPEG" in r.json()["error"]
 
 
+def test_photos_over_the_inline_decode_size_are_decoded_beside_the_batches(bundle, tmp_path):
+    app = create_app(bundle.model_dir, limits=SERVER_LIMITS, inline_decode_pixels=0, device="cpu")
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        for i in range(3):
+            r = client.post("/invocations", content=bundle.photos[i].read_bytes(), headers={"Content-Type": "image/jpeg"})
+            assert r.status_code == 200, r.text
+            assert_answer(r.json()["predictions"][0], bundle, i)
+            assert server_timing(r.headers["server-timing"])["decode"][0] > 0
+        r = client.post("/invocations", content=truncated(bundle.photos[0], drop=100),
+                        headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 400 and "corrupt or truncated JPEG" in r.json()["error"]
+
+
 def test_ping_is_503_while_the_model_cannot_load(tmp_path):
     (tmp_path / "model").mkdir()
     app = create_app(tmp_path / "model", device="cpu")

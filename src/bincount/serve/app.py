@@ -10,9 +10,10 @@ it shared, ``desc`` its size) and ``total`` (in the handler, from headers read t
 
 Concurrent requests share forward passes: requests that queue up while the network is busy are
 preprocessed and counted together in the next batch (:class:`Batcher`), so a lone request waits
-for nobody. A single photo is decoded in the forward thread just before its batch (one thread
-hand-off per request instead of two); a JSON body, which may name S3 objects, is decoded in a
-thread pool so that downloads never hold up the network.
+for nobody. A single photo of up to ``inline_decode_pixels`` is decoded in the forward thread
+just before its batch (one thread hand-off per request instead of two); a larger one, and a JSON
+body (it may name S3 objects), are decoded in a thread pool so that they never hold up the
+network.
 
 Usage:
     bincount serve --model-dir outputs/RUN/model --port 8080
@@ -54,6 +55,7 @@ from bincount.serve.inference import (
     output_fn,
     parse_custom_attributes,
     probabilities,
+    read_image_header,
 )
 
 log = logging.getLogger(__name__)
@@ -207,7 +209,7 @@ async def read_body(request: Request, limit: int, *, status: int) -> bytes:
 
 def create_app(model_dir: str | Path, *, review_threshold: float | None = None, limits: Limits | None = None,
                max_body_bytes: int = 32 * 2**20, max_batch_size: int = 16, max_wait_ms: float = 0.0,
-               device: str | None = None) -> FastAPI:
+               inline_decode_pixels: int = 4_000_000, device: str | None = None) -> FastAPI:
     """The FastAPI app; the model loads in the background once the server starts.
 
     Args:
@@ -218,6 +220,10 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
             ``limits.max_image_bytes`` (larger: 400).
         max_batch_size: Photos per forward pass (1: one request at a time).
         max_wait_ms: See :class:`Batcher`.
+        inline_decode_pixels: A single photo of at most this many pixels (by its header) is
+            decoded in the forward thread, which saves two thread hand-offs; a larger one
+            (milliseconds to decode) in a thread pool, so that it does not delay other
+            requests' batches.
         device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
 
     Returns:
@@ -283,9 +289,16 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
         if kind in IMAGE_CONTENT_TYPES:
             body = await read_body(request, limits.max_image_bytes, status=400)
             expected = [parse_custom_attributes(request.headers.get(CUSTOM_ATTRIBUTES))]
-            batched = await app.state.batcher.submit([body], prepare=partial(
-                decode_image_bytes, limits=model.limits, expected_format=IMAGE_CONTENT_TYPES[kind]))
-            decode_ms = batched.prepare_ms
+            decode = partial(decode_image_bytes, limits=model.limits, expected_format=IMAGE_CONTENT_TYPES[kind])
+            _, width, height = read_image_header(body, limits=model.limits, expected_format=IMAGE_CONTENT_TYPES[kind])
+            if width * height <= inline_decode_pixels:
+                batched = await app.state.batcher.submit([body], prepare=decode)
+                decode_ms = batched.prepare_ms
+            else:  # a big photo would hold up everyone's forward pass: decode it beside them
+                t0 = time.perf_counter()
+                image = await run_in_threadpool(decode, body)
+                decode_ms = 1000 * (time.perf_counter() - t0)
+                batched = await app.state.batcher.submit([image])
         else:
             body = await read_body(request, max_body_bytes, status=413)
             t0 = time.perf_counter()

@@ -265,12 +265,8 @@ def check_accept(accept: str | None) -> str:
     raise NotAcceptable(accept)
 
 
-def decode_image_bytes(data: bytes, *, limits: Limits, expected_format: str | None = None) -> torch.Tensor:
-    """Check and decode one encoded photo.
-
-    The header is read first (Pillow), so a photo that declares too many pixels is refused
-    before any memory is spent on it; the pixels are then decoded by torchvision, the decoder
-    training uses.
+def read_image_header(data: bytes, *, limits: Limits, expected_format: str | None = None) -> tuple[str, int, int]:
+    """Check an encoded photo's size and header without decoding its pixels (Pillow, lazy).
 
     Args:
         data: The encoded photo.
@@ -278,11 +274,10 @@ def decode_image_bytes(data: bytes, *, limits: Limits, expected_format: str | No
         expected_format: ``"JPEG"`` or ``"PNG"`` when the content type named one; ``None``: either.
 
     Returns:
-        ``uint8`` RGB tensor ``(3, H, W)``.
+        ``(format, width, height)``, width and height in pixels.
 
     Raises:
-        RequestError: (400) Empty, over ``limits``, not a JPEG/PNG, not the declared format,
-            truncated or corrupt.
+        RequestError: (400) Empty, over ``limits``, not a JPEG/PNG, or not the declared format.
     """
     if not data:
         raise RequestError("empty image: send the bytes of a JPEG or PNG photo")
@@ -303,6 +298,28 @@ def decode_image_bytes(data: bytes, *, limits: Limits, expected_format: str | No
         raise RequestError(f"the body is a {fmt} image but Content-Type says {expected_format}")
     if width * height > limits.max_pixels:
         raise RequestError(f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
+    return fmt, width, height
+
+
+def decode_image_bytes(data: bytes, *, limits: Limits, expected_format: str | None = None) -> torch.Tensor:
+    """Check and decode one encoded photo.
+
+    The header is read first (:func:`read_image_header`), so a photo that declares too many
+    pixels is refused before any memory is spent on it; the pixels are then decoded by
+    torchvision, the decoder training uses.
+
+    Args:
+        data: The encoded photo.
+        limits: Size limits.
+        expected_format: ``"JPEG"`` or ``"PNG"`` when the content type named one; ``None``: either.
+
+    Returns:
+        ``uint8`` RGB tensor ``(3, H, W)``.
+
+    Raises:
+        RequestError: (400) See :func:`read_image_header`; or truncated or corrupt pixels.
+    """
+    fmt, _, _ = read_image_header(data, limits=limits, expected_format=expected_format)
     try:
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as err:
