@@ -30,6 +30,7 @@ from bincount.data.transforms import CountingPresetEval
 from bincount.models.backbones import build_backbone
 from bincount.models.calibration import NEVER
 from bincount.models.export import load_model_dir, save_model_dir
+from bincount.serve import app as serve_app
 from bincount.serve.app import Batcher, create_app
 from bincount.serve.inference import (
     CUSTOM_ATTRIBUTES,
@@ -38,6 +39,7 @@ from bincount.serve.inference import (
     RequestError,
     check_accept,
     decode_image_bytes,
+    decode_image_pixels,
     decode_request,
     input_fn,
     model_fn,
@@ -616,8 +618,23 @@ def test_a_corrupt_photo_among_concurrent_ones_fails_alone(server, bundle):
             assert r.status_code == 400 and "corrupt or truncated JPEG" in r.json()["error"]
 
 
-def test_photos_over_the_inline_decode_size_are_decoded_beside_the_batches(bundle, tmp_path):
-    app = create_app(bundle.model_dir, limits=SERVER_LIMITS, inline_decode_pixels=0, device="cpu")
+@pytest.fixture
+def decoding_threads(monkeypatch):
+    """The names of the threads the server decodes photos in, as it decodes them."""
+    names: list[str] = []
+
+    def recording(data: bytes, fmt: str) -> torch.Tensor:
+        names.append(threading.current_thread().name)
+        return decode_image_pixels(data, fmt)
+
+    monkeypatch.setattr(serve_app, "decode_image_pixels", recording)
+    return names
+
+
+@pytest.mark.parametrize("inline_decode_pixels, in_forward_thread", [(4_000_000, True), (0, False)])
+def test_small_photos_decode_in_the_forward_thread_and_big_ones_beside_it(bundle, decoding_threads,
+                                                                          inline_decode_pixels, in_forward_thread):
+    app = create_app(bundle.model_dir, limits=SERVER_LIMITS, inline_decode_pixels=inline_decode_pixels, device="cpu")
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         for i in range(3):
             r = client.post("/invocations", content=bundle.photos[i].read_bytes(), headers={"Content-Type": "image/jpeg"})
@@ -627,6 +644,8 @@ def test_photos_over_the_inline_decode_size_are_decoded_beside_the_batches(bundl
         r = client.post("/invocations", content=truncated(bundle.photos[0], drop=100),
                         headers={"Content-Type": "image/jpeg"})
         assert r.status_code == 400 and "corrupt or truncated JPEG" in r.json()["error"]
+    assert len(decoding_threads) == 4
+    assert all(name.startswith("bincount-forward") == in_forward_thread for name in decoding_threads)
 
 
 def test_ping_is_503_while_the_model_cannot_load(tmp_path):

@@ -48,7 +48,7 @@ from bincount.serve.inference import (
     RequestError,
     UnsupportedContentType,
     check_accept,
-    decode_image_bytes,
+    decode_image_pixels,
     decode_request,
     make_predictions,
     media_type,
@@ -282,15 +282,15 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
         if model is None:
             return JSONResponse({"error": "the model is not loaded (see GET /ping)"}, status_code=503)
         content_type = request.headers.get("content-type")
-        if media_type(content_type) not in CONTENT_TYPES:
+        kind = media_type(content_type)
+        if kind not in CONTENT_TYPES:
             raise UnsupportedContentType(content_type)
         accept = check_accept(request.headers.get("accept"))
-        kind = media_type(content_type)
         if kind in IMAGE_CONTENT_TYPES:
             body = await read_body(request, limits.max_image_bytes, status=400)
             expected = [parse_custom_attributes(request.headers.get(CUSTOM_ATTRIBUTES))]
-            decode = partial(decode_image_bytes, limits=model.limits, expected_format=IMAGE_CONTENT_TYPES[kind])
-            _, width, height = read_image_header(body, limits=model.limits, expected_format=IMAGE_CONTENT_TYPES[kind])
+            fmt, width, height = read_image_header(body, limits=model.limits, expected_format=IMAGE_CONTENT_TYPES[kind])
+            decode = partial(decode_image_pixels, fmt=fmt)
             if width * height <= inline_decode_pixels:
                 batched = await app.state.batcher.submit([body], prepare=decode)
                 decode_ms = batched.prepare_ms

@@ -301,12 +301,33 @@ def read_image_header(data: bytes, *, limits: Limits, expected_format: str | Non
     return fmt, width, height
 
 
-def decode_image_bytes(data: bytes, *, limits: Limits, expected_format: str | None = None) -> torch.Tensor:
-    """Check and decode one encoded photo.
+def decode_image_pixels(data: bytes, fmt: str) -> torch.Tensor:
+    """Decode the pixels of a photo whose header :func:`read_image_header` has checked.
 
-    The header is read first (:func:`read_image_header`), so a photo that declares too many
-    pixels is refused before any memory is spent on it; the pixels are then decoded by
-    torchvision, the decoder training uses.
+    Decoded by torchvision, the decoder training uses.
+
+    Args:
+        data: The encoded photo.
+        fmt: Its format, ``"JPEG"`` or ``"PNG"`` (for the error message).
+
+    Returns:
+        ``uint8`` RGB tensor ``(3, H, W)``.
+
+    Raises:
+        RequestError: (400) Truncated or corrupt pixels.
+    """
+    try:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as err:
+        raise RequestError(f"corrupt or truncated {fmt} image ({str(err).splitlines()[0]})") from None
+    return to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs: the 8 bits training photos have
+
+
+def decode_image_bytes(data: bytes, *, limits: Limits, expected_format: str | None = None) -> torch.Tensor:
+    """Check and decode one encoded photo: :func:`read_image_header`, then :func:`decode_image_pixels`.
+
+    The header is read first, so a photo that declares too many pixels is refused before any
+    memory is spent on it.
 
     Args:
         data: The encoded photo.
@@ -317,14 +338,10 @@ def decode_image_bytes(data: bytes, *, limits: Limits, expected_format: str | No
         ``uint8`` RGB tensor ``(3, H, W)``.
 
     Raises:
-        RequestError: (400) See :func:`read_image_header`; or truncated or corrupt pixels.
+        RequestError: (400) See :func:`read_image_header` and :func:`decode_image_pixels`.
     """
     fmt, _, _ = read_image_header(data, limits=limits, expected_format=expected_format)
-    try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as err:
-        raise RequestError(f"corrupt or truncated {fmt} image ({str(err).splitlines()[0]})") from None
-    return to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs: the 8 bits training photos have
+    return decode_image_pixels(data, fmt)
 
 
 def parse_expected(value: Any, where: str) -> int | None:
