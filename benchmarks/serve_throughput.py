@@ -7,8 +7,10 @@ Usage:
 Starts ``bincount serve`` twice per round in a subprocess on loopback, with ``--max-batch-size 1``
 (one at a time) and ``--max-batch-size 16`` (batched), and has ``--clients`` concurrent clients
 each send ``--requests`` JPEGs (shared ABID photos). Prints requests/s and p50/p99 latency of each
-(median over ``--rounds``, the two servers alternating) and the ratio batched / one at a time
-(the goal is >= 2x at 8 clients). Clients and server share this machine's CPUs.
+(median over ``--rounds``, the two servers alternating), the size of the batch each request
+was counted in (from the server's ``Server-Timing`` header; 1 when one at a time) and the ratio
+batched / one at a time (the goal is >= 2x at 8 clients). Clients and server share this
+machine's CPUs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -31,9 +34,14 @@ from bincount.models.export import read_model_config
 MODES = {"one at a time": ["--max-batch-size", "1"], "batched": ["--max-batch-size", "16"]}
 
 
-async def load(url: str, photos: list[bytes], clients: int, requests: int) -> tuple[float, list[float]]:
-    """``clients`` concurrent clients x ``requests`` each; returns (requests/s, latencies in ms)."""
+async def load(url: str, photos: list[bytes], clients: int, requests: int) -> tuple[float, list[float], list[int]]:
+    """``clients`` concurrent clients x ``requests`` each.
+
+    Returns:
+        (requests/s, latencies in ms, the size of the batch each request was counted in).
+    """
     latencies: list[float] = []
+    sizes: list[int] = []
 
     async def client(http: httpx.AsyncClient, c: int) -> None:
         for k in range(requests):
@@ -42,15 +50,17 @@ async def load(url: str, photos: list[bytes], clients: int, requests: int) -> tu
             r = await http.post("/invocations", content=data, headers={"Content-Type": "image/jpeg"})
             latencies.append(1000 * (time.perf_counter() - t0))
             r.raise_for_status()
+            sizes.append(int(re.search(r'desc="size (\d+)"', r.headers["server-timing"]).group(1)))
 
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
         await asyncio.gather(*(client(http, c) for c in range(2)))  # warm-up
         latencies.clear()
+        sizes.clear()
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http, c) for c in range(clients)))
         elapsed = time.perf_counter() - t0
-    return clients * requests / elapsed, latencies
+    return clients * requests / elapsed, latencies, sizes
 
 
 def main() -> None:
@@ -66,7 +76,7 @@ def main() -> None:
     threads = [] if args.threads is None else ["--threads", str(args.threads)]
 
     photos = [p.read_bytes() for p in sorted(args.photos.glob("*.jpg"))[:64]]
-    results: dict[str, list[tuple[float, list[float]]]] = {mode: [] for mode in MODES}
+    results: dict[str, list[tuple[float, list[float], list[int]]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or default_model_dir(args.image_size, Path(tmp))
         for _ in range(args.rounds):
@@ -79,10 +89,12 @@ def main() -> None:
           f"server torch threads {args.threads or torch.get_num_threads()}, loopback")
     rates = {}
     for mode, runs in results.items():
-        rates[mode] = statistics.median(rate for rate, _ in runs)
-        p50 = statistics.median(statistics.median(ms) for _, ms in runs)
-        p99 = statistics.median(percentile(ms, 99) for _, ms in runs)
-        print(f"  {mode:14s} {rates[mode]:7.1f} requests/s   p50 {p50:7.1f} ms   p99 {p99:7.1f} ms")
+        rates[mode] = statistics.median(rate for rate, _, _ in runs)
+        p50 = statistics.median(statistics.median(ms) for _, ms, _ in runs)
+        p99 = statistics.median(percentile(ms, 99) for _, ms, _ in runs)
+        batch = statistics.mean(size for _, _, sizes in runs for size in sizes)
+        print(f"  {mode:14s} {rates[mode]:7.1f} requests/s   p50 {p50:7.1f} ms   p99 {p99:7.1f} ms   "
+              f"batch {batch:4.1f} photos (mean, per request)")
     print(f"  ratio batched / one at a time: {rates['batched'] / rates['one at a time']:.2f}x   (goal >= 2x)")
 
 
