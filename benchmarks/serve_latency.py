@@ -5,15 +5,19 @@ Usage:
     python benchmarks/serve_latency.py --model-dir outputs/RUN/model --n 300
     python benchmarks/serve_latency.py --image-size 224 --photo ../shared/abid/bin-images/00001.jpg
 
-Starts ``bincount serve`` in a subprocess on a free loopback port, then times on the same photo,
-in alternating blocks of ``--block``: the bare forward ``net(x)`` of the preprocessed photo in
-this process, the handler functions without HTTP (decode + preset + forward), and
-``POST /invocations`` with the JPEG, from two clients on a kept-alive connection: the standard
-library's ``http.client`` (a lean client, as load tools are) and httpx (a convenient one, whose
-own per-request cost is part of its figure). Prints p50/p99 of each over ``--n`` timings, in
-milliseconds, the server's own account of the http.client requests (its ``Server-Timing``
-header: decode, preprocess + forward, handler total; and the rest, the HTTP round trip), and the
-ratio HTTP (http.client) / bare forward (the goal is p50 <= 1.2x).
+Starts ``bincount serve`` and the floor server (``serve_floor.py``: the same handler functions
+on the event loop, with no batching and no thread hand-offs, i.e. what HTTP and decoding alone
+cost here) in subprocesses on free loopback ports, then times on the same photo, in alternating
+blocks of ``--block``: the bare forward ``net(x)`` of the preprocessed photo in this process,
+the handler functions without HTTP (decode + preset + forward), ``POST /invocations`` with the
+JPEG to ``bincount serve`` from two clients on a kept-alive connection: the standard library's
+``http.client`` (a lean client, as load tools are) and httpx (a convenient one, whose own
+per-request cost is part of its figure), and the same http.client request to the floor server.
+Prints p50/p99 of each over ``--n`` timings, in milliseconds, the server's own account of the
+http.client requests (its ``Server-Timing`` header: decode, preprocess + forward, handler total;
+and the rest, the HTTP round trip), and the ratios to the bare forward of ``bincount serve`` (the
+goal is p50 <= 1.2x) and of the floor server (what FastAPI + uvicorn cost here with nothing
+around the handler functions).
 
 Blocks, with a pause between them, because after a forward pass torch's OpenMP threads spin
 for a while (milliseconds): timing this process and the server back to back would have each
@@ -56,27 +60,30 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
+FLOOR_SERVER = Path(__file__).with_name("serve_floor.py")
+
+
 @contextmanager
-def serving(model_dir: Path, *extra: str):
-    """Run ``bincount serve`` on a free loopback port until the block ends; yield its URL."""
+def serving(model_dir: Path, *extra: str, command: tuple[str, ...] = ("-m", "bincount.cli", "serve")):
+    """Run ``bincount serve`` (or ``python *command``) on a free loopback port until the block ends; yield its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "serve", "--model-dir", str(model_dir),
+    proc = subprocess.Popen([sys.executable, *command, "--model-dir", str(model_dir),
                              "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *extra])
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"bincount serve exited with {proc.returncode}")
+                raise RuntimeError(f"{' '.join(command)} exited with {proc.returncode}")
             try:
                 if httpx.get(f"{url}/ping").status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("bincount serve did not become ready in 120 s")
+                raise RuntimeError(f"{' '.join(command)} did not become ready in 120 s")
             time.sleep(0.2)
         yield url
     finally:
@@ -133,11 +140,14 @@ def main() -> None:
             "handler, no HTTP": lambda: predict_fn(input_fn(data, "image/jpeg"), model),
             "HTTP POST /invocations": lambda: post_stdlib(conn, data),
             "HTTP POST /invocations (httpx)": lambda: client.post("/invocations", **post).raise_for_status(),
+            "floor server, HTTP (http.client)": lambda: post_stdlib(floor_conn, data),
         }
         times: dict[str, list[float]] = {name: [] for name in steps}
         inside: dict[str, list[float]] = {"decode": [], "batch": [], "total": [], "outside": []}
-        with serving(model_dir, *threads) as url, httpx.Client(base_url=url, timeout=60) as client:
+        with (serving(model_dir, *threads) as url, serving(model_dir, *threads, command=(str(FLOOR_SERVER),)) as floor,
+              httpx.Client(base_url=url, timeout=60) as client):
             conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+            floor_conn = http.client.HTTPConnection(floor.removeprefix("http://"), timeout=60)
             for block in range(-1, -(-args.n // args.block)):  # block -1 warms up
                 for name, step in steps.items():
                     time.sleep(0.1)  # let the other process's idle OpenMP threads stop spinning
@@ -163,9 +173,11 @@ def main() -> None:
     for key, ms in inside.items():
         print(summary("  " + names[key], ms))
     bare = times["bare forward net(x)"]
-    over_http = times["HTTP POST /invocations"]
-    print(f"  ratio HTTP (http.client) / bare forward: p50 {statistics.median(over_http) / statistics.median(bare):.2f}x   "
-          f"p99 {percentile(over_http, 99) / percentile(bare, 99):.2f}x   (goal p50 <= 1.2x)")
+    for name, over_http, note in (("bincount serve", times["HTTP POST /invocations"], "goal p50 <= 1.2x"),
+                                  ("floor server", times["floor server, HTTP (http.client)"], "HTTP + decoding alone")):
+        print(f"  ratio {name} (http.client) / bare forward: p50 "
+              f"{statistics.median(over_http) / statistics.median(bare):.2f}x   "
+              f"p99 {percentile(over_http, 99) / percentile(bare, 99):.2f}x   ({note})")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ Starts ``bincount serve`` twice per round in a subprocess on loopback, with ``--
 each send ``--requests`` JPEGs (shared ABID photos). Prints requests/s and p50/p99 latency of each
 (median over ``--rounds``, the two servers alternating), the size of the batch each request
 was counted in (from the server's ``Server-Timing`` header; 1 when one at a time) and the ratio
-batched / one at a time (the goal is >= 2x at 8 clients). Clients and server share this
-machine's CPUs.
+batched / one at a time (the goal is >= 2x at 8 clients). Beside it, timed in this process in
+every round with the server's torch threads: the forward pass alone on a batch of one photo and
+on a batch of ``--clients``, i.e. what batching gives the network itself (decoding, preprocessing
+and HTTP cost the same per photo batched or not). Clients and server share this machine's CPUs.
 """
 
 from __future__ import annotations
@@ -63,6 +65,27 @@ async def load(url: str, photos: list[bytes], clients: int, requests: int) -> tu
     return clients * requests / elapsed, latencies, sizes
 
 
+def forward_ms_per_photo(model_dir: Path, batch_size: int, threads: int | None, repeats: int = 10) -> float:
+    """Median time of the bare forward pass on a batch, per photo, ms (torch threads as the server's)."""
+    from bincount.serve.inference import CountingModel, forward
+
+    model = CountingModel.load(model_dir, device="cpu")
+    size = model.preset.image_size
+    x = torch.randn(batch_size, 3, size, size)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        forward(model, x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            forward(model, x)
+            times.append(1000 * (time.perf_counter() - t0) / batch_size)
+    finally:
+        torch.set_num_threads(before)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=None, help="default: an untrained resnet18")
@@ -79,7 +102,10 @@ def main() -> None:
     results: dict[str, list[tuple[float, list[float], list[int]]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or default_model_dir(args.image_size, Path(tmp))
+        alone: dict[int, list[float]] = {1: [], args.clients: []}
         for _ in range(args.rounds):
+            for batch_size, ms in alone.items():
+                ms.append(forward_ms_per_photo(model_dir, batch_size, args.threads))
             for mode, flags in MODES.items():
                 with serving(model_dir, *flags, *threads) as url:
                     results[mode].append(asyncio.run(load(url, photos, args.clients, args.requests)))
@@ -96,6 +122,9 @@ def main() -> None:
         print(f"  {mode:14s} {rates[mode]:7.1f} requests/s   p50 {p50:7.1f} ms   p99 {p99:7.1f} ms   "
               f"batch {batch:4.1f} photos (mean, per request)")
     print(f"  ratio batched / one at a time: {rates['batched'] / rates['one at a time']:.2f}x   (goal >= 2x)")
+    one, many = (statistics.median(alone[b]) for b in (1, args.clients))
+    print(f"  forward pass alone, this process: batch 1 {one:.2f} ms, batch {args.clients} {many:.2f} ms per photo: "
+          f"{one / many:.2f}x   (what batching gives the network itself)")
 
 
 if __name__ == "__main__":
