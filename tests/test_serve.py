@@ -41,6 +41,7 @@ from bincount.serve.inference import (
     decode_image_bytes,
     decode_image_pixels,
     decode_request,
+    decoder_reason,
     input_fn,
     model_fn,
     output_fn,
@@ -245,8 +246,8 @@ def two_photos(expected) -> Callable[[Path, Path], bytes]:
         pytest.param(b"this is not a photo", "image/jpeg", 400, "not an image", id="text"),
         pytest.param(lambda photo, tmp: truncated(photo), "image/jpeg", 400, "corrupt or truncated image header",
                      id="truncated-header"),
-        pytest.param(lambda photo, tmp: truncated(photo, drop=100), "image/jpeg", 400, "corrupt or truncated JPEG",
-                     id="truncated-pixels"),
+        pytest.param(lambda photo, tmp: truncated(photo, drop=100), "image/jpeg", 400,
+                     "corrupt or truncated JPEG image (Image is incomplete or truncated)", id="truncated-pixels"),
         pytest.param(corrupted, "image/jpeg", 400, "not an image", id="corrupt"),
         pytest.param(png_bytes(), "image/jpeg", 400, "PNG image but Content-Type says JPEG", id="png-as-jpeg"),
         pytest.param(gif_bytes(), "application/x-image", 400, "unsupported image format GIF", id="gif"),
@@ -288,6 +289,19 @@ def test_bad_input_raises_a_request_error(body, content_type, status, message, b
         input_fn(body, content_type)
     assert caught.value.status_code == status
     assert message in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("decode_jpeg, /__w/vision/torchvision/csrc/io/image/cpu/decode_jpeg.cpp:171, Image is incomplete or truncated",
+         "Image is incomplete or truncated"),
+        ("Invalid PNG header\nException raised from decode_png at /src/decode_png.cpp:40", "Invalid PNG header"),
+        ("", "RuntimeError"),
+    ],
+)
+def test_a_decoder_error_reaches_the_client_without_the_decoder_source_path(message, reason):
+    assert decoder_reason(RuntimeError(message)) == reason
 
 
 def test_limits(bundle):
@@ -662,7 +676,8 @@ def test_bincount_serve_command(bundle):
     port = free_port()
     env = {**os.environ, "BINCOUNT_MAX_PIXELS": "5000"}
     proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "serve", "--model-dir", str(bundle.model_dir),
-                             "--port", str(port), "--log-level", "warning", "--review-threshold", "0"], env=env)
+                             "--port", str(port), "--log-level", "warning", "--review-threshold", "0",
+                             "--inline-decode-pixels", "0"], env=env)
     try:
         wait_for_ping(f"http://127.0.0.1:{port}", timeout=90, alive=lambda: proc.poll() is None)
         r = httpx.post(f"http://127.0.0.1:{port}/invocations", content=bundle.photos[2].read_bytes(),

@@ -55,6 +55,9 @@ def add_serve_command(subparsers) -> None:
                         help="photos per forward pass across concurrent requests (1: no batching)")
     parser.add_argument("--max-wait-ms", type=float, default=0.0,
                         help="wait this long for more requests before a forward pass (0: never wait)")
+    parser.add_argument("--inline-decode-pixels", type=int, default=4_000_000,
+                        help="a photo of up to this many pixels is decoded in the forward thread; a larger one "
+                             "beside it, so that it cannot delay other requests (0: always beside)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the forward pass (default: one per core)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -67,7 +70,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     serve(args.model_dir, host=args.host, port=args.port, log_level=args.log_level, threads=args.threads,
           review_threshold=args.review_threshold, limits=_limits(args),
           max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-          device=args.device)
+          inline_decode_pixels=args.inline_decode_pixels, device=args.device)
     return 0
 
 

@@ -41,6 +41,7 @@ import io
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -319,8 +320,18 @@ def decode_image_pixels(data: bytes, fmt: str) -> torch.Tensor:
     try:
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as err:
-        raise RequestError(f"corrupt or truncated {fmt} image ({str(err).splitlines()[0]})") from None
+        raise RequestError(f"corrupt or truncated {fmt} image ({decoder_reason(err)})") from None
     return to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs: the 8 bits training photos have
+
+
+def decoder_reason(err: Exception) -> str:
+    """What the decoder said went wrong, without the source file and line it names.
+
+    torchvision's message reads ``"decode_jpeg, /path/to/decode_jpeg.cpp:171, Image is
+    incomplete or truncated"``: a client needs the last part, not the build path.
+    """
+    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return re.split(r"\S+\.(?:cpp|cc|c|h|hpp):\d+,?\s*", line)[-1].strip() or line
 
 
 def decode_image_bytes(data: bytes, *, limits: Limits, expected_format: str | None = None) -> torch.Tensor:
