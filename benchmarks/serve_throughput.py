@@ -66,10 +66,13 @@ async def load(url: str, photos: list[bytes], clients: int, requests: int) -> tu
 
 
 def forward_ms_per_photo(model_dir: Path, batch_size: int, threads: int | None, repeats: int = 10) -> float:
-    """Median time of the bare forward pass on a batch, per photo, ms (torch threads as the server's)."""
+    """Median time of the bare forward pass on a batch, per photo, ms (torch threads as the server's).
+
+    ``forward`` returns its probabilities on the CPU, so a CUDA forward is timed to its end.
+    """
     from bincount.serve.inference import CountingModel, forward
 
-    model = CountingModel.load(model_dir, device="cpu")
+    model = CountingModel.load(model_dir)  # on the device the server picks (CUDA when available)
     size = model.preset.image_size
     x = torch.randn(batch_size, 3, size, size)
     before = torch.get_num_threads()
