@@ -298,6 +298,7 @@ def test_bad_input_raises_a_request_error(body, content_type, status, message, b
          "Image is incomplete or truncated"),
         ("Invalid PNG header\nException raised from decode_png at /src/decode_png.cpp:40", "Invalid PNG header"),
         ("", "RuntimeError"),
+        ("decode_png, /src/decode_png.cpp:40", "RuntimeError"),  # nothing but the path: no path either
     ],
 )
 def test_a_decoder_error_reaches_the_client_without_the_decoder_source_path(message, reason):

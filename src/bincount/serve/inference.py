@@ -330,8 +330,9 @@ def decoder_reason(err: Exception) -> str:
     torchvision's message reads ``"decode_jpeg, /path/to/decode_jpeg.cpp:171, Image is
     incomplete or truncated"``: a client needs the last part, not the build path.
     """
-    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return re.split(r"\S+\.(?:cpp|cc|c|h|hpp):\d+,?\s*", line)[-1].strip() or line
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else ""
+    return re.split(r"\S+\.(?:cpp|cc|c|h|hpp):\d+,?\s*", line)[-1].strip() or type(err).__name__
 
 
 def decode_image_bytes(data: bytes, *, limits: Limits, expected_format: str | None = None) -> torch.Tensor:
