@@ -4,8 +4,8 @@ FastAPI + uvicorn, like ``bincount serve``, with one endpoint that reads the pho
 with the same handler functions (:func:`~bincount.serve.inference.decode_image_bytes`,
 :func:`~bincount.serve.inference.predict_fn`, :func:`~bincount.serve.inference.output_fn`) right
 on the event loop: no batching, no thread hand-offs, no Server-Timing. What it costs over the
-bare forward is what HTTP and decoding alone cost on this machine, so no server design can
-answer faster. For benchmarks only: it blocks its event loop for the whole forward pass, which
+bare forward is what this HTTP stack and decoding alone cost on this machine: no server built
+on them answers faster. For benchmarks only: it blocks its event loop for the whole forward pass, which
 a real server must not (nothing else is answered meanwhile, not even ``/ping``).
 
 Usage (``serve_latency.py`` starts it on a free port):

@@ -65,14 +65,14 @@ async def load(url: str, photos: list[bytes], clients: int, requests: int) -> tu
     return clients * requests / elapsed, latencies, sizes
 
 
-def forward_ms_per_photo(model_dir: Path, batch_size: int, threads: int | None, repeats: int = 10) -> float:
-    """Median time of the bare forward pass on a batch, per photo, ms (torch threads as the server's).
+def forward_ms_per_photo(model, batch_size: int, threads: int | None, repeats: int = 10) -> float:
+    """Median time of the bare forward pass of ``model`` (a ``CountingModel``) on a batch, per photo, ms.
 
-    ``forward`` returns its probabilities on the CPU, so a CUDA forward is timed to its end.
+    Run with the server's torch threads. ``forward`` returns its probabilities on the CPU, so a
+    CUDA forward is timed to its end.
     """
-    from bincount.serve.inference import CountingModel, forward
+    from bincount.serve.inference import forward
 
-    model = CountingModel.load(model_dir)  # on the device the server picks (CUDA when available)
     size = model.preset.image_size
     x = torch.randn(batch_size, 3, size, size)
     before = torch.get_num_threads()
@@ -105,10 +105,13 @@ def main() -> None:
     results: dict[str, list[tuple[float, list[float], list[int]]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or default_model_dir(args.image_size, Path(tmp))
+        from bincount.serve.inference import CountingModel
+
+        model = CountingModel.load(model_dir)  # on the device the server picks (CUDA when available)
         alone: dict[int, list[float]] = {1: [], args.clients: []}
         for _ in range(args.rounds):
             for batch_size, ms in alone.items():
-                ms.append(forward_ms_per_photo(model_dir, batch_size, args.threads))
+                ms.append(forward_ms_per_photo(model, batch_size, args.threads))
             for mode, flags in MODES.items():
                 with serving(model_dir, *flags, *threads) as url:
                     results[mode].append(asyncio.run(load(url, photos, args.clients, args.requests)))
