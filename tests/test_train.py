@@ -88,6 +88,32 @@ def test_eval_all_from_checkpoint_and_load_without_hydra(train_cfg, tmp_path, fa
         evaluate(set_output_dir(neither, tmp_path / "e2"))
 
 
+def test_with_ema_test_and_export_use_the_validated_average(train_cfg, tmp_path, fake_abid):
+    root, _ = fake_abid
+    ema = "callbacks.ema={_target_: lightning.pytorch.callbacks.EMAWeightAveraging, decay: 0.5}"
+    cfg = train_cfg(ema, "trainer.max_epochs=2")
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    config = json.loads((run / "model" / "model_config.json").read_text())
+    ckpt = torch.load(run / "checkpoints" / config["checkpoint"], map_location="cpu", weights_only=False)
+    exported = torch.load(run / "model" / "model.pt", weights_only=True)
+    averaged = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    raw = {k.removeprefix("net."): v for k, v in ckpt["current_model_state"].items() if k.startswith("net.")}
+    assert exported.keys() == averaged.keys()
+    assert all(torch.equal(exported[k], averaged[k]) for k in exported)
+    assert not all(torch.equal(exported[k], raw[k]) for k in exported)  # the average is not the raw weights
+
+    # the run's own test report, eval of model/ and eval of the checkpoint agree photo by photo
+    report = json.loads((run / "metrics.json").read_text())
+    for name, source in (("from_model_dir", f"model_dir={run / 'model'}"),
+                         ("from_checkpoint", f"ckpt_path={run / 'checkpoints' / config['checkpoint']}")):
+        eval_cfg = compose_cfg("eval", [f"data.root={root}", *FAST, "data.split=block", source])
+        again = evaluate(set_output_dir(eval_cfg, tmp_path / name))
+        assert (again["acc"], again["mae"], again["confusion_matrix"]) == (
+            report["acc"], report["mae"], report["confusion_matrix"]), name
+        assert (tmp_path / name / "predictions.csv").read_text() == (run / "predictions.csv").read_text(), name
+
+
 @pytest.mark.slow
 def test_resume_from_last_continues_the_step_count(train_cfg, tmp_path):
     out = tmp_path / "run"

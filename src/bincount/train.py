@@ -14,15 +14,15 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from bincount.config import config_dir
 from bincount.data.datamodule import ABIDDataModule
 from bincount.models.calibration import calibrate, held_out_report
-from bincount.models.decoding import with_tta
 from bincount.models.export import save_model_dir
-from bincount.models.module import BinCountModule
+from bincount.models.module import BinCountModule, gather_by_index
 from bincount.report import print_report, write_report
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,30 @@ def report_test(trainer: L.Trainer, model: BinCountModule, datamodule: ABIDDataM
     return metrics
 
 
+def load_selected_weights(trainer: L.Trainer, model: BinCountModule, checkpoint_path: str) -> None:
+    """Load the weights that validation chose into ``model``, on every rank.
+
+    They are the checkpoint's ``state_dict``: with ``EMAWeightAveraging`` that is the average
+    (the weights validation scored); the raw weights of that step are in ``current_model_state``,
+    which ``trainer.test(ckpt_path=...)`` would restore while the callback is attached. Only
+    global rank 0 reads the file, because ``ModelCheckpoint`` writes on its disk alone and the
+    instances of a multi-instance job share no disk; the other ranks get the tensors broadcast.
+
+    Raises:
+        FileNotFoundError: On global rank 0, if the checkpoint is missing.
+    """
+    state = None
+    if trainer.is_global_zero:
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict(trainer.strategy.broadcast(state, src=0))
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, test the best checkpoint, write the report and export ``model/``.
+    """Fit, then test, calibrate and export the weights of the best checkpoint.
+
+    Works on any number of processes and instances (instances need share no disk): every rank
+    tests its share of the test split and predicts its share of the validation split; global
+    rank 0 writes the report and ``model/``.
 
     Args:
         cfg: The composed ``train.yaml`` config.
@@ -70,30 +92,36 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if not cfg.get("test", True):
+        return metrics
 
-    if cfg.get("test", True):
-        monitored = [cb for cb in trainer.checkpoint_callbacks if cb.monitor]
-        best = monitored[0].best_model_path if monitored else ""
-        if not best:
-            log.warning("no best checkpoint (no validation ran?); testing the final weights")
-        rank_zero_info(f"testing {best or 'the final weights'}")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-        calibration, held_out = None, None
-        if trainer.is_global_zero:
-            decode = model.hparams.decode
-            calibration = calibrate(with_tta(model.net, model.hparams.tta), datamodule.val_dataloader(), decode=decode)
-            held_out = held_out_report(model.test_predictions["probs"], model.test_predictions["target"], calibration,
-                                       decode=decode)
+    monitored = [cb for cb in trainer.checkpoint_callbacks if cb.monitor]
+    best = monitored[0].best_model_path if monitored else ""
+    if best:
+        load_selected_weights(trainer, model, best)
+    else:
+        log.warning("no best checkpoint (no validation ran?); testing the final weights")
+    rank_zero_info(f"testing {best or 'the final weights'}")
+    trainer.test(model, datamodule=datamodule)
+    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+
+    # calibration needs the whole validation split: every rank predicts its share, all are gathered
+    model.to(trainer.strategy.root_device)
+    val = gather_by_index(trainer.strategy, model.predict_batches(datamodule.val_dataloader()))
+    model.cpu()
+    if trainer.is_global_zero:
+        decode = model.hparams.decode
+        calibration = calibrate(val["logits"], val["target"], decode=decode)
+        held_out = held_out_report(model.test_predictions["probs"], model.test_predictions["target"], calibration,
+                                   decode=decode)
         report_test(trainer, model, datamodule, out_dir, title=f"test split of {datamodule.root}", extra=held_out)
-        if trainer.is_global_zero:
-            save_model_dir(
-                model.net, out_dir / "model", arch=model.hparams.arch, min_count=model.hparams.min_count,
-                max_count=model.hparams.max_count, preset=datamodule.eval_preset.to_config(),
-                extra={"decode": model.hparams.decode, "tta": model.hparams.tta,
-                       "checkpoint": Path(best).name if best else None, "calibration": calibration},
-            )
-            rank_zero_info(f"run folder: {out_dir}")
+        save_model_dir(
+            model.net, out_dir / "model", arch=model.hparams.arch, min_count=model.hparams.min_count,
+            max_count=model.hparams.max_count, preset=datamodule.eval_preset.to_config(),
+            extra={"decode": decode, "tta": model.hparams.tta,
+                   "checkpoint": Path(best).name if best else None, "calibration": calibration},
+        )
+        rank_zero_info(f"run folder: {out_dir}")
     return metrics
 
 

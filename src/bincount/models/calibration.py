@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
-
 import numpy as np
 import torch
 from sklearn.metrics import precision_recall_curve
-from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassCalibrationError
 
@@ -33,36 +30,6 @@ log = logging.getLogger(__name__)
 
 NEVER = math.nextafter(1.0, 2.0)
 """A threshold no probability reaches: every verdict is "review"."""
-
-
-@torch.no_grad()
-def collect_logits(net: nn.Module, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``net`` in eval mode over ``loader``.
-
-    Args:
-        net: ``(N, 3, S, S)`` images -> ``(N, C)`` logits.
-        loader: Batches ``(images, targets, ...)`` (extra items such as indices are ignored) or
-            ``None`` (a batch whose photos all failed to decode; skipped).
-
-    Returns:
-        ``logits`` ``(N, C)`` float32 and ``targets`` ``(N,)`` class indices, on the CPU.
-    """
-    was_training = net.training
-    net.eval()
-    device = next(net.parameters()).device
-    logits, targets = [], []
-    try:
-        for batch in loader:
-            if batch is None:
-                continue
-            images, target = batch[0], batch[1]
-            logits.append(net(images.to(device)).float().cpu())
-            targets.append(target.cpu())
-    finally:
-        net.train(was_training)
-    if not logits:
-        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(logits), torch.cat(targets)
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, *, max_iter: int = 100) -> float:
@@ -164,13 +131,14 @@ def verdict_stats(confidence: torch.Tensor, correct: torch.Tensor, threshold: fl
     }
 
 
-def calibrate(net: nn.Module, loader: Iterable, *, target_precision: float = 0.95, min_support: int = 30,
+def calibrate(logits: torch.Tensor, targets: torch.Tensor, *, target_precision: float = 0.95, min_support: int = 30,
               n_bins: int = 15, decode: str = "argmax") -> dict:
     """Fit the temperature and the review threshold on held-out labelled photos (the validation split).
 
     Args:
-        net: The trained backbone, ``(N, 3, S, S)`` -> ``(N, C)`` logits.
-        loader: Validation batches ``(images, targets, ...)`` or ``None``.
+        logits: ``(N, C)`` the trained model's logits of every validation photo (all ranks'
+            shares gathered: :func:`bincount.models.module.gather_by_index`).
+        targets: ``(N,)`` their class indices.
         target_precision: Wanted precision of "match" verdicts.
         min_support: Fewest validation photos the threshold must answer (see :func:`choose_review_threshold`).
         n_bins: ECE bins.
@@ -183,11 +151,11 @@ def calibrate(net: nn.Module, loader: Iterable, *, target_precision: float = 0.9
         ``precision`` (of the threshold on these photos) and ``n`` (photos used).
 
     Raises:
-        ValueError: If ``loader`` yields no photo.
+        ValueError: If there is no photo.
     """
-    logits, targets = collect_logits(net, loader)
     if len(targets) == 0:
-        raise ValueError("calibration needs labelled photos; the loader yielded none")
+        raise ValueError("calibration needs labelled photos; the validation split yielded none")
+    logits, targets = logits.detach().float().cpu(), targets.detach().cpu()
     temperature = fit_temperature(logits, targets)
     probs = logits.softmax(dim=1)
     calibrated = (logits / temperature).softmax(dim=1)

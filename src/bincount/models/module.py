@@ -29,6 +29,40 @@ def soft_count_targets(targets: torch.Tensor, num_classes: int, sigma: float) ->
     return logits.softmax(dim=1)
 
 
+def gather_by_index(strategy, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank's per-photo rows, on every rank, in dataset order, each photo once.
+
+    Under DDP each rank holds its share of a split (DistributedSampler, or litdata's sharding),
+    possibly padded with repeated photos or, with the folder DataModule outside a Trainer loop,
+    the whole split: keeping the first row of each ``index`` gives each photo exactly once.
+    A collective call: every rank must make it.
+
+    Args:
+        strategy: The Trainer's strategy (``trainer.strategy``); one process needs no gathering.
+        local: ``index`` ``(N,)`` dataset indices, and other per-photo tensors with ``N`` rows;
+            ``N`` may differ between ranks (a photo that failed to decode is missing).
+
+    Returns:
+        The same keys with the rows of every rank, on the CPU, sorted by ``index``.
+    """
+    if strategy.world_size > 1:
+        device = strategy.root_device  # NCCL gathers on the GPU
+        local = {k: v.to(device) for k, v in local.items()}
+        # all_gather needs equal shapes: pad to the longest share with index -1
+        longest = int(strategy.all_gather(torch.tensor(len(local["index"]), device=device)).max())
+        pad = longest - len(local["index"])
+        local = {k: torch.cat([v, v.new_full((pad, *v.shape[1:]), -1 if k == "index" else 0)])
+                 for k, v in local.items()}
+        gathered = {k: v.flatten(0, 1) for k, v in strategy.all_gather(local).items()}
+        real = gathered["index"] >= 0
+        local = {k: v[real] for k, v in gathered.items()}
+    order = torch.argsort(local["index"], stable=True)
+    local = {k: v[order].cpu() for k, v in local.items()}
+    keep = torch.ones_like(local["index"], dtype=torch.bool)
+    keep[1:] = local["index"][1:] != local["index"][:-1]
+    return {k: v[keep] for k, v in local.items()}
+
+
 class BinCountModule(L.LightningModule):
     """Counting as classification over ``min_count..max_count``.
 
@@ -177,26 +211,39 @@ class BinCountModule(L.LightningModule):
                 "target": torch.empty(0, dtype=torch.long, device=self.device),
                 "probs": torch.empty(0, self.num_classes, device=self.device),
             }
-        if self.trainer.world_size > 1:
-            # all_gather needs equal shapes; ranks differ when a photo failed to decode
-            longest = int(self.all_gather(torch.tensor(len(local["index"]), device=self.device)).max())
-            pad = longest - len(local["index"])
-            local = {
-                "index": F.pad(local["index"], (0, pad), value=-1),
-                "target": F.pad(local["target"], (0, pad)),
-                "probs": F.pad(local["probs"], (0, 0, 0, pad)),
-            }
-            gathered = {k: v.flatten(0, 1) for k, v in self.all_gather(local).items()}
-            real = gathered["index"] >= 0
-            gathered = {k: v[real] for k, v in gathered.items()}
-        else:
-            gathered = local
-        order = torch.argsort(gathered["index"], stable=True)
-        gathered = {k: v[order].cpu() for k, v in gathered.items()}
-        keep = torch.ones_like(gathered["index"], dtype=torch.bool)
-        keep[1:] = gathered["index"][1:] != gathered["index"][:-1]
-        self.test_predictions = {k: v[keep] for k, v in gathered.items()}
+        self.test_predictions = gather_by_index(self.trainer.strategy, local)
         self.test_outputs = []
+
+    @torch.no_grad()
+    def predict_batches(self, loader) -> dict[str, torch.Tensor]:
+        """This rank's per-photo logits over ``loader``, in eval mode (with the model's TTA).
+
+        Args:
+            loader: Batches ``(images, targets, indices)``, or ``None`` for a batch whose photos all
+                failed to decode (skipped).
+
+        Returns:
+            ``index`` ``(N,)``, ``target`` ``(N,)`` and ``logits`` ``(N, num_classes)`` float32, on
+            the model's device.
+        """
+        was_training = self.training
+        self.eval()
+        rows: dict[str, list[torch.Tensor]] = {"index": [], "target": [], "logits": []}
+        try:
+            for batch in loader:
+                if batch is None:
+                    continue
+                images, targets, indices = batch
+                rows["logits"].append(self(images.to(self.device)).float())
+                rows["target"].append(targets.to(self.device))
+                rows["index"].append(torch.as_tensor(indices, device=self.device))
+        finally:
+            self.train(was_training)
+        if not rows["index"]:
+            return {"index": torch.empty(0, dtype=torch.long, device=self.device),
+                    "target": torch.empty(0, dtype=torch.long, device=self.device),
+                    "logits": torch.empty(0, self.num_classes, device=self.device)}
+        return {k: torch.cat(v) for k, v in rows.items()}
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor] | None:
         if batch is None:
