@@ -253,8 +253,8 @@ class RequestHook:
       ``{"CreateTrainingJob": {"ProfilerConfig": {...}}}``);
     - keep every SageMaker ``Create*`` request as sent (``sent``), so the launcher knows the job name;
     - in a dry run, send nothing: ``Create*`` raises :class:`DryRun` carrying the request, S3 uploads
-      are answered locally and recorded (``uploads``), any other call is refused (``AccessDenied``,
-      which the SDK treats as "cannot verify").
+      are answered locally and recorded with their contents (``files``: ``s3://bucket/key`` -> bytes),
+      any other call is refused (``AccessDenied``, which the SDK treats as "cannot verify").
 
     Args:
         boto_session: The ``boto3.Session`` every client of the job is made from (register before
@@ -267,7 +267,7 @@ class RequestHook:
         self.extra = extra or {}
         self.dry_run = dry_run
         self.sent: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        self.uploads: list[str] = []
+        self.files: dict[str, bytes] = {}
         boto_session.events.register("before-parameter-build.sagemaker", self._sagemaker_params)
         if dry_run:
             boto_session.events.register("before-parameter-build.s3.PutObject", self._s3_put)
@@ -280,8 +280,23 @@ class RequestHook:
             if self.dry_run:
                 raise DryRun(model.name, copy.deepcopy(params))
 
+    @property
+    def uploads(self) -> list[str]:
+        """The ``s3://`` URIs of :attr:`files`, in upload order."""
+        return list(self.files)
+
     def _s3_put(self, params: dict[str, Any], **_: Any) -> None:
-        self.uploads.append(f"s3://{params['Bucket']}/{params['Key']}")
+        # ModelTrainer uploads `code` and `sm_drivers` file by file (Session.upload_data -> S3Transfer):
+        # small files are one PutObject whose Body is a file-like chunk reader; read it and rewind,
+        # so botocore can still compute its checksum from the start
+        body = params.get("Body", b"")
+        if hasattr(body, "read"):
+            start = body.tell()
+            data = body.read()
+            body.seek(start)
+        else:
+            data = body.encode() if isinstance(body, str) else bytes(body)
+        self.files[f"s3://{params['Bucket']}/{params['Key']}"] = data
 
     def _refuse(self, model, **_: Any):
         from botocore.awsrequest import AWSResponse
@@ -407,12 +422,15 @@ class Submission:
         job_name: The training job's name.
         uploads: S3 objects a dry run would have written.
         dry_run: Nothing was sent.
+        files: In a dry run, the contents of ``uploads`` (``s3://bucket/key`` -> bytes): the code and
+            the SDK's container drivers (``sm_drivers/``, with the generated ``sm_train.sh``).
     """
 
     request: dict[str, Any]
     job_name: str
     uploads: list[str]
     dry_run: bool
+    files: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
 def submit_training_job(plan: TrainingJobPlan, *, dry_run: bool = False, wait: bool = False) -> Submission:
@@ -431,7 +449,7 @@ def submit_training_job(plan: TrainingJobPlan, *, dry_run: bool = False, wait: b
         try:
             trainer.train(input_data_config=channels(sm) or None, wait=False, logs=False)
         except DryRun as stop:
-            return Submission(stop.params, stop.params["TrainingJobName"], hook.uploads, True)
+            return Submission(stop.params, stop.params["TrainingJobName"], hook.uploads, True, dict(hook.files))
     request = hook.sent["CreateTrainingJob"][-1]
     name = request["TrainingJobName"]
     print(f"training job {name}\n  {console_url(sm.region, name)}", flush=True)

@@ -1,0 +1,69 @@
+"""A launcher dry run laid out as a SageMaker training container (tests/sagemaker_container.py),
+run with the SDK's own container drivers."""
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sagemaker_launch import launch
+from tests.moto_server import aws, moto_server  # noqa: F401  (fixtures)
+from tests.sagemaker_container import lay_out_container
+
+QUICKSTART_CPU = ["+experiment=quickstart", "sagemaker=cpu", "sagemaker.inputs.train=s3://b/abid", "--dry-run"]
+
+
+def read_env_file(path) -> dict[str, str]:
+    """The variables an ``export NAME='value'`` file sets, read back by bash itself."""
+    out = subprocess.run(["bash", "-c", f"set -a; source {shlex.quote(str(path))}; env -0"], env={},
+                         capture_output=True, check=True).stdout.decode()
+    return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
+
+
+def test_a_dry_run_laid_out_runs_the_sdk_environment_step(aws, tmp_path):
+    sub = launch.main(QUICKSTART_CPU)
+    assert aws.requests() == []
+    abid = tmp_path / "abid"
+    abid.mkdir()
+    box = lay_out_container(sub, tmp_path / "algo-1", host="algo-1", hosts=["algo-1"], channels={"train": abid},
+                            master_port=29512)
+    root = box.root
+    config = {name: json.loads((root / "input" / "config" / f"{name}.json").read_text())
+              for name in ("resourceconfig", "inputdataconfig", "hyperparameters")}
+    assert config["hyperparameters"] == sub.request["HyperParameters"]
+    assert config["resourceconfig"]["current_host"] == "algo-1"
+    assert config["resourceconfig"]["current_instance_type"] == "ml.m5.xlarge"
+    assert sorted(config["inputdataconfig"]) == ["code", "sm_drivers", "train"]
+    assert (root / "input" / "data" / "code" / "sagemaker_launch" / "entry.py").is_file()
+    assert "/opt/ml" not in (root / "input" / "data" / "sm_drivers" / "sm_train.sh").read_text()
+    assert not (root / "input" / "data" / "code" / "requirements.txt").read_text().strip().endswith(".")
+    assert all("/opt/ml" not in a for a in box.argv) and box.argv[0] == "/bin/bash"
+    assert box.env["SM_CHECKPOINT_DIR"] == str(root / "checkpoints")
+    assert box.env["TRAINING_JOB_NAME"] == sub.job_name
+    assert box.env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
+
+    # the SDK's environment step, as sm_train.sh runs it
+    step = subprocess.run(["python3", str(root / "input" / "data" / "sm_drivers" / "scripts" / "environment.py")],
+                          env=box.env, capture_output=True, text=True, timeout=60)
+    assert step.returncode == 0, step.stdout + step.stderr
+    env = read_env_file(root / "input" / "sm_training.env")
+    assert env["SM_CHANNEL_TRAIN"] == str(root / "input" / "data" / "train")
+    assert env["SM_MODEL_DIR"] == str(root / "model") and env["SM_OUTPUT_DATA_DIR"] == str(root / "output" / "data")
+    assert env["SM_INPUT_CONFIG_DIR"] == str(root / "input" / "config")
+    assert env["SM_ENTRY_SCRIPT"] == "sagemaker_launch/entry.py"
+    assert (env["SM_MASTER_ADDR"], env["SM_MASTER_PORT"]) == ("127.0.0.1", "29512")
+    assert json.loads(env["SM_HPS"]) == {"_add__experiment": "quickstart", "trainer__accelerator": "cpu"}
+    assert env["SM_HOSTS"] == '["algo-1"]' and env["SM_CURRENT_HOST_RANK"] == "0"
+
+
+def test_layout_refuses_what_it_cannot_lay_out(aws, tmp_path):
+    sub = launch.main(QUICKSTART_CPU)
+    with pytest.raises(ValueError, match="channel 'train'"):
+        lay_out_container(sub, tmp_path / "a", host="algo-1", hosts=["algo-1"])
+    with pytest.raises(ValueError, match="InstanceCount"):
+        lay_out_container(sub, tmp_path / "b", host="algo-1", hosts=["algo-1", "algo-2"], channels={"train": tmp_path})
+    with pytest.raises(ValueError, match="whitespace"):
+        lay_out_container(sub, tmp_path / "c d", host="algo-1", hosts=["algo-1"], channels={"train": tmp_path})
