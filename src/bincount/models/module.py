@@ -53,7 +53,7 @@ def gather_by_index(strategy, local: dict[str, torch.Tensor]) -> dict[str, torch
         pad = longest - len(local["index"])
         local = {k: torch.cat([v, v.new_full((pad, *v.shape[1:]), -1 if k == "index" else 0)])
                  for k, v in local.items()}
-        gathered = {k: v.flatten(0, 1) for k, v in strategy.all_gather(local).items()}
+        gathered = {k: strategy.all_gather(v).flatten(0, 1) for k, v in local.items()}
         real = gathered["index"] >= 0
         local = {k: v[real] for k, v in gathered.items()}
     order = torch.argsort(local["index"], stable=True)
