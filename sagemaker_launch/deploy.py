@@ -1,4 +1,4 @@
-"""Deploy a trained model to a SageMaker real-time endpoint, ask it for counts, delete it.
+"""Deploy a trained model to a SageMaker real-time endpoint (or update one), ask it for counts, delete it.
 
 Usage:
     python -m sagemaker_launch.deploy model_data=s3://BUCKET/bincount/JOB/output/model.tar.gz endpoint=bincount-prod
@@ -8,20 +8,26 @@ Usage:
 
 ``key=value`` arguments are overrides of ``conf/deploy.yaml`` (composed with Hydra, so a typo
 fails before anything is created). Deploying creates a model (the AWS PyTorch inference image,
-``model.tar.gz`` from ``model_data`` or the training job ``job``), an endpoint config and an
-endpoint, all named ``endpoint``. ``model.tar.gz`` is what a training job's entry wrote to
-``$SM_MODEL_DIR``: ``model.pt``, ``model_config.json`` and ``code/`` with ``inference.py``
-(:mod:`bincount.serve.inference`'s ``model_fn``/``input_fn``/``predict_fn``/``output_fn``).
-``invoke`` sends the photos (local files, or S3 URIs the endpoint reads) in one JSON request and
-prints a count (and, with ``expected_quantity``, a verdict) per photo; ``delete`` removes the
-endpoint, its config and its models.
+``model.tar.gz`` from ``model_data`` or the training job ``job``) and an endpoint config, both
+named ``<endpoint>-<timestamp>``, then creates endpoint ``endpoint`` on them, or, if that
+endpoint exists, points it at them with UpdateEndpoint (SageMaker swaps the instances without
+downtime; the previous model and config stay until ``delete``). ``model.tar.gz`` is what a
+training job's entry wrote to ``$SM_MODEL_DIR``: ``model.pt``, ``model_config.json`` and
+``code/`` with ``inference.py`` (:mod:`bincount.serve.inference`'s
+``model_fn``/``input_fn``/``predict_fn``/``output_fn``). ``invoke`` sends the photos (local
+files inline as base64, or S3 URIs the endpoint reads) in JSON requests, as many photos per
+request as fit InvokeEndpoint's 6 MiB body limit and the handler's photo limit, and prints a
+count (and, with ``expected_quantity``, a verdict) per photo, in the photos' order; ``delete``
+removes the endpoint and every endpoint config and model deployed under its name.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -102,47 +108,120 @@ def model_data_of(cfg: DictConfig, session) -> str:
     return job.model_artifacts.s3_model_artifacts
 
 
+# names of what one deploy makes: sagemaker.core.common_utils.name_from_base's timestamp
+TIMESTAMP = r"\d{4}-\d{2}-\d{2}-\d{2}-\d{2}-\d{2}-\d{3}"
+MAX_NAME = 63  # SageMaker's limit for model, endpoint config and endpoint names
+MAX_ENDPOINT_NAME = MAX_NAME - len("-2026-01-01-00-00-00-000")
+
+
+def endpoint_name(cfg: DictConfig) -> str:
+    """``cfg.endpoint``, else ``bincount-<UTC time>``.
+
+    Raises:
+        ValueError: If the name is longer than :data:`MAX_ENDPOINT_NAME` characters (its models
+            and configs, ``<endpoint>-<timestamp>``, must fit SageMaker's 63).
+    """
+    name = str(cfg.endpoint or f"bincount-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    if len(name) > MAX_ENDPOINT_NAME:
+        raise ValueError(f"endpoint={name} is {len(name)} characters; at most {MAX_ENDPOINT_NAME}, so that its "
+                         f"models and endpoint configs, named <endpoint>-<timestamp>, fit SageMaker's {MAX_NAME}")
+    return name
+
+
+def deployed_under(name: str) -> re.Pattern:
+    """Names of the models and endpoint configs deployed for endpoint ``name``: ``name`` itself
+    (what earlier versions of this module made) or ``name-<timestamp>``."""
+    return re.compile(rf"{re.escape(name)}(-{TIMESTAMP})?")
+
+
+def find_endpoint(name: str, session, region: str):
+    """Endpoint ``name``, or ``None`` if there is none.
+
+    Raises:
+        botocore.exceptions.ClientError: Any error but "Could not find endpoint".
+    """
+    from botocore.exceptions import ClientError
+    from sagemaker.core.resources import Endpoint
+
+    try:
+        return Endpoint.get(endpoint_name=name, session=session, region=region)
+    except ClientError as err:
+        error = err.response.get("Error", {})
+        if error.get("Code") == "ValidationException" and "Could not find endpoint" in error.get("Message", ""):
+            return None
+        raise
+
+
 @dataclass
 class Deployment:
-    """What :func:`create_endpoint` made (model, endpoint config and endpoint share ``name``).
+    """What :func:`create_endpoint` made.
 
     Attributes:
         name: The endpoint's name.
         model_data: The deployed ``model.tar.gz``.
         image_uri: The serving image.
         status: The endpoint's status when :func:`create_endpoint` returned.
+        model: The new model's name (also the new endpoint config's).
+        previous_config: The endpoint config the endpoint served before this update
+            (``None``: the endpoint was created).
     """
 
     name: str
     model_data: str
     image_uri: str
     status: str
+    model: str = ""
+    previous_config: str | None = None
 
 
 def create_endpoint(cfg: DictConfig) -> Deployment:
-    """Create the model, the endpoint config and the endpoint; wait for InService if ``cfg.wait``.
+    """Create a model and an endpoint config, then create endpoint ``cfg.endpoint`` on them or
+    update it to them if it exists; wait for InService if ``cfg.wait``.
+
+    Args:
+        cfg: ``conf/deploy.yaml``.
+
+    Returns:
+        What was deployed.
 
     Raises:
-        ValueError: No role (``role=`` or ``$SAGEMAKER_ROLE``), or see :func:`model_data_of`.
+        ValueError: No role (``role=`` or ``$SAGEMAKER_ROLE``), an existing endpoint that is not
+            InService (it cannot be updated), or see :func:`model_data_of` and :func:`endpoint_name`.
     """
+    from sagemaker.core.common_utils import name_from_base
     from sagemaker.core.resources import Endpoint, EndpointConfig, Model
     from sagemaker.core.shapes import ContainerDefinition, ProductionVariant
 
     if not cfg.role:
         raise ValueError("the model needs an execution role: role=arn:aws:iam::ACCOUNT:role/NAME or $SAGEMAKER_ROLE")
+    name = endpoint_name(cfg)
     session = boto_session(cfg)
-    name = cfg.endpoint or f"bincount-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     model_data, image = model_data_of(cfg, session), inference_image(cfg)
+    endpoint = find_endpoint(name, session, cfg.region)
+    if endpoint is not None and endpoint.endpoint_status != "InService":
+        raise ValueError(f"endpoint {name} is {endpoint.endpoint_status}: it can be updated only when InService "
+                         f"(wait for it, or delete it: python -m sagemaker_launch.deploy delete endpoint={name})")
+    resource = name_from_base(name)  # unique: the endpoint's current model and config are still in use
     environment = {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
                    "SAGEMAKER_REGION": str(cfg.region), "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
                    **{str(k): str(v) for k, v in (cfg.environment or {}).items()}}
-    Model.create(model_name=name, execution_role_arn=cfg.role, session=session, region=cfg.region,
+    Model.create(model_name=resource, execution_role_arn=cfg.role, session=session, region=cfg.region,
                  primary_container=ContainerDefinition(image=image, model_data_url=model_data, environment=environment))
-    EndpointConfig.create(endpoint_config_name=name, session=session, region=cfg.region, production_variants=[
-        ProductionVariant(variant_name="AllTraffic", model_name=name, instance_type=cfg.instance_type,
+    EndpointConfig.create(endpoint_config_name=resource, session=session, region=cfg.region, production_variants=[
+        ProductionVariant(variant_name="AllTraffic", model_name=resource, instance_type=cfg.instance_type,
                           initial_instance_count=int(cfg.instance_count))])
-    endpoint = Endpoint.create(endpoint_name=name, endpoint_config_name=name, session=session, region=cfg.region)
-    print(f"endpoint {name} ({cfg.instance_count} x {cfg.instance_type}, {image})\n  model {model_data}\n"
+    previous = None
+    if endpoint is None:
+        endpoint = Endpoint.create(endpoint_name=name, endpoint_config_name=resource, session=session,
+                                   region=cfg.region)
+        action = "endpoint"
+    else:
+        previous = endpoint.endpoint_config_name
+        endpoint.endpoint_config_name = resource
+        endpoint.update()
+        action = f"updating endpoint (was config {previous}, kept until delete)"
+    print(f"{action} {name} ({cfg.instance_count} x {cfg.instance_type}, {image})\n"
+          f"  model and endpoint config {resource}: {model_data}\n"
           f"  https://{cfg.region}.console.aws.amazon.com/sagemaker/home?region={cfg.region}#/endpoints/{name}")
     try:
         line = cost.estimate(cfg.instance_type, cfg.instance_count, 1, table="hosting")
@@ -153,69 +232,168 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
     if cfg.wait:
         endpoint.wait_for_status("InService")
     endpoint.refresh()
-    return Deployment(name, model_data, image, str(endpoint.endpoint_status))
+    return Deployment(name, model_data, image, str(endpoint.endpoint_status), resource, previous)
+
+
+# the JSON request, {"instances": [...], "expected_quantity": [...]}, assembled from encoded
+# pieces so that its size is known exactly before it is built (json.dumps' separators)
+_HEAD, _MID, _TAIL, _SEP = '{"instances": [', '], "expected_quantity": [', "]}", ", "
+
+
+@functools.cache
+def max_request_bytes() -> int:
+    """InvokeEndpoint's largest request body in bytes (6 MiB), from botocore's service model.
+
+    botocore's parameter validation does not check it; SageMaker refuses a larger body.
+    """
+    import botocore.session
+
+    runtime = botocore.session.get_session().get_service_model("sagemaker-runtime")
+    return int(runtime.operation_model("InvokeEndpoint").input_shape.members["Body"].metadata["max"])
+
+
+def instance_json(photo: str) -> str:
+    """One photo's entry of the JSON request: ``{"image_b64": ...}`` (local file) or ``{"s3_uri": ...}``."""
+    if photo.startswith("s3://"):
+        return json.dumps({"s3_uri": photo})
+    return json.dumps({"image_b64": base64.b64encode(Path(photo).read_bytes()).decode()})
 
 
 def request_body(photos: list[str], expected_quantity: int | None = None) -> str:
-    """The JSON request for ``photos`` (local files inline as base64, ``s3://`` URIs by reference)."""
-    instances = [{"s3_uri": p} if p.startswith("s3://") else {"image_b64": base64.b64encode(Path(p).read_bytes()).decode()}
-                 for p in photos]
-    return json.dumps({"instances": instances, "expected_quantity": [expected_quantity] * len(photos)})
+    """The JSON request for ``photos`` (local files inline as base64, ``s3://`` URIs by reference).
+
+    ASCII only (``json.dumps`` escapes the rest), so its length in characters is its size in bytes.
+    """
+    expected = _SEP.join([json.dumps(expected_quantity)] * len(photos))
+    return _HEAD + _SEP.join(instance_json(p) for p in photos) + _MID + expected + _TAIL
+
+
+def split_requests(photos: list[str], expected_quantity: int | None = None, *, max_bytes: int,
+                   max_photos: int) -> list[list[str]]:
+    """Split ``photos`` into consecutive groups whose :func:`request_body` fits the limits.
+
+    Each group takes as many photos as fit, in order, so the groups' answers concatenated are
+    the answers in the photos' order. Sizes are those of the encoded entries (every local photo
+    is read and base64-encoded here, once more when its request is built).
+
+    Args:
+        photos: Local files or ``s3://`` URIs.
+        expected_quantity: Sent for every photo (``None``: ``null``).
+        max_bytes: Largest request body, bytes (InvokeEndpoint: :func:`max_request_bytes`).
+        max_photos: Most photos in one request (the handler's ``BINCOUNT_MAX_INSTANCES``).
+
+    Returns:
+        The groups, in order; together exactly ``photos``.
+
+    Raises:
+        ValueError: ``max_photos`` below 1, or a photo whose request alone is over ``max_bytes``.
+    """
+    if max_photos < 1:
+        raise ValueError(f"max_photos={max_photos}: a request must be allowed at least one photo")
+    empty, expected, sep = len(_HEAD + _MID + _TAIL), len(json.dumps(expected_quantity)), 2 * len(_SEP)
+    groups: list[list[str]] = []
+    group: list[str] = []
+    size = empty
+    for photo in photos:
+        entry = len(instance_json(photo)) + expected
+        if empty + entry > max_bytes:
+            raise ValueError(f"{photo}: its request alone is {empty + entry} bytes (a photo grows by 4/3 as base64), "
+                             f"over the limit of {max_bytes} bytes; upload it to S3 and pass its s3:// URI instead")
+        if group and (size + sep + entry > max_bytes or len(group) == max_photos):
+            groups.append(group)
+            group, size = [], empty
+        size += entry + (sep if group else 0)
+        group.append(photo)
+    if group:
+        groups.append(group)
+    return groups
 
 
 def invoke_endpoint(cfg: DictConfig, photos: list[str]) -> dict[str, Any]:
-    """Ask endpoint ``cfg.endpoint`` for the count of every photo, in one JSON request.
+    """Ask endpoint ``cfg.endpoint`` for the count of every photo, in as few JSON requests as fit.
 
-    The request is the handler's JSON form (:mod:`bincount.serve.inference`):
-    ``{"instances": [{"image_b64": ...} or {"s3_uri": ...}], "expected_quantity": [...]}``.
+    Each request is the handler's JSON form (:mod:`bincount.serve.inference`),
+    ``{"instances": [{"image_b64": ...} or {"s3_uri": ...}], "expected_quantity": [...]}``, of at
+    most :func:`max_request_bytes` bytes and ``cfg.max_photos_per_request`` photos (see
+    :func:`split_requests`); every photo is checked to fit before the first request is sent.
 
     Args:
-        cfg: ``conf/deploy.yaml`` (``endpoint``, ``expected_quantity`` for every photo or null).
+        cfg: ``conf/deploy.yaml`` (``endpoint``, ``expected_quantity`` for every photo or null,
+            ``max_photos_per_request``).
         photos: Local JPEG/PNG files, or ``s3://`` URIs the endpoint's role can read.
 
     Returns:
-        The parsed answer, ``{"predictions": [{"count": ..., ...}, ...]}`` in the photos' order.
+        ``{"predictions": [{"count": ..., ...}, ...]}``, one per photo in the photos' order.
 
     Raises:
-        ValueError: No ``endpoint=`` or no photo.
+        ValueError: No ``endpoint=``, no photo, or a photo too large for a request.
+        RuntimeError: If the endpoint answers a request with a different number of predictions.
     """
     from sagemaker.core.resources import Endpoint
 
     if not cfg.endpoint or not photos:
         raise ValueError("invoke needs endpoint=NAME and at least one photo")
+    groups = split_requests(photos, cfg.expected_quantity, max_bytes=max_request_bytes(),
+                            max_photos=int(cfg.max_photos_per_request))
+    if len(groups) > 1:
+        log.info("%d photos in %d requests (InvokeEndpoint takes at most %d bytes, the handler %d photos)",
+                 len(photos), len(groups), max_request_bytes(), cfg.max_photos_per_request)
     session = boto_session(cfg)
     endpoint = Endpoint.get(endpoint_name=cfg.endpoint, session=session, region=cfg.region)
-    out = endpoint.invoke(body=request_body(photos, cfg.expected_quantity), content_type="application/json",
-                          accept="application/json", session=session, region=cfg.region)
-    answer = json.loads(out.body.read() if hasattr(out.body, "read") else out.body)
-    for photo, prediction in zip(photos, answer.get("predictions", [])):
-        verdict = f" ({prediction['verdict']})" if prediction.get("verdict") else ""
-        print(f"{photo}: count {prediction.get('count')}{verdict}  {json.dumps(prediction)}")
-    return answer
+    predictions = []
+    for group in groups:
+        out = endpoint.invoke(body=request_body(group, cfg.expected_quantity), content_type="application/json",
+                              accept="application/json", session=session, region=cfg.region)
+        answer = json.loads(out.body.read() if hasattr(out.body, "read") else out.body)
+        got = answer.get("predictions", [])
+        if len(got) != len(group):
+            raise RuntimeError(f"endpoint {cfg.endpoint} answered {len(got)} predictions for {len(group)} photos")
+        for photo, prediction in zip(group, got):
+            verdict = f" ({prediction['verdict']})" if prediction.get("verdict") else ""
+            print(f"{photo}: count {prediction.get('count')}{verdict}  {json.dumps(prediction)}")
+        predictions.extend(got)
+    return {"predictions": predictions}
 
 
 def delete_endpoint(cfg: DictConfig) -> list[str]:
-    """Delete endpoint ``cfg.endpoint``, its endpoint config and the config's models.
+    """Delete endpoint ``cfg.endpoint`` and every endpoint config and model deployed under its name.
+
+    That is: the endpoint's current config and the models it names, and every config and model
+    named ``<endpoint>`` or ``<endpoint>-<timestamp>`` (earlier deploys, kept by updates, or
+    left by a deploy that failed before its endpoint existed).
 
     Returns:
-        What was deleted, as ``"kind name"``.
+        What was deleted, as ``"kind name"``: the endpoint, then configs, then models.
 
     Raises:
-        ValueError: No ``endpoint=``.
+        ValueError: No ``endpoint=``, or nothing by that name to delete.
     """
-    from sagemaker.core.resources import Endpoint, EndpointConfig, Model
+    from sagemaker.core.resources import EndpointConfig, Model
 
     if not cfg.endpoint:
         raise ValueError("delete needs endpoint=NAME")
-    session = boto_session(cfg)
-    endpoint = Endpoint.get(endpoint_name=cfg.endpoint, session=session, region=cfg.region)
-    config = EndpointConfig.get(endpoint_config_name=endpoint.endpoint_config_name, session=session, region=cfg.region)
-    models = [v.model_name for v in config.production_variants]
-    endpoint.delete()
-    config.delete()
-    deleted = [f"endpoint {cfg.endpoint}", f"endpoint config {config.endpoint_config_name}"]
+    name, session, region = str(cfg.endpoint), boto_session(cfg), cfg.region
+    ours = deployed_under(name)
+    endpoint = find_endpoint(name, session, region)
+    configs = sorted({c.endpoint_config_name for c in EndpointConfig.get_all(name_contains=name, session=session,
+                                                                              region=region)
+                      if ours.fullmatch(c.endpoint_config_name)}
+                     | ({endpoint.endpoint_config_name} if endpoint is not None else set()))
+    configs = [EndpointConfig.get(endpoint_config_name=c, session=session, region=region) for c in configs]
+    models = sorted({v.model_name for c in configs for v in c.production_variants}
+                    | {m.model_name for m in Model.get_all(name_contains=name, session=session, region=region)
+                       if ours.fullmatch(m.model_name)})
+    if endpoint is None and not configs and not models:
+        raise ValueError(f"nothing to delete: no endpoint, endpoint config or model named {name}")
+    deleted = []
+    if endpoint is not None:
+        endpoint.delete()
+        deleted.append(f"endpoint {name}")
+    for config in configs:
+        config.delete()
+        deleted.append(f"endpoint config {config.endpoint_config_name}")
     for model in models:
-        Model.get(model_name=model, session=session, region=cfg.region).delete()
+        Model.get(model_name=model, session=session, region=region).delete()
         deleted.append(f"model {model}")
     print("deleted " + ", ".join(deleted))
     return deleted
