@@ -111,7 +111,7 @@ def model_data_of(cfg: DictConfig, session) -> str:
 # names of what one deploy makes: sagemaker.core.common_utils.name_from_base's timestamp
 TIMESTAMP = r"\d{4}-\d{2}-\d{2}-\d{2}-\d{2}-\d{2}-\d{3}"
 MAX_NAME = 63  # SageMaker's limit for model, endpoint config and endpoint names
-MAX_ENDPOINT_NAME = MAX_NAME - len("-2026-01-01-00-00-00-000")
+MAX_ENDPOINT_NAME = MAX_NAME - len("-2026-01-01-00-00-00-000")  # name_from_base keeps this much of its base
 
 
 def endpoint_name(cfg: DictConfig) -> str:
@@ -129,8 +129,8 @@ def endpoint_name(cfg: DictConfig) -> str:
 
 
 def deployed_under(name: str) -> re.Pattern:
-    """Names of the models and endpoint configs deployed for endpoint ``name``: ``name`` itself
-    (what earlier versions of this module made) or ``name-<timestamp>``."""
+    """Names of the models and endpoint configs deployed for endpoint ``name``: ``name-<timestamp>``,
+    or ``name`` itself (a model and config named like their endpoint, as deploys used to make them)."""
     return re.compile(rf"{re.escape(name)}(-{TIMESTAMP})?")
 
 

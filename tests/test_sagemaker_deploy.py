@@ -217,7 +217,7 @@ def test_deploy_to_an_existing_endpoint_updates_it_and_delete_removes_every_vers
     left = {c["EndpointConfigName"] for c in sagemaker.list_endpoint_configs()["EndpointConfigs"]}
     assert left == {m["ModelName"] for m in sagemaker.list_models()["Models"]} and len(left) == 1
     assert left.pop().startswith("bincount-test-canary-")
-    with pytest.raises(ValueError, match="nothing to delete: no endpoint, endpoint config or model named bincount-test"):
+    with pytest.raises(ValueError, match="nothing to delete: no endpoint, endpoint config or model named bincount-t"):
         deploy.main(["delete", "endpoint=bincount-test"])
 
 
@@ -280,6 +280,16 @@ def test_request_limits_agree_with_the_handler_and_the_server():
 
     assert deploy.compose_deploy([]).max_photos_per_request == Limits().max_instances
     assert deploy.max_request_bytes() <= inspect.signature(create_app).parameters["max_body_bytes"].default
+
+
+def test_model_and_config_names_keep_the_whole_endpoint_name():
+    from sagemaker.core.common_utils import name_from_base
+
+    longest = "b" * deploy.MAX_ENDPOINT_NAME
+    assert len(name_from_base(longest)) == 63 and name_from_base(longest).startswith(longest + "-")
+    assert deploy.deployed_under(longest).fullmatch(name_from_base(longest))
+    assert deploy.deployed_under("bincount").fullmatch("bincount")
+    assert not deploy.deployed_under("bincount").fullmatch(name_from_base("bincount-canary"))
 
 
 @pytest.mark.integration
