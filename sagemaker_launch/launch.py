@@ -21,6 +21,9 @@ What the launcher adds to the job:
 - the trainer for the hardware: ``trainer.accelerator``, and for more than one process
   ``trainer.devices`` (processes per instance), ``trainer.num_nodes`` (instances) and
   ``trainer.strategy=ddp``, run by torchrun (ModelTrainer's ``Torchrun``);
+- its PID 1: ``sagemaker_launch/container_init.sh`` runs the SDK's ``sm_train.sh`` and passes
+  SageMaker's SIGTERM (stop, spot reclaim) on to training, which then writes a checkpoint
+  (:func:`use_container_init`);
 - ``SM_CHECKPOINT_DIR=/opt/ml/checkpoints`` (no SageMaker driver sets one); with
   ``sagemaker.spot=true`` managed spot, ``max_wait`` and a per-job checkpoint S3 URI;
 - metric definitions for the ``[bincount]`` log lines (``val/acc``, ``val/mae``, ...);
@@ -43,7 +46,7 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -60,6 +63,8 @@ SOURCE_ITEMS = ("pyproject.toml", "README.md", "src", "conf", "sagemaker_launch"
 SOURCE_IGNORE = ("__pycache__", "*.pyc", "*.egg-info", ".DS_Store")
 ENTRY_SCRIPT = "sagemaker_launch/entry.py"
 CHECKPOINT_DIR = "/opt/ml/checkpoints"
+# the job's PID 1 (see the script): the code channel is downloaded before the container starts
+CONTAINER_INIT = "/opt/ml/input/data/code/sagemaker_launch/container_init.sh"
 # override roots that configure the launch, not the training run
 LAUNCHER_KEYS = ("sagemaker", "hydra", "hparams_search")
 METRICS = ("val/acc", "val/acc_best", "val/mae", "val/rmse", "val/obo_acc", "val/loss",
@@ -237,6 +242,29 @@ def stage_source(dst: Path) -> Path:
     return dst
 
 
+def use_container_init(request: dict[str, Any]) -> None:
+    """Make ``sagemaker_launch/container_init.sh`` the job's PID 1, running the SDK's ``sm_train.sh``.
+
+    ModelTrainer always starts ``/bin/bash -c "chmod +x .../sm_train.sh && .../sm_train.sh"``
+    (no option changes it), a PID 1 that drops SageMaker's SIGTERM; the script passes it on to
+    training. Edits the CreateTrainingJob ``request`` in place.
+
+    Raises:
+        RuntimeError: The request does not start ``sm_train.sh`` the way this SDK version does.
+    """
+    from sagemaker.train.constants import (DEFAULT_CONTAINER_ARGUMENTS, DEFAULT_CONTAINER_ENTRYPOINT,
+                                           SM_DRIVERS_CONTAINER_PATH, TRAIN_SCRIPT)
+
+    spec = request["AlgorithmSpecification"]
+    if (spec.get("ContainerEntrypoint"), spec.get("ContainerArguments")) != (DEFAULT_CONTAINER_ENTRYPOINT,
+                                                                            DEFAULT_CONTAINER_ARGUMENTS):
+        raise RuntimeError(f"unexpected ContainerEntrypoint/ContainerArguments {spec.get('ContainerEntrypoint')} "
+                           f"{spec.get('ContainerArguments')}: the SageMaker SDK no longer starts {TRAIN_SCRIPT} "
+                           "as launch.use_container_init expects")
+    spec["ContainerEntrypoint"] = ["/bin/bash", CONTAINER_INIT]
+    spec["ContainerArguments"] = [f"{SM_DRIVERS_CONTAINER_PATH}/{TRAIN_SCRIPT}"]
+
+
 class DryRun(Exception):  # noqa: N818 - not an error: how a dry run stops before sending
     """Raised instead of sending a Create* request in a dry run."""
 
@@ -250,7 +278,8 @@ class RequestHook:
     """botocore event handlers on one boto3 session.
 
     - add request fields the SDK has no parameter for (``extra``: operation -> fields, e.g.
-      ``{"CreateTrainingJob": {"ProfilerConfig": {...}}}``);
+      ``{"CreateTrainingJob": {"ProfilerConfig": {...}}}``), then apply ``edits`` (operation ->
+      function changing the request in place);
     - keep every SageMaker ``Create*`` request as sent (``sent``), so the launcher knows the job name;
     - in a dry run, send nothing: ``Create*`` raises :class:`DryRun` carrying the request, S3 uploads
       are answered locally and recorded with their contents (``files``: ``s3://bucket/key`` -> bytes),
@@ -260,11 +289,14 @@ class RequestHook:
         boto_session: The ``boto3.Session`` every client of the job is made from (register before
             creating clients: a client copies the session's handlers when it is created).
         extra: Fields to add per operation.
+        edits: Functions changing the request in place, per operation.
         dry_run: Send nothing.
     """
 
-    def __init__(self, boto_session, *, extra: dict[str, dict[str, Any]] | None = None, dry_run: bool = False) -> None:
+    def __init__(self, boto_session, *, extra: dict[str, dict[str, Any]] | None = None,
+                 edits: dict[str, Callable[[dict[str, Any]], None]] | None = None, dry_run: bool = False) -> None:
         self.extra = extra or {}
+        self.edits = edits or {}
         self.dry_run = dry_run
         self.sent: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.files: dict[str, bytes] = {}
@@ -275,6 +307,8 @@ class RequestHook:
 
     def _sagemaker_params(self, params: dict[str, Any], model, **_: Any) -> None:
         params.update(copy.deepcopy(self.extra.get(model.name, {})))
+        if model.name in self.edits:
+            self.edits[model.name](params)
         if model.name.startswith("Create"):
             self.sent[model.name].append(copy.deepcopy(params))
             if self.dry_run:
@@ -307,8 +341,10 @@ class RequestHook:
         raise ClientError({"Error": {"Code": "AccessDenied", "Message": "dry run: nothing is sent"}}, model.name)
 
 
-def make_session(sm: DictConfig, *, dry_run: bool = False, extra: dict[str, dict[str, Any]] | None = None):
-    """A SageMaker ``Session`` in ``sm.region`` on ``sm.bucket`` with a :class:`RequestHook`.
+def make_session(sm: DictConfig, *, dry_run: bool = False, extra: dict[str, dict[str, Any]] | None = None,
+                 edits: dict[str, Callable[[dict[str, Any]], None]] | None = None):
+    """A SageMaker ``Session`` in ``sm.region`` on ``sm.bucket`` with a :class:`RequestHook`
+    (``extra``, ``edits``: see there).
 
     In a dry run the default bucket is ``sm.bucket`` (or a placeholder) without asking S3.
 
@@ -319,7 +355,7 @@ def make_session(sm: DictConfig, *, dry_run: bool = False, extra: dict[str, dict
     from sagemaker.core.helper.session_helper import Session
 
     boto_session = boto3.Session(region_name=sm.region)
-    hook = RequestHook(boto_session, extra=extra, dry_run=dry_run)
+    hook = RequestHook(boto_session, extra=extra, edits=edits, dry_run=dry_run)
     if dry_run:
         from sagemaker.core.config.config import load_sagemaker_config
 
@@ -443,7 +479,7 @@ def submit_training_job(plan: TrainingJobPlan, *, dry_run: bool = False, wait: b
     """
     sm = plan.sagemaker
     extra = {"CreateTrainingJob": {"ProfilerConfig": plan.profiler_config}} if plan.profiler_config else {}
-    session, hook = make_session(sm, dry_run=dry_run, extra=extra)
+    session, hook = make_session(sm, dry_run=dry_run, extra=extra, edits={"CreateTrainingJob": use_container_init})
     with tempfile.TemporaryDirectory(prefix="bincount-source-") as tmp:
         trainer = make_model_trainer(plan, session, stage_source(Path(tmp) / "source"), role=role_for(sm, dry_run))
         try:

@@ -2,14 +2,22 @@
 run with the SDK's own container drivers."""
 
 import json
+import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from sagemaker_launch import launch
+from sagemaker_launch.entry import newest_checkpoint
+from tests.conftest import FAST
+from tests.fakes import make_fake_abid
 from tests.moto_server import aws, moto_server  # noqa: F401  (fixtures)
 from tests.sagemaker_container import lay_out_container
 
@@ -55,7 +63,7 @@ def test_a_dry_run_laid_out_runs_the_sdk_environment_step(aws, tmp_path):
     assert env["SM_INPUT_CONFIG_DIR"] == str(root / "input" / "config")
     assert env["SM_ENTRY_SCRIPT"] == "sagemaker_launch/entry.py"
     assert (env["SM_MASTER_ADDR"], env["SM_MASTER_PORT"]) == ("127.0.0.1", "29512")
-    assert json.loads(env["SM_HPS"]) == {"_add__experiment": "quickstart", "trainer__accelerator": "cpu"}
+    assert json.loads(env["SM_HPS"]) == sub.request["HyperParameters"]
     assert env["SM_HOSTS"] == '["algo-1"]' and env["SM_CURRENT_HOST_RANK"] == "0"
 
 
@@ -67,3 +75,62 @@ def test_layout_refuses_what_it_cannot_lay_out(aws, tmp_path):
         lay_out_container(sub, tmp_path / "b", host="algo-1", hosts=["algo-1", "algo-2"], channels={"train": tmp_path})
     with pytest.raises(ValueError, match="whitespace"):
         lay_out_container(sub, tmp_path / "c d", host="algo-1", hosts=["algo-1"], channels={"train": tmp_path})
+
+
+def namespace_init(unshare: subprocess.Popen, timeout: float = 30) -> int:
+    """The pid (in this namespace) of the process ``unshare -f`` forked: PID 1 of its namespace."""
+    children = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children")
+    deadline = time.monotonic() + timeout
+    while not (pids := children.read_text().split()):
+        if unshare.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"unshare forked nothing (exit {unshare.returncode})")
+        time.sleep(0.01)
+    return int(pids[0])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (PID namespace)")
+def test_sigterm_to_pid_1_reaches_training_and_a_rerun_resumes(aws, tmp_path):
+    data = tmp_path / "abid"
+    make_fake_abid(data, n=60, bad=False)  # ~36 training photos: 9 steps per epoch at batch 4
+    sub = launch.main(["+experiment=quickstart", "sagemaker=cpu", "sagemaker.inputs.train=s3://b/abid",
+                       *(o for o in FAST if not o.startswith(("data.batch_size", "data.num_workers"))),
+                       "data.batch_size=4", "data.num_workers=1", "callbacks.rich_model_summary=null",
+                       "test=false", "trainer.max_epochs=3", "--dry-run"])
+    box = lay_out_container(sub, tmp_path / "algo-1", host="algo-1", hosts=["algo-1"], channels={"train": data})
+    env = {**box.env, "OMP_NUM_THREADS": "1"}
+    container = subprocess.Popen(["unshare", "--fork", "--pid", "--mount-proc", *box.argv], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        pid1 = namespace_init(container)
+        lines = []
+        for line in container.stdout:
+            lines.append(line)
+            if "[bincount] train start" in line:
+                os.kill(pid1, signal.SIGTERM)  # what SageMaker does on StopTrainingJob or a spot reclaim
+                signalled = time.monotonic()
+                break
+        lines.append(container.communicate(timeout=120)[0])  # SageMaker's grace period before SIGKILL
+        took = time.monotonic() - signalled
+    finally:
+        if container.poll() is None:
+            container.kill()
+    first = "".join(lines)
+    assert container.returncode != 0, first[-3000:]
+    # the signal reached Lightning, and its log lines still reached the container's output
+    assert "container_init: SIGTERM -> training process" in first, first[-3000:]
+    assert "Received SIGTERM" in first and "SIGTERMException" in first, first[-3000:]
+    ckpts = box.root / "checkpoints" / sub.job_name
+    saved = newest_checkpoint(ckpts)
+    assert saved is not None and took < 120, (took, first[-3000:])
+    step = torch.load(saved, map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < step < 9, step  # written on SIGTERM, within the first epoch
+
+    rerun = subprocess.run(["unshare", "--fork", "--pid", "--mount-proc", *box.argv], env=env,
+                           capture_output=True, text=True, timeout=600)
+    second = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, second[-3000:]
+    assert f"[bincount] train start epoch=0 global_step={step}" in second, second[-3000:]
+    assert f"ckpt_path={saved}" in second
+    assert (box.root / "output" / "data" / "train_metrics.json").is_file()  # the run finished (test=false: no export)

@@ -29,7 +29,7 @@ def test_dry_run_prints_the_request_and_cost_and_sends_nothing(aws, capsys):
     sub = launch.main(["+experiment=resnet50_subset", "sagemaker=gpu_multi", "sagemaker.instance_count=2",
                        "sagemaker.spot=true", f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
     streaming = launch.main(["data=abid_stream", f"data.uri=s3://{BUCKET}/abid/v1", "--dry-run"])
-    assert streaming.request["HyperParameters"]["data__uri"] == f"s3://{BUCKET}/abid/v1"
+    assert f"data.uri=s3://{BUCKET}/abid/v1" in only_training_overrides(streaming.request["HyperParameters"])
     assert not any(c["ChannelName"] == "train" for c in streaming.request["InputDataConfig"])
     out = capsys.readouterr().out
     assert aws.requests() == []  # not even an S3 upload reached the server
@@ -65,11 +65,13 @@ def test_single_instance_job(aws):
     assert req["TrainingJobName"] == sub.job_name and req["RoleArn"] == ROLE
     spec = req["AlgorithmSpecification"]
     assert spec["TrainingImage"] == "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.8.0-gpu-py312"
-    assert spec["ContainerEntrypoint"] == ["/bin/bash"]
+    # PID 1 is our wrapper around the SDK's sm_train.sh (tests/test_sagemaker_container.py runs it)
+    assert spec["ContainerEntrypoint"] == ["/bin/bash", launch.CONTAINER_INIT]
+    assert spec["ContainerArguments"] == ["/opt/ml/input/data/sm_drivers/sm_train.sh"]
     assert req["ResourceConfig"] == {"InstanceType": "ml.g5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 50}
     # the user's overrides, names with __ (a dot fails every job), plus the GPU trainer (quickstart picks cpu)
-    assert req["HyperParameters"] == {"_add__experiment": "quickstart", "trainer__max_epochs": "3",
-                                      "model__optimizer__lr": "0.003", "trainer__accelerator": "gpu"}
+    assert only_training_overrides(req["HyperParameters"]) == [
+        "+experiment=quickstart", "trainer.max_epochs=3", "model.optimizer.lr=0.003", "trainer.accelerator=gpu"]
     cfg = compose_cfg("train", only_training_overrides(req["HyperParameters"]))  # what the container composes
     assert cfg.trainer.max_epochs == 3 and cfg.model.optimizer.lr == 0.003 and cfg.trainer.accelerator == "gpu"
     assert req["Environment"] == {"SM_CHECKPOINT_DIR": "/opt/ml/checkpoints", "PYTHONUNBUFFERED": "1"}
@@ -84,8 +86,8 @@ def test_single_instance_job(aws):
     # the code the job runs
     code = aws.puts(f"{BUCKET}/bincount/{sub.job_name}/input/code/")
     names = {k.split("/input/code/")[1] for k in code}
-    assert {"sagemaker_launch/entry.py", "conf/train.yaml", "conf/sagemaker/prices.yaml", "src/bincount/train.py",
-            "pyproject.toml", "requirements.txt"} <= names
+    assert {"sagemaker_launch/entry.py", "sagemaker_launch/container_init.sh", "conf/train.yaml",
+            "conf/sagemaker/prices.yaml", "src/bincount/train.py", "pyproject.toml", "requirements.txt"} <= names
     assert not any("__pycache__" in n for n in names)
     assert code[f"{BUCKET}/bincount/{sub.job_name}/input/code/requirements.txt"].decode().splitlines()[-1] == "."
     drivers = f"{BUCKET}/bincount/{sub.job_name}/input/sm_drivers/"
@@ -111,10 +113,8 @@ def test_multi_instance_spot_profiled_job(aws):
     assert req["ProfilerConfig"] == {"S3OutputPath": f"s3://{BUCKET}/bincount/profiler",
                                      "ProfilingIntervalInMilliseconds": 500, "DisableProfiler": False}
     hps = req["HyperParameters"]
-    assert {k: hps[k] for k in ("trainer__devices", "trainer__num_nodes", "_force__trainer__strategy",
-                                "_force__trainer__profiler")} == {
-        "trainer__devices": "1", "trainer__num_nodes": "2", "_force__trainer__strategy": "ddp",
-        "_force__trainer__profiler": "simple"}
+    assert {"trainer.devices=1", "trainer.num_nodes=2", "++trainer.strategy=ddp",
+            "++trainer.profiler=simple"} <= set(only_training_overrides(hps))
     cfg = compose_cfg("train", only_training_overrides(hps))
     assert cfg.trainer.devices * cfg.trainer.num_nodes == 2 and cfg.trainer.strategy == "ddp"
     drivers = f"{BUCKET}/bincount/{first.job_name}/input/sm_drivers/"
@@ -195,10 +195,10 @@ def test_hydra_multirun_with_the_sagemaker_launcher(aws, tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     reqs = aws.calls("CreateTrainingJob")
-    assert [r["HyperParameters"]["model__optimizer__lr"] for r in reqs] == ["0.001", "0.003"]
     assert [r["TrainingJobName"].rsplit("-", 1)[0] for r in reqs] == ["bincount-0", "bincount-1"]
-    for req in reqs:  # only the training overrides reach the job; the CPU instance sets the trainer
-        assert {k: v for k, v in req["HyperParameters"].items() if k != "model__optimizer__lr"} == {
-            "_add__experiment": "quickstart", "trainer__accelerator": "cpu"}
+    for req, lr in zip(reqs, ("0.001", "0.003"), strict=True):
+        # only the training overrides reach the job; the CPU instance sets the trainer
+        assert sorted(only_training_overrides(req["HyperParameters"])) == sorted([
+            "+experiment=quickstart", f"model.optimizer.lr={lr}", "trainer.accelerator=cpu"])
         assert req["ResourceConfig"]["InstanceType"] == "ml.m5.xlarge"
     assert (tmp_path / "sweep" / "multirun.yaml").is_file()
