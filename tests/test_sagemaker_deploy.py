@@ -229,7 +229,7 @@ def test_invoke_splits_photos_into_requests_under_invoke_endpoints_limit(aws, de
         photos.append(tmp_path / f"{i:02d}.jpg")
         photos[-1].write_bytes(rng.randbytes(200_000 + 1000 * i))
     # by hand: a photo of n bytes is 4*ceil(n/3) + 21 bytes ({"image_b64": "..."} and null), the
-    # request 41 bytes ({"instances": [], "expected_quantity": []}) and 4 per further photo (", " twice)
+    # request 42 bytes ({"instances": [], "expected_quantity": []}) and 4 per further photo (", " twice)
     split = [22, 20, 18, 4]
     starts = [sum(split[:i]) for i in range(len(split))]
     answers = [{"predictions": [prediction(i % 5 + 1) for i in range(start, start + n)]}
@@ -317,4 +317,9 @@ def test_deploy_arguments_fail_early(aws, tmp_path):
         deploy.main(["delete", "endpoint=x", "s3://b/photo.jpg"])
     with pytest.raises(ValueError, match="endpoint=b{40} is 40 characters; at most 39"):
         deploy.main(["model_data=s3://x/model.tar.gz", f"endpoint={'b' * 40}"])
+    small, big = tmp_path / "small.jpg", tmp_path / "big.jpg"
+    write_bin_photo(small, 1)
+    big.write_bytes(bytes(6 * 2**20 // 4 * 3))  # 4.5 MiB: 6 MiB as base64, and the JSON around it
+    with pytest.raises(ValueError, match=r"big.jpg: its request alone is 6291519 bytes .* over the limit of 6291456"):
+        deploy.main(["invoke", "endpoint=x", str(small), str(big)])  # before the small photo is sent
     assert aws.requests() == []
