@@ -7,11 +7,31 @@ Usage:
     # without arguments: the hyperparameters of $SM_HPS or $SM_INPUT_CONFIG_DIR/hyperparameters.json
     python sagemaker_launch/entry.py
 
-The job's hyperparameters are the Hydra overrides the launcher was given, with names that a
-container can export: SageMaker's drivers write ``export SM_HP_<NAME>=...``, so a dot in a name
-(``model.optimizer.lr``) fails every job before the script starts. :func:`encode_override` turns
-``.`` into ``__`` and the ``+``/``++``/``~`` prefixes into ``_add__``/``_force__``/``_del__``;
-:func:`decode_hyperparameters` undoes it here.
+The job's hyperparameters are the Hydra overrides the launcher was given, encoded so that both
+ways a container reads them hand every override to this entry unchanged (:func:`encode_override`,
+:func:`decode_hyperparameters`):
+
+- names: SageMaker's drivers write ``export SM_HP_<NAME>=...``, so a dot in a name
+  (``model.optimizer.lr``) fails every job before the script starts: ``.`` becomes ``__`` and the
+  ``+``/``++``/``~`` prefixes ``_add__``/``_force__``/``_del__``;
+- values: ``<n>=<value>``, the override's position ``n`` in the command line, then the text after
+  its ``=`` as typed (``trainer.max_epochs=20`` -> ``trainer__max_epochs: "3=20"``; ``~key`` ->
+  ``_del__key: "3"``). Such a text is never valid JSON, so it passes unchanged where SageMaker's
+  code JSON-decodes values: ModelTrainer's drivers decode twice and re-encode (``null`` would
+  arrive as ``null``, but ``"007"`` as ``007``), and the training toolkit of tuning trials decodes
+  once and calls ``str()`` (``null`` would arrive as an empty string, ``true`` as ``True``);
+- quotes: the drivers write every value into ``export NAME='<value>'`` lines that ``sm_train.sh``
+  sources, so a ``'`` would end the quoting and kill the job before it starts. Single-quoted
+  strings are sent double-quoted when Hydra reads both the same (``'my list.txt'`` ->
+  ``"my list.txt"``); any other value with a ``'`` or a control character is sent as
+  ``<n>%=<value>`` with those characters and ``%`` percent-escaped;
+- order: the training toolkit sorts the arguments by name and a JSON map has no order, but Hydra
+  applies overrides in order (``callbacks.ema={...}`` then ``callbacks.ema.decay=0.9`` works,
+  the other way round fails): :func:`decode_hyperparameters` sorts by ``n``. Values without a
+  position (tuned ones, which SageMaker sends as plain numbers, and categorical ones,
+  ``=<value>``) come last, by name;
+- ``sagemaker_*``, ``mp_parameters`` and ``_tuning_objective_metric`` (added by the SDK, the
+  toolkit and the tuning service) are not overrides and are skipped.
 
 The entry then composes ``conf/train.yaml`` (the same file a local run uses) with the overrides
 and the container's places, read from the environment when :func:`main` runs:
@@ -22,7 +42,9 @@ and the container's places, read from the environment when :func:`main` runs:
 - ``callbacks=sagemaker`` with ``model_checkpoint.dirpath=$SM_CHECKPOINT_DIR/$TRAINING_JOB_NAME``:
   SageMaker syncs that folder with the job's checkpoint S3 URI, and a restarted (spot) job resumes
   from its newest checkpoint (``ckpt_path``). The job-name subfolder keeps the trials of a
-  tuning job, which share one checkpoint URI, from resuming each other.
+  tuning job, which share one checkpoint URI, from resuming each other; a trial that has
+  exported its model deletes its subfolder, so later trials don't download it
+  (:func:`drop_trial_checkpoints`).
 - ``data.root=$SM_CHANNEL_TRAIN`` when a ``train`` channel is mounted; a streaming data config's
   ``cache_dir`` goes to ``$SM_INPUT_DIR/scratch`` (not into the output archive).
 - under torchrun, ``trainer.devices=$LOCAL_WORLD_SIZE``, ``trainer.num_nodes=WORLD_SIZE /
@@ -43,6 +65,7 @@ import os
 import re
 import shutil
 import sys
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,29 +75,86 @@ SEP = "__"
 # longest first: "++" must not be read as "+" then "+"
 PREFIXES = (("++", "_force__"), ("+", "_add__"), ("~", "_del__"))
 KEY_PATTERN = re.compile(r"[A-Za-z0-9_.]+")
-# hyperparameters the SDK or the training toolkit add for themselves
+# an encoded value: position (none for tuned/categorical values), "%" if percent-escaped, "=", the value
+VALUE_PATTERN = re.compile(r"(\d*)(%?)=(.*)", re.DOTALL)
+# what a percent-escaped value keeps as it is: printable ASCII but "'" (ends the env file's quoting) and "%"
+ESCAPE_SAFE = "".join(c for c in map(chr, range(0x20, 0x7F)) if c not in "'%" and not c.isalnum())
+# hyperparameters the SDK, the training toolkit or the tuning service add for themselves
 RESERVED_PREFIXES = ("sagemaker_", "mp_parameters")
+TUNING_OBJECTIVE = "_tuning_objective_metric"
+# SageMaker's limits (botocore's service model: HyperParameterKey, HyperParameterValue, ParameterValue)
+MAX_NAME_CHARS, MAX_VALUE_CHARS, MAX_CATEGORICAL_CHARS = 256, 2500, 256
 # serving image packages: pinning them in code/requirements.txt would replace the image's CUDA build
 IMAGE_PACKAGES = {"torch", "torchvision"}
+# bincount's dependencies that `import bincount.serve.inference` loads (the test proves the list):
+# Pillow (decoding), scikit-learn and torchmetrics (through bincount.models.calibration)
+SERVING_PACKAGES = {"pillow", "scikit-learn", "torchmetrics"}
 INFERENCE_SHIM = '''"""SageMaker PyTorch serving entry (written by sagemaker_launch/entry.py): bincount's handler."""
 
 from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn  # noqa: F401
 '''
 
 
-def encode_override(override: str) -> tuple[str, str]:
+def parse_value(value: str):
+    """What Hydra reads from the override ``key=<value>`` (its ``Override.value()``).
+
+    Raises:
+        hydra.errors.HydraException: If ``value`` is not Hydra's override syntax.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(f"key={value}").value()
+
+
+def encode_value(value: str, position: int | None = None) -> str:
+    """The hyperparameter value that carries the text after an override's ``=``.
+
+    ``"20"`` -> ``"3=20"`` (position 3); ``"'my list.txt'"`` -> ``'3="my list.txt"'``;
+    ``"'it\\'s'"`` -> ``"3%=%27it\\%27s%27"``; without a position (a categorical tuning value),
+    ``"=20"``. See the module docstring for why.
+
+    Args:
+        value: The text after the ``=``, as typed.
+        position: The override's place in the command line, or ``None``.
+
+    Returns:
+        A text that no JSON decoding, ``str()`` or shell quoting on the way to the entry changes.
+    """
+    if "'" in value and '"' not in value:
+        from hydra.errors import HydraException
+
+        swapped = value.replace("'", '"')
+        try:
+            if parse_value(swapped) == parse_value(value):
+                value = swapped
+        except HydraException:
+            pass  # sent escaped, as typed
+    escape = "'" in value or not value.isprintable()
+    text = urllib.parse.quote(value, safe=ESCAPE_SAFE) if escape else value
+    return f"{'' if position is None else position}{'%' if escape else ''}={text}"
+
+
+def encode_override(override: str, position: int | None = None) -> tuple[str, str]:
     """Turn one Hydra override into a SageMaker hyperparameter ``(name, value)``.
 
-    ``"model.optimizer.lr=0.001"`` -> ``("model__optimizer__lr", "0.001")``,
-    ``"+experiment=quickstart"`` -> ``("_add__experiment", "quickstart")``,
-    ``"~callbacks.lr_monitor"`` -> ``("_del__callbacks__lr_monitor", "")``.
+    ``"model.optimizer.lr=0.001"`` -> ``("model__optimizer__lr", "0=0.001")``,
+    ``"+experiment=quickstart"`` -> ``("_add__experiment", "0=quickstart")``,
+    ``"~callbacks.lr_monitor"`` -> ``("_del__callbacks__lr_monitor", "0")`` (position 0).
+
+    Args:
+        override: A Hydra override as typed on a command line.
+        position: Its place among the job's overrides (see :func:`encode_value`); ``None`` for
+            an override whose place doesn't matter.
+
+    Returns:
+        The hyperparameter's name and value.
 
     Raises:
         ValueError: If the key holds characters other than letters, digits, ``_`` and ``.``
-            (group paths with ``/``, packages with ``@``) or would not decode to itself
-            (``a_.b``: ``a___b`` reads back as ``a._b``).
+            (group paths with ``/``, packages with ``@``), would not decode to itself (``a_.b``:
+            ``a___b`` reads back as ``a._b``), or the name or value exceeds SageMaker's limits.
     """
-    key, _, value = override.partition("=")
+    key, eq, value = override.partition("=")
     name_prefix = ""
     for hydra_prefix, encoded in PREFIXES:
         if key.startswith(hydra_prefix):
@@ -84,62 +164,89 @@ def encode_override(override: str) -> tuple[str, str]:
         raise ValueError(f"override {override!r}: key {key!r} can't be a SageMaker hyperparameter name "
                          f"(letters, digits, '_' and '.' only)")
     name = name_prefix + key.replace(".", SEP)
-    decoded = decode_hyperparameters({name: value})[0]
+    if len(name) > MAX_NAME_CHARS:
+        raise ValueError(f"override {override!r}: name {name!r} is {len(name)} characters; SageMaker takes "
+                         f"at most {MAX_NAME_CHARS}")
+    if eq:
+        encoded_value = encode_value(value, position)
+    else:  # "~key": no value
+        encoded_value = "" if position is None else str(position)
+    if len(encoded_value) > MAX_VALUE_CHARS:
+        raise ValueError(f"override {override.partition('=')[0]}=...: the value is {len(encoded_value)} characters "
+                         f"once encoded; SageMaker takes at most {MAX_VALUE_CHARS} per hyperparameter")
+    decoded = decode_hyperparameters({name: encoded_value})[0]
     if decoded.partition("=")[0] != override.partition("=")[0]:
         raise ValueError(f"override {override!r}: key would come back as {decoded.partition('=')[0]!r} "
                          f"(a '_' next to a '.')")
-    return name, value
+    return name, encoded_value
 
 
 def encode_overrides(overrides: list[str]) -> dict[str, str]:
-    """:func:`encode_override` for a list; the dict keeps the overrides' order.
+    """:func:`encode_override` for a job's overrides, each with its position in ``overrides``.
 
     Raises:
         ValueError: If an override can't be encoded, or two overrides set the same key.
     """
     out: dict[str, str] = {}
-    for override in overrides:
-        name, value = encode_override(override)
+    for position, override in enumerate(overrides):
+        name, value = encode_override(override, position)
         if name in out:
             raise ValueError(f"override {override!r} sets {name} a second time")
         out[name] = value
     return out
 
 
+def is_override(name: str) -> bool:
+    """Whether hyperparameter ``name`` carries an override (not one the SDK, toolkit or tuner added)."""
+    return not name.startswith(RESERVED_PREFIXES) and name != TUNING_OBJECTIVE
+
+
 def decode_hyperparameters(hyperparameters: dict[str, object]) -> list[str]:
-    """The Hydra overrides encoded in SageMaker hyperparameters (SDK and toolkit keys skipped).
+    """The Hydra overrides encoded in SageMaker hyperparameters, in their command-line order.
 
     Args:
-        hyperparameters: Names from :func:`encode_override`; values as strings, or as the JSON
-            values ``$SM_HPS`` holds (``0.001``, ``true``, ``null``, lists).
+        hyperparameters: Names and values from :func:`encode_override`, as strings or as the
+            JSON values ``$SM_HPS`` holds; tuned values arrive as plain numbers (``0.0013``)
+            or, for categorical ranges, from :func:`encode_value` without a position. Keys the
+            SDK, toolkit or tuner add (:func:`is_override`) are skipped.
 
     Returns:
-        ``["+experiment=quickstart", "model.optimizer.lr=0.001", ...]`` in the given order.
+        ``["+experiment=quickstart", "model.optimizer.lr=0.001", ...]``: by position, then the
+        overrides without one by name.
     """
-    overrides = []
-    for name, value in hyperparameters.items():
-        if name.startswith(RESERVED_PREFIXES):
+    decoded = []
+    for name, raw in hyperparameters.items():
+        if not is_override(name):
             continue
         prefix = ""
         for hydra_prefix, encoded in PREFIXES:
             if name.startswith(encoded):
                 name, prefix = name[len(encoded):], hydra_prefix
                 break
-        text = value if isinstance(value, str) else json.dumps(value)
         key = prefix + ".".join(name.split(SEP))
-        overrides.append(key if prefix == "~" and text == "" else f"{key}={text}")
-    return overrides
+        text = raw if isinstance(raw, str) else json.dumps(raw)
+        position, value = None, text  # a plain value: tuned, or from an older launcher
+        if prefix == "~" and re.fullmatch(r"\d*", text):
+            position, value = (int(text) if text else None), None
+        elif match := VALUE_PATTERN.fullmatch(text):
+            position = int(match[1]) if match[1] else None
+            value = urllib.parse.unquote(match[3]) if match[2] else match[3]
+        decoded.append((position is None, position or 0, key, key if value is None else f"{key}={value}"))
+    return [override for *_, override in sorted(decoded)]
 
 
 def parse_argv(argv: list[str]) -> dict[str, str]:
     """``["--a__b", "1", "--c", "x"]`` -> ``{"a__b": "1", "c": "x"}`` (how both drivers pass them).
 
+    The training toolkit writes a one-letter name with one dash (``-x 1``); that is read too.
+
     Raises:
         ValueError: If the arguments are not ``--name value`` pairs.
     """
-    if len(argv) % 2 or not all(a.startswith("--") for a in argv[::2]):
+    names = argv[::2]
+    if len(argv) % 2 or not all(a.startswith("--") or re.fullmatch(r"-\w", a) for a in names):
         raise ValueError(f"expected --name value pairs, got {argv}")
-    return {name[2:]: value for name, value in zip(argv[::2], argv[1::2])}
+    return {name.lstrip("-"): value for name, value in zip(names, argv[1::2])}
 
 
 def read_hyperparameters(environ: dict[str, str] | None = None) -> dict[str, object]:
@@ -282,19 +389,56 @@ def container_overrides(env: ContainerEnv, user: list[str], data_keys: set[str])
     return out + distributed_overrides(env, user)
 
 
+def is_tuning_trial(environ: dict[str, str] | None = None) -> bool:
+    """Whether this job is a trial of a tuning job: SageMaker adds ``_tuning_objective_metric`` to its
+    ``$SM_INPUT_CONFIG_DIR/hyperparameters.json`` (the training toolkit keeps it from the arguments)."""
+    environ = os.environ if environ is None else environ
+    path = Path(environ.get("SM_INPUT_CONFIG_DIR", "/opt/ml/input/config")) / "hyperparameters.json"
+    return path.is_file() and TUNING_OBJECTIVE in json.loads(path.read_text())
+
+
+def drop_trial_checkpoints(env: ContainerEnv, user: list[str]) -> bool:
+    """Delete a finished tuning trial's checkpoint folder (``$SM_CHECKPOINT_DIR/$TRAINING_JOB_NAME``).
+
+    A tuning job gives all its trials one checkpoint S3 URI (``HyperParameterTrainingJobDefinition``
+    has one ``CheckpointConfig``, with no per-trial part), and SageMaker copies everything under it
+    into each trial's container before the trial starts. SageMaker deletes from S3 what the
+    container deletes from the synced folder, so once a trial has exported its model, its
+    checkpoints go: later trials download only those of trials still running or waiting to resume
+    after a spot interruption.
+
+    Args:
+        env: This process's :class:`ContainerEnv`.
+        user: The decoded hyperparameters: a ``callbacks.model_checkpoint.dirpath`` of the user's
+            own is left alone.
+
+    Returns:
+        Whether a folder was deleted.
+    """
+    if "callbacks.model_checkpoint.dirpath" in {_override_key(o) for o in user} or not env.checkpoint_dir.is_dir():
+        return False
+    shutil.rmtree(env.checkpoint_dir)
+    return True
+
+
 def serving_requirements() -> str:
-    """``code/requirements.txt`` for the serving image: bincount's dependencies but torch/torchvision."""
+    """``code/requirements.txt`` for the serving image: what the handler imports but the image has.
+
+    :data:`SERVING_PACKAGES` with the version ranges of bincount's own metadata; torch and
+    torchvision (:data:`IMAGE_PACKAGES`) are left to the image, whose CUDA build a pin would replace.
+    """
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
     try:
-        requires = importlib.metadata.requires("bincount") or []
+        requires = [Requirement(r) for r in importlib.metadata.requires("bincount") or []]
     except importlib.metadata.PackageNotFoundError:
-        log.warning("bincount is not installed: code/requirements.txt lists no dependencies")
+        log.warning("bincount is not installed: code/requirements.txt lists its serving packages without versions")
         requires = []
-    keep = []
-    for req in requires:
-        name = re.match(r"[A-Za-z0-9_.\-]+", req).group(0).lower()
-        if "extra ==" not in req and name not in IMAGE_PACKAGES:
-            keep.append(req.split(";")[0].strip())
-    return "# installed by SageMaker's PyTorch serving image; torch and torchvision come with it\n" + "\n".join(keep) + "\n"
+    pins = {canonicalize_name(r.name): f"{r.name}{r.specifier}" for r in requires if r.marker is None}
+    lines = [pins.get(name, name) for name in sorted(SERVING_PACKAGES)]
+    return ("# installed by SageMaker's PyTorch serving image at start-up: what bincount.serve.inference imports "
+            "(torch and torchvision come with the image)\n" + "\n".join(lines) + "\n")
 
 
 def export_model(run_model_dir: Path, model_dir: Path) -> Path:
@@ -392,6 +536,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if cfg.get("test", True):
             export_model(env.output_data_dir / "model", env.model_dir)
             rank_zero_info(f"{PREFIX} model exported to {env.model_dir}")
+            if is_tuning_trial() and drop_trial_checkpoints(env, user):
+                rank_zero_info(f"{PREFIX} tuning trial done: deleted {env.checkpoint_dir} (later trials won't "
+                               "download it)")
     return metrics
 
 

@@ -16,8 +16,15 @@ objective (read by regex from the ``[bincount] validation`` log lines, Bayesian 
 Tuning jobs bypass ModelTrainer's drivers: the PyTorch image's training toolkit runs
 ``sagemaker_program`` from ``sagemaker_submit_directory``. It drops the Torchrun config, so a
 multi-process trial gets ``sagemaker_torch_distributed_enabled=true`` (torchrun over all GPUs of
-every instance). With spot, the trials share one explicit checkpoint URI; the entry keeps each
-trial's checkpoints in a subfolder named after its training job.
+every instance). Tuned values reach the entry as SageMaker sends them (plain numbers); categorical
+values and the static hyperparameters are encoded like a training job's
+(:func:`sagemaker_launch.entry.encode_value`), so they reach Hydra as typed.
+
+With spot, the trials share one explicit checkpoint URI: a tuning job takes one
+``CheckpointConfig`` for all its trials, and SageMaker copies everything under that URI into each
+trial's container at its start. The entry keeps each trial's checkpoints in a subfolder named
+after its training job (a restarted spot trial resumes its own) and deletes it once the trial has
+exported its model, so a trial downloads only the checkpoints of trials that have not finished.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from sagemaker_launch.entry import encode_override
+from sagemaker_launch.entry import MAX_CATEGORICAL_CHARS, encode_override, encode_value, parse_value
 from sagemaker_launch.launch import (DryRun, channels, compose_launch, console_url, cost_text, describe_request,
                                      make_model_trainer, make_session, metric_definitions, parse_argv,
                                      plan_training_job, role_for, stage_source, Submission)
@@ -42,6 +49,59 @@ log = logging.getLogger("sagemaker_launch")
 TUNING_NAME_MAX = 32
 
 
+def hydra_text(value: Any) -> str:
+    """A value of a parsed Hydra sweep written back as override text that Hydra reads as ``value``.
+
+    ``None`` -> ``null``, ``True`` -> ``true``, ``"adam"`` -> ``adam``, ``"true"`` -> ``"true"``
+    (quoted: unquoted it would be a boolean), lists and dicts element by element.
+
+    Raises:
+        ValueError: If the text would not read back as ``value``.
+    """
+    from hydra.core.override_parser.types import Quote, QuotedString
+    from hydra.errors import HydraException
+
+    if value is None:
+        text = "null"
+    elif isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, (int, float)):
+        text = repr(value)
+    elif isinstance(value, list):
+        text = "[" + ", ".join(hydra_text(v) for v in value) + "]"
+    elif isinstance(value, dict):
+        text = "{" + ", ".join(f"{k}: {hydra_text(v)}" for k, v in value.items()) + "}"
+    else:
+        text = str(value)
+        try:
+            plain = parse_value(text) == value
+        except HydraException:
+            plain = False
+        if not plain:
+            text = QuotedString(text=text, quote=Quote.double).with_quotes()
+    try:
+        same = parse_value(text) == value
+    except HydraException:
+        same = False
+    if not same:
+        raise ValueError(f"sweep value {value!r} can't be written as a Hydra override value")
+    return text
+
+
+def categorical_values(values: list[Any]) -> list[str]:
+    """A sweep's values as a ``CategoricalParameter``'s, encoded like static hyperparameters.
+
+    Raises:
+        ValueError: If an encoded value exceeds SageMaker's 256 characters.
+    """
+    out = [encode_value(hydra_text(v)) for v in values]
+    for value in out:
+        if len(value) > MAX_CATEGORICAL_CHARS:
+            raise ValueError(f"categorical value {value[:40]!r}... is {len(value)} characters once encoded; "
+                             f"SageMaker takes at most {MAX_CATEGORICAL_CHARS}")
+    return out
+
+
 def parameter_range(spec: str):
     """A Hydra sweep expression as a SageMaker parameter range.
 
@@ -50,7 +110,8 @@ def parameter_range(spec: str):
             ``"tag(int, interval(1, 8))"``, ``"choice(32, 64)"``, ``"range(1, 5)"``.
 
     Returns:
-        A ``ContinuousParameter``, ``IntegerParameter`` or ``CategoricalParameter``.
+        A ``ContinuousParameter``, ``IntegerParameter`` or ``CategoricalParameter`` (its values
+        from :func:`categorical_values`).
 
     Raises:
         ValueError: A fixed value or a sweep SageMaker can't express.
@@ -67,12 +128,12 @@ def parameter_range(spec: str):
             return IntegerParameter(int(sweep.start), int(sweep.end), scaling_type=scaling)
         return ContinuousParameter(float(sweep.start), float(sweep.end), scaling_type=scaling)
     if isinstance(sweep, ChoiceSweep):
-        return CategoricalParameter([str(v) for v in sweep.list])
+        return CategoricalParameter(categorical_values(sweep.list))
     if isinstance(sweep, RangeSweep):
         values = list(sweep.range())
         if all(isinstance(v, int) for v in values) and sweep.step == 1:
             return IntegerParameter(values[0], values[-1], scaling_type=scaling)
-        return CategoricalParameter([str(v) for v in values])
+        return CategoricalParameter(categorical_values(values))
     raise ValueError(f"{spec!r} is not a sweep SageMaker can tune (interval, choice or range)")
 
 
@@ -121,7 +182,7 @@ def submit_tuning_job(cfg: DictConfig, overrides: list[str], *, dry_run: bool = 
     session, hook = make_session(sm, dry_run=dry_run)
     with tempfile.TemporaryDirectory(prefix="bincount-source-") as tmp:
         checkpoints = None
-        if sm.spot or sm.checkpoint_s3_uri:  # a tuning job picks no per-trial URI by itself
+        if sm.spot or sm.checkpoint_s3_uri:  # one URI for all trials: the API has no per-trial one
             checkpoints = sm.checkpoint_s3_uri or f"s3://{session.default_bucket()}/{sm.base_job_name}/{name}/checkpoints"
         trainer = make_model_trainer(plan, session, stage_source(Path(tmp) / "source"), role=role_for(sm, dry_run),
                                      checkpoint_s3_uri=checkpoints)

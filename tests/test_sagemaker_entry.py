@@ -45,12 +45,16 @@ def test_overrides_survive_the_hyperparameter_round_trip():
                  "data.train_transform.hflip_prob=0.0"]
     hps = encode_overrides(overrides)
     assert all("." not in name and re.fullmatch(r"\w+", name) for name in hps), hps  # exportable as SM_HP_<NAME>
-    assert hps["model__optimizer__lr"] == "0.001" and hps["_add__experiment"] == "quickstart"
+    # the override's position, then its value as typed (tests/test_sagemaker_hyperparameters.py: why)
+    assert hps["_add__experiment"] == "0=quickstart" and hps["model__optimizer__lr"] == "1=0.001"
+    assert hps["_del__callbacks__lr_monitor"] == "4"
     assert decode_hyperparameters(hps) == overrides
-    # what SM_HPS holds after the driver's JSON round trip, plus keys the SDK/toolkit add
+    assert decode_hyperparameters(dict(reversed(hps.items()))) == overrides  # the positions keep the order
+    # plain values (tuned ones; JSON values in SM_HPS), plus keys the SDK, toolkit and tuner add
     assert decode_hyperparameters({"trainer__max_epochs": 20, "test": False, "data__label_list": None,
-                                   "sagemaker_program": "x.py", "mp_parameters": "{}"}) == \
-        ["trainer.max_epochs=20", "test=false", "data.label_list=null"]
+                                   "sagemaker_program": "x.py", "mp_parameters": "{}",
+                                   "_tuning_objective_metric": "val/acc_best"}) == \
+        ["data.label_list=null", "test=false", "trainer.max_epochs=20"]
 
 
 @pytest.mark.parametrize("bad", ["hydra/launcher=sagemaker", "model@x=1", "a_.b=1", "data.root=x,data.root=y"])
