@@ -323,3 +323,33 @@ def test_serving_requirements_are_what_the_handler_imports(tmp_path):
     declared = {canonicalize_name(Requirement(r).name) for r in importlib.metadata.requires("bincount")
                 if Requirement(r).marker is None}
     assert imported & declared - {"torch", "torchvision"} == listed
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_tuning_trial_trains_exports_and_leaves_only_unfinished_trials_checkpoints(tmp_path, fake_abid, monkeypatch):
+    from sagemaker_launch import entry
+    from tests.conftest import FAST
+
+    root, _ = fake_abid
+    config, ckpts = tmp_path / "input" / "config", tmp_path / "checkpoints"
+    environ = {"SM_MODEL_DIR": tmp_path / "model", "SM_OUTPUT_DATA_DIR": tmp_path / "output" / "data",
+               "SM_CHECKPOINT_DIR": ckpts, "SM_CHANNEL_TRAIN": root, "SM_INPUT_DIR": tmp_path / "input",
+               "SM_INPUT_CONFIG_DIR": config, "TRAINING_JOB_NAME": "bincount-tune-002-1a2b3c4d"}
+    for key, value in environ.items():
+        monkeypatch.setenv(key, str(value))
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "SM_HPS"):
+        monkeypatch.delenv(key, raising=False)
+    config.mkdir(parents=True)
+    hps = encode_overrides([*FAST, "callbacks.rich_model_summary=null", "trainer.max_epochs=1"])
+    (config / "hyperparameters.json").write_text(json.dumps(
+        {**hps, "model__optimizer__lr": "0.002", "_tuning_objective_metric": "val/acc_best",
+         "sagemaker_program": "sagemaker_launch/entry.py"}))
+    running = ckpts / "bincount-tune-001-9f8e7d6c"  # another trial's, copied in from the shared URI
+    running.mkdir(parents=True)
+    (running / "last.ckpt").write_bytes(b"not this trial's")
+
+    metrics = entry.main([])
+
+    assert "test/acc" in metrics and (tmp_path / "model" / "model.pt").is_file()
+    assert sorted(p.name for p in ckpts.iterdir()) == [running.name]  # its own deleted, the other's kept
