@@ -47,7 +47,7 @@ JOBS = {
                'model.weights_path="/opt/ml/input/data/w/r 18.pt"', "++trainer.max_time='00:00:30:00'",
                "+data.code='007'", '+data.code2="007"', "+data.apostrophe='it\\'s 100%'", "+data.said=\"say 'hi'\"",
                "+data.empty=''", "+data.unicode='Größe ü'", "+data.tab='a\tb'", "+data.lines='line 1\nline 2'",
-               "+data.interp='${data.batch_size} photos'", "+data.plain=a b c"],
+               "+data.interp='${data.batch_size} photos'", "+data.plain=a b c", '+data.win="C:\\\\new"'],
     "typed": ["trainer.max_epochs=20", "test=false", "trainer.deterministic=True", "model.optimizer.lr=1e-3",
               "seed=-1", "+data.big=1e400", "+data.tags=[a, 'b c', \"d\", 1, null, true]",
               "+data.meta={k: 'v w', n: null, l: [1, 2]}", "++trainer.profiler=simple", "data=abid_stream",
