@@ -9,6 +9,7 @@ Prices come from ``conf/sagemaker/prices.yaml`` (dated, with its source); nothin
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,28 @@ def instance_gpus(instance_type: str, prices: DictConfig | None = None) -> int:
         if instance_type in prices[table]:
             return int(prices[table][instance_type].gpus)
     raise KeyError(f"{instance_type} is not in conf/{PRICES_FILE}: add it, or set sagemaker.processes_per_instance")
+
+
+# instance families by their letters (ml.<family><generation>...): NVIDIA GPUs, or none
+GPU_FAMILIES = ("p", "g")
+CPU_FAMILIES = ("m", "c", "r", "t")
+
+
+def has_gpus(instance_type: str, prices: DictConfig | None = None) -> bool:
+    """Whether ``instance_type`` has NVIDIA GPUs: the price table's ``gpus``, else its family
+    (``ml.p*``, ``ml.g*``: yes; ``ml.m*``, ``ml.c*``, ``ml.r*``, ``ml.t*``: no).
+
+    Raises:
+        KeyError: A type neither the table nor the family rule knows (e.g. ``ml.trn1.2xlarge``).
+    """
+    try:
+        return instance_gpus(instance_type, prices) > 0
+    except KeyError:
+        match = re.fullmatch(r"ml\.([a-z]+)\d[a-z0-9-]*\.[a-z0-9]+", instance_type)
+        family = match.group(1) if match else ""
+        if family in GPU_FAMILIES or family in CPU_FAMILIES:
+            return family in GPU_FAMILIES
+        raise KeyError(f"can't tell whether {instance_type} has GPUs: add it to conf/{PRICES_FILE}") from None
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -67,6 +69,10 @@ CHECKPOINT_DIR = "/opt/ml/checkpoints"
 CONTAINER_INIT = "/opt/ml/input/data/code/sagemaker_launch/container_init.sh"
 # override roots that configure the launch, not the training run
 LAUNCHER_KEYS = ("sagemaker", "hydra", "hparams_search")
+# ModelTrainer names a job "<base_job_name>-%Y%m%d%H%M%S" and cuts the name to 63 characters:
+# a longer base would lose the timestamp, and launches would collide
+JOB_NAME_MAX = 63
+BASE_JOB_NAME_MAX = JOB_NAME_MAX - len("-20250101000000")
 METRICS = ("val/acc", "val/acc_best", "val/mae", "val/rmse", "val/obo_acc", "val/loss",
            "test/acc", "test/mae", "test/rmse", "test/obo_acc")
 
@@ -106,7 +112,8 @@ def check_config(cfg: DictConfig, overrides: list[str]) -> None:
     Raises:
         omegaconf.errors.OmegaConfBaseException: A missing value (``???``) or a broken interpolation.
         ValueError: The data config reads a folder (``data.root``) but no ``train`` channel is given,
-            or streams from a ``data.uri`` the job can't reach (a local path).
+            streams from a ``data.uri`` the job can't reach (a local path), or ``sagemaker.*`` values
+            SageMaker would refuse (see :func:`check_base_job_name`).
     """
     run = copy.deepcopy(cfg)
     with open_dict(run):
@@ -125,9 +132,32 @@ def check_config(cfg: DictConfig, overrides: list[str]) -> None:
         if uri and not str(uri).startswith("s3://"):
             raise ValueError(f"sagemaker.inputs.{name}={uri}: must be an s3:// URI")
     sm = cfg.sagemaker
+    check_base_job_name(str(sm.base_job_name))
     if sm.spot and sm.max_wait_hours < sm.max_run_hours:
         raise ValueError(f"sagemaker.max_wait_hours={sm.max_wait_hours} < max_run_hours={sm.max_run_hours}: "
                          "spot needs max_wait >= max_run")
+
+
+def check_base_job_name(base: str) -> None:
+    """Refuse a ``sagemaker.base_job_name`` that can't start uniquely named jobs.
+
+    Raises:
+        ValueError: Longer than :data:`BASE_JOB_NAME_MAX` (the SDK's timestamp suffix would be cut
+            off), or not letters, digits and single dashes/underscores between them.
+    """
+    if len(base) > BASE_JOB_NAME_MAX:
+        raise ValueError(f"sagemaker.base_job_name={base!r} has {len(base)} characters, at most {BASE_JOB_NAME_MAX}: "
+                         f"job names are <base>-<timestamp> cut to {JOB_NAME_MAX}, so a longer base loses the "
+                         "timestamp and launches collide")
+    if not re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*", base.replace("_", "-")):
+        raise ValueError(f"sagemaker.base_job_name={base!r}: letters, digits, '-' and '_' only, starting and ending "
+                         "with a letter or digit (SageMaker's job name pattern)")
+
+
+def job_base_name(base: str, suffix: str) -> str:
+    """``base`` + ``suffix``, ``base`` shortened so the result fits :data:`BASE_JOB_NAME_MAX`
+    (the suffix, which makes it unique, is kept whole)."""
+    return base[:max(1, BASE_JOB_NAME_MAX - len(suffix))].rstrip("-_") + suffix
 
 
 def processes_per_instance(sm: DictConfig) -> int:
@@ -140,15 +170,21 @@ def processes_per_instance(sm: DictConfig) -> int:
 def trainer_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
     """The trainer settings the hardware needs, unless ``overrides`` set them.
 
+    The accelerator follows the instance type (:func:`sagemaker_launch.cost.has_gpus`), whatever
+    the experiment's trainer says.
+
     Returns:
         e.g. ``["trainer.accelerator=gpu", "trainer.devices=4", "trainer.num_nodes=2",
         "++trainer.strategy=ddp"]`` for 2 x ml.g5.12xlarge: ``devices * num_nodes`` equals the
         WORLD_SIZE torchrun starts.
+
+    Raises:
+        KeyError: An instance type the price table doesn't know, without ``processes_per_instance``,
+            or one whose GPUs :func:`sagemaker_launch.cost.has_gpus` can't tell.
     """
     sm, given = cfg.sagemaker, {override_key(o) for o in overrides}
-    gpus = cost.instance_gpus(sm.instance_type) if sm.processes_per_instance is None else None
-    on_gpu = gpus > 0 if gpus is not None else "gpu" in str(cfg.trainer.accelerator)
     procs = processes_per_instance(sm)
+    on_gpu = cost.has_gpus(sm.instance_type)  # the instance decides, not the experiment's trainer
     wanted = {"trainer.accelerator": "gpu" if on_gpu else "cpu"}
     if not on_gpu and str(cfg.trainer.precision).startswith("16"):
         wanted["trainer.precision"] = "32-true"  # fp16 AMP is GPU-only
@@ -173,7 +209,8 @@ class TrainingJobPlan:
         processes: Processes per instance (torchrun when ``processes * instance_count > 1``).
         image_uri: The training image.
         environment: Container environment.
-        profiler_config: ``ProfilerConfig`` of the request or ``None``.
+        profiler: ``ProfilerConfig`` of the request but its ``S3OutputPath`` (:func:`profiler_config`),
+            or ``None``.
         sagemaker: The composed ``sagemaker`` config.
     """
 
@@ -182,7 +219,7 @@ class TrainingJobPlan:
     processes: int
     image_uri: str
     environment: dict[str, str]
-    profiler_config: dict[str, Any] | None
+    profiler: dict[str, Any] | None
     sagemaker: DictConfig = field(repr=False)
 
     @property
@@ -212,15 +249,13 @@ def plan_training_job(cfg: DictConfig, overrides: list[str]) -> TrainingJobPlan:
     run = job_overrides(overrides) + trainer_overrides(cfg, overrides)
     if sm.profiler and not any(override_key(o) == "trainer.profiler" for o in run):
         run.append("++trainer.profiler=simple")
-    bucket = sm.bucket or "BUCKET"
     profiler = None
-    if sm.profiler:
-        profiler = {"S3OutputPath": f"s3://{bucket}/{sm.base_job_name}/profiler",
-                    "ProfilingIntervalInMilliseconds": int(sm.profiler_interval_ms), "DisableProfiler": False}
+    if sm.profiler:  # S3OutputPath: the session's bucket, known once there is a session (profiler_config)
+        profiler = {"ProfilingIntervalInMilliseconds": int(sm.profiler_interval_ms), "DisableProfiler": False}
     environment = {"SM_CHECKPOINT_DIR": CHECKPOINT_DIR, "PYTHONUNBUFFERED": "1",
                    **{str(k): str(v) for k, v in (sm.environment or {}).items()}}
     return TrainingJobPlan(overrides=run, hyperparameters=encode_overrides(run), processes=processes_per_instance(sm),
-                           image_uri=training_image(sm), environment=environment, profiler_config=profiler,
+                           image_uri=training_image(sm), environment=environment, profiler=profiler,
                            sagemaker=sm)
 
 
@@ -265,6 +300,73 @@ def use_container_init(request: dict[str, Any]) -> None:
     spec["ContainerArguments"] = [f"{SM_DRIVERS_CONTAINER_PATH}/{TRAIN_SCRIPT}"]
 
 
+def request_errors(params: dict[str, Any], operation_model) -> list[str]:
+    """What SageMaker's API model says is wrong with a request, one line per problem.
+
+    botocore's ``ParamValidator`` (what every client runs before sending) checks types, required
+    members and minimums only; the service would refuse the rest, so this adds the model's
+    maximums (lengths, sizes, values), ``pattern`` (searched, as the service does: not anchored
+    unless the pattern is) and ``enum`` (e.g. the instance types of ``TrainingInstanceType``).
+
+    Args:
+        params: The request, as the client's ``before-parameter-build`` event holds it.
+        operation_model: ``botocore.model.OperationModel`` of the request.
+    """
+    from botocore.validate import ParamValidator
+
+    report = ParamValidator().validate(params, operation_model.input_shape)
+    errors = report.generate_report().splitlines() if report.has_errors() else []
+    _model_errors(params, operation_model.input_shape, operation_model.name, errors)
+    return errors
+
+
+def _model_errors(value: Any, shape, name: str, errors: list[str]) -> None:
+    meta, kind = shape.metadata, shape.type_name
+    if kind == "structure" and isinstance(value, dict):
+        for key, item in value.items():
+            if key in shape.members:
+                _model_errors(item, shape.members[key], f"{name}.{key}", errors)
+    elif kind == "list" and isinstance(value, (list, tuple)):
+        if "max" in meta and len(value) > meta["max"]:
+            errors.append(f"{name}: {len(value)} items, at most {meta['max']}")
+        for i, item in enumerate(value):
+            _model_errors(item, shape.member, f"{name}[{i}]", errors)
+    elif kind == "map" and isinstance(value, dict):
+        if "max" in meta and len(value) > meta["max"]:
+            errors.append(f"{name}: {len(value)} entries, at most {meta['max']}")
+        for key, item in value.items():
+            _model_errors(key, shape.key, f"{name} key {key!r}", errors)
+            _model_errors(item, shape.value, f"{name}[{key!r}]", errors)
+    elif kind == "string" and isinstance(value, str):
+        if "max" in meta and len(value) > meta["max"]:
+            errors.append(f"{name}: {len(value)} characters, at most {meta['max']}")
+        if shape.enum and value not in shape.enum:
+            errors.append(f"{name}={value!r}: not one of SageMaker's {len(shape.enum)} values ({shape.name})")
+        if "pattern" in meta and not _pattern(meta["pattern"]).search(value):
+            errors.append(f"{name}={_short(value)}: does not match {meta['pattern']!r}")
+    elif kind in ("integer", "long", "float", "double") and isinstance(value, (int, float)):
+        if "max" in meta and value > meta["max"]:
+            errors.append(f"{name}={value}: at most {meta['max']}")
+
+
+def _short(value: str, keep: int = 80) -> str:
+    return repr(value) if len(value) <= keep else repr(value[:keep]) + f"... ({len(value)} characters)"
+
+
+@functools.lru_cache(maxsize=None)
+def _pattern(pattern: str):
+    """The service model's (Java) regex: ``regex`` reads its ``\\p{L}``-style classes, ``re`` does not."""
+    try:
+        import regex
+
+        return regex.compile(pattern)
+    except ImportError:
+        try:
+            return re.compile(pattern)
+        except re.error:  # a \p{...} class: not checked without the regex package
+            return re.compile("")
+
+
 class DryRun(Exception):  # noqa: N818 - not an error: how a dry run stops before sending
     """Raised instead of sending a Create* request in a dry run."""
 
@@ -281,7 +383,9 @@ class RequestHook:
       ``{"CreateTrainingJob": {"ProfilerConfig": {...}}}``), then apply ``edits`` (operation ->
       function changing the request in place);
     - keep every SageMaker ``Create*`` request as sent (``sent``), so the launcher knows the job name;
-    - in a dry run, send nothing: ``Create*`` raises :class:`DryRun` carrying the request, S3 uploads
+    - in a dry run, send nothing: ``Create*`` is checked against the service model
+      (:func:`request_errors`: ``ValueError`` if SageMaker would refuse it), then raises
+      :class:`DryRun` carrying the request, S3 uploads
       are answered locally and recorded with their contents (``files``: ``s3://bucket/key`` -> bytes),
       any other call is refused (``AccessDenied``, which the SDK treats as "cannot verify").
 
@@ -312,6 +416,9 @@ class RequestHook:
         if model.name.startswith("Create"):
             self.sent[model.name].append(copy.deepcopy(params))
             if self.dry_run:
+                if errors := request_errors(params, model):
+                    raise ValueError(f"dry run: SageMaker would refuse this {model.name} request:\n  "
+                                     + "\n  ".join(errors))
                 raise DryRun(model.name, copy.deepcopy(params))
 
     @property
@@ -376,7 +483,7 @@ def role_for(sm: DictConfig, dry_run: bool) -> str | None:
     if sm.role or not dry_run:
         return sm.role
     log.warning("no role (sagemaker.role or $SAGEMAKER_ROLE): the dry run shows a placeholder")
-    return "arn:aws:iam::ACCOUNT_ID:role/SageMakerExecutionRole"
+    return "arn:aws:iam::000000000000:role/SageMakerExecutionRole"  # a valid ARN: the dry run checks the request
 
 
 def channels(sm: DictConfig) -> list:
@@ -469,6 +576,15 @@ class Submission:
     files: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
+def profiler_config(plan: TrainingJobPlan, session) -> dict[str, Any]:
+    """The request's ``ProfilerConfig``: ``plan.profiler`` writing to
+    ``s3://<the session's default bucket>/[<its prefix>/]<base_job_name>/profiler`` (SageMaker adds
+    the job name), where ModelTrainer puts the job's code and output.
+    """
+    prefix = "/".join(p for p in (session.default_bucket_prefix, plan.sagemaker.base_job_name) if p)
+    return {"S3OutputPath": f"s3://{session.default_bucket()}/{prefix}/profiler", **plan.profiler}
+
+
 def submit_training_job(plan: TrainingJobPlan, *, dry_run: bool = False, wait: bool = False) -> Submission:
     """Build a fresh ``ModelTrainer`` from ``plan`` and start the job (or, in a dry run, don't).
 
@@ -478,8 +594,9 @@ def submit_training_job(plan: TrainingJobPlan, *, dry_run: bool = False, wait: b
         wait: Stream the job's log until it ends.
     """
     sm = plan.sagemaker
-    extra = {"CreateTrainingJob": {"ProfilerConfig": plan.profiler_config}} if plan.profiler_config else {}
-    session, hook = make_session(sm, dry_run=dry_run, extra=extra, edits={"CreateTrainingJob": use_container_init})
+    session, hook = make_session(sm, dry_run=dry_run, edits={"CreateTrainingJob": use_container_init})
+    if plan.profiler:
+        hook.extra["CreateTrainingJob"] = {"ProfilerConfig": profiler_config(plan, session)}
     with tempfile.TemporaryDirectory(prefix="bincount-source-") as tmp:
         trainer = make_model_trainer(plan, session, stage_source(Path(tmp) / "source"), role=role_for(sm, dry_run))
         try:

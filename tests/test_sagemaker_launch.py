@@ -1,8 +1,10 @@
 """The launcher side: the real SageMaker SDK builds each request and sends it to a local moto
 server; the tests read what moto received (its request recording), not mocks of our code."""
 
+import copy
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +133,83 @@ def test_processes_follow_the_instance_type(aws):
     assert launch.trainer_overrides(cpu, []) == ["trainer.accelerator=cpu", "trainer.precision=32-true"]
     with pytest.raises(KeyError, match="processes_per_instance"):
         launch.trainer_overrides(launch.compose_launch(["sagemaker.instance_type=ml.x9.huge"]), [])
+    # the instance decides the accelerator, also when processes_per_instance is given
+    g5 = launch.compose_launch(["sagemaker.instance_type=ml.g5.12xlarge", "sagemaker.processes_per_instance=4"])
+    assert launch.trainer_overrides(g5, [])[:2] == ["trainer.accelerator=gpu", "trainer.devices=4"]
+    quick = launch.compose_launch(["+experiment=quickstart", "sagemaker.instance_type=ml.g5.12xlarge",
+                                   "sagemaker.processes_per_instance=2"])  # quickstart's trainer is cpu
+    assert launch.trainer_overrides(quick, [])[0] == "trainer.accelerator=gpu"
+    m5 = launch.compose_launch(["sagemaker=cpu", "sagemaker.processes_per_instance=2"])
+    assert launch.trainer_overrides(m5, [])[0] == "trainer.accelerator=cpu"
+    g6 = launch.compose_launch(["sagemaker.instance_type=ml.g6.xlarge", "sagemaker.processes_per_instance=1"])
+    assert launch.trainer_overrides(g6, []) == ["trainer.accelerator=gpu"]  # not in the price table: its family
+    with pytest.raises(KeyError, match="can't tell"):
+        launch.trainer_overrides(launch.compose_launch(["sagemaker.instance_type=ml.trn1.2xlarge",
+                                                        "sagemaker.processes_per_instance=2"]), [])
+
+
+def test_profiler_output_goes_to_the_sessions_default_bucket(aws, monkeypatch):
+    monkeypatch.delenv("SAGEMAKER_BUCKET")  # no sagemaker.bucket: the SDK's default bucket for the account
+    from sagemaker.core.helper import session_helper
+
+    # the SDK asks STS for the account at a fixed regional URL (not AWS_ENDPOINT_URL): point it at moto
+    monkeypatch.setattr(session_helper, "sts_regional_endpoint", lambda region: aws.url)
+    sub = launch.main(["sagemaker=cpu", "sagemaker.profiler=true", f"sagemaker.inputs.train={TRAIN_S3}", "--no-wait"])
+    [req] = aws.calls("CreateTrainingJob")
+    default = "sagemaker-us-east-1-123456789012"  # moto's account
+    assert req["ProfilerConfig"]["S3OutputPath"] == f"s3://{default}/bincount/profiler"
+    assert req["OutputDataConfig"]["S3OutputPath"] == f"s3://{default}/bincount"  # where the SDK puts the rest
+    assert sub.job_name == req["TrainingJobName"]
+
+
+def test_dry_run_checks_the_request_against_the_service_model(aws):
+    sub = launch.main(["+experiment=quickstart", "sagemaker=cpu", f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("sagemaker").operation_model("CreateTrainingJob")
+    assert launch.request_errors(sub.request, model) == []
+
+    def errors(**changes) -> list[str]:
+        req = copy.deepcopy(sub.request)
+        for path, value in changes.items():
+            *parents, last = path.split("__")
+            node = req
+            for key in parents:
+                node = node[key]
+            node[last] = value
+        return launch.request_errors(req, model)
+
+    # what botocore's ParamValidator alone lets through
+    assert errors(TrainingJobName="j" * 64) == ["CreateTrainingJob.TrainingJobName: 64 characters, at most 63"]
+    [role] = errors(RoleArn="SageMakerExecutionRoleName")
+    assert role.startswith("CreateTrainingJob.RoleArn='SageMakerExecutionRoleName': does not match 'arn:aws")
+    [bad_type] = errors(ResourceConfig__InstanceType="ml.g5.3xlarge")
+    assert "ResourceConfig.InstanceType='ml.g5.3xlarge': not one of SageMaker's" in bad_type
+    [too_long] = errors(HyperParameters__note="x" * 2501)
+    assert too_long == "CreateTrainingJob.HyperParameters['note']: 2501 characters, at most 2500"
+    assert errors(ResourceConfig__KeepAlivePeriodInSeconds=21601) == [
+        "CreateTrainingJob.ResourceConfig.KeepAlivePeriodInSeconds=21601: at most 21600"]
+    [metrics] = errors(AlgorithmSpecification__MetricDefinitions=[{"Name": f"m{i}", "Regex": "x"} for i in range(41)])
+    assert metrics == "CreateTrainingJob.AlgorithmSpecification.MetricDefinitions: 41 items, at most 40"
+    # and what ParamValidator itself finds
+    assert any("VolumeSizeInGB" in e for e in errors(ResourceConfig__VolumeSizeInGB="50"))
+    # through the launcher: the dry run fails instead of printing a request SageMaker would refuse
+    with pytest.raises(ValueError, match="would refuse this CreateTrainingJob request"):
+        launch.main(["sagemaker=cpu", "sagemaker.instance_type=ml.g5.3xlarge", "sagemaker.processes_per_instance=1",
+                     f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
+    assert aws.requests() == []
+
+
+def test_a_long_base_job_name_is_refused(aws):
+    base = "b" * launch.BASE_JOB_NAME_MAX
+    sub = launch.main([f"sagemaker.base_job_name={base}", f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
+    assert re.fullmatch(base + r"-\d{14}", sub.job_name)  # 63 characters, the timestamp whole
+    with pytest.raises(ValueError, match="loses the timestamp"):
+        launch.main([f"sagemaker.base_job_name={base}x", f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
+    with pytest.raises(ValueError, match="job name pattern"):
+        launch.main(["sagemaker.base_job_name=-x", f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
+    assert launch.job_base_name("a" * 60, "-261202102330-7") == "a" * 33 + "-261202102330-7"
+    assert aws.requests() == []
 
 
 def test_cost_table():
@@ -162,7 +241,7 @@ def test_tuning_job_uses_the_optuna_search_space(aws):
     assert "model__optimizer__lr" not in static and "hparams_search" not in static  # tuned / launcher-only
     assert static["sagemaker_program"] == "sagemaker_launch/entry.py"
     assert static["sagemaker_torch_distributed_enabled"] == "true"  # the legacy toolkit path drops Torchrun
-    assert static["trainer__num_nodes"] == "2" and static["_add__experiment"] == "quickstart"
+    assert {"+experiment=quickstart", "trainer.num_nodes=2"} <= set(only_training_overrides(static))
     assert job["EnableManagedSpotTraining"] is True
     assert job["CheckpointConfig"]["S3Uri"] == f"s3://{BUCKET}/bincount/{sub.job_name}/checkpoints"
     assert job["Environment"]["SM_CHECKPOINT_DIR"] == "/opt/ml/checkpoints"
@@ -177,7 +256,7 @@ def test_search_space_translation():
         "tag(int, interval(1, 8))", "choice(32, 64)", "range(1, 5)", "range(0.1, 0.4, 0.1)", "tag(log, interval(1e-4, 1e-2))"))}
     assert type(space["tag(int, interval(1, 8))"]).__name__ == "IntegerParameter"
     assert space["tag(int, interval(1, 8))"].min_value == 1
-    assert space["choice(32, 64)"].values == ["32", "64"]
+    assert space["choice(32, 64)"].values == ["=32", "=64"]  # encoded as static values are (entry.encode_value)
     assert type(space["range(1, 5)"]).__name__ == "IntegerParameter" and space["range(1, 5)"].max_value == 4
     assert type(space["range(0.1, 0.4, 0.1)"]).__name__ == "CategoricalParameter"
     assert space["tag(log, interval(1e-4, 1e-2))"].scaling_type == "Logarithmic"
@@ -187,18 +266,59 @@ def test_search_space_translation():
         tune.search_space(launch.compose_launch([], return_hydra_config=True))
 
 
-@pytest.mark.integration
-def test_hydra_multirun_with_the_sagemaker_launcher(aws, tmp_path):
-    run = subprocess.run([sys.executable, "train.py", "-m", "hydra/launcher=sagemaker", "+sagemaker=cpu",
-                          f"sagemaker.inputs.train={TRAIN_S3}", "+experiment=quickstart",
-                          "model.optimizer.lr=0.001,0.003", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+def documented_commands(module) -> list[list[str]]:
+    """The commands of a module docstring's "Usage:" block, as argv lists."""
+    usage = module.__doc__.split("Usage:\n", 1)[1].split("\n\n", 1)[0]
+    return [shlex.split(cmd) for cmd in usage.replace("\\\n", " ").splitlines() if cmd.strip()]
+
+
+def run_multirun(argv: list[str], sweep_dir: Path) -> subprocess.CompletedProcess:
+    assert argv[:2] == ["python", "train.py"], argv
+    args = [a.replace("s3://BUCKET/", f"s3://{BUCKET}/") for a in argv[2:]]
+    run = subprocess.run([sys.executable, "train.py", *args, f"hydra.sweep.dir={sweep_dir}"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+@pytest.mark.integration
+def test_hydra_multirun_with_the_sagemaker_launcher(aws, tmp_path):
+    from hydra_plugins.bincount_sagemaker_launcher import sagemaker_launcher
+
+    submit, dry = documented_commands(sagemaker_launcher)
+    run_multirun(submit, tmp_path / "sweep")
     reqs = aws.calls("CreateTrainingJob")
-    assert [r["TrainingJobName"].rsplit("-", 1)[0] for r in reqs] == ["bincount-0", "bincount-1"]
-    for req, lr in zip(reqs, ("0.001", "0.003"), strict=True):
-        # only the training overrides reach the job; the CPU instance sets the trainer
+    names = [r["TrainingJobName"] for r in reqs]
+    sweep = re.fullmatch(r"bincount-(\d{12})-0-\d{14}", names[0]).group(1)
+    assert [n.rsplit("-", 1)[0] for n in names] == [f"bincount-{sweep}-{i}" for i in range(3)]
+    for req, lr in zip(reqs, ("0.0003", "0.001", "0.003"), strict=True):
+        # only the training overrides reach the job; the GPU instance sets the trainer
         assert sorted(only_training_overrides(req["HyperParameters"])) == sorted([
-            "+experiment=quickstart", f"model.optimizer.lr={lr}", "trainer.accelerator=cpu"])
-        assert req["ResourceConfig"]["InstanceType"] == "ml.m5.xlarge"
+            "+experiment=resnet18_subset", f"model.optimizer.lr={lr}", "trainer.accelerator=gpu"])
+        assert req["ResourceConfig"]["InstanceType"] == "ml.g5.xlarge"
+        assert req["OutputDataConfig"]["S3OutputPath"] == f"s3://{BUCKET}/{req['TrainingJobName'].rsplit('-', 1)[0]}"
     assert (tmp_path / "sweep" / "multirun.yaml").is_file()
+
+    # the second documented command: a dry run (sagemaker.dry_run=true) sends nothing
+    aws.reset()
+    run = run_multirun(dry, tmp_path / "dry")
+    assert aws.requests() == []
+    printed = re.findall(r"DRY RUN: CreateTrainingJob (\S+) \(not sent\)", run.stdout)
+    assert [n.rsplit("-", 1)[0].split("-", 2)[2] for n in printed] == ["0", "1"]
+    assert printed[0].split("-")[1] != sweep  # a new sweep, its own prefixes
+
+
+def test_sagemaker_launcher_checkpoint_uris_are_per_job_and_sweep(aws, tmp_path):
+    run = subprocess.run([sys.executable, "train.py", "-m", "hydra/launcher=sagemaker", "sagemaker=cpu",
+                          f"sagemaker.inputs.train={TRAIN_S3}", f"sagemaker.checkpoint_s3_uri=s3://{BUCKET}/ckpt",
+                          "sagemaker.base_job_name=" + "b" * 48, "sagemaker.dry_run=true", "+experiment=quickstart",
+                          "model.optimizer.lr=0.001,0.003", f"hydra.sweep.dir={tmp_path}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    uris = re.findall(r'"S3Uri": "(s3://bincount-test/ckpt/[^"]+)"', run.stdout)
+    names = re.findall(r"DRY RUN: CreateTrainingJob (\S+) \(not sent\)", run.stdout)
+    assert len(set(uris)) == 2 and len(names) == 2
+    for uri, name in zip(uris, names, strict=True):
+        assert uri == f"s3://{BUCKET}/ckpt/{name.rsplit('-', 1)[0]}" and len(name) <= 63
+        assert re.search(r"-\d{12}-[01]-\d{14}$", name)  # sweep, job and time survive a long base
+    assert aws.requests() == []

@@ -1,17 +1,23 @@
 """A Hydra launcher that submits every job of a multirun as a SageMaker training job.
 
 Usage:
-    python train.py -m hydra/launcher=sagemaker +sagemaker=gpu_single sagemaker.inputs.train=s3://BUCKET/abid/subset \
+    python train.py -m hydra/launcher=sagemaker sagemaker=gpu_single sagemaker.inputs.train=s3://BUCKET/abid/subset \
         +experiment=resnet18_subset model.optimizer.lr=0.0003,0.001,0.003
-    python train.py -m hydra/launcher=sagemaker hydra.launcher.sagemaker=cpu hydra.launcher.dry_run=true \
+    python train.py -m hydra/launcher=sagemaker sagemaker=cpu sagemaker.dry_run=true \
         +experiment=quickstart sagemaker.inputs.train=s3://BUCKET/abid/sample data.batch_size=16,32
 
 Run it from the repository root: the job requests are built by ``sagemaker_launch.launch`` (not part
-of the installed package). ``+sagemaker=<name>`` picks ``conf/sagemaker/<name>.yaml`` and lets
-``sagemaker.*`` overrides follow; without it the launcher's ``sagemaker`` option applies. Each job
-is planned and checked exactly as ``python -m sagemaker_launch.launch`` would (a fresh ModelTrainer
-per job, named ``<base_job_name>-<job number>-<time>``), then submitted without waiting; the job's
-return value is the training job's name.
+of the installed package). ``hydra/launcher=sagemaker`` adds the ``sagemaker`` group
+(``conf/sagemaker/*.yaml``, default ``gpu_single``) to the config, so ``sagemaker=<name>`` and
+``sagemaker.*`` overrides read exactly as for ``python -m sagemaker_launch.launch``, and
+``sagemaker.dry_run=true`` prints each request instead of sending it. Each job is planned and
+checked as the launcher would (a fresh ModelTrainer per job), then submitted without waiting;
+the job's return value is the training job's name.
+
+Jobs are named ``<base_job_name>-<sweep>-<job number>-<time>``, ``<sweep>`` the sweep's start
+(``%y%m%d%H%M%S``): jobs of one sweep submitted within a second get distinct names, and sweeps
+don't share S3 prefixes (code, output, profiler, and a ``sagemaker.checkpoint_s3_uri``, which
+gets ``/<base_job_name>-<sweep>-<job number>`` appended per job).
 
 Sweepers that need each job's objective back (Optuna) can't wait on this launcher: use
 ``python -m sagemaker_launch.tune`` for a search. The jobs never run Hydra multirun themselves
@@ -24,7 +30,7 @@ string annotations fails, and with it every Hydra command.)
 """
 
 import logging
-from dataclasses import dataclass
+from datetime import datetime
 from typing import List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
@@ -36,38 +42,29 @@ from omegaconf import DictConfig, open_dict
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SageMakerLauncherConf:
-    """``hydra.launcher`` for ``hydra/launcher=sagemaker``.
+LAUNCHER_TARGET = "hydra_plugins.bincount_sagemaker_launcher.sagemaker_launcher.SageMakerLauncher"
 
-    Attributes:
-        sagemaker: ``conf/sagemaker/<name>.yaml`` for jobs whose overrides pick none.
-        dry_run: Print each request instead of sending it.
-    """
-
-    _target_: str = "hydra_plugins.bincount_sagemaker_launcher.sagemaker_launcher.SageMakerLauncher"
-    sagemaker: str = "gpu_single"
-    dry_run: bool = False
-
-
-ConfigStore.instance().store(group="hydra/launcher", name="sagemaker", node=SageMakerLauncherConf, provider="bincount")
+# package _global_: its defaults list puts the `sagemaker` group at the root of the job config (as
+# conf/launch.yaml does), so `sagemaker=cpu` / `sagemaker.x=y` overrides compose for the sweep too
+ConfigStore.instance().store(group="hydra/launcher", name="sagemaker", package="_global_", provider="bincount",
+                             node={"defaults": [{"/sagemaker": "gpu_single"}],
+                                   "hydra": {"launcher": {"_target_": LAUNCHER_TARGET}}})
 
 
 class SageMakerLauncher(Launcher):
     """Submits each job's overrides as a SageMaker training job (see the module docstring)."""
 
-    def __init__(self, sagemaker: str = "gpu_single", dry_run: bool = False) -> None:
-        self.sagemaker = sagemaker
-        self.dry_run = dry_run
+    def __init__(self) -> None:
         self.config: Optional[DictConfig] = None
         self.hydra_context: Optional[HydraContext] = None
+        self.sweep = datetime.now().strftime("%y%m%d%H%M%S")
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
         self.hydra_context = hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        """Plan, check and submit one training job per override list.
+        """Plan, check and submit one training job per override list (``sagemaker.dry_run``: print it).
 
         Returns:
             One ``JobReturn`` per job, its ``return_value`` the training job's name.
@@ -76,7 +73,8 @@ class SageMakerLauncher(Launcher):
             ImportError: If ``sagemaker_launch`` can't be imported (run from the repository root).
         """
         try:
-            from sagemaker_launch.launch import describe_request, plan_training_job, submit_training_job
+            from sagemaker_launch.launch import (describe_request, job_base_name, plan_training_job,
+                                                 submit_training_job)
         except ImportError as err:
             raise ImportError("hydra/launcher=sagemaker needs sagemaker_launch/ and the SageMaker SDK: run from the "
                               "repository root with the sagemaker extra installed (pip install -e '.[sagemaker]')"
@@ -84,22 +82,23 @@ class SageMakerLauncher(Launcher):
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        log.info("Submitting %d jobs to SageMaker%s", len(job_overrides), " (dry run)" if self.dry_run else "")
         runs: List[JobReturn] = []
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             overrides = list(overrides)
-            loader = self.hydra_context.config_loader
-            cfg = loader.load_sweep_config(self.config, overrides)
-            if "sagemaker" not in cfg:
-                overrides = [f"+sagemaker={self.sagemaker}", *overrides]
-                cfg = loader.load_sweep_config(self.config, overrides)
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+            dry_run = bool(cfg.sagemaker.dry_run)
+            if idx == initial_job_idx:
+                log.info("Submitting %d jobs to SageMaker%s", len(job_overrides), " (dry run)" if dry_run else "")
             with open_dict(cfg):
                 cfg.hydra.job.id = cfg.hydra.job.num = idx
-                # job names are <base>-<second>: jobs submitted within one second need distinct bases
-                cfg.sagemaker.base_job_name = f"{cfg.sagemaker.base_job_name}-{idx}"
-            sub = submit_training_job(plan_training_job(cfg, overrides), dry_run=self.dry_run, wait=False)
+                sm = cfg.sagemaker
+                sm.base_job_name = job_base_name(str(sm.base_job_name), f"-{self.sweep}-{idx}")
+                if sm.checkpoint_s3_uri:
+                    sm.checkpoint_s3_uri = f"{str(sm.checkpoint_s3_uri).rstrip('/')}/{sm.base_job_name}"
+            sub = submit_training_job(plan_training_job(cfg, overrides), dry_run=dry_run, wait=False)
             log.info("\t#%d : %s -> %s", idx, " ".join(filter_overrides(overrides)), sub.job_name)
-            if self.dry_run:
+            if dry_run:
+                print(f"DRY RUN: CreateTrainingJob {sub.job_name} (not sent)")
                 print(describe_request(sub.request, sub.uploads))
             runs.append(JobReturn(overrides=overrides, cfg=cfg, hydra_cfg=cfg.hydra, task_name=cfg.hydra.job.name,
                                   status=JobStatus.COMPLETED, _return_value=sub.job_name))
