@@ -93,7 +93,7 @@ def test_container_overrides_put_the_run_into_the_sagemaker_folders(tmp_path):
     assert "callbacks=sagemaker" not in mine and not any(o.startswith(("data.root", "ckpt_path")) for o in mine)
     # everything composes with the real config
     cfg = compose_cfg("train", ["trainer.max_epochs=2", *out])
-    assert cfg.callbacks.model_checkpoint.save_on_exception and cfg.callbacks.metric_lines
+    assert cfg.callbacks.last_checkpoint.save_on_exception and cfg.callbacks.metric_lines
     assert cfg.callbacks.last_checkpoint.dirpath == str(env.checkpoint_dir) and cfg.callbacks.rich_progress_bar is None
 
 

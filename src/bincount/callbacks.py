@@ -2,7 +2,7 @@
 
 Selected by ``conf/callbacks/sagemaker.yaml``. Spot interruptions need no callback of ours:
 Lightning turns SIGTERM into ``SIGTERMException`` after the current batch, and
-``ModelCheckpoint(save_on_exception=True)`` then writes ``last.ckpt`` (see that config).
+``ModelCheckpoint(save_on_exception=True)`` then writes ``last.ckpt`` (``conf/callbacks/default.yaml``).
 """
 
 from __future__ import annotations

@@ -10,12 +10,15 @@ Usage:
 from __future__ import annotations
 
 import logging
+import shlex
+import signal
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from bincount.config import config_dir
@@ -68,6 +71,62 @@ def load_selected_weights(trainer: L.Trainer, model: BinCountModule, checkpoint_
     model.load_state_dict(trainer.strategy.broadcast(state, src=0))
 
 
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint ``cfg.ckpt_path`` names (``"last"``: ``last.ckpt`` of the run folder), checked.
+
+    Raises:
+        FileNotFoundError: If there is no such file (Lightning would start from scratch for "last").
+        ValueError: If the file is not a checkpoint.
+    """
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        path = Path(cfg.callbacks.model_checkpoint.dirpath) / "last.ckpt"
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path=last: no checkpoint at {path}; pass hydra.run.dir=<the run folder> "
+                                    "of the run to resume, or ckpt_path=<file.ckpt>")
+    else:
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file")
+    try:  # memory-mapped: reads the structure, not the weights
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a file that is not a checkpoint
+        raise ValueError(f"ckpt_path={ckpt_path}: {path} is not a Lightning checkpoint ({type(err).__name__})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"ckpt_path={ckpt_path}: {path} is not a Lightning checkpoint (no state_dict)")
+    return str(path)
+
+
+def resume_command(out_dir: Path) -> str:
+    """The command that resumes this run from its ``last.ckpt``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return f"the same call with ckpt_path={out_dir / 'checkpoints' / 'last.ckpt'}"
+    keep = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+    return shlex.join(["python", "train.py", *keep, f"hydra.run.dir={out_dir}", "ckpt_path=last"])
+
+
+def fit(trainer: L.Trainer, model: BinCountModule, datamodule, ckpt_path: str | None, out_dir: Path) -> None:
+    """``trainer.fit``; a run stopped by SIGTERM or Ctrl-C (after ``last.ckpt`` is written at the
+    current step) exits with status 143 or 130 and says how to resume, never 0 as if finished.
+
+    Raises:
+        SystemExit: With 143 (SIGTERM) or 130 (SIGINT) when the run was stopped.
+    """
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SystemExit as stop:  # Lightning's SIGTERMException (exit code None: 0) or its exit(1) after Ctrl-C
+        if not trainer.interrupted:
+            raise
+        by_sigterm = isinstance(stop, SIGTERMException)
+        rank_zero_info(f"training stopped by {'SIGTERM' if by_sigterm else 'SIGINT'} at epoch {trainer.current_epoch}, "
+                       f"step {trainer.global_step}; nothing tested or exported. Resume with:\n  {resume_command(out_dir)}")
+        raise SystemExit(128 + (signal.SIGTERM if by_sigterm else signal.SIGINT)) from None
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test, calibrate and export the weights of the best checkpoint.
 
@@ -83,6 +142,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resume_checkpoint(cfg)
     datamodule: ABIDDataModule = hydra.utils.instantiate(cfg.data)
     model: BinCountModule = hydra.utils.instantiate(cfg.model)
     trainer = instantiate_trainer(cfg)
@@ -90,7 +150,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         out_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit(trainer, model, datamodule, ckpt_path, out_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if not cfg.get("test", True):
         return metrics

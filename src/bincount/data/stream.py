@@ -87,6 +87,8 @@ class ABIDStreamDataModule(L.LightningDataModule):
         max_count: Must equal the manifest's.
         label_list: Accepted so experiment files written for ``data=abid`` compose; the shards
             already hold the selection, so a list other than the manifest's only warns.
+        cache_images: Accepted so experiment files written for ``data=abid`` compose; streamed
+            photos are not kept in memory (litdata caches their chunks on disk, ``cache_dir``).
         split: ``"block"`` (the manifest's train/val/test); the only split shards have.
         image_size: Side of the square network input, pixels.
         batch_size: Photos per batch (per device under DDP).
@@ -109,6 +111,7 @@ class ABIDStreamDataModule(L.LightningDataModule):
         min_count: int = 1,
         max_count: int = 5,
         label_list: str | None = None,
+        cache_images: bool = False,
         split: str = "block",
         image_size: int = 224,
         batch_size: int = 32,
@@ -212,7 +215,4 @@ class ABIDStreamDataModule(L.LightningDataModule):
         return self._loader("val")
 
     def test_dataloader(self):
-        return self._loader("test")
-
-    def predict_dataloader(self):
         return self._loader("test")

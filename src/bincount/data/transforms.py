@@ -14,6 +14,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def check_image_size(image_size: int) -> int:
+    """``image_size`` if it is a positive whole number of pixels.
+
+    Raises:
+        ValueError: Otherwise, naming ``data.image_size``.
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"data.image_size={image_size!r}: must be a positive whole number of pixels (e.g. 112, 224)")
+    return image_size
+
+
 class CountingPresetEval:
     """Deterministic preprocessing: whole photo -> ``image_size`` square, normalised.
 
@@ -27,7 +38,7 @@ class CountingPresetEval:
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
-        self.image_size = image_size
+        self.image_size = check_image_size(image_size)
         self.mean = tuple(mean)
         self.std = tuple(std)
 
@@ -65,6 +76,7 @@ class CountingPresetTrain:
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
+        check_image_size(image_size)
         steps: list = [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)]
         if min_scale < 1.0:
             steps.append(

@@ -22,6 +22,9 @@ def _load_pretrained(arch: str, weights: str, weights_path: str | None) -> nn.Mo
         raise ValueError(f"unknown weights {weights!r} for {arch}; torchvision has {known}") from None
     net = torchvision.models.get_model(arch, weights=None, num_classes=len(enum.meta["categories"]))
     if weights_path is not None:
+        if not Path(weights_path).is_file():
+            raise FileNotFoundError(f"model.weights_path={weights_path}: no such file (the {arch} {weights} "
+                                    f"state_dict, {Path(enum.url).name})")
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
         return net

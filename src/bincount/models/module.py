@@ -112,6 +112,9 @@ class BinCountModule(L.LightningModule):
         scheduler_interval: str = "epoch",
     ) -> None:
         super().__init__()
+        if not (isinstance(min_count, int) and isinstance(max_count, int) and 0 <= min_count < max_count):
+            raise ValueError(f"count range {min_count}..{max_count}: need whole numbers 0 <= min_count < max_count "
+                             "(data.min_count, data.max_count)")
         for name, value, allowed in (("loss", loss, LOSSES), ("decode", decode, DECODE_RULES), ("tta", tta, TTA_MODES),
                                      ("scheduler_interval", scheduler_interval, ("epoch", "step"))):
             if value not in allowed:
@@ -122,6 +125,7 @@ class BinCountModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.planned_steps: int | None = None  # a resumed step schedule's length (on_load_checkpoint)
         self.net = build_backbone(arch, self.num_classes, weights=weights, weights_path=weights_path)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -131,6 +135,11 @@ class BinCountModule(L.LightningModule):
         self.val_acc_best = MaxMetric()
         self.test_outputs: list[dict[str, torch.Tensor]] = []
         self.test_predictions: dict[str, torch.Tensor] = {}
+        if optimizer is not None:
+            try:  # a bad value (model.optimizer.lr=abc) fails here, not after the data is set up
+                optimizer(params=self.parameters())
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"model.optimizer: {err}") from None
 
     @property
     def num_classes(self) -> int:
@@ -245,11 +254,10 @@ class BinCountModule(L.LightningModule):
                     "logits": torch.empty(0, self.num_classes, device=self.device)}
         return {k: torch.cat(v) for k, v in rows.items()}
 
-    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor] | None:
-        if batch is None:
-            return None
-        images, targets, indices = batch
-        return {"index": indices, "target": targets, "probs": self(images).float().softmax(dim=1)}
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # a resumed one-cycle schedule keeps its planned length (see configure_optimizers)
+        schedulers = checkpoint.get("lr_schedulers") or [{}]
+        self.planned_steps = schedulers[0].get("total_steps")
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:
@@ -259,7 +267,13 @@ class BinCountModule(L.LightningModule):
             return optimizer
         interval = self.hparams.scheduler_interval
         if interval == "step":
-            scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches)
+            total = self.trainer.estimated_stepping_batches
+            if self.planned_steps is not None and self.planned_steps != total:
+                raise ValueError(
+                    f"the checkpoint's step schedule (one-cycle) was planned for {self.planned_steps} steps and cannot "
+                    f"be extended to this run's {total} (trainer.max_epochs changed?): resume with the run's own "
+                    "trainer.max_epochs, or start a new run")
+            scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=total)
         else:
             scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

@@ -1,0 +1,114 @@
+"""What a user meets around a training run: stops, resumes, early errors, the README's own commands."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from omegaconf import open_dict
+
+from bincount.train import instantiate_trainer, train
+from tests.conftest import FAST, compose_cfg, set_output_dir
+from tests.fakes import make_fake_abid
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_local_run_nonzero_with_a_checkpoint_and_the_resume_command(tmp_path):
+    data = tmp_path / "abid"
+    make_fake_abid(data, n=120, bad=False)  # ~70 training photos: ~18 steps per epoch at batch 4
+    run = tmp_path / "run"
+    args = [f"data.root={data}", *FAST, "data.batch_size=4", "trainer.max_epochs=50", "callbacks.rich_model_summary=null",
+            "+callbacks.metric_lines={_target_: bincount.callbacks.MetricLines}", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "[bincount] validation epoch=0" in line:  # epoch 1 is under way
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines.append(proc.communicate(timeout=300)[0])
+    log = "".join(lines)
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert not (run / "model").exists() and not (run / "metrics.json").exists()  # nothing pretends to be finished
+    step = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    per_epoch = int(re.search(r"validation epoch=0 global_step=(\d+)", log).group(1))
+    stopped = int(re.search(r"training stopped by SIGTERM at epoch \d+, step (\d+)", log).group(1))
+    assert step == stopped >= per_epoch  # the checkpoint holds the step where the signal stopped training
+    command = re.search(r"Resume with:\s*\n\s*(python train\.py .*)", log).group(1)
+    assert f"hydra.run.dir={run}" in command and command.endswith("ckpt_path=last")
+    resumed = shlex.split(command)[2:]
+    assert resumed[:-2] == args[:-1]  # the run's own overrides, then where it was and what to resume
+
+
+def test_resume_errors_say_what_is_wrong_before_training(train_cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=last: no checkpoint at .*nowhere/checkpoints/last\.ckpt"):
+        train(train_cfg("ckpt_path=last", out=tmp_path / "nowhere"))
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(ValueError, match="notes.txt is not a Lightning checkpoint"):
+        train(train_cfg(f"ckpt_path={text}"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        train(train_cfg(f"ckpt_path={tmp_path / 'missing.ckpt'}"))
+
+
+@pytest.mark.slow
+def test_a_one_cycle_run_cannot_be_extended_and_says_so(train_cfg, tmp_path):
+    out = tmp_path / "run"
+    train(train_cfg("model/scheduler=onecycle", "trainer.max_epochs=1", "test=false", out=out))
+    with pytest.raises(ValueError, match="planned for 3 steps and cannot be extended to this run's 6"):
+        train(train_cfg("model/scheduler=onecycle", "trainer.max_epochs=2", "ckpt_path=last", "test=false", out=out))
+    # the same length resumes (nothing left to do, but no error)
+    train(train_cfg("model/scheduler=onecycle", "trainer.max_epochs=1", "ckpt_path=last", "test=false", out=out))
+
+
+@pytest.mark.parametrize(("override", "error", "message"), [
+    ("data.min_count=5 data.max_count=1", ValueError, r"count range 5\.\.1"),
+    ("data.image_size=0", ValueError, r"data\.image_size=0"),
+    ("model.optimizer.lr=abc", ValueError, r"model\.optimizer"),
+    ("model.weights=IMAGENET1K_V1 model.weights_path=/missing/resnet18.pth", FileNotFoundError,
+     r"model\.weights_path=/missing/resnet18\.pth: no such file"),
+])
+def test_bad_values_fail_at_construction_naming_the_key(override, error, message, tmp_path):
+    cfg = set_output_dir(compose_cfg("train", ["data.root=x", *override.split()]), tmp_path)
+    with pytest.raises(InstantiationException, match=message) as raised:  # Hydra names the config node too
+        hydra.utils.instantiate(cfg.data)
+        hydra.utils.instantiate(cfg.model)
+    assert isinstance(raised.value.__cause__, error)
+
+
+def readme_commands(program: str) -> list[list[str]]:
+    """Every ``python <program> ...`` command in README.md, as its Hydra overrides."""
+    text = (REPO / "README.md").read_text()
+    found = re.findall(rf"python {re.escape(program)} ([^`\n|]*?)\s*(?:`|\n|\||$)", text)
+    commands = [[a for a in shlex.split(c.split("#")[0]) if a != "-m"] for c in found if "..." not in c]
+    return [c for i, c in enumerate(commands) if c not in commands[:i]]
+
+
+@pytest.mark.parametrize("overrides", readme_commands("train.py"), ids=" ".join)
+def test_every_readme_training_command_composes_and_instantiates(overrides, tmp_path):
+    # a sweep's comma list runs each value: the first stands for all; the launcher (hydra/...) is not the run's
+    overrides = [o.split(",")[0] for o in overrides if not o.startswith(("hydra/", "hydra."))]
+    overrides = [o.replace("outputs/RUN", str(tmp_path)) for o in overrides]
+    cfg = set_output_dir(compose_cfg("train", overrides), tmp_path)
+    with open_dict(cfg):  # no weights can be had here: the name is checked, the file is not read
+        weights, cfg.model.weights, cfg.model.weights_path = cfg.model.weights, None, None
+    hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)
+    if weights:
+        from torchvision.models import get_model_weights
+
+        assert weights in get_model_weights(model.hparams.arch).__members__
+    if cfg.trainer.accelerator in ("cpu", "auto"):
+        instantiate_trainer(cfg)
