@@ -24,10 +24,13 @@ JOB = [*FAST, "callbacks.rich_model_summary=null", "trainer.max_epochs=2", "sage
 
 
 def start(box, *, hide: list[Path] = ()) -> subprocess.Popen:
-    """Start a laid-out container; ``hide`` folders are covered by an empty tmpfs in its own
-    mount namespace (``unshare -m``, root only), so it cannot read another instance's disk."""
-    mounts = " && ".join(f'mount -t tmpfs none "{p}"' for p in hide)
-    argv = ["unshare", "-m", "sh", "-c", f'{mounts} && exec "$@"', "sh", *box.argv] if hide else box.argv
+    """Start a laid-out container in namespaces of its own (root only): a PID namespace, as a
+    container has (killing the ``unshare`` process kills every process of the container), and a
+    mount namespace in which the ``hide`` folders are covered by an empty tmpfs, so it cannot read
+    another instance's disk."""
+    mounts = "".join(f'mount -t tmpfs none "{p}" && ' for p in hide)
+    argv = ["unshare", "--mount", "--fork", "--pid", "--mount-proc", "--kill-child",
+            "sh", "-c", f'{mounts}exec "$@"', "sh", *box.argv]
     return subprocess.Popen(argv, env={**box.env, "OMP_NUM_THREADS": "1"}, cwd=box.root,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
