@@ -17,19 +17,16 @@ confidence it rests on. After training, on the validation split:
 from __future__ import annotations
 
 import logging
-import math
 import numpy as np
 import torch
 from sklearn.metrics import precision_recall_curve
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassCalibrationError
 
-from bincount.models.decoding import decode_counts
+from bincount.models.decoding import NEVER, decode_counts
 
 log = logging.getLogger(__name__)
 
-NEVER = math.nextafter(1.0, 2.0)
-"""A threshold no probability reaches: every verdict is "review"."""
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, *, max_iter: int = 100) -> float:

@@ -6,11 +6,15 @@ calibration and serving answer the same count for the same photo.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 DECODE_RULES = ("argmax", "median")
 TTA_MODES = ("none", "flips")
+NEVER = math.nextafter(1.0, 2.0)
+"""A review threshold no probability reaches: every verdict is "review"."""
 
 
 def decode_counts(probs: torch.Tensor, rule: str = "argmax") -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,8 +55,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import to_dtype
 
 from bincount.data.transforms import CountingPresetEval
-from bincount.models.calibration import NEVER
-from bincount.models.decoding import decode_counts, with_tta
+from bincount.models.decoding import NEVER, decode_counts, with_tta
 from bincount.models.export import load_model_dir
 
 try:  # inside the SageMaker serving image: make the toolkit answer with our status codes
