@@ -16,6 +16,7 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import open_dict
 
+from bincount.evaluate import evaluate
 from bincount.train import instantiate_trainer, train
 from tests.conftest import FAST, compose_cfg, set_output_dir
 from tests.fakes import make_fake_abid
@@ -57,8 +58,11 @@ def test_resume_errors_say_what_is_wrong_before_training(train_cfg, tmp_path):
         train(train_cfg("ckpt_path=last", out=tmp_path / "nowhere"))
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint\n")
-    with pytest.raises(ValueError, match="notes.txt is not a Lightning checkpoint"):
+    with pytest.raises(ValueError, match="notes.txt: not a Lightning checkpoint"):
         train(train_cfg(f"ckpt_path={text}"))
+    eval_cfg = compose_cfg("eval", ["data.root=x", f"ckpt_path={text}"])
+    with pytest.raises(ValueError, match="notes.txt: not a Lightning checkpoint"):
+        evaluate(set_output_dir(eval_cfg, tmp_path / "eval"))
     with pytest.raises(FileNotFoundError, match="no such file"):
         train(train_cfg(f"ckpt_path={tmp_path / 'missing.ckpt'}"))
 

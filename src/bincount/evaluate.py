@@ -12,12 +12,13 @@ from pathlib import Path
 
 import hydra
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, open_dict
 
 from bincount.config import config_dir
 from bincount.models.export import load_model_dir
 from bincount.models.module import BinCountModule
-from bincount.train import instantiate_trainer, report_test
+from bincount.train import checked_checkpoint, instantiate_trainer, report_test
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,8 @@ def load_for_eval(cfg: DictConfig) -> tuple[BinCountModule, int | None]:
                                decode=config.get("decode", "argmax"), tta=config.get("tta", "none"))
         model.net.load_state_dict(net.state_dict())
         return model, config["preset"]["image_size"]
+    checkpoint = checked_checkpoint(cfg.ckpt_path)  # memory-mapped: only the hyperparameters are read here
     model = BinCountModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
-    # memory-mapped: only the hyperparameters are read, not the weights a second time
-    checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False, mmap=True)
     image_size = checkpoint.get("datamodule_hyper_parameters", {}).get("image_size")
     return model, image_size
 
@@ -62,8 +62,10 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer = instantiate_trainer(cfg)
     trainer.test(model, datamodule=datamodule)
     source = cfg.get("model_dir") or cfg.get("ckpt_path")
-    return report_test(trainer, model, datamodule, Path(cfg.paths.output_dir),
-                       title=f"{source} on {datamodule.root} ({cfg.data.split})")
+    out_dir = Path(cfg.paths.output_dir)
+    report = report_test(trainer, model, datamodule, out_dir, title=f"{source} on {datamodule.root} ({cfg.data.split})")
+    rank_zero_info(f"wrote metrics.json, predictions.csv and confusion_matrix.png to {out_dir}")
+    return report
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")

@@ -71,6 +71,24 @@ def load_selected_weights(trainer: L.Trainer, model: BinCountModule, checkpoint_
     model.load_state_dict(trainer.strategy.broadcast(state, src=0))
 
 
+def checked_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict:
+    """The Lightning checkpoint at ``path``, memory-mapped (its structure is read, not its weights).
+
+    Raises:
+        FileNotFoundError: If there is no such file.
+        ValueError: If the file is not a Lightning checkpoint; both name the config ``key``.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{key}={path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a file that is not a checkpoint
+        raise ValueError(f"{key}={path}: not a Lightning checkpoint ({type(err).__name__})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{key}={path}: not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
 def resume_checkpoint(cfg: DictConfig) -> str | None:
     """The checkpoint ``cfg.ckpt_path`` names (``"last"``: ``last.ckpt`` of the run folder), checked.
 
@@ -81,21 +99,13 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     ckpt_path = cfg.get("ckpt_path")
     if not ckpt_path:
         return None
+    path = Path(ckpt_path)
     if ckpt_path == "last":
         path = Path(cfg.callbacks.model_checkpoint.dirpath) / "last.ckpt"
         if not path.is_file():
             raise FileNotFoundError(f"ckpt_path=last: no checkpoint at {path}; pass hydra.run.dir=<the run folder> "
                                     "of the run to resume, or ckpt_path=<file.ckpt>")
-    else:
-        path = Path(ckpt_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file")
-    try:  # memory-mapped: reads the structure, not the weights
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a file that is not a checkpoint
-        raise ValueError(f"ckpt_path={ckpt_path}: {path} is not a Lightning checkpoint ({type(err).__name__})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"ckpt_path={ckpt_path}: {path} is not a Lightning checkpoint (no state_dict)")
+    checked_checkpoint(path)
     return str(path)
 
 
