@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -74,17 +75,59 @@ def write_predictions_csv(path: Path, image_ids: Sequence[str], target: torch.Te
             writer.writerow([image_id, t + min_count, pred + min_count, *(f"{x:.5f}" for x in p)])
 
 
-def plot_confusion_matrix(path: Path, confusion: Sequence[Sequence[int]], *, min_count: int, title: str) -> None:
-    """Save the row-normalised confusion matrix (colour) with the raw numbers in the cells."""
-    import matplotlib
+TITLE_FONTSIZE = 9
+TITLE_LINES = 3  # at most this many lines of title above the figures line; a longer title loses its middle
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def fit_title(title: str, width: int, *, max_lines: int = TITLE_LINES) -> str:
+    """``title`` in lines of at most ``width`` characters, breaking long words such as paths.
+
+    Args:
+        title: The text (e.g. a data path, which has no spaces to break at).
+        width: Characters per line.
+        max_lines: Most lines kept; a longer title keeps its first line and its end, with
+            ``"…"`` where the middle was, so the file name stays readable.
+
+    Returns:
+        The lines joined by newlines.
+
+    Raises:
+        ValueError: If ``width < 4`` or ``max_lines < 1``.
+    """
+    if width < 4 or max_lines < 1:
+        raise ValueError(f"width={width} must be >= 4 and max_lines={max_lines} >= 1")
+    lines = textwrap.wrap(title, width, break_long_words=True, break_on_hyphens=False) or [""]
+    if len(lines) > max_lines:
+        tail = "".join(lines[1:])[-(width * (max_lines - 1) - 1):]
+        lines = [lines[0], *textwrap.wrap("…" + tail, width, break_long_words=True)][:max_lines]
+    return "\n".join(lines)
+
+
+def confusion_matrix_figure(confusion: Sequence[Sequence[int]], *, min_count: int, title: str,
+                            figures: str = ""):
+    """The row-normalised confusion matrix (colour) with the raw numbers in the cells.
+
+    The title is centred over the whole picture and wrapped to its width (:func:`fit_title`),
+    with ``figures`` on a line of their own below it, so a long data path cannot push them out
+    of the picture.
+
+    Args:
+        confusion: ``(C, C)`` counts, rows true, columns predicted.
+        min_count: Count of class 0.
+        title: What was evaluated (e.g. the data path).
+        figures: A line kept whole under the title (e.g. ``"n=..., acc=..., mae=..."``).
+
+    Returns:
+        A :class:`matplotlib.figure.Figure` (no pyplot state: nothing to close).
+    """
+    from matplotlib.figure import Figure
 
     cm = torch.tensor(confusion, dtype=torch.float64)
     norm = cm / cm.sum(dim=1, keepdim=True).clamp(min=1)
     labels = [str(min_count + k) for k in range(len(cm))]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(cm), 0.6 + 0.8 * len(cm)), dpi=120)
+    width_in = max(4.0, 1.0 + 0.8 * len(cm))  # room for the figures line at any class count
+    fig = Figure(figsize=(width_in, 1.2 + 0.8 * len(cm)), dpi=120)
+    ax = fig.subplots()
     im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
     for i in range(len(cm)):
         for j in range(len(cm)):
@@ -94,11 +137,18 @@ def plot_confusion_matrix(path: Path, confusion: Sequence[Sequence[int]], *, min
     ax.set_yticks(range(len(cm)), labels)
     ax.set_xlabel("predicted count")
     ax.set_ylabel("true count")
-    ax.set_title(title, fontsize=9)
+    chars = int(0.9 * width_in * 72 / (0.6 * TITLE_FONTSIZE))  # ~0.6 em per character, inside the margins
+    fig.suptitle("\n".join(filter(None, [fit_title(title, chars) if title else "", figures])),
+                 fontsize=TITLE_FONTSIZE)
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of true count")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
+
+
+def plot_confusion_matrix(path: Path, confusion: Sequence[Sequence[int]], *, min_count: int, title: str,
+                          figures: str = "") -> None:
+    """Save :func:`confusion_matrix_figure` as a PNG at ``path``."""
+    confusion_matrix_figure(confusion, min_count=min_count, title=title, figures=figures).savefig(path)
 
 
 def write_report(out_dir: Path, image_ids: Sequence[str], target: torch.Tensor, probs: torch.Tensor,
@@ -110,7 +160,7 @@ def write_report(out_dir: Path, image_ids: Sequence[str], target: torch.Tensor, 
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_predictions_csv(out_dir / "predictions.csv", image_ids, target, probs, min_count=min_count, decode=decode)
     plot_confusion_matrix(out_dir / "confusion_matrix.png", metrics["confusion_matrix"], min_count=min_count,
-                          title=f"{title} (n={metrics['n']}, acc={metrics['acc']:.3f}, mae={metrics['mae']:.3f})")
+                          title=title, figures=f"n={metrics['n']}, acc={metrics['acc']:.3f}, mae={metrics['mae']:.3f}")
     return metrics
 
 
