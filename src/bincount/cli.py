@@ -6,7 +6,8 @@ Usage:
 
 Each ``add_*_command(subparsers)`` adds its parser and sets ``func(args) -> int`` (the exit
 code); implementations are imported when their command runs, so ``bincount --help`` stays fast.
-Expected failures print one ``error:`` line and exit 2.
+Expected failures print one ``error:`` line (:func:`error_line`) and exit 2: bad input, S3 errors and
+operating-system errors (a read-only or full disk, a folder where a file belongs); Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -16,6 +17,24 @@ import os
 import sys
 
 from bincount.data.cli import add_data_command
+
+
+def error_line(err: BaseException) -> str:
+    """The one line the CLI prints for an expected failure.
+
+    An operating-system error reads ``error: <file>: <what the system said>`` (``"[Errno 30]"`` and
+    quotes left out); any other error ``error: <its message>``.
+
+    Args:
+        err: The exception.
+
+    Returns:
+        The line, without a newline.
+    """
+    if isinstance(err, OSError) and err.strerror:
+        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        return f"error: {where}: {err.strerror}" if where else f"error: {err.strerror}"
+    return f"error: {err}"
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -67,10 +86,14 @@ def add_serve_command(subparsers) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from bincount.serve.app import serve
 
-    serve(args.model_dir, host=args.host, port=args.port, log_level=args.log_level, threads=args.threads,
-          review_threshold=args.review_threshold, limits=_limits(args),
-          max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-          inline_decode_pixels=args.inline_decode_pixels, device=args.device)
+    try:
+        serve(args.model_dir, host=args.host, port=args.port, log_level=args.log_level, threads=args.threads,
+              review_threshold=args.review_threshold, limits=_limits(args),
+              max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+              inline_decode_pixels=args.inline_decode_pixels, device=args.device)
+    except (OSError, ValueError) as err:  # no usable model folder: fail at start, not 503 forever
+        print(error_line(err), file=sys.stderr)
+        return 2
     return 0
 
 
@@ -98,8 +121,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         summary = predict(args.model_dir, args.inputs, args.out, labels=args.labels, batch_size=args.batch_size,
                           num_workers=args.num_workers, review_threshold=args.review_threshold,
                           limits=_limits(args), device=args.device, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError, S3Error) as err:  # LabelError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
+    except (OSError, ValueError, S3Error) as err:  # LabelError is a ValueError
+        print(error_line(err), file=sys.stderr)
         return 2
     verdicts = ", ".join(f"{n} {v}" for v, n in sorted(summary["verdicts"].items()))
     Console(stderr=True).print(f"{summary['photos']} photos -> {summary['out']} ({summary['failed']} unreadable"
@@ -121,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the subcommand; returns its exit code."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

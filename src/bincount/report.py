@@ -98,8 +98,8 @@ def fit_title(title: str, width: int, *, max_lines: int = TITLE_LINES) -> str:
         raise ValueError(f"width={width} must be >= 4 and max_lines={max_lines} >= 1")
     lines = textwrap.wrap(title, width, break_long_words=True, break_on_hyphens=False) or [""]
     if len(lines) > max_lines:
-        tail = "".join(lines[1:])[-(width * (max_lines - 1) - 1):]
-        lines = [lines[0], *textwrap.wrap("…" + tail, width, break_long_words=True)][:max_lines]
+        tail = "…" + " ".join(lines[1:])[-(width * (max_lines - 1) - 1):]
+        lines = [lines[0], *(tail[i:i + width] for i in range(0, len(tail), width))]
     return "\n".join(lines)
 
 

@@ -23,7 +23,8 @@ def add_data_command(subparsers) -> None:
     """Add ``data`` with its ``fetch`` and ``prepare`` subcommands to an argparse subparsers object.
 
     Each leaf sets ``func(args) -> int`` (the exit code); expected failures (bad input, S3
-    errors) print one ``error:`` line and return 2.
+    errors, operating-system errors such as a read-only or full disk) print one ``error:`` line
+    and return 2.
     """
     data = subparsers.add_parser("data", help="fetch ABID from S3 and prepare streaming shards")
     commands = data.add_subparsers(dest="data_command", metavar="{fetch,prepare}", required=True)
@@ -116,13 +117,14 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 def _guarded(run):
     def guarded(args: argparse.Namespace) -> int:
+        from bincount.cli import error_line
         from bincount.data.s3 import S3Error
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         try:
             return run(args)
-        except (S3Error, ValueError, FileNotFoundError, FileExistsError) as err:  # LabelError is a ValueError
-            print(f"error: {err}", file=sys.stderr)
+        except (S3Error, ValueError, OSError) as err:  # LabelError is a ValueError; OSError: disk, permissions
+            print(error_line(err), file=sys.stderr)
             return 2
 
     return guarded

@@ -18,6 +18,7 @@ at once with a clear error, after writing the report of what was done.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 REPORT_NAME = "fetch_report.json"
 PART_SUFFIX = ".part"
 KINDS = {"images": (IMAGE_DIR, ".jpg"), "metadata": (METADATA_DIR, ".json")}
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)  # a failed write() names no file
 
 
 def parse_id_ranges(spec: str) -> list[str]:
@@ -207,6 +209,11 @@ class _Fetcher:
             with self.lock:  # a server error or broken transfer left after botocore's retries
                 self.report.failed[kind][image_id] = str(explained)
             return
+        except OSError as err:  # e.g. a full disk: it fails every photo alike, so the run stops
+            tmp.unlink(missing_ok=True)
+            if err.filename is None and err.errno in WRITE_ERRNOS:
+                raise OSError(err.errno, err.strerror, str(final)) from err
+            raise
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -277,14 +284,16 @@ def fetch(
     Raises:
         S3Error: If the bucket is missing, access is refused, credentials are rejected or the
             endpoint is unreachable (the report of what was done is written first).
-        ValueError: If ``workers < 1`` or a kind is unknown.
+        ValueError: If ``workers < 1``, a kind is unknown or ``out`` is a file.
+        OSError: If ``out`` cannot be written (read-only, full disk): the run stops; files already
+            complete are kept, the temporary file of the failed one is removed.
     """
     kinds = tuple(kinds)
     if workers < 1:
         raise ValueError(f"workers={workers} must be >= 1")
     if unknown := set(kinds) - set(KINDS):
         raise ValueError(f"unknown kinds {sorted(unknown)}: use {sorted(KINDS)}")
-    out = Path(out)
+    out = _check_out_dir(out)
     for kind in kinds:
         (out / KINDS[kind][0]).mkdir(parents=True, exist_ok=True)
     if removed := _remove_partial_files(out):
@@ -326,16 +335,57 @@ def fetch(
         pool.shutdown(wait=True, cancel_futures=True)
         report.seconds = time.perf_counter() - start
         if report_name:
-            write_json_atomic(out / report_name, report.to_json())
+            _write_report(out / report_name, report)
     log.info("%s: %s", out, report.summary())
     return report
 
 
+def _check_out_dir(out: str | Path) -> Path:
+    """``out`` as a path; raises ValueError if it names a file rather than a (possibly new) folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder")
+    return out
+
+
+def _write_report(path: Path, report: FetchReport) -> None:
+    """Write the report; when the run already failed (say, a full disk), a failed write only logs,
+    so that the error that stopped the run is the one reported."""
+    try:
+        write_json_atomic(path, report.to_json())
+    except OSError as err:
+        if report.error is None:
+            raise
+        log.warning("cannot write %s: %s", path, err.strerror or err)
+
+
 def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename."""
+    """Write JSON to ``path`` through a temporary file and a rename.
+
+    ``path`` is either untouched or complete: on failure (a full disk...) the temporary file is
+    removed and the error raised.
+
+    Raises:
+        OSError: If the file cannot be written.
+    """
     tmp = path.with_name(f"{path.name}.{os.getpid()}{PART_SUFFIX}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` through a temporary file, so that ``dst`` is complete or absent."""
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}{PART_SUFFIX}")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _counts_of(out: Path, ids: Iterable[str]) -> dict[str, int]:
@@ -380,22 +430,23 @@ def select_and_fetch(
         **fetch_kwargs: Passed to :func:`fetch`.
 
     Raises:
-        ValueError: If not exactly one id source is given, or ``per_class < 1``.
+        ValueError: If not exactly one id source is given, ``per_class < 1`` or ``out`` is a file.
         LabelError: If the list file is missing or malformed.
         S3Error: See :func:`fetch`.
+        OSError: See :func:`fetch`.
     """
     if sum(x is not None and x is not False for x in (list_path, id_spec, all_ids)) != 1:
         raise ValueError("give exactly one of --list FILE, --ids RANGES or --all")
     if per_class is not None and per_class < 1:
         raise ValueError(f"--per-class {per_class} must be >= 1")
-    out = Path(out)
+    out = _check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     listed: dict[str, int] = {}
     if list_path is not None:
         listed = read_label_list(Path(list_path))
         (out / "lists").mkdir(exist_ok=True)
         if not (out / "lists" / Path(list_path).name).exists():
-            shutil.copyfile(list_path, out / "lists" / Path(list_path).name)
+            _copy_atomic(Path(list_path), out / "lists" / Path(list_path).name)
         ids = sorted(listed)
     elif id_spec is not None:
         ids = parse_id_ranges(id_spec)

@@ -17,23 +17,32 @@ With ``--resize N`` photos whose shorter side exceeds ``N`` pixels are scaled do
 re-encoded (JPEG quality ``--quality``); others keep their original bytes. For an S3 output the
 chunks are built in a local staging folder and uploaded with boto3 (manifest last), so a
 failed upload is an error rather than a half-written dataset that looks complete.
+
+The optimize worker processes die with the process that started them, even when it is killed
+with SIGKILL (Linux's parent-death signal), and a rerun after such a kill removes what the killed
+run left: its rejects folder, its S3 staging folder, partial chunks (litdata overwrites them).
 """
 
 from __future__ import annotations
 
-import functools
+import ctypes
 import json
 import logging
 import multiprocessing
 import os
 import random
+import re
 import shutil
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from multiprocessing.util import register_after_fork
 from pathlib import Path
 
 import torch
@@ -42,7 +51,9 @@ from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from bincount.data.abid import IMAGE_DIR, BinRecord, block_split, build_index
+from bincount.data.fetch import WRITE_ERRNOS, write_json_atomic
 from bincount.data.s3 import check_bucket, exists, explain, is_s3_uri, join_uri, make_client, split_s3_uri
+from bincount.serve.inference import decoder_reason
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +61,9 @@ MANIFEST = "manifest.json"
 FORMAT = "bincount-abid-shards"
 FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "val", "test")
+REJECTS_DIR = ".rejects"  # in the output while a split is optimized: one <image_id>.txt per rejected photo
+STAGING_PREFIX = "bincount-prepare-"  # + "<pid>-": a rerun removes the folders of runs no longer alive
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def decode_image_bytes(data: bytes, decoder: str = "torchvision") -> torch.Tensor:
@@ -66,7 +80,7 @@ def decode_image_bytes(data: bytes, decoder: str = "torchvision") -> torch.Tenso
         try:
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError as err:
-            raise ValueError(f"cannot decode JPEG ({err})") from None
+            raise ValueError(f"cannot decode JPEG ({decoder_reason(err)})") from None
     if decoder == "pil":
         import io
 
@@ -80,6 +94,73 @@ def decode_image_bytes(data: bytes, decoder: str = "torchvision") -> torch.Tenso
             raise ValueError(f"cannot decode image ({err})") from None
         return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
     raise ValueError(f"unknown decoder {decoder!r}: use 'torchvision' or 'pil'")
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process receive SIGKILL when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    Called in a child process. If ``parent_pid`` is already gone (the child was orphaned before
+    it got here), this process exits at once. Does nothing in ``parent_pid`` itself, in a
+    process that is not its direct child, or where ``prctl`` does not exist (not Linux).
+
+    Args:
+        parent_pid: The process whose death should end this one.
+
+    Raises:
+        OSError: If ``prctl`` fails.
+    """
+    if os.getpid() == parent_pid or not sys.platform.startswith("linux"):
+        return
+    if os.getppid() != parent_pid:
+        if _is_running(parent_pid):  # a grandchild: its own parent is not ours to watch
+            return
+        os._exit(1)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+@dataclass(frozen=True)
+class SampleEncoder:
+    """The ``litdata.optimize`` function: :func:`encode_sample` with one split's settings.
+
+    Its worker processes die with the process that made it (:func:`die_with_parent`), armed
+    before a worker runs: a forked worker arms in :mod:`multiprocessing`'s after-fork hook, a
+    spawned one (litdata's default) as it unpickles this object. (A ``forkserver`` worker is
+    not the maker's child and is not covered.)
+
+    Attributes:
+        root: The ABID folder.
+        records: ``(image_id, expected_quantity)`` of the split.
+        resize: See :func:`encode_sample`.
+        quality: See :func:`encode_sample`.
+        reject_dir: See :func:`encode_sample`.
+        parent_pid: The process whose workers these are (default: this one).
+    """
+
+    root: str
+    records: Sequence[tuple[str, int]]
+    resize: int | None
+    quality: int
+    reject_dir: str
+    parent_pid: int = field(default_factory=os.getpid)
+
+    def __post_init__(self) -> None:
+        register_after_fork(self, SampleEncoder._in_worker)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        die_with_parent(self.parent_pid)  # spawned: multiprocessing runs no after-fork hook
+
+    def _in_worker(self) -> None:
+        die_with_parent(self.parent_pid)
+
+    def __call__(self, position: int) -> dict | None:
+        return encode_sample(position, root=self.root, records=self.records, resize=self.resize,
+                             quality=self.quality, reject_dir=self.reject_dir)
 
 
 def encode_sample(
@@ -137,13 +218,14 @@ def _optimize_split(
     """Write one split's chunks with ``litdata.optimize``; returns the rejected ids and reasons."""
     import litdata
 
-    reject_dir = Path(tempfile.mkdtemp(prefix="rejects-", dir=out_dir.parent))
+    reject_dir = out_dir.parent / REJECTS_DIR
+    shutil.rmtree(reject_dir, ignore_errors=True)  # a killed run's
+    reject_dir.mkdir()
     pairs = [(r.image_id, r.expected_quantity) for r in records]
     previous = multiprocessing.get_start_method(allow_none=True)
     try:
         litdata.optimize(
-            fn=functools.partial(encode_sample, root=str(root), records=pairs, resize=resize, quality=quality,
-                                 reject_dir=str(reject_dir)),
+            fn=SampleEncoder(str(root), pairs, resize, quality, str(reject_dir)),
             inputs=list(range(len(pairs))),
             output_dir=str(out_dir),
             chunk_bytes=chunk_bytes,
@@ -152,14 +234,50 @@ def _optimize_split(
             mode="overwrite",
             verbose=False,
         )
+        rejected = {p.stem: p.read_text() for p in reject_dir.glob("*.txt")}
+    except RuntimeError as err:
+        if (os_error := _worker_os_error(err, out_dir)) is None:
+            raise
+        raise os_error from err
     finally:
         # litdata.optimize switches the whole process to its start method (spawn by default)
         multiprocessing.set_start_method(previous, force=True)
-    rejected = {p.stem: p.read_text() for p in reject_dir.glob("*.txt")}
-    shutil.rmtree(reject_dir)
+        shutil.rmtree(reject_dir, ignore_errors=True)
     if not (out_dir / "index.json").is_file():
         raise RuntimeError(f"litdata.optimize wrote no index.json in {out_dir}")
     return rejected
+
+
+def _worker_os_error(err: RuntimeError, out_dir: Path) -> OSError | None:
+    """The operating-system error (a full or read-only disk) that stopped an optimize worker, if any.
+
+    litdata hands a worker's failure to the caller as a ``RuntimeError`` quoting the worker's
+    traceback; the OSError is found by its ``[Errno N]`` line and named after ``out_dir``.
+    """
+    match = re.search(r"^\w*Error: \[Errno (\d+)\]", str(err), flags=re.MULTILINE)
+    if match is None:
+        return None
+    number = int(match.group(1))
+    return OSError(number, os.strerror(number), str(out_dir))
+
+
+def _remove_dead_runs_staging(parent: Path) -> None:
+    """Remove the staging folders in ``parent`` of prepare runs whose process is gone (killed)."""
+    for path in parent.glob(f"{STAGING_PREFIX}*"):
+        match = re.match(rf"{STAGING_PREFIX}(\d+)-", path.name)
+        if match and path.is_dir() and not _is_running(int(match.group(1))):
+            log.info("removing %s, left by a prepare run that was killed", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _shard_stats(split_dir: Path) -> dict:
@@ -365,12 +483,15 @@ def prepare(
     Raises:
         FileExistsError: If ``out`` already holds a manifest and ``overwrite`` is false.
         FileNotFoundError: If ``in_dir`` is not an ABID folder.
-        ValueError: If no photo is left or the split settings are invalid.
+        ValueError: If no photo is left, the split settings are invalid or ``out`` is a file.
         S3Error: If the bucket is missing, access is refused or the endpoint is unreachable.
+        OSError: If the output or staging folder cannot be written (read-only, full disk).
     """
     start = time.perf_counter()
     in_dir = Path(in_dir)
     remote = is_s3_uri(out)
+    if not remote and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder or an s3:// prefix")
     client = make_client(endpoint_url=endpoint_url) if remote else None
     if remote:
         check_bucket(out, endpoint_url=endpoint_url, client=client)
@@ -381,8 +502,12 @@ def prepare(
     records, index_report = build_index(in_dir, min_count=min_count, max_count=max_count, label_list=label_list)
     splits = block_split(records, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                          block_size=block_size)
-    stage = Path(tempfile.mkdtemp(prefix="bincount-prepare-", dir=staging_dir)) if remote else Path(out)
-    stage.mkdir(parents=True, exist_ok=True)
+    if remote:
+        _remove_dead_runs_staging(Path(staging_dir or tempfile.gettempdir()))
+        stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=staging_dir))
+    else:
+        stage = Path(out)
+        stage.mkdir(parents=True, exist_ok=True)
     try:
         kept: dict[str, list[BinRecord]] = {}
         rejected: dict[str, str] = {}
@@ -422,9 +547,13 @@ def prepare(
             write_eda(stage / "eda", in_dir, kept, seed=seed, summary={
                 "rejected": manifest["rejected"], "index_report": manifest["index_report"], "shards": shards,
                 "min_count": min_count, "max_count": max_count, "resize_shorter_side": resize})
-        (stage / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        write_json_atomic(stage / MANIFEST, manifest)  # complete or absent, even on a full disk
         if remote:
             upload_tree(stage, out, endpoint_url=endpoint_url, client=client, progress=progress, last=[MANIFEST])
+    except OSError as err:
+        if err.filename is None and err.errno in WRITE_ERRNOS:  # a failed write() names no file
+            raise OSError(err.errno, err.strerror, str(stage)) from err
+        raise
     finally:
         if remote:
             shutil.rmtree(stage, ignore_errors=True)

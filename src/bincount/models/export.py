@@ -17,6 +17,7 @@ from bincount.models.backbones import build_backbone
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "model_config.json"
+REQUIRED_KEYS = ("arch", "min_count", "max_count", "num_classes", "preset")
 
 
 def save_model_dir(net: nn.Module, out_dir: str | Path, *, arch: str, min_count: int, max_count: int,
@@ -53,16 +54,33 @@ def save_model_dir(net: nn.Module, out_dir: str | Path, *, arch: str, min_count:
 
 
 def read_model_config(model_dir: str | Path) -> dict[str, Any]:
-    """Read ``model_config.json``.
+    """Read and check ``model_config.json``.
+
+    Args:
+        model_dir: The exported model folder.
+
+    Returns:
+        The config.
 
     Raises:
         FileNotFoundError: If ``model_dir`` has no ``model_config.json`` or ``model.pt``.
+        ValueError: If ``model_config.json`` is not a JSON object with the keys
+            :func:`save_model_dir` writes (``REQUIRED_KEYS``); the message names the file.
     """
     model_dir = Path(model_dir)
     for name in (CONFIG_FILE, MODEL_FILE):
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"{model_dir / name} not found: model_dir must hold {MODEL_FILE} and {CONFIG_FILE}")
-    return json.loads((model_dir / CONFIG_FILE).read_text())
+    path = model_dir / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): re-export the model or restore the file") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object")
+    if missing := [k for k in REQUIRED_KEYS if k not in config]:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not a bincount model config")
+    return config
 
 
 def load_model_dir(model_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -73,6 +91,7 @@ def load_model_dir(model_dir: str | Path, map_location: str | torch.device = "cp
 
     Raises:
         FileNotFoundError: If a file is missing.
+        ValueError: If ``model_config.json`` is malformed (see :func:`read_model_config`).
         RuntimeError: If ``model.pt`` does not match the config's architecture.
     """
     config = read_model_config(model_dir)

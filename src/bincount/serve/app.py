@@ -318,6 +318,11 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8080, l
           threads: int | None = None, **app_kwargs) -> None:
     """Run :func:`create_app` under uvicorn (one process: batching needs one model per process).
 
+    A model folder that is missing, or lacks ``model.pt`` or a well-formed ``model_config.json``,
+    fails here, before the server starts (on SageMaker the container then exits with the error
+    in its log instead of answering ``/ping`` with 503 until the endpoint times out). The
+    weights load in the background once the server is up; if they cannot, ``/ping`` says why.
+
     Args:
         model_dir: Exported ``model/`` folder.
         host: Interface to bind (``0.0.0.0`` in a container).
@@ -326,9 +331,16 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8080, l
         threads: torch intra-op threads of the forward pass (default: torch's, one per core). On
             a small machine fewer threads leave cores for decoding and HTTP.
         **app_kwargs: See :func:`create_app`.
+
+    Raises:
+        FileNotFoundError: If ``model_dir`` lacks ``model.pt`` or ``model_config.json``.
+        ValueError: If ``model_config.json`` is malformed.
     """
     import uvicorn
 
+    from bincount.models.export import read_model_config
+
+    read_model_config(model_dir)
     if threads is not None:
         torch.set_num_threads(threads)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -12,12 +12,18 @@ Each row: ``source,image_id,count,confidence,prob_<count>...,expected_quantity,v
 ``image_id`` is the file name without its extension (ABID's id); ``expected_quantity`` and
 ``verdict`` are filled for photos named in ``--labels`` (``image_id,expected_quantity``). A photo
 that cannot be read or decoded gets a row with only ``error`` filled; the run goes on.
+
+The CSV is written to a temporary file beside ``--out`` and renamed over it once complete: an
+existing file stays intact until then, and an interrupted or failed run leaves no partial file
+under the final name.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import logging
+import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +48,7 @@ from bincount.serve.inference import (
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)  # a failed write() names no file
 
 
 def list_s3_photos(uri: str) -> list[str]:
@@ -166,41 +173,64 @@ def predict(model_dir: str | Path, inputs: Sequence[str], out: str | Path, *, la
 
     Raises:
         FileNotFoundError: A missing input, model folder or labels file.
-        ValueError: No photos in ``inputs``.
+        ValueError: No photos in ``inputs``, or ``out`` is a folder.
         bincount.data.s3.S3Error: An S3 prefix cannot be listed.
         bincount.data.abid.LabelError: ``labels`` lacks the needed columns.
+        OSError: ``out`` cannot be written (read-only or full disk); an existing ``out`` is kept.
     """
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: name the CSV file to write")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"--out {out}: {out.parent} is a file, not a folder")
     model = CountingModel.load(model_dir, review_threshold=review_threshold, limits=limits, device=device)
     sources = find_photos(inputs)
     expected = read_labels_csv(Path(labels)) if labels else {}
     loader = DataLoader(PhotoDataset(sources, model.preset, model.limits), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate_photos)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.part")
+    bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress)
+    try:
+        with tmp.open("w", newline="") as f, bar:
+            failed, verdicts = _write_rows(f, loader, sources, expected, model, bar)
+        os.replace(tmp, out)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename == str(tmp) or (err.filename is None and err.errno in WRITE_ERRNOS):
+            raise OSError(err.errno, err.strerror, str(out)) from err  # name the file the user asked for
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"photos": len(sources), "failed": failed, "verdicts": dict(verdicts), "out": str(out)}
+
+
+def _write_rows(f, loader: DataLoader, sources: Sequence[str], expected: dict[str, int], model: CountingModel,
+                bar: Progress) -> tuple[int, Counter[str]]:
+    """Count every batch of ``loader`` and write its rows to ``f``; returns (unreadable photos, verdicts)."""
     counts = [f"prob_{c}" for c in range(model.min_count, model.max_count + 1)]
     verdicts: Counter[str] = Counter()
     failed = 0
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress)
-    with out.open("w", newline="") as f, bar:
-        writer = csv.DictWriter(f, ["source", "image_id", "count", "confidence", *counts, "expected_quantity",
-                                    "verdict", "error"])
-        writer.writeheader()
-        task = bar.add_task("counting", total=len(sources))
-        for batch in loader:
-            rows = {i: {"source": sources[i], "image_id": image_id(sources[i]), "error": err}
-                    for i, err in batch["failed"]}
-            failed += len(rows)
-            if batch["images"] is not None:
-                ids = [image_id(sources[i]) for i in batch["indices"]]
-                preds = make_predictions(forward(model, batch["images"]), [expected.get(x) for x in ids], model)
-                for i, x, pred in zip(batch["indices"], ids, preds):
-                    verdicts.update([pred["verdict"]] if "verdict" in pred else [])
-                    rows[i] = {"source": sources[i], "image_id": x, "count": pred["count"],
-                               "confidence": f"{pred['confidence']:.5f}",
-                               **{c: f"{p:.5f}" for c, p in zip(counts, pred["probabilities"])},
-                               "expected_quantity": pred.get("expected_quantity", ""),
-                               "verdict": pred.get("verdict", "")}
-            writer.writerows(rows[i] for i in sorted(rows))
-            bar.advance(task, len(rows))
-    return {"photos": len(sources), "failed": failed, "verdicts": dict(verdicts), "out": str(out)}
+    writer = csv.DictWriter(f, ["source", "image_id", "count", "confidence", *counts, "expected_quantity",
+                                "verdict", "error"])
+    writer.writeheader()
+    task = bar.add_task("counting", total=len(sources))
+    for batch in loader:
+        rows = {i: {"source": sources[i], "image_id": image_id(sources[i]), "error": err}
+                for i, err in batch["failed"]}
+        failed += len(rows)
+        if batch["images"] is not None:
+            ids = [image_id(sources[i]) for i in batch["indices"]]
+            preds = make_predictions(forward(model, batch["images"]), [expected.get(x) for x in ids], model)
+            for i, x, pred in zip(batch["indices"], ids, preds):
+                verdicts.update([pred["verdict"]] if "verdict" in pred else [])
+                rows[i] = {"source": sources[i], "image_id": x, "count": pred["count"],
+                           "confidence": f"{pred['confidence']:.5f}",
+                           **{c: f"{p:.5f}" for c, p in zip(counts, pred["probabilities"])},
+                           "expected_quantity": pred.get("expected_quantity", ""),
+                           "verdict": pred.get("verdict", "")}
+        writer.writerows(rows[i] for i in sorted(rows))
+        bar.advance(task, len(rows))
+    return failed, verdicts
