@@ -11,15 +11,17 @@
 # anything is installed:
 #
 # - starts sm_train.sh in a process group of its own (job control, `set -m`);
-# - on SIGTERM/SIGINT, sends the signal to the training command the SDK's driver started (the
-#   driver's children: sagemaker_launch/entry.py, or torchrun). Not to the whole group: the SDK's
-#   shell and driver would die at once (neither handles SIGTERM), and with them the pipe that carries
-#   the training output to the job's log; DataLoader workers, also in the group, would die under
-#   Lightning, which instead finishes the batch, raises SIGTERMException and writes the checkpoint
-#   (ModelCheckpoint(save_on_exception=True), conf/callbacks/sagemaker.yaml). torchrun starts each
-#   worker in a session of its own (start_new_session), so a group signal would miss them anyway;
-#   torchrun forwards SIGTERM to them and waits for them (30 s, then SIGKILL). Before the driver has
-#   started anything (environment set-up, pip), the whole group gets the signal: nothing to save yet;
+# - on SIGTERM/SIGINT, sends the signal to the training processes: what the SDK's driver started
+#   (sagemaker_launch/entry.py), or, when that is torchrun, torchrun's workers. Lightning then
+#   finishes the batch, raises SIGTERMException and writes the checkpoint
+#   (ModelCheckpoint(save_on_exception=True), conf/callbacks/sagemaker.yaml). Not to the whole
+#   group: the SDK's shell and driver would die at once (neither handles SIGTERM), and with them the
+#   pipe that carries the training output to the job's log; and DataLoader workers, in the group
+#   too, would die under Lightning, which then fails on their death instead of stopping cleanly.
+#   For that same reason not to torchrun either: it passes SIGTERM on with killpg to each worker's
+#   process group (torchrun starts each worker in a session of its own, start_new_session), which
+#   holds the worker's DataLoader workers. Before the driver has started anything (environment
+#   set-up, pip), the whole group gets the signal: nothing to save yet;
 # - waits until sm_train.sh has exited, every process of its group is gone, and no process is
 #   left that was orphaned to this one (as PID 1 it adopts torchrun's workers if torchrun dies);
 # - exits with sm_train.sh's status; after a forwarded signal, with 128 + its number if that status is
@@ -53,23 +55,67 @@ group_members() {
     done
 }
 
+# the command line of a process, its arguments in `args`
+read_args() {
+    args=()
+    mapfile -d '' args 2>/dev/null < "/proc/$1/cmdline"
+}
+
 # is a process one of the SDK's container drivers (sm_drivers/distributed_drivers/*.py)?
 is_sdk_driver() {
-    local args=()
-    mapfile -d '' args 2>/dev/null < "/proc/$1/cmdline" || return 1
-    [[ "${args[*]}" == *"/sm_drivers/distributed_drivers/"* ]]
+    read_args "$1" && [[ "${args[*]}" == *"/sm_drivers/distributed_drivers/"* ]]
+}
+
+# is a process torchrun (the script, or python -m torch.distributed.run / .launch)?
+is_torchrun() {
+    local arg
+    read_args "$1" || return 1
+    for arg in "${args[@]}"; do
+        case $arg in
+            torchrun | */torchrun | torch.distributed.run | torch.distributed.launch) return 0 ;;
+        esac
+    done
+    return 1
+}
+
+# fills `kids` with the live children of a process, whatever their group
+children_of() {
+    local of=$1 stat line
+    kids=()
+    for stat in /proc/[0-9]*/stat; do
+        read -r line 2>/dev/null < "$stat" || continue
+        line=${line##*) }
+        set -- $line
+        if [ "$1" != Z ] && [ "$2" = "$of" ]; then
+            kids+=("${stat//[!0-9]/}")
+        fi
+    done
+}
+
+# fills `targets` with the training processes: what the SDK's driver started, or, when that is
+# torchrun, its workers (torchrun would kill each worker's whole process group, its DataLoader
+# workers too, and training would fail on their death instead of stopping cleanly)
+training_processes() {
+    local i parent
+    targets=()
+    group_members
+    for i in "${!members[@]}"; do
+        is_sdk_driver "${parents[$i]}" || continue
+        parent=${members[$i]}
+        children_of "$parent"
+        if is_torchrun "$parent" && [ ${#kids[@]} -gt 0 ]; then
+            targets+=("${kids[@]}")
+        else
+            targets+=("$parent")
+        fi
+    done
 }
 
 forward() {
-    local sig=$1 i targets=()
+    local sig=$1
     signalled=1
     stop_status=$((128 + $2))
-    group_members
-    for i in "${!members[@]}"; do
-        if is_sdk_driver "${parents[$i]}"; then
-            targets+=("${members[$i]}")
-        fi
-    done
+    training_processes
     if [ ${#targets[@]} -gt 0 ]; then
         echo "container_init: SIG$sig -> training process(es) ${targets[*]}"
         kill -s "$sig" "${targets[@]}" 2>/dev/null

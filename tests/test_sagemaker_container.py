@@ -3,6 +3,7 @@ run with the SDK's own container drivers."""
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -18,7 +19,7 @@ from sagemaker_launch import launch
 from sagemaker_launch.entry import newest_checkpoint
 from tests.conftest import FAST
 from tests.fakes import make_fake_abid
-from tests.moto_server import aws, moto_server  # noqa: F401  (fixtures)
+from tests.moto_server import aws, free_port, moto_server  # noqa: F401  (fixtures)
 from tests.sagemaker_container import lay_out_container
 
 QUICKSTART_CPU = ["+experiment=quickstart", "sagemaker=cpu", "sagemaker.inputs.train=s3://b/abid", "--dry-run"]
@@ -77,6 +78,10 @@ def test_layout_refuses_what_it_cannot_lay_out(aws, tmp_path):
         lay_out_container(sub, tmp_path / "c d", host="algo-1", hosts=["algo-1"], channels={"train": tmp_path})
 
 
+# the container's PID 1 in a PID namespace of its own, which dies with unshare (--kill-child)
+NAMESPACE = ["unshare", "--fork", "--pid", "--mount-proc", "--kill-child"]
+
+
 def namespace_init(unshare: subprocess.Popen, timeout: float = 30) -> int:
     """The pid (in this namespace) of the process ``unshare -f`` forked: PID 1 of its namespace."""
     children = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children")
@@ -88,49 +93,86 @@ def namespace_init(unshare: subprocess.Popen, timeout: float = 30) -> int:
     return int(pids[0])
 
 
-@pytest.mark.slow
-@pytest.mark.integration
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (PID namespace)")
-def test_sigterm_to_pid_1_reaches_training_and_a_rerun_resumes(aws, tmp_path):
+def quickstart_container(tmp_path: Path, processes: int):
+    """A small quickstart job on fake photos, laid out; its environment (one thread per process)."""
     data = tmp_path / "abid"
-    make_fake_abid(data, n=60, bad=False)  # ~36 training photos: 9 steps per epoch at batch 4
+    make_fake_abid(data, n=60, bad=False)  # ~36 training photos: 9 steps per epoch at batch 4 on one process
     sub = launch.main(["+experiment=quickstart", "sagemaker=cpu", "sagemaker.inputs.train=s3://b/abid",
+                       f"sagemaker.processes_per_instance={processes}",
                        *(o for o in FAST if not o.startswith(("data.batch_size", "data.num_workers"))),
                        "data.batch_size=4", "data.num_workers=1", "callbacks.rich_model_summary=null",
                        "test=false", "trainer.max_epochs=3", "--dry-run"])
     box = lay_out_container(sub, tmp_path / "algo-1", host="algo-1", hosts=["algo-1"], channels={"train": data})
-    env = {**box.env, "OMP_NUM_THREADS": "1"}
-    container = subprocess.Popen(["unshare", "--fork", "--pid", "--mount-proc", *box.argv], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # one instance: the SDK's torchrun driver passes no --master-port, so torchrun reads PET_MASTER_PORT
+    return sub, box, {**box.env, "OMP_NUM_THREADS": "1", "PET_MASTER_PORT": str(free_port())}
+
+
+def stop_container(argv: list[str], env: dict[str, str], when: str) -> tuple[str, int, float]:
+    """Run ``argv`` as PID 1 of a PID namespace, SIGTERM that PID 1 from outside once a line holds
+    ``when`` (as SageMaker stops a job), and wait up to SageMaker's 120 s grace period.
+
+    Returns:
+        The output, the exit status, and the seconds from SIGTERM to exit.
+    """
+    container = subprocess.Popen(NAMESPACE + argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
     try:
         pid1 = namespace_init(container)
         lines = []
         for line in container.stdout:
             lines.append(line)
-            if "[bincount] train start" in line:
-                os.kill(pid1, signal.SIGTERM)  # what SageMaker does on StopTrainingJob or a spot reclaim
+            if when in line:
+                os.kill(pid1, signal.SIGTERM)
                 signalled = time.monotonic()
                 break
-        lines.append(container.communicate(timeout=120)[0])  # SageMaker's grace period before SIGKILL
-        took = time.monotonic() - signalled
+        lines.append(container.communicate(timeout=120)[0])
+        return "".join(lines), container.returncode, time.monotonic() - signalled
     finally:
         if container.poll() is None:
-            container.kill()
-    first = "".join(lines)
-    assert container.returncode != 0, first[-3000:]
+            container.kill()  # --kill-child: the namespace goes with it
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (PID namespace)")
+def test_sigterm_to_pid_1_reaches_training_and_a_rerun_resumes(aws, tmp_path):
+    """The SDK's basic-script driver starts entry.py; container_init passes it the SIGTERM."""
+    sub, box, env = quickstart_container(tmp_path, 1)
+    # epoch 0 done (last.ckpt written at its end): stop during epoch 1
+    first, status, took = stop_container(box.argv, env, "[bincount] validation epoch=0 ")
+    assert status != 0, first[-3000:]
     # the signal reached Lightning, and its log lines still reached the container's output
     assert "container_init: SIGTERM -> training process" in first, first[-3000:]
-    assert "Received SIGTERM" in first and "SIGTERMException" in first, first[-3000:]
-    ckpts = box.root / "checkpoints" / sub.job_name
-    saved = newest_checkpoint(ckpts)
-    assert saved is not None and took < 120, (took, first[-3000:])
-    step = torch.load(saved, map_location="cpu", weights_only=False)["global_step"]
-    assert 0 < step < 9, step  # written on SIGTERM, within the first epoch
+    assert "Received SIGTERM" in first, first[-3000:]
+    stopped = re.search(r"training stopped by SIGTERM at epoch (\d+), step (\d+)", first)
+    assert stopped and took < 120, (took, first[-3000:])
+    step = int(stopped.group(2))
+    saved = newest_checkpoint(box.root / "checkpoints" / sub.job_name)
+    assert torch.load(saved, map_location="cpu", weights_only=False)["global_step"] == step > 0
 
-    rerun = subprocess.run(["unshare", "--fork", "--pid", "--mount-proc", *box.argv], env=env,
-                           capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(NAMESPACE + box.argv, env=env, capture_output=True, text=True, timeout=600)
     second = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, second[-3000:]
-    assert f"[bincount] train start epoch=0 global_step={step}" in second, second[-3000:]
+    assert f"[bincount] train start epoch={stopped.group(1)} global_step={step}" in second, second[-3000:]
     assert f"ckpt_path={saved}" in second
     assert (box.root / "output" / "data" / "train_metrics.json").is_file()  # the run finished (test=false: no export)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (PID namespace)")
+def test_sigterm_to_pid_1_reaches_torchrun_workers(aws, tmp_path):
+    """With torchrun, container_init signals torchrun's workers themselves (each in a session of its
+    own, outside its process group; torchrun would killpg them, DataLoader workers included), and
+    waits for torchrun to see them stop.
+
+    Stopped as training starts: Lightning 2.6 raises SIGTERMException on each rank on its own at a
+    step's or an epoch's end, so a SIGTERM that two ranks handle at different epoch-end collectives
+    can deadlock them; at the first step the ranks agree (broadcast from rank 0, or the same step).
+    """
+    _, box, env = quickstart_container(tmp_path, 2)
+    out, status, took = stop_container(box.argv, env, "[bincount] train start")
+    assert status != 0 and took < 120, (status, took, out[-3000:])
+    assert re.search(r"container_init: SIGTERM -> training process\(es\) \d+ \d+\n", out), out[-3000:]
+    assert "[rank: 0] Received SIGTERM" in out and "[rank: 1] Received SIGTERM" in out, out[-3000:]
+    assert "training stopped by SIGTERM at epoch 0" in out, out[-3000:]
