@@ -3,6 +3,10 @@
 import base64
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +147,25 @@ def test_predict_over_an_s3_prefix_and_s3_uri_instances(photos, s3_env, tmp_path
                  "application/json")
     assert caught.value.status_code == 400 and "instances[1]" in caught.value.message
     assert "missing.jpg does not exist" in caught.value.message
+
+
+def test_an_interrupted_predict_keeps_the_previous_csv_whole(photos, tmp_path):
+    root, _, model_dir = photos
+    out = tmp_path / "p.csv"
+    out.write_text("source,image_id\nfrom-the-last-run.jpg,1\n")
+    before = out.read_bytes()
+    inputs = [str(root / "photos")] * 100  # 1000 photos, one per batch: long enough to interrupt
+    proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "predict", "--model-dir", str(model_dir), *inputs,
+                             "--out", str(out), "--batch-size", "1", "--num-workers", "0", "--no-progress"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("p.csv.*.part")):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "predict did not start writing"
+        time.sleep(0.05)
+    assert out.read_bytes() == before, "the previous CSV must stay whole while the new one is written"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "error: interrupted", stderr
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"], "no partial file is left"

@@ -1,6 +1,10 @@
 """`bincount data prepare`: validation, the training core's split, litdata shards, EDA, S3 output."""
 
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from litdata import StreamingDataset
@@ -148,3 +152,59 @@ def test_s3_failures_stop_prepare_before_any_work(abid_folder, s3_env, monkeypat
     with pytest.raises(S3Error, match="credentials rejected|access denied"):
         prepare(root, f"s3://{DATA_BUCKET}/x", **SPLIT, **FAST)
     assert not list(tmp_path.iterdir())
+
+
+def test_reject_reasons_say_what_is_wrong_without_the_decoders_build_path(abid_folder):
+    root, _ = abid_folder
+    with pytest.raises(ValueError) as caught:
+        decode_image_bytes((root / "bin-images" / f"{CORRUPT}.jpg").read_bytes())
+    assert str(caught.value).startswith("cannot decode JPEG (") and len(str(caught.value)) > len("cannot decode JPEG ()")
+    assert ".cpp" not in str(caught.value) and "/" not in str(caught.value), caught.value
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_killed_prepare_takes_its_workers_along_and_a_rerun_leaves_a_clean_folder(tmp_path):
+    root = tmp_path / "abid"
+    make_fake_abid(root, n=60, bad=False)
+    out = tmp_path / "shards"
+    proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "data", "prepare", "--in", str(root), "--out",
+                             str(out), "--workers", "2", "--chunk-bytes", "8KB", "--block-size", "2", "--no-eda",
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not list(out.glob("train/chunk-*.bin")):  # litdata's workers (spawned) are writing chunks
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "prepare wrote no chunk"
+        time.sleep(0.05)
+    workers = children(proc.pid)
+    proc.kill()
+    proc.wait()
+    assert workers, "prepare had no worker processes"
+    deadline = time.monotonic() + 60
+    while left := {pid for pid in workers if alive(pid)}:
+        assert time.monotonic() < deadline, f"processes {left} outlived the killed prepare"
+        time.sleep(0.1)
+    assert not (out / MANIFEST).exists()
+
+    manifest = prepare(root, str(out), block_size=2, eda=False, **FAST)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test", "train", "val"]
+    assert sum(len(s["image_ids"]) for s in manifest["splits"].values()) == 60
