@@ -305,8 +305,8 @@ def request_errors(params: dict[str, Any], operation_model) -> list[str]:
 
     botocore's ``ParamValidator`` (what every client runs before sending) checks types, required
     members and minimums only; the service would refuse the rest, so this adds the model's
-    maximums (lengths, sizes, values), ``pattern`` (searched, as the service does: not anchored
-    unless the pattern is) and ``enum`` (e.g. the instance types of ``TrainingInstanceType``).
+    maximums (lengths, sizes, values), ``pattern`` (searched: Smithy patterns are not implicitly
+    anchored) and ``enum`` (e.g. the instance types of ``TrainingInstanceType``).
 
     Args:
         params: The request, as the client's ``before-parameter-build`` event holds it.
