@@ -143,7 +143,7 @@ def test_sigterm_to_pid_1_reaches_training_and_a_rerun_resumes(aws, tmp_path):
     assert status != 0, first[-3000:]
     # the signal reached Lightning, and its log lines still reached the container's output
     assert "container_init: SIGTERM -> training process" in first, first[-3000:]
-    assert "Received SIGTERM" in first, first[-3000:]
+    assert "SIGTERM received: every rank stops" in first, first[-3000:]
     stopped = re.search(r"training stopped by SIGTERM at epoch (\d+), step (\d+)", first)
     assert stopped and took < 120, (took, first[-3000:])
     step = int(stopped.group(2))
@@ -161,18 +161,23 @@ def test_sigterm_to_pid_1_reaches_training_and_a_rerun_resumes(aws, tmp_path):
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (PID namespace)")
-def test_sigterm_to_pid_1_reaches_torchrun_workers(aws, tmp_path):
+def test_sigterm_to_pid_1_stops_both_torchrun_workers_at_one_step_and_a_rerun_resumes(aws, tmp_path):
     """With torchrun, container_init signals torchrun's workers themselves (each in a session of its
     own, outside its process group; torchrun would killpg them, DataLoader workers included), and
-    waits for torchrun to see them stop.
-
-    Stopped as training starts: Lightning 2.6 raises SIGTERMException on each rank on its own at a
-    step's or an epoch's end, so a SIGTERM that two ranks handle at different epoch-end collectives
-    can deadlock them; at the first step the ranks agree (broadcast from rank 0, or the same step).
-    """
-    _, box, env = quickstart_container(tmp_path, 2)
-    out, status, took = stop_container(box.argv, env, "[bincount] train start")
+    waits for torchrun to see them stop. Signalled as epoch 0 ends, the moment where ranks that
+    stop on their own wait in different collectives: StopOnSigterm makes them agree on one step."""
+    sub, box, env = quickstart_container(tmp_path, 2)
+    out, status, took = stop_container(box.argv, env, "[bincount] validation epoch=0 ")
     assert status != 0 and took < 120, (status, took, out[-3000:])
     assert re.search(r"container_init: SIGTERM -> training process\(es\) \d+ \d+\n", out), out[-3000:]
-    assert "[rank: 0] Received SIGTERM" in out and "[rank: 1] Received SIGTERM" in out, out[-3000:]
-    assert "training stopped by SIGTERM at epoch 0" in out, out[-3000:]
+    stops = re.findall(r"\[rank: (\d)\] SIGTERM received: every rank stops after step (\d+)", out)
+    assert sorted(rank for rank, _ in stops) == ["0", "1"] and len({step for _, step in stops}) == 1, out[-3000:]
+    stopped = re.search(r"training stopped by SIGTERM at epoch (\d+), step (\d+)", out)
+    assert stopped and stopped.group(2) == stops[0][1], out[-3000:]
+    saved = newest_checkpoint(box.root / "checkpoints" / sub.job_name)
+    assert torch.load(saved, map_location="cpu", weights_only=False)["global_step"] == int(stopped.group(2)) > 0
+
+    rerun = subprocess.run(NAMESPACE + box.argv, env=env, capture_output=True, text=True, timeout=600)
+    second = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, second[-3000:]
+    assert f"[bincount] train start epoch={stopped.group(1)} global_step={stopped.group(2)}" in second, second[-3000:]

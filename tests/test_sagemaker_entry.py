@@ -206,7 +206,7 @@ def test_sigterm_writes_a_checkpoint_and_a_rerun_resumes(tmp_path):
             break
     lines.append(proc.communicate(timeout=300)[0])
     first = "".join(lines)
-    assert "Received SIGTERM" in first and "SIGTERMException was raised" in first, first[-3000:]
+    assert "SIGTERM received: every rank stops" in first and "SIGTERMException was raised" in first, first[-3000:]
     saved = newest_checkpoint(ckpts)
     step = torch.load(saved, map_location="cpu", weights_only=False)["global_step"]
     assert per_epoch < step < 2 * per_epoch, (step, per_epoch)  # written on SIGTERM, mid-epoch 1

@@ -1,14 +1,17 @@
-"""Lightning callbacks for runs whose only window is a log stream (SageMaker jobs, CloudWatch).
-
-Selected by ``conf/callbacks/sagemaker.yaml``. Spot interruptions need no callback of ours:
-Lightning turns SIGTERM into ``SIGTERMException`` after the current batch, and
-``ModelCheckpoint(save_on_exception=True)`` then writes ``last.ckpt`` (``conf/callbacks/default.yaml``).
-"""
+"""Lightning callbacks: one stop on SIGTERM for every rank, and log lines for runs whose only window
+is a log stream (SageMaker jobs, CloudWatch; ``conf/callbacks/sagemaker.yaml``)."""
 
 from __future__ import annotations
 
+import logging
+import signal
+
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
 
 PREFIX = "[bincount]"
 
@@ -65,3 +68,51 @@ class MetricLines(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._line("test", trainer, "test/", with_epoch=False)
+
+
+class StopOnSigterm(L.Callback):
+    """Stop training at the same step on every rank when any rank receives SIGTERM.
+
+    A spot reclaim, ``StopTrainingJob``, ``kill`` or a scheduler's pre-emption sends SIGTERM. On its
+    own, Lightning 2.6 handles it per rank: its handler runs a broadcast inside the signal handler
+    and each rank raises ``SIGTERMException`` at its own step or epoch end, so under DDP a signal
+    near an epoch end can leave the ranks waiting in different collectives until they are killed.
+    Here the handler only records the signal; after every training step the ranks add up their
+    flags (one one-element all-reduce) and, if any was signalled, all raise ``SIGTERMException``
+    together, after which ``ModelCheckpoint(save_on_exception=True)`` writes ``last.ckpt`` at that
+    step (``conf/callbacks/default.yaml``). A signal during validation takes effect at the next
+    training step. The previous SIGTERM handler is put back when training ends.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = None
+
+    def _record(self, signum, frame) -> None:
+        self.received = True  # nothing else: a collective inside a signal handler can deadlock
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after Lightning registered its own handler (Trainer._run), which this one replaces
+        self.received = False
+        self._previous = signal.signal(signal.SIGTERM, self._record)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        flag = torch.tensor(float(self.received), device=trainer.strategy.root_device)
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce(flag, reduce_op="sum")
+        if flag.item() > 0:
+            log.info("[rank: %d] SIGTERM received: every rank stops after step %d", trainer.global_rank,
+                     trainer.global_step)
+            raise SIGTERMException
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
