@@ -151,6 +151,20 @@ def test_a_full_disk_stops_fetch_with_one_error_line_and_no_partial_file(aws, tm
 
 
 @needs_mount_namespace
+def test_a_fetch_report_that_does_not_fit_leaves_no_partial_file(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    have = " && ".join(f"mkdir -p {disk}/abid/{folder} && : > {disk}/abid/{folder}/00001.{ext}"
+                       for folder, ext in (("bin-images", "jpg"), ("metadata", "json")))
+    fill = f"(cat /dev/zero > {disk}/fill 2>/dev/null; true)"  # the photo is there: only the report is written
+    code, stderr, files = run_mounted(f"{tmpfs(disk)} && {have} && {fill}",
+                                      [*CLI, "data", "fetch", "--ids", "1", "--out", str(disk / "abid"),
+                                       "--endpoint-url", "http://127.0.0.1:9", "--no-progress"], listing=disk)
+    assert_one_error_line(code, stderr, str(disk / "abid" / "fetch_report.json"), "No space left on device")
+    assert sorted(files) == ["abid/bin-images/00001.jpg", "abid/metadata/00001.json", "fill"]
+
+
+@needs_mount_namespace
 @pytest.mark.slow
 def test_a_full_disk_stops_prepare_with_one_error_line(tmp_path):
     root = tmp_path / "abid"

@@ -372,6 +372,11 @@ def write_json_atomic(path: Path, data) -> None:
     try:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename is None:  # a failed write() names no file
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
