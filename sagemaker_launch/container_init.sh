@@ -12,9 +12,9 @@
 #
 # - starts sm_train.sh in a process group of its own (job control, `set -m`);
 # - on SIGTERM/SIGINT, sends the signal to the training processes: what the SDK's driver started
-#   (sagemaker_launch/entry.py), or, when that is torchrun, torchrun's workers. Lightning then
-#   finishes the batch, raises SIGTERMException and writes the checkpoint
-#   (ModelCheckpoint(save_on_exception=True), conf/callbacks/sagemaker.yaml). Not to the whole
+#   (sagemaker_launch/entry.py), or, when that is torchrun, torchrun's workers. Every rank then
+#   stops after the same training step and writes last.ckpt there (bincount.callbacks.StopOnSigterm,
+#   ModelCheckpoint(save_on_exception=True), conf/callbacks/default.yaml). Not to the whole
 #   group: the SDK's shell and driver would die at once (neither handles SIGTERM), and with them the
 #   pipe that carries the training output to the job's log; and DataLoader workers, in the group
 #   too, would die under Lightning, which then fails on their death instead of stopping cleanly.
@@ -24,9 +24,9 @@
 #   set-up, pip), the whole group gets the signal: nothing to save yet;
 # - waits until sm_train.sh has exited, every process of its group is gone, and no process is
 #   left that was orphaned to this one (as PID 1 it adopts torchrun's workers if torchrun dies);
-# - exits with sm_train.sh's status; after a forwarded signal, with 128 + its number if that status is
-#   0: Lightning's SIGTERMException is a SystemExit without a code, so a stopped run exits 0, and the
-#   job must not pass for a finished one (its model/ is empty).
+# - exits with sm_train.sh's status (a stopped run exits 143: bincount.train.fit); after a forwarded
+#   signal, with 128 + its number if that status is 0, so a stopped job never passes for a finished
+#   one (its model/ is empty).
 set -u
 
 if [ $# -lt 1 ]; then
