@@ -1,6 +1,7 @@
 """`bincount data prepare`: validation, the training core's split, litdata shards, EDA, S3 output."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -187,9 +188,11 @@ def test_killed_prepare_takes_its_workers_along_and_a_rerun_leaves_a_clean_folde
     root = tmp_path / "abid"
     make_fake_abid(root, n=60, bad=False)
     out = tmp_path / "shards"
+    (tmp_path / "tmp").mkdir()  # litdata's item list of the killed run stays behind in TMPDIR: keep it here
     proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "data", "prepare", "--in", str(root), "--out",
                              str(out), "--workers", "2", "--chunk-bytes", "8KB", "--block-size", "2", "--no-eda",
-                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     deadline = time.monotonic() + 180
     while not list(out.glob("train/chunk-*.bin")):  # litdata's workers (spawned) are writing chunks
         assert proc.poll() is None, proc.stderr.read().decode()
