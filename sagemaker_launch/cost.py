@@ -138,4 +138,6 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from sagemaker_launch import run
+
+    run(main)

@@ -412,4 +412,6 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    from sagemaker_launch import run
+
+    run(main)

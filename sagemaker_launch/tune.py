@@ -223,4 +223,6 @@ def main(argv: list[str] | None = None) -> Submission:
 
 
 if __name__ == "__main__":
-    main()
+    from sagemaker_launch import run
+
+    run(main)

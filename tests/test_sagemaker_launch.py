@@ -3,6 +3,7 @@ server; the tests read what moto received (its request recording), not mocks of 
 
 import copy
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -322,3 +323,21 @@ def test_sagemaker_launcher_checkpoint_uris_are_per_job_and_sweep(aws, tmp_path)
         assert uri == f"s3://{BUCKET}/ckpt/{name.rsplit('-', 1)[0]}" and len(name) <= 63
         assert re.search(r"-\d{12}-[01]-\d{14}$", name)  # sweep, job and time survive a long base
     assert aws.requests() == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("args", "message"), [
+    (["sagemaker_launch.launch", "+experiment=quickstart", "sagemaker=cpu", "sagemaker.inputs.train=s3://b/abid"],
+     "error: Unable to locate credentials (configure AWS credentials, or add --dry-run)"),
+    (["sagemaker_launch.tune", "+experiment=quickstart", "hparams_search=lr_optuna", "sagemaker=cpu",
+      "sagemaker.inputs.train=s3://b/abid"], "error: Unable to locate credentials"),
+    (["sagemaker_launch.launch", "data.rooot=x"], "error: Could not override 'data.rooot'."),
+    (["sagemaker_launch.deploy", "job=x", "endpoint=bincount-prod"], "error: the model needs an execution role"),
+])
+def test_commands_without_aws_or_with_a_typo_print_one_error_line(args, message, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SAGEMAKER_"))}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1")
+    run = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and message in run.stderr, run.stderr[-2000:]

@@ -25,10 +25,10 @@ import uvicorn
 from PIL import Image
 from torch import nn
 
-from bincount.data.dataset import decode_image
+from bincount.data.dataset import decode_image, decoder_reason
 from bincount.data.transforms import CountingPresetEval
 from bincount.models.backbones import build_backbone
-from bincount.models.calibration import NEVER
+from bincount.models.decoding import NEVER
 from bincount.models.export import load_model_dir, save_model_dir
 from bincount.serve import app as serve_app
 from bincount.serve.app import Batcher, create_app
@@ -41,7 +41,6 @@ from bincount.serve.inference import (
     decode_image_bytes,
     decode_image_pixels,
     decode_request,
-    decoder_reason,
     input_fn,
     model_fn,
     output_fn,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,6 +19,17 @@ from bincount.data.abid import IMAGE_DIR, BinRecord
 log = logging.getLogger(__name__)
 
 Sample = tuple[torch.Tensor, int, int]
+
+
+def decoder_reason(err: Exception) -> str:
+    """What the decoder said went wrong, without the source file and line it names.
+
+    torchvision's message reads ``"decode_jpeg, /path/to/decode_jpeg.cpp:171, Image is
+    incomplete or truncated"``: a client needs the last part, not the build path.
+    """
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else ""
+    return re.split(r"\S+\.(?:cpp|cc|c|h|hpp):\d+,?\s*", line)[-1].strip() or type(err).__name__
 
 
 def decode_image(path: str | Path, decoder: str = "torchvision") -> torch.Tensor:

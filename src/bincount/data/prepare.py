@@ -53,7 +53,7 @@ from torchvision.transforms.v2 import functional as F
 from bincount.data.abid import IMAGE_DIR, BinRecord, block_split, build_index
 from bincount.data.fetch import WRITE_ERRNOS, write_json_atomic
 from bincount.data.s3 import check_bucket, exists, explain, is_s3_uri, join_uri, make_client, split_s3_uri
-from bincount.serve.inference import decoder_reason
+from bincount.data.dataset import decoder_reason
 
 log = logging.getLogger(__name__)
 

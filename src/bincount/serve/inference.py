@@ -55,6 +55,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import to_dtype
 
 from bincount.data.transforms import CountingPresetEval
+from bincount.data.dataset import decoder_reason
 from bincount.models.decoding import NEVER, decode_counts, with_tta
 from bincount.models.export import load_model_dir
 
@@ -321,17 +322,6 @@ def decode_image_pixels(data: bytes, fmt: str) -> torch.Tensor:
     except RuntimeError as err:
         raise RequestError(f"corrupt or truncated {fmt} image ({decoder_reason(err)})") from None
     return to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs: the 8 bits training photos have
-
-
-def decoder_reason(err: Exception) -> str:
-    """What the decoder said went wrong, without the source file and line it names.
-
-    torchvision's message reads ``"decode_jpeg, /path/to/decode_jpeg.cpp:171, Image is
-    incomplete or truncated"``: a client needs the last part, not the build path.
-    """
-    text = str(err).strip()
-    line = text.splitlines()[0] if text else ""
-    return re.split(r"\S+\.(?:cpp|cc|c|h|hpp):\d+,?\s*", line)[-1].strip() or type(err).__name__
 
 
 def decode_image_bytes(data: bytes, *, limits: Limits, expected_format: str | None = None) -> torch.Tensor:
