@@ -102,10 +102,12 @@ def readme_commands(program: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("overrides", readme_commands("train.py"), ids=" ".join)
 def test_every_readme_training_command_composes_and_instantiates(overrides, tmp_path):
+    # the SageMaker Hydra launcher composes launch.yaml (train.yaml + the sagemaker group) for its jobs
+    config = "launch" if "hydra/launcher=sagemaker" in overrides else "train"
     # a sweep's comma list runs each value: the first stands for all; the launcher (hydra/...) is not the run's
     overrides = [o.split(",")[0] for o in overrides if not o.startswith(("hydra/", "hydra."))]
     overrides = [o.replace("outputs/RUN", str(tmp_path)) for o in overrides]
-    cfg = set_output_dir(compose_cfg("train", overrides), tmp_path)
+    cfg = set_output_dir(compose_cfg(config, overrides), tmp_path)
     with open_dict(cfg):  # no weights can be had here: the name is checked, the file is not read
         weights, cfg.model.weights, cfg.model.weights_path = cfg.model.weights, None, None
     hydra.utils.instantiate(cfg.data)
