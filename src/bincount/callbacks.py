@@ -98,10 +98,11 @@ class StopOnSigterm(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        flag = torch.tensor(float(self.received), device=trainer.strategy.root_device)
-        if trainer.world_size > 1:
-            flag = trainer.strategy.reduce(flag, reduce_op="sum")
-        if flag.item() > 0:
+        stop = self.received
+        if trainer.world_size > 1:  # one process needs no agreement (and no device sync per step)
+            flag = torch.tensor(float(stop), device=trainer.strategy.root_device)
+            stop = trainer.strategy.reduce(flag, reduce_op="sum").item() > 0
+        if stop:
             log.info("[rank: %d] SIGTERM received: every rank stops after step %d", trainer.global_rank,
                      trainer.global_step)
             raise SIGTERMException

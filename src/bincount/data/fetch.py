@@ -18,7 +18,6 @@ at once with a clear error, after writing the report of what was done.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -42,15 +41,14 @@ from botocore.exceptions import (
 )
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from bincount.atomic import PART_SUFFIX, WRITE_ERRNOS, atomic_write
 from bincount.data.abid import IMAGE_DIR, METADATA_DIR, PUBLIC_BUCKET, LabelError, read_label_list, read_metadata_count
 from bincount.data.s3 import explain, is_not_found, make_client, resolve_endpoint
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "fetch_report.json"
-PART_SUFFIX = ".part"
 KINDS = {"images": (IMAGE_DIR, ".jpg"), "metadata": (METADATA_DIR, ".json")}
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)  # a failed write() names no file
 
 
 def parse_id_ranges(spec: str) -> list[str]:
@@ -360,37 +358,19 @@ def _write_report(path: Path, report: FetchReport) -> None:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename.
-
-    ``path`` is either untouched or complete: on failure (a full disk...) the temporary file is
-    removed and the error raised.
+    """Write JSON to ``path``, complete or not at all (:func:`bincount.atomic.atomic_write`).
 
     Raises:
         OSError: If the file cannot be written.
     """
-    tmp = path.with_name(f"{path.name}.{os.getpid()}{PART_SUFFIX}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if err.filename is None:  # a failed write() names no file
-            raise OSError(err.errno, err.strerror, str(path)) from err
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        f.write(json.dumps(data, indent=1) + "\n")
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` through a temporary file, so that ``dst`` is complete or absent."""
-    tmp = dst.with_name(f"{dst.name}.{os.getpid()}{PART_SUFFIX}")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Copy ``src`` to ``dst``, so that ``dst`` is complete or absent."""
+    with open(src, "rb") as source, atomic_write(dst, "wb") as f:
+        shutil.copyfileobj(source, f)
 
 
 def _counts_of(out: Path, ids: Iterable[str]) -> dict[str, int]:

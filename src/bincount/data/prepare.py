@@ -51,7 +51,8 @@ from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from bincount.data.abid import IMAGE_DIR, BinRecord, block_split, build_index
-from bincount.data.fetch import WRITE_ERRNOS, write_json_atomic
+from bincount.atomic import WRITE_ERRNOS
+from bincount.data.fetch import write_json_atomic
 from bincount.data.s3 import check_bucket, exists, explain, is_s3_uri, join_uri, make_client, split_s3_uri
 from bincount.data.dataset import decoder_reason
 

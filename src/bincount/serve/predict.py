@@ -21,9 +21,7 @@ under the final name.
 from __future__ import annotations
 
 import csv
-import errno
 import logging
-import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +30,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
+from bincount.atomic import atomic_write
 from bincount.data.abid import read_labels_csv
 from bincount.data.transforms import CountingPresetEval
 from bincount.serve.inference import (
@@ -48,7 +47,6 @@ from bincount.serve.inference import (
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)  # a failed write() names no file
 
 
 def list_s3_photos(uri: str) -> list[str]:
@@ -189,21 +187,10 @@ def predict(model_dir: str | Path, inputs: Sequence[str], out: str | Path, *, la
     loader = DataLoader(PhotoDataset(sources, model.preset, model.limits), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate_photos)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.part")
     bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress)
-    try:
-        with tmp.open("w", newline="") as f, bar:
-            failed, verdicts = _write_rows(f, loader, sources, expected, model, bar)
-        os.replace(tmp, out)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if err.filename == str(tmp) or (err.filename is None and err.errno in WRITE_ERRNOS):
-            raise OSError(err.errno, err.strerror, str(out)) from err  # name the file the user asked for
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(out, newline="") as f, bar:  # an existing --out stays whole until this one is
+        failed, verdicts = _write_rows(f, loader, sources, expected, model, bar)
     return {"photos": len(sources), "failed": failed, "verdicts": dict(verdicts), "out": str(out)}
 
 
