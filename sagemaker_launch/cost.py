@@ -61,6 +61,25 @@ def has_gpus(instance_type: str, prices: DictConfig | None = None) -> bool:
         raise KeyError(f"can't tell whether {instance_type} has GPUs: add it to conf/{PRICES_FILE}") from None
 
 
+def training_precision(instance_type: str, prices: DictConfig | None = None) -> tuple[str | None, str]:
+    """The Lightning precision a job on ``instance_type`` trains in, from the table's ``bf16``.
+
+    Returns:
+        ``(precision, reason)``: ``"bf16-mixed"`` where the instance computes in bfloat16,
+        else ``"16-mixed"`` (GPU) or ``"32-true"`` (CPU); ``(None, reason)`` when the table
+        doesn't say, so the job decides on the instance (``trainer.precision=auto``).
+    """
+    prices = prices or load_prices()
+    entry = prices.training.get(instance_type)
+    if entry is None or entry.get("bf16") is None:
+        return None, f"{instance_type}: not in conf/{PRICES_FILE}, decided on the instance"
+    if entry.bf16:
+        return "bf16-mixed", f"{instance_type} computes in bfloat16"
+    if entry.gpus > 0:
+        return "16-mixed", f"{instance_type}'s GPUs have no native bfloat16"
+    return "32-true", f"{instance_type}'s CPUs have no bfloat16 instructions"
+
+
 @dataclass(frozen=True)
 class CostLine:
     """One instance type's estimate.

@@ -42,6 +42,7 @@ import functools
 import json
 import logging
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -171,7 +172,8 @@ def trainer_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
     """The trainer settings the hardware needs, unless ``overrides`` set them.
 
     The accelerator follows the instance type (:func:`sagemaker_launch.cost.has_gpus`), whatever
-    the experiment's trainer says.
+    the experiment's trainer says; ``trainer.precision=auto`` becomes the instance type's precision
+    (:func:`sagemaker_launch.cost.training_precision`), so the dry run shows it.
 
     Returns:
         e.g. ``["trainer.accelerator=gpu", "trainer.devices=4", "trainer.num_nodes=2",
@@ -186,7 +188,11 @@ def trainer_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
     procs = processes_per_instance(sm)
     on_gpu = cost.has_gpus(sm.instance_type)  # the instance decides, not the experiment's trainer
     wanted = {"trainer.accelerator": "gpu" if on_gpu else "cpu"}
-    if not on_gpu and str(cfg.trainer.precision).startswith("16"):
+    if str(cfg.trainer.precision) == "auto":
+        chosen, _ = cost.training_precision(sm.instance_type)
+        if chosen:
+            wanted["trainer.precision"] = chosen
+    elif not on_gpu and str(cfg.trainer.precision).startswith("16"):
         wanted["trainer.precision"] = "32-true"  # fp16 AMP is GPU-only
     if procs * sm.instance_count > 1:
         wanted.update({"trainer.devices": str(procs), "trainer.num_nodes": str(sm.instance_count),
@@ -613,6 +619,19 @@ def submit_training_job(plan: TrainingJobPlan, *, dry_run: bool = False, wait: b
     return Submission(request, name, [], False)
 
 
+def precision_text(cfg: DictConfig, overrides: list[str], planned: list[str]) -> str:
+    """The dry run's precision line: what the job trains in (``planned``: the job's overrides), and why."""
+    chosen = [o.split("=", 1)[1] for o in planned if override_key(o) == "trainer.precision"]
+    if any(override_key(o) == "trainer.precision" for o in overrides):
+        return f"{chosen[-1]} (set on the command line)"
+    if str(cfg.trainer.precision) == "auto":
+        value, reason = cost.training_precision(cfg.sagemaker.instance_type)
+        return f"{value or 'auto'} ({reason})"
+    if chosen:
+        return f"{chosen[-1]} (the experiment's {cfg.trainer.precision} needs a GPU)"
+    return f"{cfg.trainer.precision} (the experiment's trainer.precision)"
+
+
 def cost_text(sm: DictConfig) -> str:
     """The dry run's cost lines: the chosen instance type, or a note if the table lacks it."""
     try:
@@ -642,6 +661,8 @@ def main(argv: list[str] | None = None) -> Submission:
     if dry_run:
         print(f"DRY RUN: CreateTrainingJob {sub.job_name} (not sent)")
         print(describe_request(sub.request, sub.uploads))
+        print(f"train.py {shlex.join(plan.overrides)}")
+        print(f"precision: {precision_text(cfg, overrides, plan.overrides)}")
         print(cost_text(cfg.sagemaker))
     return sub
 

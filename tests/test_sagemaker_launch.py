@@ -44,6 +44,32 @@ def test_dry_run_prints_the_request_and_cost_and_sends_nothing(aws, capsys):
     assert re.search(r"ml\.g5\.xlarge\s+2\s+8\.0\s+16\.0\s+1\.408\s+22\.53\s+6\.76", out)
 
 
+@pytest.mark.parametrize(("instance_type", "extra", "precision", "why"), [
+    ("ml.g5.xlarge", [], "bf16-mixed", "ml.g5.xlarge computes in bfloat16"),  # A10G
+    ("ml.g4dn.xlarge", [], "16-mixed", "no native bfloat16"),  # T4
+    ("ml.m5.xlarge", [], "32-true", "no bfloat16 instructions"),
+    ("ml.g5.xlarge", ["trainer.precision=32-true"], "32-true", "set on the command line"),
+])
+def test_the_dry_run_shows_the_precision_the_job_trains_in(aws, capsys, instance_type, extra, precision, why):
+    sub = launch.main(["+experiment=resnet18_subset", f"sagemaker.instance_type={instance_type}", *extra,
+                       f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
+    sent = only_training_overrides(sub.request["HyperParameters"])
+    assert [o for o in sent if o.startswith("trainer.precision=")] == [f"trainer.precision={precision}"]
+    assert compose_cfg("train", sent).trainer.precision == precision  # what the container composes
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("precision: "))
+    assert line.startswith(f"precision: {precision} (") and why in line
+
+
+def test_an_instance_the_table_does_not_know_decides_its_precision_itself(aws, capsys):
+    sub = launch.main(["sagemaker.instance_type=ml.g6.xlarge", "sagemaker.processes_per_instance=1",
+                       f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
+    sent = only_training_overrides(sub.request["HyperParameters"])
+    assert not any(o.startswith("trainer.precision=") for o in sent)
+    assert compose_cfg("train", sent).trainer.precision == "auto"
+    assert "precision: auto (ml.g6.xlarge: not in conf/sagemaker/prices.yaml, decided on the instance)" in (
+        capsys.readouterr().out)
+
+
 def test_typos_and_missing_data_fail_before_any_request(aws):
     for bad in (["data.rooot=x"], ["sagemaker.instance_cont=2"], ["+experiment=quickstrat"], ["sagemaker=gpu_mutli"]):
         with pytest.raises(ConfigCompositionException):
@@ -72,9 +98,10 @@ def test_single_instance_job(aws):
     assert spec["ContainerEntrypoint"] == ["/bin/bash", launch.CONTAINER_INIT]
     assert spec["ContainerArguments"] == ["/opt/ml/input/data/sm_drivers/sm_train.sh"]
     assert req["ResourceConfig"] == {"InstanceType": "ml.g5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 50}
-    # the user's overrides, names with __ (a dot fails every job), plus the GPU trainer (quickstart picks cpu)
+    # the user's overrides, plus the GPU trainer (quickstart picks cpu) in the A10G's bfloat16
     assert only_training_overrides(req["HyperParameters"]) == [
-        "+experiment=quickstart", "trainer.max_epochs=3", "model.optimizer.lr=0.003", "trainer.accelerator=gpu"]
+        "+experiment=quickstart", "trainer.max_epochs=3", "model.optimizer.lr=0.003", "trainer.accelerator=gpu",
+        "trainer.precision=bf16-mixed"]
     cfg = compose_cfg("train", only_training_overrides(req["HyperParameters"]))  # what the container composes
     assert cfg.trainer.max_epochs == 3 and cfg.model.optimizer.lr == 0.003 and cfg.trainer.accelerator == "gpu"
     assert req["Environment"] == {"SM_CHECKPOINT_DIR": "/opt/ml/checkpoints", "PYTHONUNBUFFERED": "1"}
@@ -128,15 +155,16 @@ def test_multi_instance_spot_profiled_job(aws):
 
 def test_processes_follow_the_instance_type(aws):
     cfg = launch.compose_launch(["sagemaker.instance_type=ml.g5.12xlarge", "sagemaker.instance_count=3"])
-    assert launch.trainer_overrides(cfg, []) == ["trainer.accelerator=gpu", "trainer.devices=4", "trainer.num_nodes=3",
-                                                 "++trainer.strategy=ddp"]
+    assert launch.trainer_overrides(cfg, []) == ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
+                                                 "trainer.devices=4", "trainer.num_nodes=3", "++trainer.strategy=ddp"]
     cpu = launch.compose_launch(["sagemaker=cpu", "+experiment=resnet18_subset"])  # a GPU experiment on a CPU box
     assert launch.trainer_overrides(cpu, []) == ["trainer.accelerator=cpu", "trainer.precision=32-true"]
     with pytest.raises(KeyError, match="processes_per_instance"):
         launch.trainer_overrides(launch.compose_launch(["sagemaker.instance_type=ml.x9.huge"]), [])
     # the instance decides the accelerator, also when processes_per_instance is given
     g5 = launch.compose_launch(["sagemaker.instance_type=ml.g5.12xlarge", "sagemaker.processes_per_instance=4"])
-    assert launch.trainer_overrides(g5, [])[:2] == ["trainer.accelerator=gpu", "trainer.devices=4"]
+    assert launch.trainer_overrides(g5, [])[:3] == ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
+                                                    "trainer.devices=4"]
     quick = launch.compose_launch(["+experiment=quickstart", "sagemaker.instance_type=ml.g5.12xlarge",
                                    "sagemaker.processes_per_instance=2"])  # quickstart's trainer is cpu
     assert launch.trainer_overrides(quick, [])[0] == "trainer.accelerator=gpu"
@@ -295,7 +323,8 @@ def test_hydra_multirun_with_the_sagemaker_launcher(aws, tmp_path):
     for req, lr in zip(reqs, ("0.0003", "0.001", "0.003"), strict=True):
         # only the training overrides reach the job; the GPU instance sets the trainer
         assert sorted(only_training_overrides(req["HyperParameters"])) == sorted([
-            "+experiment=resnet18_subset", f"model.optimizer.lr={lr}", "trainer.accelerator=gpu"])
+            "+experiment=resnet18_subset", f"model.optimizer.lr={lr}", "trainer.accelerator=gpu",
+            "trainer.precision=bf16-mixed"])
         assert req["ResourceConfig"]["InstanceType"] == "ml.g5.xlarge"
         assert req["OutputDataConfig"]["S3OutputPath"] == f"s3://{BUCKET}/{req['TrainingJobName'].rsplit('-', 1)[0]}"
     assert (tmp_path / "sweep" / "multirun.yaml").is_file()

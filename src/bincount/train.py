@@ -26,16 +26,25 @@ from bincount.data.datamodule import ABIDDataModule
 from bincount.models.calibration import calibrate, held_out_report
 from bincount.models.export import save_model_dir
 from bincount.models.module import BinCountModule, gather_by_index
+from bincount.precision import AUTO, choose_precision
 from bincount.report import print_report, write_report
 
 log = logging.getLogger(__name__)
 
 
 def instantiate_trainer(cfg: DictConfig) -> L.Trainer:
-    """The Trainer of ``cfg.trainer`` with the non-null ``cfg.callbacks`` and ``cfg.logger`` entries."""
+    """The Trainer of ``cfg.trainer`` with the non-null ``cfg.callbacks`` and ``cfg.logger`` entries.
+
+    ``trainer.precision=auto`` becomes the precision :func:`bincount.precision.choose_precision`
+    picks for this machine, logged once with its reason.
+    """
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    kwargs = {}
+    if cfg.trainer.get("precision") == AUTO:
+        kwargs["precision"], reason = choose_precision(cfg.trainer.get("accelerator", AUTO))
+        rank_zero_info(f"trainer.precision=auto: {kwargs['precision']} ({reason})")
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
 
 
 def report_test(trainer: L.Trainer, model: BinCountModule, datamodule: ABIDDataModule, out_dir: Path,

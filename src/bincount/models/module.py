@@ -146,10 +146,17 @@ class BinCountModule(L.LightningModule):
         return self.hparams.max_count - self.hparams.min_count + 1
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, H, W)`` normalised images -> ``(N, num_classes)`` logits (with TTA outside training)."""
+        """``(N, 3, H, W)`` normalised images -> ``(N, num_classes)`` logits.
+
+        Outside training (validation, test, calibration) with the model's TTA and in float32 even
+        under a mixed-precision Trainer, so every figure measures the exported weights as served.
+        """
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.net(images) if self.training else with_tta(self.net, self.hparams.tta)(images)
+        if self.training:
+            return self.net(images)
+        with torch.autocast(images.device.type, enabled=False):
+            return with_tta(self.net, self.hparams.tta)(images.float())
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean loss of ``(N, C)`` logits against ``(N,)`` class indices."""

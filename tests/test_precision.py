@@ -1,0 +1,115 @@
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from bincount import precision
+from bincount.evaluate import evaluate
+from bincount.precision import choose_precision
+from bincount.train import instantiate_trainer, train
+from tests.conftest import FAST, compose_cfg, set_output_dir
+
+
+@pytest.fixture
+def cpu_features(monkeypatch):
+    """Simulate a CPU with or without bfloat16 instructions (PyTorch's own feature checks)."""
+
+    def set_features(*, avx512_bf16: bool, amx: bool) -> None:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+    return set_features
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [
+    (False, False, "32-true"),  # e.g. Skylake/Cascade Lake (ml.m5), AMD Zen 3
+    (True, False, "bf16-mixed"),  # Cooper Lake, Zen 4
+    (False, True, "bf16-mixed"),  # Sapphire Rapids (ml.m7i) reports both; AMX alone is enough
+])
+def test_cpu_precision_follows_the_bfloat16_instructions(cpu_features, avx512_bf16, amx, expected):
+    cpu_features(avx512_bf16=avx512_bf16, amx=amx)
+    for accelerator in ("cpu", "auto"):
+        chosen, reason = choose_precision(accelerator)
+        assert chosen == expected
+        assert ("has bfloat16" if expected == "bf16-mixed" else "no bfloat16") in reason
+
+
+@pytest.mark.parametrize(("native_bf16", "expected"), [(True, "bf16-mixed"), (False, "16-mixed")])
+def test_gpu_precision_follows_native_bfloat16(monkeypatch, native_bf16, expected):
+    calls = []
+
+    def is_bf16_supported(including_emulation=True):
+        calls.append(including_emulation)
+        return native_bf16 or including_emulation  # recent PyTorch says yes to emulated bfloat16 on a T4
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A10G" if native_bf16 else "Tesla T4")
+    for accelerator in ("gpu", "cuda", "auto"):
+        chosen, reason = choose_precision(accelerator)
+        assert chosen == expected
+        assert reason.startswith("NVIDIA A10G" if native_bf16 else "Tesla T4")
+    assert calls and not any(calls)  # emulation does not count
+
+
+def test_other_accelerators_train_in_float32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert choose_precision("auto")[0] == "32-true"
+    assert choose_precision("mps")[0] == "32-true"
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_auto_precision_reaches_the_trainer_and_is_logged_once(cpu_features, train_cfg, caplog, has_bf16):
+    cpu_features(avx512_bf16=has_bf16, amx=False)
+    cfg = train_cfg()
+    assert cfg.trainer.precision == "auto"  # the default of every trainer config
+    with caplog.at_level(logging.INFO):
+        trainer = instantiate_trainer(cfg)
+    expected = "bf16-mixed" if has_bf16 else "32-true"
+    assert trainer.precision == expected
+    lines = [r.getMessage() for r in caplog.records if "trainer.precision=auto" in r.getMessage()]
+    assert len(lines) == 1 and expected in lines[0]
+
+
+def test_an_explicit_precision_is_kept(cpu_features, train_cfg, caplog):
+    cpu_features(avx512_bf16=True, amx=True)
+    with caplog.at_level(logging.INFO):
+        trainer = instantiate_trainer(train_cfg("trainer.precision=32-true"))
+    assert trainer.precision == "32-true"
+    assert not any("trainer.precision=auto" in r.getMessage() for r in caplog.records)
+
+
+def test_eval_computes_in_float32(cpu_features, fake_abid, tmp_path):
+    cpu_features(avx512_bf16=True, amx=True)
+    root, _ = fake_abid
+    cfg = set_output_dir(compose_cfg("eval", [f"data.root={root}", *FAST, f"model_dir={tmp_path}"]), tmp_path)
+    assert instantiate_trainer(cfg).precision == "32-true"
+
+
+def test_bfloat16_training_tests_calibrates_and_exports_in_float32(train_cfg, tmp_path, fake_abid):
+    """Training steps run in bfloat16; the run's test report, calibration and model.pt are float32,
+    so eval.py (float32) reproduces the report photo by photo."""
+    root, _ = fake_abid
+    cfg = train_cfg("trainer.precision=bf16-mixed", "trainer.max_epochs=2")
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    exported = torch.load(run / "model" / "model.pt", weights_only=True)
+    assert {t.dtype for t in exported.values() if t.is_floating_point()} == {torch.float32}
+    report = json.loads((run / "metrics.json").read_text())
+    again = evaluate(set_output_dir(compose_cfg("eval", [f"data.root={root}", *FAST, "data.split=block",
+                                                         f"model_dir={run / 'model'}"]), tmp_path / "eval"))
+    assert (again["acc"], again["mae"], again["confusion_matrix"]) == (
+        report["acc"], report["mae"], report["confusion_matrix"])
+    assert (tmp_path / "eval" / "predictions.csv").read_text() == (run / "predictions.csv").read_text()
+
+
+def test_the_installed_torch_still_has_the_cpu_feature_checks():
+    # cpu_has_bf16 counts a missing check as "no": a PyTorch that renamed them would silently
+    # train in float32 everywhere
+    assert callable(torch.cpu._is_avx512_bf16_supported) and callable(torch.cpu._is_amx_tile_supported)
+    assert isinstance(precision.cpu_has_bf16(), bool)
