@@ -619,9 +619,10 @@ def submit_training_job(plan: TrainingJobPlan, *, dry_run: bool = False, wait: b
     return Submission(request, name, [], False)
 
 
-def precision_text(cfg: DictConfig, overrides: list[str], planned: list[str]) -> str:
-    """The dry run's precision line: what the job trains in (``planned``: the job's overrides), and why."""
-    chosen = [o.split("=", 1)[1] for o in planned if override_key(o) == "trainer.precision"]
+def precision_text(cfg: DictConfig, overrides: list[str]) -> str:
+    """The dry run's precision line: what the job (``cfg`` composed from ``overrides``) trains in, and why."""
+    chosen = [o.split("=", 1)[1] for o in [*overrides, *trainer_overrides(cfg, overrides)]
+              if override_key(o) == "trainer.precision"]
     if any(override_key(o) == "trainer.precision" for o in overrides):
         return f"{chosen[-1]} (set on the command line)"
     if str(cfg.trainer.precision) == "auto":
@@ -662,7 +663,7 @@ def main(argv: list[str] | None = None) -> Submission:
         print(f"DRY RUN: CreateTrainingJob {sub.job_name} (not sent)")
         print(describe_request(sub.request, sub.uploads))
         print(f"train.py {shlex.join(plan.overrides)}")
-        print(f"precision: {precision_text(cfg, overrides, plan.overrides)}")
+        print(f"precision: {precision_text(cfg, overrides)}")
         print(cost_text(cfg.sagemaker))
     return sub
 

@@ -41,7 +41,7 @@ from omegaconf import DictConfig
 from sagemaker_launch.entry import MAX_CATEGORICAL_CHARS, encode_override, encode_value, parse_value
 from sagemaker_launch.launch import (DryRun, channels, compose_launch, console_url, cost_text, describe_request,
                                      make_model_trainer, make_session, metric_definitions, parse_argv,
-                                     plan_training_job, role_for, stage_source, Submission)
+                                     plan_training_job, precision_text, role_for, stage_source, Submission)
 
 log = logging.getLogger("sagemaker_launch")
 
@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> Submission:
     if dry_run:
         print(f"DRY RUN: CreateHyperParameterTuningJob {sub.job_name} (not sent)")
         print(describe_request(sub.request, sub.uploads))
+        print(f"precision: {precision_text(cfg, overrides)}")
         trials = int(cfg.hydra.sweeper.get("n_trials", 10))
         print(f"{trials} trials, each at most:")
         print(cost_text(cfg.sagemaker))

@@ -60,6 +60,14 @@ def test_the_dry_run_shows_the_precision_the_job_trains_in(aws, capsys, instance
     assert line.startswith(f"precision: {precision} (") and why in line
 
 
+def test_the_tuning_dry_run_shows_the_trials_precision(aws, capsys):
+    sub = tune.main(["+experiment=quickstart", "hparams_search=lr_optuna", "sagemaker.instance_type=ml.g4dn.xlarge",
+                     f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
+    static = sub.request["TrainingJobDefinition"]["StaticHyperParameters"]
+    assert "trainer.precision=16-mixed" in only_training_overrides(static)
+    assert "precision: 16-mixed (ml.g4dn.xlarge's GPUs have no native bfloat16)" in capsys.readouterr().out
+
+
 def test_an_instance_the_table_does_not_know_decides_its_precision_itself(aws, capsys):
     sub = launch.main(["sagemaker.instance_type=ml.g6.xlarge", "sagemaker.processes_per_instance=1",
                        f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
