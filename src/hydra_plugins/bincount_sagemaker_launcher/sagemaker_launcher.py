@@ -6,8 +6,9 @@ Usage:
     python train.py -m hydra/launcher=sagemaker sagemaker=cpu sagemaker.dry_run=true \
         +experiment=quickstart sagemaker.inputs.train=s3://BUCKET/abid/sample data.batch_size=16,32
 
-Run it from the repository root: the job requests are built by ``sagemaker_launch.launch`` (not part
-of the installed package). ``hydra/launcher=sagemaker`` adds the ``sagemaker`` group
+The job requests are built by ``sagemaker_launch.launch`` (``pip install "bincount[sagemaker]"``;
+installed, ``bincount-train -m ...`` runs the same multirun as ``python train.py -m ...`` in a
+checkout). ``hydra/launcher=sagemaker`` adds the ``sagemaker`` group
 (``conf/sagemaker/*.yaml``, default ``gpu_single``) to the config, so ``sagemaker=<name>`` and
 ``sagemaker.*`` overrides read exactly as for ``python -m sagemaker_launch.launch``, and
 ``sagemaker.dry_run=true`` prints each request instead of sending it. Each job is planned and
@@ -70,15 +71,16 @@ class SageMakerLauncher(Launcher):
             One ``JobReturn`` per job, its ``return_value`` the training job's name.
 
         Raises:
-            ImportError: If ``sagemaker_launch`` can't be imported (run from the repository root).
+            ImportError: If ``sagemaker_launch`` or the SageMaker SDK can't be imported (the sagemaker extra
+                is not installed).
         """
         try:
+            import sagemaker.train  # noqa: F401  (the SDK: missing, say so before any job is planned)
             from sagemaker_launch.launch import (describe_request, job_base_name, plan_training_job,
                                                  submit_training_job)
         except ImportError as err:
-            raise ImportError("hydra/launcher=sagemaker needs sagemaker_launch/ and the SageMaker SDK: run from the "
-                              "repository root with the sagemaker extra installed (pip install -e '.[sagemaker]')"
-                              ) from err
+            raise ImportError("hydra/launcher=sagemaker needs the SageMaker SDK: pip install 'bincount[sagemaker]' "
+                              f"({err})") from err
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
