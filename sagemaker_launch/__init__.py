@@ -15,19 +15,21 @@ def run(main: Callable[[], object]) -> None:
     """Run a command's ``main()``: an expected failure prints one ``error:`` line and exits 2.
 
     Expected: a config typo or missing value (Hydra, OmegaConf), a value the launcher refuses
-    (``ValueError``, ``KeyError``), a file that is not there (``OSError``), and AWS saying no or not
-    being reachable (botocore: no credentials, access denied, a missing resource). Anything else is
-    a bug and keeps its traceback.
+    (``ValueError``, ``KeyError``), a file that is not there (``OSError``), the job's wheel failing
+    to build (:class:`sagemaker_launch.source.WheelBuildError`), and AWS saying no or not being
+    reachable (botocore: no credentials, access denied, a missing resource). Anything else is a bug
+    and keeps its traceback.
     """
     from botocore.exceptions import BotoCoreError, ClientError
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from bincount.cli import error_line
+    from sagemaker_launch.source import WheelBuildError
 
     try:
         main()
-    except (HydraException, OmegaConfBaseException, ValueError, KeyError, OSError, BotoCoreError,
+    except (HydraException, OmegaConfBaseException, ValueError, KeyError, OSError, WheelBuildError, BotoCoreError,
             ClientError) as err:
         if isinstance(err, KeyError) and err.args:
             err = ValueError(err.args[0])

@@ -15,9 +15,10 @@ container composes the same ``conf/`` with them (``sagemaker_launch/entry.py``).
 
 What the launcher adds to the job:
 
-- the code: ``pyproject.toml``, ``src/``, ``conf/``, ``sagemaker_launch/`` and a
-  ``requirements.txt`` that pip-installs that folder (torch and torchvision come with the AWS
-  PyTorch training image);
+- the code: bincount's wheel (built from this source tree, or repacked from the installed
+  package), a ``requirements.txt`` that pip-installs it (torch and torchvision come with the AWS
+  PyTorch training image), and the entry script and PID 1 script out of that wheel
+  (:mod:`sagemaker_launch.source`);
 - the trainer for the hardware: ``trainer.accelerator``, and for more than one process
   ``trainer.devices`` (processes per instance), ``trainer.num_nodes`` (instances) and
   ``trainer.strategy=ddp``, run by torchrun (ModelTrainer's ``Torchrun``);
@@ -43,7 +44,6 @@ import json
 import logging
 import re
 import shlex
-import shutil
 import sys
 import tempfile
 from collections import defaultdict
@@ -57,17 +57,13 @@ from bincount.callbacks import metric_regex
 from bincount.config import config_dir
 from sagemaker_launch import cost
 from sagemaker_launch.entry import encode_overrides
+from sagemaker_launch.source import CONTAINER_INIT_SCRIPT, ENTRY_SCRIPT, stage_source
 
 log = logging.getLogger("sagemaker_launch")
 
-REPO = Path(__file__).resolve().parents[1]
-# what the job's code channel holds (the container pip-installs the folder)
-SOURCE_ITEMS = ("pyproject.toml", "README.md", "src", "conf", "sagemaker_launch")
-SOURCE_IGNORE = ("__pycache__", "*.pyc", "*.egg-info", ".DS_Store")
-ENTRY_SCRIPT = "sagemaker_launch/entry.py"
 CHECKPOINT_DIR = "/opt/ml/checkpoints"
 # the job's PID 1 (see the script): the code channel is downloaded before the container starts
-CONTAINER_INIT = "/opt/ml/input/data/code/sagemaker_launch/container_init.sh"
+CONTAINER_INIT = f"/opt/ml/input/data/code/{CONTAINER_INIT_SCRIPT}"
 # override roots that configure the launch, not the training run
 LAUNCHER_KEYS = ("sagemaker", "hydra", "hparams_search")
 # ModelTrainer names a job "<base_job_name>-%Y%m%d%H%M%S" and cuts the name to 63 characters:
@@ -263,24 +259,6 @@ def plan_training_job(cfg: DictConfig, overrides: list[str]) -> TrainingJobPlan:
     return TrainingJobPlan(overrides=run, hyperparameters=encode_overrides(run), processes=processes_per_instance(sm),
                            image_uri=training_image(sm), environment=environment, profiler=profiler,
                            sagemaker=sm)
-
-
-def stage_source(dst: Path) -> Path:
-    """Copy the code a job needs into ``dst`` (see :data:`SOURCE_ITEMS`) with its ``requirements.txt``.
-
-    Returns:
-        ``dst``.
-    """
-    dst.mkdir(parents=True, exist_ok=True)
-    for item in SOURCE_ITEMS:
-        src = REPO / item
-        if src.is_dir():
-            shutil.copytree(src, dst / item, ignore=shutil.ignore_patterns(*SOURCE_IGNORE), dirs_exist_ok=True)
-        elif src.is_file():
-            shutil.copy2(src, dst / item)
-    (dst / "requirements.txt").write_text(
-        "# bincount itself (this folder) and its dependencies; torch and torchvision come with the image\n.\n")
-    return dst
 
 
 def use_container_init(request: dict[str, Any]) -> None:
@@ -514,7 +492,7 @@ def make_model_trainer(plan: TrainingJobPlan, session, source_dir: Path, *, role
     Args:
         plan: From :func:`plan_training_job`.
         session: From :func:`make_session`.
-        source_dir: From :func:`stage_source`.
+        source_dir: From :func:`sagemaker_launch.source.stage_source`.
         role: Execution role ARN or name (``None``: the caller's role).
         checkpoint_s3_uri: Overrides ``sagemaker.checkpoint_s3_uri``; with spot and neither set,
             the SDK picks ``s3://BUCKET/BASE/JOB/checkpoints`` per job.
@@ -531,8 +509,7 @@ def make_model_trainer(plan: TrainingJobPlan, session, source_dir: Path, *, role
         role=role,
         base_job_name=sm.base_job_name,
         training_image=plan.image_uri,
-        source_code=SourceCode(source_dir=str(source_dir), entry_script=ENTRY_SCRIPT, requirements="requirements.txt",
-                               ignore_patterns=list(SOURCE_IGNORE)),
+        source_code=SourceCode(source_dir=str(source_dir), entry_script=ENTRY_SCRIPT, requirements="requirements.txt"),
         distributed=Torchrun(process_count_per_node=plan.processes) if plan.distributed else None,
         compute=Compute(instance_type=sm.instance_type, instance_count=int(sm.instance_count),
                         volume_size_in_gb=int(sm.volume_size_gb), enable_managed_spot_training=bool(sm.spot)),

@@ -41,7 +41,8 @@ from omegaconf import DictConfig
 from sagemaker_launch.entry import MAX_CATEGORICAL_CHARS, encode_override, encode_value, parse_value
 from sagemaker_launch.launch import (DryRun, channels, compose_launch, console_url, cost_text, describe_request,
                                      make_model_trainer, make_session, metric_definitions, parse_argv,
-                                     plan_training_job, precision_text, role_for, stage_source, Submission)
+                                     plan_training_job, precision_text, role_for, Submission)
+from sagemaker_launch.source import stage_source
 
 log = logging.getLogger("sagemaker_launch")
 

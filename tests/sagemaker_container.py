@@ -23,18 +23,21 @@ What had to be redirected, and why (everything else is the request and the uploa
   only SageMaker's network resolves; it becomes ``127.0.0.1`` (not an ``/etc/hosts`` entry: that
   would change the machine for every other process). ``master_port`` replaces its fixed 7777,
   so concurrent tests don't collide;
-- the code channel's ``requirements.txt`` (``.``: pip-install the uploaded folder, as the job
-  must) becomes a comment: ``sm_train.sh`` still runs the SDK's ``install_requirements.py`` on it,
-  but pip would otherwise replace this venv's editable ``bincount`` with a copy of the upload;
-- ``PATH`` starts with this venv's ``bin/`` (its ``python3``, ``pip3`` and ``torchrun``), which is
-  where the AWS PyTorch image keeps its own.
+- the AWS PyTorch image is :func:`fresh_venv`, a new venv beside ``root`` that sees this venv's
+  installed packages (torch, Lightning, Hydra...) but neither the checkout nor its editable
+  ``bincount``; ``PATH`` starts with its ``bin/`` (``python3``, ``pip3``, ``torchrun``), where the
+  image keeps its own. The code channel's ``requirements.txt`` is left as uploaded, so
+  ``sm_train.sh`` pip-installs the job's wheel into that venv, and the job runs the installed code.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import site
 import sys
+import venv
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,8 +45,8 @@ OPT_ML = "/opt/ml"
 SDK_CHANNELS = ("code", "sm_drivers")
 # what ResourceConfig looks like on an instance of a single-group (homogeneous) cluster
 GROUP = "homogeneousCluster"
-NEUTRAL_REQUIREMENTS = ("# emptied by tests/sagemaker_container.py: the test venv already has bincount "
-                        "installed (editable); pip must not replace it\n")
+# the image's commands that the SDK's scripts call besides python3
+IMAGE_SCRIPTS = ("pip3", "torchrun")
 
 
 class Container(NamedTuple):
@@ -51,15 +54,43 @@ class Container(NamedTuple):
 
     Attributes:
         argv: The request's ``ContainerEntrypoint`` + ``ContainerArguments``, ``/opt/ml`` redirected.
-        env: The container's environment: ``PATH`` (this venv first), ``HOME``, ``LANG``,
+        env: The container's environment: ``PATH`` (the image's ``bin/`` first), ``HOME``, ``LANG``,
             ``TRAINING_JOB_NAME`` and the request's ``Environment``. Nothing of the caller's
             environment leaks in; add what a test needs (``OMP_NUM_THREADS``...).
         root: The folder standing in for ``/opt/ml``.
+        image: The venv standing in for the image's Python (:func:`fresh_venv`).
     """
 
     argv: list[str]
     env: dict[str, str]
     root: Path
+    image: Path
+
+
+def fresh_venv(folder: Path) -> Path:
+    """A new venv in ``folder`` that has this venv's installed packages, and nothing of the checkout:
+    the AWS image's Python here, and a user's fresh venv in tests/test_sagemaker_wheel.py.
+
+    It sees this venv's ``site-packages`` through a ``.pth`` line (no copy, no download), which does
+    not read the ``.pth`` files there: the editable ``bincount`` (a path to the checkout) stays
+    out, so ``bincount`` is importable only once a wheel is installed into ``folder``, where pip
+    puts it (pip leaves the editable install alone: it is outside this environment). ``pip3`` and
+    ``torchrun`` are written as pip writes console scripts, running ``folder``'s interpreter.
+
+    Returns:
+        ``folder``.
+    """
+    venv.EnvBuilder(symlinks=True, with_pip=False).create(folder)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    own = folder / "lib" / version / "site-packages"
+    (own / "test_venv_packages.pth").write_text("".join(f"{p}\n" for p in site.getsitepackages()))
+    for name in IMAGE_SCRIPTS:
+        [entry] = importlib.metadata.entry_points(group="console_scripts", name=name)
+        script = folder / "bin" / name
+        script.write_text(f"#!{folder / 'bin' / 'python3'}\nimport sys\nfrom {entry.module} import {entry.attr}\n"
+                          f"sys.exit({entry.attr}())\n")
+        script.chmod(0o755)
+    return folder
 
 
 def _channel_files(files: dict[str, bytes], uri: str) -> dict[str, bytes]:
@@ -84,7 +115,8 @@ def lay_out_container(submission: Any, root: Path, *, host: str, hosts: list[str
     Layout (as SageMaker writes it before starting the container): ``input/config/``
     ``{resourceconfig,inputdataconfig,hyperparameters}.json``, ``input/data/<channel>/`` for
     every channel of the request (``code`` and ``sm_drivers`` from the uploads, the others
-    from ``channels``, symlinked), ``model/``, ``output/data/``, ``checkpoints/``.
+    from ``channels``, symlinked), ``model/``, ``output/data/``, ``checkpoints/``; and the
+    image's Python, ``<root>-image`` (:func:`fresh_venv`).
 
     Args:
         submission: A dry run's :class:`sagemaker_launch.launch.Submission` (``request``, ``files``).
@@ -97,7 +129,7 @@ def lay_out_container(submission: Any, root: Path, *, host: str, hosts: list[str
         master_port: The torchrun master's port (SageMaker's drivers fix 7777).
 
     Returns:
-        The container's ``argv`` and ``env``, and ``root``.
+        The container's ``argv`` and ``env``, ``root`` and the image.
 
     Raises:
         ValueError: Not a dry run, ``host`` not in ``hosts``, ``hosts`` not ``InstanceCount``
@@ -142,8 +174,6 @@ def lay_out_container(submission: Any, root: Path, *, host: str, hosts: list[str
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if name == "sm_drivers" and rel.endswith((".py", ".sh", ".json")):
                     content = _rewrite(content.decode(), root).encode()
-                if name == "code" and rel == "requirements.txt":
-                    content = NEUTRAL_REQUIREMENTS.encode()
                 path.write_bytes(content)
         elif name in channels:
             if target.is_symlink():
@@ -166,10 +196,10 @@ def lay_out_container(submission: Any, root: Path, *, host: str, hosts: list[str
 
     spec = request["AlgorithmSpecification"]
     argv = [_rewrite(a, root) for a in [*spec["ContainerEntrypoint"], *spec.get("ContainerArguments", [])]]
-    venv_bin = str(Path(sys.executable).parent)
-    env = {"PATH": os.pathsep.join([venv_bin, "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin",
+    image = fresh_venv(root.with_name(f"{root.name}-image"))
+    env = {"PATH": os.pathsep.join([str(image / "bin"), "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin",
                                     "/sbin", "/bin"]),
            "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8",
            "TRAINING_JOB_NAME": request["TrainingJobName"],
            **{k: _rewrite(v, root) for k, v in request.get("Environment", {}).items()}}
-    return Container(argv, env, root)
+    return Container(argv, env, root, image)

@@ -46,13 +46,14 @@ def test_a_dry_run_laid_out_runs_the_sdk_environment_step(aws, tmp_path):
     assert config["resourceconfig"]["current_host"] == "algo-1"
     assert config["resourceconfig"]["current_instance_type"] == "ml.m5.xlarge"
     assert sorted(config["inputdataconfig"]) == ["code", "sm_drivers", "train"]
-    assert (root / "input" / "data" / "code" / "sagemaker_launch" / "entry.py").is_file()
+    code = root / "input" / "data" / "code"
+    [wheel] = code.glob("bincount-*.whl")
+    assert (code / "requirements.txt").read_text().splitlines()[-1] == f"./{wheel.name}"
     assert "/opt/ml" not in (root / "input" / "data" / "sm_drivers" / "sm_train.sh").read_text()
-    assert not (root / "input" / "data" / "code" / "requirements.txt").read_text().strip().endswith(".")
     assert all("/opt/ml" not in a for a in box.argv) and box.argv[0] == "/bin/bash"
     assert box.env["SM_CHECKPOINT_DIR"] == str(root / "checkpoints")
     assert box.env["TRAINING_JOB_NAME"] == sub.job_name
-    assert box.env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
+    assert box.env["PATH"].split(":")[0] == str(box.image / "bin")
 
     # the SDK's environment step, as sm_train.sh runs it
     step = subprocess.run(["python3", str(root / "input" / "data" / "sm_drivers" / "scripts" / "environment.py")],
@@ -66,6 +67,19 @@ def test_a_dry_run_laid_out_runs_the_sdk_environment_step(aws, tmp_path):
     assert (env["SM_MASTER_ADDR"], env["SM_MASTER_PORT"]) == ("127.0.0.1", "29512")
     assert json.loads(env["SM_HPS"]) == sub.request["HyperParameters"]
     assert env["SM_HOSTS"] == '["algo-1"]' and env["SM_CURRENT_HOST_RANK"] == "0"
+
+    # the SDK's install step, from the code folder as sm_train.sh runs it: the job's wheel lands in the
+    # image, and with it the package the entry script imports, conf/ included
+    installer = root / "input" / "data" / "sm_drivers" / "scripts" / "install_requirements.py"
+    step = subprocess.run(["python3", str(installer), "requirements.txt"], cwd=code, env=box.env, capture_output=True,
+                          text=True, timeout=300)
+    assert step.returncode == 0 and "Successfully installed bincount-" in step.stdout, step.stdout[-3000:] + step.stderr
+    probe = ("import bincount, sagemaker_launch.entry; from bincount.config import config_dir; "
+             "print(bincount.__file__, sagemaker_launch.entry.__file__, config_dir())")
+    step = subprocess.run(["python3", "-c", probe], cwd=code, env=box.env, capture_output=True, text=True, timeout=120)
+    site = box.image / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    assert step.stdout.split() == [str(site / "bincount" / "__init__.py"), str(site / "sagemaker_launch" / "entry.py"),
+                                   str(site / "bincount" / "conf")], step.stdout + step.stderr
 
 
 def test_layout_refuses_what_it_cannot_lay_out(aws, tmp_path):
@@ -141,6 +155,7 @@ def test_sigterm_to_pid_1_reaches_training_and_a_rerun_resumes(aws, tmp_path):
     # epoch 0 done (last.ckpt written at its end): stop during epoch 1
     first, status, took = stop_container(box.argv, env, "[bincount] validation epoch=0 ")
     assert status != 0, first[-3000:]
+    assert "Successfully installed bincount-" in first  # the job's wheel, into the image (sm_train.sh's pip)
     # the signal reached Lightning, and its log lines still reached the container's output
     assert "container_init: SIGTERM -> training process" in first, first[-3000:]
     assert "SIGTERM received: every rank stops" in first, first[-3000:]

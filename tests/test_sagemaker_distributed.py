@@ -89,6 +89,7 @@ def test_one_instance_two_processes(aws, tmp_path, fake_abid):
     proc = start(box)
     [log] = finish([proc])
     assert proc.returncode == 0, log[-4000:]
+    assert "Successfully installed bincount-" in log  # the job's wheel, into the image (sm_train.sh's pip)
     assert "--nnodes=1" in log and "--nproc_per_node=2" in log  # the SDK's torchrun driver started them
     assert "world_size=2 (1 instance(s) x 2)" in log
     assert_one_model([box.root], [log], root)
@@ -107,6 +108,7 @@ def test_two_instances_that_share_no_disk(aws, tmp_path, fake_abid):
     logs = finish(procs)
     for host, proc, log in zip(hosts, procs, logs):
         assert proc.returncode == 0, f"{host}:\n{log[-4000:]}"
+        assert "Successfully installed bincount-" in log  # each instance installs the job's wheel
     assert "--nnodes=2" in logs[1] and "--node_rank=1" in logs[1]
     assert "world_size=2 (2 instance(s) x 1)" in logs[0]
     assert not list((boxes[1].root / "checkpoints").rglob("*.ckpt"))  # the second instance never had the file

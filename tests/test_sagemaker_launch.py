@@ -2,12 +2,14 @@
 server; the tests read what moto received (its request recording), not mocks of our code."""
 
 import copy
+import io
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -121,13 +123,22 @@ def test_single_instance_job(aws):
     line = f"{PREFIX} validation epoch=2 global_step=30 {format_metrics({'val/acc': 0.75, 'val/acc_best': 0.8, 'val/obo_acc': 0.9})}"
     found = {m["Name"]: re.search(m["Regex"], line) for m in spec["MetricDefinitions"]}
     assert found["val/acc"].group(1) == "0.75" and found["val/acc_best"].group(1) == "0.8"
-    # the code the job runs
-    code = aws.puts(f"{BUCKET}/bincount/{sub.job_name}/input/code/")
-    names = {k.split("/input/code/")[1] for k in code}
-    assert {"sagemaker_launch/entry.py", "sagemaker_launch/container_init.sh", "conf/train.yaml",
-            "conf/sagemaker/prices.yaml", "src/bincount/train.py", "pyproject.toml", "requirements.txt"} <= names
-    assert not any("__pycache__" in n for n in names)
-    assert code[f"{BUCKET}/bincount/{sub.job_name}/input/code/requirements.txt"].decode().splitlines()[-1] == "."
+    # the code the job runs: bincount's wheel, which the container pip-installs, and the two scripts
+    # SageMaker starts before that, as the wheel holds them
+    prefix = f"{BUCKET}/bincount/{sub.job_name}/input/code/"
+    code = {k[len(prefix):]: v for k, v in aws.puts(prefix).items()}
+    [wheel] = [n for n in code if n.endswith(".whl")]
+    assert re.fullmatch(r"bincount-[^-]+-py3-none-any\.whl", wheel)
+    assert set(code) == {wheel, "requirements.txt", "sagemaker_launch/entry.py", "sagemaker_launch/container_init.sh"}
+    assert code["requirements.txt"].decode().splitlines()[-1] == f"./{wheel}"
+    with zipfile.ZipFile(io.BytesIO(code[wheel])) as archive:
+        names = set(archive.namelist())
+        assert {"bincount/train.py", "bincount/conf/train.yaml", "bincount/conf/sagemaker/prices.yaml",
+                "sagemaker_launch/launch.py",
+                "hydra_plugins/bincount_sagemaker_launcher/sagemaker_launcher.py"} <= names
+        for script in ("sagemaker_launch/entry.py", "sagemaker_launch/container_init.sh"):
+            assert archive.read(script) == code[script] == (REPO / script).read_bytes()
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     drivers = f"{BUCKET}/bincount/{sub.job_name}/input/sm_drivers/"
     puts = aws.puts(drivers)
     assert json.loads(puts[drivers + "sourcecode.json"])["entry_script"] == "sagemaker_launch/entry.py"
