@@ -57,5 +57,5 @@ def choose_precision(accelerator: str) -> tuple[str, str]:
     if accelerator not in ("cpu", AUTO):
         return "32-true", f"no automatic choice for accelerator={accelerator}"
     if cpu_has_bf16():
-        return "bf16-mixed", "the CPU has bfloat16 instructions (AVX512-BF16 or AMX)"
-    return "32-true", "the CPU has no bfloat16 instructions (AVX512-BF16 or AMX)"
+        return "bf16-mixed", "the CPU has bfloat16 instructions: AVX512-BF16 or AMX"
+    return "32-true", "the CPU has no bfloat16 instructions: neither AVX512-BF16 nor AMX"
