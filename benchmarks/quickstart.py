@@ -29,6 +29,7 @@ import lightning
 import torch
 
 from bincount.atomic import atomic_write
+from bincount.models.export import read_model_card
 from bincount.precision import cpu_has_bf16
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,8 +71,8 @@ def main() -> None:
     train_log = run_dir.parent / "qs.log"
     wall = run(train_cmd, train_log)
     chosen = re.search(r"trainer\.precision=auto: (\S+) \((.*)\)", train_log.read_text())
-    config = json.loads((run_dir / "model" / "model_config.json").read_text())
-    checkpoint = run_dir / "checkpoints" / config["checkpoint"]
+    card = read_model_card(run_dir / "model")
+    checkpoint = run_dir / "checkpoints" / card.checkpoint
 
     evals, eval_cmds = {}, []
     for name, source in (("model_dir", f"model_dir={run_dir / 'model'}"), ("ckpt_path", f"ckpt_path={checkpoint}")):
@@ -95,8 +96,8 @@ def main() -> None:
                     "torch": torch.__version__, "lightning": lightning.__version__},
         "precision": {"chosen": chosen.group(1), "reason": chosen.group(2)} if chosen else "set by an override",
         "train_wall_min": wall / 60,
-        "tested_checkpoint": config["checkpoint"],
-        "calibration": config.get("calibration"),
+        "tested_checkpoint": card.checkpoint,
+        "calibration": card.calibration and card.calibration.to_dict(),
         "eval": evals,
     }
     args.out.mkdir(parents=True, exist_ok=True)

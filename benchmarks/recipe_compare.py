@@ -45,8 +45,9 @@ def load_recipes(path: Path = RECIPES) -> dict[str, dict]:
 
 def val_at_checkpoint(run_dir: Path) -> dict[str, float]:
     """Validation figures of the epoch whose checkpoint was tested (from the CSV log)."""
-    config = json.loads((run_dir / "model" / "model_config.json").read_text())
-    name = config.get("checkpoint") or ""
+    from bincount.models.export import read_model_card
+
+    name = read_model_card(run_dir / "model").checkpoint or ""
     epochs: dict[int, dict[str, float]] = {}
     for log in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
         for row in csv.DictReader(log.open()):

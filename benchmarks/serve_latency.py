@@ -46,14 +46,14 @@ SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "abid" / "bin-i
 
 def default_model_dir(image_size: int, out: Path) -> Path:
     """An untrained resnet18 counting 1..5 at ``image_size`` px, exported like training does."""
-    from bincount.data.transforms import CountingPresetEval
     from bincount.models.backbones import build_backbone
+    from bincount.models.card import Calibration, EvalPreset, ModelCard
     from bincount.models.export import save_model_dir
 
     torch.manual_seed(0)
-    return save_model_dir(build_backbone("resnet18", 5), out / "model", arch="resnet18", min_count=1, max_count=5,
-                          preset=CountingPresetEval(image_size=image_size).to_config(),
-                          extra={"calibration": {"temperature": 1.0, "review_threshold": 0.5}})
+    card = ModelCard(arch="resnet18", min_count=1, max_count=5, preset=EvalPreset(image_size=image_size),
+                     calibration=Calibration(temperature=1.0, review_threshold=0.5))
+    return save_model_dir(build_backbone("resnet18", 5), out / "model", card)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -162,7 +162,7 @@ def main() -> None:
                             for key in ("decode", "batch", "total"):
                                 inside[key].append(out[key])
                             inside["outside"].append(ms - out["total"])
-    print(f"{args.photo.name} ({len(data)} bytes) -> {model.config['arch']} at {model.preset.image_size} px, "
+    print(f"{args.photo.name} ({len(data)} bytes) -> {model.card.arch} at {model.preset.image_size} px, "
           f"{len(times['HTTP POST /invocations'])} timings each in blocks of {args.block}, "
           f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, loopback")
     for name, ms in times.items():

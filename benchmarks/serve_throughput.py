@@ -31,7 +31,7 @@ import torch
 
 from serve_latency import SHARED_PHOTOS, default_model_dir, percentile, serving
 
-from bincount.models.export import read_model_config
+from bincount.models.export import read_model_card
 
 MODES = {"one at a time": ["--max-batch-size", "1"], "batched": ["--max-batch-size", "16"]}
 
@@ -115,9 +115,9 @@ def main() -> None:
             for mode, flags in MODES.items():
                 with serving(model_dir, *flags, *threads) as url:
                     results[mode].append(asyncio.run(load(url, photos, args.clients, args.requests)))
-        config = read_model_config(model_dir)
-    print(f"{args.clients} clients x {args.requests} requests, {len(photos)} ABID photos, {config['arch']} at "
-          f"{config['preset']['image_size']} px, median of {args.rounds} rounds, {os.cpu_count()} CPUs, "
+        card = read_model_card(model_dir)
+    print(f"{args.clients} clients x {args.requests} requests, {len(photos)} ABID photos, {card.arch} at "
+          f"{card.preset.image_size} px, median of {args.rounds} rounds, {os.cpu_count()} CPUs, "
           f"server torch threads {args.threads or torch.get_num_threads()}, loopback")
     rates = {}
     for mode, runs in results.items():

@@ -6,6 +6,7 @@ disk is listed inside the namespace, before the mount goes away.
 """
 
 import base64
+import json
 import os
 import shlex
 import subprocess
@@ -199,8 +200,21 @@ def test_a_malformed_model_config_names_the_file(predict_inputs, tmp_path, capsy
     broken = tmp_path / "model"
     broken.mkdir()
     (broken / "model.pt").write_bytes((model_dir / "model.pt").read_bytes())
+    good = json.loads((model_dir / "model_config.json").read_text())
+    bad_fields = (
+        ({"min_count": "1"}, "min_count must be a whole number >= 0, got '1'"),
+        ({"max_count": 1}, "min_count=1, max_count=1: need 0 <= min_count < max_count"),
+        ({"num_classes": 4}, "num_classes=4 does not match min_count=1, max_count=5"),
+        ({"preset": {"image_size": 0}}, "preset.image_size must be a whole number >= 1"),
+        ({"preset": {"image_size": 32, "mean": [0.5]}}, "preset.mean must be a list of 3 numbers"),
+        ({"decode": "mode"}, "decode must be one of argmax, median, got 'mode'"),
+        ({"calibration": {"temperature": -1.0, "review_threshold": 0.5}}, "calibration.temperature must be a number > 0"),
+        ({"calibration": {"temperature": 2.0}}, "lacks calibration.review_threshold"),
+        ({"arch": "resnet9000"}, "arch: unknown arch 'resnet9000'"),
+    )
     for text, fragment in (('{"arch": "resnet18",', "is not valid JSON"), ("[1, 2]", "not an object"),
-                           ('{"arch": "resnet18"}', "lacks min_count")):
+                           ('{"arch": "resnet18"}', "lacks min_count"),
+                           *((json.dumps({**good, **change}), message) for change, message in bad_fields)):
         (broken / "model_config.json").write_text(text)
         assert main(["predict", "--model-dir", str(broken), str(photos), "--out", str(tmp_path / "p.csv")]) == 2
         assert_one_error_line(2, capsys.readouterr().err, str(broken / "model_config.json"), fragment)

@@ -8,6 +8,7 @@ from bincount.data.abid import build_index
 from bincount.data.datamodule import ABIDDataModule
 from bincount.data.dataset import BinImageDataset, collate_skip_none, decode_image
 from bincount.data.transforms import CountingPresetEval, CountingPresetTrain
+from bincount.models.card import EvalPreset
 from tests.fakes import corrupt_middle, make_fake_abid
 
 
@@ -43,7 +44,9 @@ def test_presets_shapes_and_eval_is_deterministic():
     assert ev(img).shape == (3, 24, 24) and ev(img).dtype == torch.float32
     assert torch.equal(ev(img), ev(img))
     assert CountingPresetTrain(image_size=24)(img).shape == (3, 24, 24)
-    assert ev.to_config() == {"image_size": 24, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    card_entry = EvalPreset.of(ev)
+    assert card_entry.to_dict() == {"image_size": 24, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert torch.equal(card_entry.build()(img), ev(img))
 
 
 def test_eval_preset_equals_torchvisions_compose_of_the_same_transforms():

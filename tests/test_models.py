@@ -1,3 +1,4 @@
+import json
 import socket
 
 import pytest
@@ -6,7 +7,9 @@ import torchvision
 
 from bincount.models import backbones
 from bincount.models.backbones import WeightsUnavailableError, build_backbone
-from bincount.models.export import load_model_dir, save_model_dir
+from bincount.models.card import EvalPreset, ModelCard
+from bincount.models.decoding import NEVER
+from bincount.models.export import load_model_dir, read_model_card, save_model_dir
 from bincount.models.module import BinCountModule
 from bincount.report import count_report
 
@@ -78,11 +81,40 @@ def test_count_report_by_hand():
 
 def test_export_round_trip(tmp_path):
     model = BinCountModule(arch="resnet18", min_count=0, max_count=5).eval()
-    save_model_dir(model.net, tmp_path, arch="resnet18", min_count=0, max_count=5,
-                   preset={"image_size": 32, "mean": [0, 0, 0], "std": [1, 1, 1]})
-    net, config = load_model_dir(tmp_path)
+    card = ModelCard(arch="resnet18", min_count=0, max_count=5,
+                     preset=EvalPreset(image_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
+    save_model_dir(model.net, tmp_path, card)
+    net, loaded = load_model_dir(tmp_path)
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(net(x), model(x), atol=1e-5)
-    assert config["num_classes"] == 6 and config["preset"]["image_size"] == 32
+    assert loaded == card and loaded.num_classes == 6 and loaded.preset.image_size == 32
     with pytest.raises(FileNotFoundError, match="model_config.json"):
         load_model_dir(tmp_path / "missing")
+
+
+# model_config.json as a quickstart run writes it (one epoch: an untrained model's calibration)
+RUN_CARD = {
+    "arch": "resnet18", "min_count": 1, "max_count": 5, "num_classes": 5,
+    "preset": {"image_size": 112, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    "bincount_version": "0.1.0", "decode": "median", "tta": "none", "checkpoint": "epoch_000.ckpt",
+    "calibration": {"temperature": 2150.3848966957294, "review_threshold": 1.0000000000000002,
+                    "target_precision": 0.95, "min_support": 30, "ece_before": 0.8148148059844971,
+                    "ece_after": 0.04594673961400986, "coverage": 0.0, "precision": None, "n": 270},
+}
+
+
+def test_a_run_card_loads_typed_and_is_written_back_unchanged(tmp_path):
+    (tmp_path / "model_config.json").write_text(json.dumps({**RUN_CARD, "a_later_field": 1}, indent=2))
+    (tmp_path / "model.pt").write_bytes(b"")  # read_model_card reads the card only
+    card = read_model_card(tmp_path)
+    assert (card.arch, card.min_count, card.max_count, card.num_classes) == ("resnet18", 1, 5, 5)
+    assert (card.decode, card.tta, card.checkpoint, card.preset.image_size) == ("median", "none", "epoch_000.ckpt", 112)
+    assert card.calibration.review_threshold == NEVER and card.calibration.precision is None
+    assert card.to_dict() == RUN_CARD  # the unknown key is ignored; the rest round-trips exactly
+    assert list(card.to_dict()) == list(RUN_CARD) and list(card.to_dict()["calibration"]) == list(RUN_CARD["calibration"])
+
+    # a card from save_model_dir without decoding, TTA, checkpoint or calibration: their defaults
+    bare = {k: RUN_CARD[k] for k in ("arch", "min_count", "max_count", "num_classes", "preset")}
+    (tmp_path / "model_config.json").write_text(json.dumps(bare))
+    card = read_model_card(tmp_path)
+    assert (card.decode, card.tta, card.checkpoint, card.calibration) == ("argmax", "none", None, None)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from bincount.data.transforms import CountingPresetEval
 from bincount.models.backbones import build_backbone
+from bincount.models.card import EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
 from sagemaker_launch import deploy
 from sagemaker_launch.entry import export_model
@@ -96,8 +96,8 @@ print(json.dumps({"content_type": content_type, "answer": json.loads(body)}))
 def model_tar_gz(tmp_path_factory) -> Path:
     """model.tar.gz as SageMaker packs $SM_MODEL_DIR after the entry's export (untrained weights)."""
     tmp = tmp_path_factory.mktemp("model")
-    run_model = save_model_dir(build_backbone("resnet18", 5), tmp / "run" / "model", arch="resnet18", min_count=1,
-                               max_count=5, preset=CountingPresetEval(image_size=32).to_config())
+    run_model = save_model_dir(build_backbone("resnet18", 5), tmp / "run" / "model",
+                               ModelCard(arch="resnet18", min_count=1, max_count=5, preset=EvalPreset(image_size=32)))
     sm_model_dir = export_model(run_model, tmp / "opt_ml_model")
     with tarfile.open(tmp / "model.tar.gz", "w:gz") as tar:
         for path in sm_model_dir.iterdir():

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from bincount.data.transforms import CountingPresetEval
 from bincount.models.backbones import build_backbone
+from bincount.models.card import EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
 from sagemaker_launch import deploy
 from sagemaker_launch.entry import export_model
@@ -91,8 +91,8 @@ print(json.dumps(answers))
 def model_dir(tmp_path_factory) -> Path:
     """/opt/ml/model as the serving image unpacks model.tar.gz (entry's export; untrained weights)."""
     tmp = tmp_path_factory.mktemp("model")
-    run_model = save_model_dir(build_backbone("resnet18", 5), tmp / "run" / "model", arch="resnet18", min_count=1,
-                               max_count=5, preset=CountingPresetEval(image_size=32).to_config())
+    run_model = save_model_dir(build_backbone("resnet18", 5), tmp / "run" / "model",
+                               ModelCard(arch="resnet18", min_count=1, max_count=5, preset=EvalPreset(image_size=32)))
     export_model(run_model, tmp / "sm_model_dir")
     with tarfile.open(tmp / "model.tar.gz", "w:gz") as tar:
         for path in (tmp / "sm_model_dir").iterdir():

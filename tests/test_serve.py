@@ -29,6 +29,7 @@ from bincount.data.dataset import decode_image, decoder_reason
 from bincount.data.transforms import CountingPresetEval
 from bincount.models.backbones import build_backbone
 from bincount.models.decoding import NEVER
+from bincount.models.card import Calibration, EvalPreset, ModelCard
 from bincount.models.export import load_model_dir, save_model_dir
 from bincount.serve import app as serve_app
 from bincount.serve.app import Batcher, create_app
@@ -56,7 +57,8 @@ MIN_COUNT, MAX_COUNT = 1, 5
 def make_model_dir(out: Path, photos: list[Path], *, temperature: float = 1.0,
                    review_threshold: float | None = THRESHOLD) -> Path:
     """An untrained resnet18 whose head is centred on ``photos``' features, so its counts and
-    confidences differ from photo to photo (a fresh head says the same count for all)."""
+    confidences differ from photo to photo (a fresh head says the same count for all).
+    ``review_threshold=None`` exports it uncalibrated (no ``calibration`` in its card)."""
     torch.manual_seed(0)
     net = build_backbone("resnet18", MAX_COUNT - MIN_COUNT + 1).eval()
     preset = CountingPresetEval(image_size=IMAGE_SIZE)
@@ -68,19 +70,19 @@ def make_model_dir(out: Path, photos: list[Path], *, temperature: float = 1.0,
         head.weight.copy_(weight)
         head.bias.copy_(-weight @ centre)
     net.fc = head
-    calibration = {"temperature": temperature}
-    if review_threshold is not None:
-        calibration["review_threshold"] = review_threshold
-    return save_model_dir(net, out, arch="resnet18", min_count=MIN_COUNT, max_count=MAX_COUNT,
-                          preset=preset.to_config(), extra={"calibration": calibration})
+    calibration = None if review_threshold is None else Calibration(temperature=temperature,
+                                                                    review_threshold=review_threshold)
+    return save_model_dir(net, out, ModelCard(arch="resnet18", min_count=MIN_COUNT, max_count=MAX_COUNT,
+                                              preset=EvalPreset.of(preset), calibration=calibration))
 
 
 def reference_probs(model_dir: Path, paths: list[Path]) -> list[torch.Tensor]:
     """Calibrated probabilities ``(C,)`` of each photo, computed the way training evaluates: no serving code."""
-    net, config = load_model_dir(model_dir)
-    x = torch.stack([CountingPresetEval(**config["preset"])(decode_image(p)) for p in paths])
+    net, card = load_model_dir(model_dir)
+    x = torch.stack([card.preset.build()(decode_image(p)) for p in paths])
+    temperature = card.calibration.temperature if card.calibration else 1.0
     with torch.no_grad():
-        return list((net(x) / config["calibration"]["temperature"]).softmax(1))
+        return list((net(x) / temperature).softmax(1))
 
 
 @dataclass

@@ -88,7 +88,7 @@ def test_every_photo_once_per_epoch_and_reshuffled(shards, num_workers):
     assert epoch_ids(dm, "val", val) == epoch_ids(dm, "val", val)
     assert sorted(epoch_ids(dm, "val", val)) == sorted(manifest["splits"]["val"]["image_ids"])
     assert sorted(epoch_ids(dm, "test")) == sorted(manifest["splits"]["test"]["image_ids"])
-    assert dm.num_classes == 5 and dm.eval_preset.to_config()["image_size"] == 16
+    assert dm.num_classes == 5 and dm.eval_preset.image_size == 16
 
 
 def test_ranks_and_workers_share_an_epoch_disjointly_and_equally(shards, monkeypatch):

@@ -26,17 +26,22 @@ log = logging.getLogger(__name__)
 def load_for_eval(cfg: DictConfig) -> tuple[BinCountModule, int | None]:
     """The model named by ``cfg.model_dir`` or ``cfg.ckpt_path``, and its training input size.
 
+    Returns:
+        The model and its input size in pixels (``None`` when a checkpoint does not record it).
+
     Raises:
-        ValueError: If neither or both are given.
+        ValueError: If neither or both are given, or the model folder's ``model_config.json`` is
+            malformed (see :func:`bincount.models.export.read_model_card`).
+        FileNotFoundError: If the folder or checkpoint lacks a file.
     """
     if bool(cfg.get("model_dir")) == bool(cfg.get("ckpt_path")):
         raise ValueError("give exactly one of model_dir=<run>/model or ckpt_path=<file.ckpt>")
     if cfg.get("model_dir"):
-        net, config = load_model_dir(cfg.model_dir)
-        model = BinCountModule(arch=config["arch"], min_count=config["min_count"], max_count=config["max_count"],
-                               decode=config.get("decode", "argmax"), tta=config.get("tta", "none"))
+        net, card = load_model_dir(cfg.model_dir)
+        model = BinCountModule(arch=card.arch, min_count=card.min_count, max_count=card.max_count,
+                               decode=card.decode, tta=card.tta)
         model.net.load_state_dict(net.state_dict())
-        return model, config["preset"]["image_size"]
+        return model, card.preset.image_size
     checkpoint = checked_checkpoint(cfg.ckpt_path)  # memory-mapped: only the hyperparameters are read here
     model = BinCountModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
     image_size = checkpoint.get("datamodule_hyper_parameters", {}).get("image_size")

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from bincount.config import config_dir
 from bincount.data.datamodule import ABIDDataModule
 from bincount.models.calibration import calibrate, held_out_report
+from bincount.models.card import Calibration, EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
 from bincount.models.module import BinCountModule, gather_by_index
 from bincount.precision import AUTO, choose_precision
@@ -194,12 +195,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         held_out = held_out_report(model.test_predictions["probs"], model.test_predictions["target"], calibration,
                                    decode=decode)
         report_test(trainer, model, datamodule, out_dir, title=f"test split of {datamodule.root}", extra=held_out)
-        save_model_dir(
-            model.net, out_dir / "model", arch=model.hparams.arch, min_count=model.hparams.min_count,
-            max_count=model.hparams.max_count, preset=datamodule.eval_preset.to_config(),
-            extra={"decode": decode, "tta": model.hparams.tta,
-                   "checkpoint": Path(best).name if best else None, "calibration": calibration},
+        card = ModelCard(
+            arch=model.hparams.arch, min_count=model.hparams.min_count, max_count=model.hparams.max_count,
+            preset=EvalPreset.of(datamodule.eval_preset), decode=decode, tta=model.hparams.tta,
+            checkpoint=Path(best).name if best else None, calibration=Calibration.from_dict(calibration),
         )
+        save_model_dir(model.net, out_dir / "model", card)
         rank_zero_info(f"run folder: {out_dir}")
     return metrics
 

@@ -50,10 +50,6 @@ class CountingPresetEval:
         img = TF.resize(img, [self.image_size, self.image_size], antialias=True)
         return TF.normalize(TF.to_dtype(img, torch.float32, scale=True), self.mean, self.std)
 
-    def to_config(self) -> dict:
-        """The fields serving needs to rebuild this preset (stored in ``model_config.json``)."""
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
-
 
 class CountingPresetTrain:
     """Training augmentation that keeps every item of the bin in view.

@@ -248,7 +248,7 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
             worker.add_done_callback(lambda t: t.cancelled() or log.error("batch worker stopped: %r", t.exception()))
             app.state.tasks.append(worker)
             app.state.model = model
-            log.info("model %s loaded from %s (review threshold %.4f, temperature %.3f)", model.config["arch"],
+            log.info("model %s loaded from %s (review threshold %.4f, temperature %.3f)", model.card.arch,
                      model_dir, model.review_threshold, model.temperature)
 
         app.state.tasks = [asyncio.create_task(load())]
@@ -338,9 +338,9 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8080, l
     """
     import uvicorn
 
-    from bincount.models.export import read_model_config
+    from bincount.models.export import read_model_card
 
-    read_model_config(model_dir)
+    read_model_card(model_dir)
     if threads is not None:
         torch.set_num_threads(threads)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -56,6 +56,7 @@ from torchvision.transforms.v2.functional import to_dtype
 
 from bincount.data.transforms import CountingPresetEval
 from bincount.data.dataset import decoder_reason
+from bincount.models.card import ModelCard
 from bincount.models.decoding import NEVER, decode_counts, with_tta
 from bincount.models.export import load_model_dir
 
@@ -158,8 +159,9 @@ class CountingModel:
     """What :func:`model_fn` returns: the network and everything needed to answer with it.
 
     Args:
-        net: Backbone in eval mode, ``(N, 3, S, S)`` -> ``(N, C)`` logits.
-        config: ``model_config.json``.
+        net: Backbone in eval mode (with the card's test-time augmentation), ``(N, 3, S, S)`` ->
+            ``(N, C)`` logits.
+        card: The model's ``model_config.json``.
         preset: The eval preprocessing the network was trained with.
         temperature: Logits are divided by it before the softmax (1.0: uncalibrated).
         review_threshold: Verdicts below this calibrated confidence are ``"review"``.
@@ -168,7 +170,7 @@ class CountingModel:
     """
 
     net: nn.Module
-    config: dict[str, Any]
+    card: ModelCard
     preset: CountingPresetEval
     temperature: float
     review_threshold: float
@@ -177,11 +179,11 @@ class CountingModel:
 
     @property
     def min_count(self) -> int:
-        return int(self.config["min_count"])
+        return self.card.min_count
 
     @property
     def max_count(self) -> int:
-        return int(self.config["max_count"])
+        return self.card.max_count
 
     @classmethod
     def load(cls, model_dir: str | Path, *, review_threshold: float | None = None, limits: Limits | None = None,
@@ -196,23 +198,24 @@ class CountingModel:
 
         Raises:
             FileNotFoundError: If a file of the folder is missing.
-            RuntimeError: If ``model.pt`` does not match the config.
+            ValueError: If ``model_config.json`` is malformed (one line naming the file and the field).
+            RuntimeError: If ``model.pt`` does not match the card.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        net, config = load_model_dir(model_dir, map_location=device)
-        net = with_tta(net, config.get("tta", "none"))
-        calibration = config.get("calibration") or {}
-        if review_threshold is None:
-            review_threshold = calibration.get("review_threshold")
+        net, card = load_model_dir(model_dir, map_location=device)
+        net = with_tta(net, card.tta)
+        calibration = card.calibration
+        if review_threshold is None and calibration is not None:
+            review_threshold = calibration.review_threshold
         if review_threshold is None:
             log.warning("%s has no calibrated review threshold and none was given: every verdict will be "
                         "'review' (retrain, or pass --review-threshold)", model_dir)
             review_threshold = NEVER
         model = cls(
             net=net.to(device, memory_format=torch.channels_last).eval(),  # as in training; ~25% faster on CPU
-            config=config,
-            preset=CountingPresetEval(**config["preset"]),
-            temperature=float(calibration.get("temperature", 1.0)),
+            card=card,
+            preset=card.preset.build(),
+            temperature=1.0 if calibration is None else calibration.temperature,
             review_threshold=float(review_threshold),
             limits=limits or Limits(),
             device=device,
@@ -536,7 +539,7 @@ def make_predictions(probs: torch.Tensor, expected: Sequence[int | None], model:
         ``[{"count", "probabilities", "confidence"[, "expected_quantity", "verdict"]}, ...]``;
         probabilities rounded to 6 decimals.
     """
-    confidence, index = decode_counts(probs, model.config.get("decode", "argmax"))
+    confidence, index = decode_counts(probs, model.card.decode)
     out = []
     for p, c, k, e in zip(probs.tolist(), confidence.tolist(), index.tolist(), expected):
         pred = {"count": model.min_count + k, "probabilities": [round(x, 6) for x in p], "confidence": round(c, 6)}
