@@ -8,7 +8,8 @@ import torch
 from bincount import precision
 from bincount.evaluate import evaluate
 from bincount.precision import choose_precision
-from bincount.train import instantiate_trainer, train
+from bincount.train import train
+from bincount.trainer import instantiate_trainer
 from tests.conftest import FAST, compose_cfg, set_output_dir
 
 

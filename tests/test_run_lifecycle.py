@@ -17,7 +17,8 @@ from hydra.errors import InstantiationException
 from omegaconf import open_dict
 
 from bincount.evaluate import evaluate
-from bincount.train import instantiate_trainer, train
+from bincount.train import train
+from bincount.trainer import instantiate_trainer
 from tests.conftest import FAST, compose_cfg, set_output_dir
 from tests.fakes import make_fake_abid
 

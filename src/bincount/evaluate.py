@@ -11,14 +11,13 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from lightning.pytorch.utilities import rank_zero_info
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from bincount.config import config_dir
 from bincount.models.export import load_model_dir
 from bincount.models.module import BinCountModule
-from bincount.train import checked_checkpoint, instantiate_trainer, report_test
+from bincount.trainer import checked_checkpoint, instantiate_trainer, report_test
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +51,23 @@ def evaluate(cfg: DictConfig) -> dict:
     """Test a trained model on ``cfg.data`` and write ``metrics.json``, ``predictions.csv`` and
     ``confusion_matrix.png`` into ``cfg.paths.output_dir``.
 
-    The class range and the input size come from the model, overriding ``cfg.data``.
+    The class range and the input size come from the model; ``cfg.data``'s are not used.
 
     Returns:
-        The report (see :func:`bincount.report.count_report`).
+        The report (see :func:`bincount.report.count_report`); ``{}`` on ranks other than global 0.
     """
     model, image_size = load_for_eval(cfg)
-    with open_dict(cfg):
-        cfg.data.min_count = model.hparams.min_count
-        cfg.data.max_count = model.hparams.max_count
-        if image_size is not None:
-            cfg.data.image_size = image_size
-    datamodule = hydra.utils.instantiate(cfg.data)
+    from_model = {"min_count": model.hparams.min_count, "max_count": model.hparams.max_count}
+    if image_size is not None:
+        from_model["image_size"] = image_size
+    datamodule = hydra.utils.instantiate(cfg.data, **from_model)
     trainer = instantiate_trainer(cfg)
     trainer.test(model, datamodule=datamodule)
+    if not trainer.is_global_zero:
+        return {}
     source = cfg.get("model_dir") or cfg.get("ckpt_path")
     out_dir = Path(cfg.paths.output_dir)
-    report = report_test(trainer, model, datamodule, out_dir, title=f"{source} on {datamodule.root} ({cfg.data.split})")
+    report = report_test(model, datamodule, out_dir, title=f"{source} on {datamodule.root} ({cfg.data.split})")
     rank_zero_info(f"wrote metrics.json, predictions.csv and confusion_matrix.png to {out_dir}")
     return report
 

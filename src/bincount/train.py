@@ -27,40 +27,9 @@ from bincount.models.calibration import calibrate, held_out_report
 from bincount.models.card import Calibration, EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
 from bincount.models.module import BinCountModule, gather_by_index
-from bincount.precision import AUTO, choose_precision
-from bincount.report import print_report, write_report
+from bincount.trainer import checked_checkpoint, instantiate_trainer, report_test
 
 log = logging.getLogger(__name__)
-
-
-def instantiate_trainer(cfg: DictConfig) -> L.Trainer:
-    """The Trainer of ``cfg.trainer`` with the non-null ``cfg.callbacks`` and ``cfg.logger`` entries.
-
-    ``trainer.precision=auto`` becomes the precision :func:`bincount.precision.choose_precision`
-    picks for this machine, logged once with its reason.
-    """
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    kwargs = {}
-    if cfg.trainer.get("precision") == AUTO:
-        kwargs["precision"], reason = choose_precision(cfg.trainer.get("accelerator", AUTO))
-        rank_zero_info(f"trainer.precision=auto: {kwargs['precision']} ({reason})")
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
-
-
-def report_test(trainer: L.Trainer, model: BinCountModule, datamodule: ABIDDataModule, out_dir: Path,
-                title: str, extra: dict | None = None) -> dict:
-    """Write and print the test report from ``model.test_predictions`` (global rank 0 only);
-    ``extra`` fields go into ``metrics.json`` too."""
-    if not trainer.is_global_zero:
-        return {}
-    pred = model.test_predictions
-    records = datamodule.splits["test"]
-    image_ids = [records[i].image_id for i in pred["index"].tolist()]
-    metrics = write_report(out_dir, image_ids, pred["target"], pred["probs"], min_count=model.hparams.min_count,
-                           title=title, decode=model.hparams.decode, extra=extra)
-    print_report(metrics, title)
-    return metrics
 
 
 def load_selected_weights(trainer: L.Trainer, model: BinCountModule, checkpoint_path: str) -> None:
@@ -79,24 +48,6 @@ def load_selected_weights(trainer: L.Trainer, model: BinCountModule, checkpoint_
     if trainer.is_global_zero:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict(trainer.strategy.broadcast(state, src=0))
-
-
-def checked_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict:
-    """The Lightning checkpoint at ``path``, memory-mapped (its structure is read, not its weights).
-
-    Raises:
-        FileNotFoundError: If there is no such file.
-        ValueError: If the file is not a Lightning checkpoint; both name the config ``key``.
-    """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{key}={path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a file that is not a checkpoint
-        raise ValueError(f"{key}={path}: not a Lightning checkpoint ({type(err).__name__})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{key}={path}: not a Lightning checkpoint (no state_dict)")
-    return checkpoint
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
@@ -147,8 +98,74 @@ def fit(trainer: L.Trainer, model: BinCountModule, datamodule, ckpt_path: str | 
         raise SystemExit(128 + (signal.SIGTERM if by_sigterm else signal.SIGINT)) from None
 
 
+def select_weights(trainer: L.Trainer, model: BinCountModule) -> str:
+    """Load the weights validation chose (the monitored checkpoint's) into ``model``, on every rank.
+
+    Returns:
+        The checkpoint's path, or ``""`` when there is none (no validation ran): ``model`` keeps
+        its final weights.
+    """
+    monitored = [cb for cb in trainer.checkpoint_callbacks if cb.monitor]
+    best = monitored[0].best_model_path if monitored else ""
+    if best:
+        load_selected_weights(trainer, model, best)
+    else:
+        log.warning("no best checkpoint (no validation ran?); testing the final weights")
+    rank_zero_info(f"testing {best or 'the final weights'}")
+    return best
+
+
+def finish(trainer: L.Trainer, model: BinCountModule, datamodule: ABIDDataModule, out_dir: Path,
+           checkpoint: str) -> None:
+    """After the test: predict the validation split on every rank, then calibrate, report and
+    export on global rank 0 (:func:`calibrate_report_export`).
+
+    A collective call: every rank must make it.
+    """
+    # calibration needs the whole validation split: every rank predicts its share, all are gathered
+    model.to(trainer.strategy.root_device)
+    val = gather_by_index(trainer.strategy, model.predict_batches(datamodule.val_dataloader()))
+    model.cpu()
+    if trainer.is_global_zero:
+        calibrate_report_export(model, datamodule, val, out_dir, checkpoint)
+
+
+def calibrate_report_export(model: BinCountModule, datamodule: ABIDDataModule, val: dict[str, torch.Tensor],
+                            out_dir: Path, checkpoint: str) -> ModelCard:
+    """The run's outputs, written by one process (global rank 0).
+
+    Fits the calibration on the validation split, writes the test report (``metrics.json`` with
+    the calibration measured on the test split, ``predictions.csv``, ``confusion_matrix.png``)
+    and exports ``model/`` with its :class:`~bincount.models.card.ModelCard`.
+
+    Args:
+        model: The tested model (weights validation chose, ``test_predictions`` gathered).
+        datamodule: The run's data.
+        val: Every validation photo's ``logits`` ``(N, num_classes)`` and ``target`` ``(N,)``
+            (:func:`~bincount.models.module.gather_by_index`).
+        out_dir: The run folder.
+        checkpoint: Path of the checkpoint the weights came from, or ``""``.
+
+    Returns:
+        The exported card.
+    """
+    decode = model.hparams.decode
+    calibration = calibrate(val["logits"], val["target"], decode=decode)
+    held_out = held_out_report(model.test_predictions["probs"], model.test_predictions["target"], calibration,
+                               decode=decode)
+    report_test(model, datamodule, out_dir, title=f"test split of {datamodule.root}", extra=held_out)
+    card = ModelCard(
+        arch=model.hparams.arch, min_count=model.hparams.min_count, max_count=model.hparams.max_count,
+        preset=EvalPreset.of(datamodule.eval_preset), decode=decode, tta=model.hparams.tta,
+        checkpoint=Path(checkpoint).name if checkpoint else None, calibration=Calibration.from_dict(calibration),
+    )
+    save_model_dir(model.net, out_dir / "model", card)
+    rank_zero_info(f"run folder: {out_dir}")
+    return card
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, then test, calibrate and export the weights of the best checkpoint.
+    """Fit, select the weights validation chose, test them, then calibrate, report and export.
 
     Works on any number of processes and instances (instances need share no disk): every rank
     tests its share of the test split and predicts its share of the validation split; global
@@ -175,33 +192,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not cfg.get("test", True):
         return metrics
 
-    monitored = [cb for cb in trainer.checkpoint_callbacks if cb.monitor]
-    best = monitored[0].best_model_path if monitored else ""
-    if best:
-        load_selected_weights(trainer, model, best)
-    else:
-        log.warning("no best checkpoint (no validation ran?); testing the final weights")
-    rank_zero_info(f"testing {best or 'the final weights'}")
+    best = select_weights(trainer, model)
     trainer.test(model, datamodule=datamodule)
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-
-    # calibration needs the whole validation split: every rank predicts its share, all are gathered
-    model.to(trainer.strategy.root_device)
-    val = gather_by_index(trainer.strategy, model.predict_batches(datamodule.val_dataloader()))
-    model.cpu()
-    if trainer.is_global_zero:
-        decode = model.hparams.decode
-        calibration = calibrate(val["logits"], val["target"], decode=decode)
-        held_out = held_out_report(model.test_predictions["probs"], model.test_predictions["target"], calibration,
-                                   decode=decode)
-        report_test(trainer, model, datamodule, out_dir, title=f"test split of {datamodule.root}", extra=held_out)
-        card = ModelCard(
-            arch=model.hparams.arch, min_count=model.hparams.min_count, max_count=model.hparams.max_count,
-            preset=EvalPreset.of(datamodule.eval_preset), decode=decode, tta=model.hparams.tta,
-            checkpoint=Path(best).name if best else None, calibration=Calibration.from_dict(calibration),
-        )
-        save_model_dir(model.net, out_dir / "model", card)
-        rank_zero_info(f"run folder: {out_dir}")
+    finish(trainer, model, datamodule, out_dir, best)
     return metrics
 
 
