@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from bincount.data.abid import BinRecord, IndexReport, block_split, build_index, per_image_split
+from bincount.data.abid import BinRecord, block_split, build_index, per_image_split
 from bincount.data.dataset import BinImageDataset, collate_skip_none
 from bincount.data.transforms import CountingPresetEval, CountingPresetTrain
 
@@ -30,7 +30,7 @@ class ABIDDataModule(L.LightningDataModule):
         split: ``"block"``: train/val/test from :func:`bincount.data.abid.block_split`;
             ``"per_image"``: the same test photos, train/val split per photo
             (:func:`bincount.data.abid.per_image_split`; for comparing with projects that do so);
-            ``"all"``: every photo is in the test (and predict) set, for evaluating a held-out folder.
+            ``"all"``: every photo is in the test set, for evaluating a held-out folder.
         val_fraction: Approximate share of photos for validation.
         test_fraction: Approximate share of photos for test.
         block_size: Ids ``n // block_size`` equal stay on one side of the split.
@@ -74,7 +74,6 @@ class ABIDDataModule(L.LightningDataModule):
         self.eval_preset = CountingPresetEval(image_size=image_size)
         self.train_preset = CountingPresetTrain(image_size=image_size, **(train_transform or {}))
         self.splits: dict[str, list[BinRecord]] = {}
-        self.index_report: IndexReport | None = None
         self.datasets: dict[str, BinImageDataset] = {}
 
     @property
@@ -85,7 +84,7 @@ class ABIDDataModule(L.LightningDataModule):
         if self.datasets:
             return
         hp = self.hparams
-        records, self.index_report = build_index(
+        records, _ = build_index(
             self.root, min_count=hp.min_count, max_count=hp.max_count, label_list=hp.label_list
         )
         if hp.split == "all":

@@ -81,7 +81,6 @@ IMAGE_FORMATS = ("JPEG", "PNG")
 ACCEPT_TYPES = (JSON, "application/*", "*/*")
 CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
 DEFAULT_MODEL_DIR = "/opt/ml/model"
-VERDICTS = ("match", "mismatch", "review")
 
 
 class RequestError(_ToolkitError):
