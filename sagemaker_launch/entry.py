@@ -356,7 +356,7 @@ def distributed_overrides(env: ContainerEnv, user: list[str]) -> list[str]:
         return []
     out = [f"trainer.devices={env.local_world_size}", f"trainer.num_nodes={nodes}"]
     if _override_value(user, "trainer.strategy") is None:
-        out.append("++trainer.strategy=ddp")  # trainer/default.yaml has no strategy key
+        out.append("trainer.strategy=ddp")
     return out
 
 

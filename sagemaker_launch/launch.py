@@ -173,7 +173,7 @@ def trainer_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
 
     Returns:
         e.g. ``["trainer.accelerator=gpu", "trainer.devices=4", "trainer.num_nodes=2",
-        "++trainer.strategy=ddp"]`` for 2 x ml.g5.12xlarge: ``devices * num_nodes`` equals the
+        "trainer.strategy=ddp"]`` for 2 x ml.g5.12xlarge: ``devices * num_nodes`` equals the
         WORLD_SIZE torchrun starts.
 
     Raises:
@@ -193,12 +193,7 @@ def trainer_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
     if procs * sm.instance_count > 1:
         wanted.update({"trainer.devices": str(procs), "trainer.num_nodes": str(sm.instance_count),
                        "trainer.strategy": "ddp"})
-    out = []
-    for key, value in wanted.items():
-        if key not in given:
-            # trainer/default.yaml has no strategy key: add it
-            out.append(f"++{key}={value}" if key == "trainer.strategy" else f"{key}={value}")
-    return out
+    return [f"{key}={value}" for key, value in wanted.items() if key not in given]
 
 
 @dataclass

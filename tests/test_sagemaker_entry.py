@@ -113,7 +113,7 @@ def test_resume_picks_the_checkpoint_with_the_highest_step(tmp_path):
 
 def test_torchrun_world_sets_devices_and_nodes():
     env = ContainerEnv.from_environ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "RANK": "5"})
-    assert distributed_overrides(env, []) == ["trainer.devices=4", "trainer.num_nodes=2", "++trainer.strategy=ddp"]
+    assert distributed_overrides(env, []) == ["trainer.devices=4", "trainer.num_nodes=2", "trainer.strategy=ddp"]
     assert distributed_overrides(env, ["trainer.strategy=ddp_find_unused_parameters_true"])[-1] == "trainer.num_nodes=2"
     with pytest.raises(ValueError, match="WORLD_SIZE"):
         distributed_overrides(env, ["trainer.num_nodes=1"])  # 4 processes x 1 node != 8
@@ -168,7 +168,7 @@ def test_torchrun_two_processes_one_model_synced_metrics(tmp_path, fake_abid):
                       str(ENTRY), *as_argv(hps)], env, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    assert "world_size=2 (1 instance(s) x 2)" in log and "trainer.devices=2 trainer.num_nodes=1 ++trainer.strategy=ddp" in log
+    assert "world_size=2 (1 instance(s) x 2)" in log and "trainer.devices=2 trainer.num_nodes=1 trainer.strategy=ddp" in log
     finals = dict(re.findall(r"\[bincount\] rank (\d)/2 world_size=2 (.*)", log))
     assert sorted(finals) == ["0", "1"]
     per_rank = [dict(kv.split("=") for kv in finals[r].split()) for r in ("0", "1")]

@@ -162,7 +162,7 @@ def test_multi_instance_spot_profiled_job(aws):
     assert req["ProfilerConfig"] == {"S3OutputPath": f"s3://{BUCKET}/bincount/profiler",
                                      "ProfilingIntervalInMilliseconds": 500, "DisableProfiler": False}
     hps = req["HyperParameters"]
-    assert {"trainer.devices=1", "trainer.num_nodes=2", "++trainer.strategy=ddp",
+    assert {"trainer.devices=1", "trainer.num_nodes=2", "trainer.strategy=ddp",
             "++trainer.profiler=simple"} <= set(only_training_overrides(hps))
     cfg = compose_cfg("train", only_training_overrides(hps))
     assert cfg.trainer.devices * cfg.trainer.num_nodes == 2 and cfg.trainer.strategy == "ddp"
@@ -175,7 +175,7 @@ def test_multi_instance_spot_profiled_job(aws):
 def test_processes_follow_the_instance_type(aws):
     cfg = launch.compose_launch(["sagemaker.instance_type=ml.g5.12xlarge", "sagemaker.instance_count=3"])
     assert launch.trainer_overrides(cfg, []) == ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
-                                                 "trainer.devices=4", "trainer.num_nodes=3", "++trainer.strategy=ddp"]
+                                                 "trainer.devices=4", "trainer.num_nodes=3", "trainer.strategy=ddp"]
     cpu = launch.compose_launch(["sagemaker=cpu", "+experiment=resnet18_subset"])  # a GPU experiment on a CPU box
     assert launch.trainer_overrides(cpu, []) == ["trainer.accelerator=cpu", "trainer.precision=32-true"]
     with pytest.raises(KeyError, match="processes_per_instance"):
