@@ -17,52 +17,31 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
-from lightning.pytorch.callbacks import Callback
 
 from bincount.atomic import atomic_write
 from bincount.config import config_dir
 from bincount.precision import cpu_has_bf16
+from train_loop import Timer  # benchmarks/ is on sys.path when this script runs
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class StepTimer(Callback):
-    """Images/s of the training steps after ``warmup`` steps."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.seen, self.start, self.end = warmup, 0, None, None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == self.warmup:
-            self.start, self.seen = time.perf_counter(), 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.start is not None:
-            self.seen += len(batch[1])
-            self.end = time.perf_counter()
-
-    @property
-    def images_per_s(self) -> float:
-        return self.seen / (self.end - self.start)
 
 
 def train_rate(cfg, datamodule, precision: str, warmup: int, batches: int) -> float:
     """Images/s of ``batches`` training steps of a fresh ``cfg.model`` in ``precision``."""
     torch.manual_seed(0)
     model = hydra.utils.instantiate(cfg.model)
-    timer = StepTimer(warmup)
+    timer = Timer(warmup)
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=warmup + batches,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
     trainer.fit(model, train_dataloaders=datamodule.train_dataloader())
-    return timer.images_per_s
+    return timer.seen / (timer.end - timer.start)
 
 
 def main() -> None:
