@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from bincount.data.dataset import decode_image
+from bincount.data.decode import decode_rgb_file
 from bincount.data.transforms import CountingPresetEval
 
 
 def one_round(paths: list[Path], decoder: str, preset: CountingPresetEval) -> float:
     start = time.perf_counter()
     for path in paths:
-        preset(decode_image(path, decoder))
+        preset(decode_rgb_file(path, decoder))
     return len(paths) / (time.perf_counter() - start)
 
 

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.conftest_s
 
 from bincount.data.abid import IMAGE_DIR, build_index  # noqa: E402
 from bincount.data.dataset import collate_skip_none  # noqa: E402
-from bincount.data.prepare import decode_image_bytes, prepare, upload_tree  # noqa: E402
+from bincount.data.decode import decode_rgb_bytes  # noqa: E402
+from bincount.data.prepare import prepare, upload_tree  # noqa: E402
 from bincount.data.s3 import make_client  # noqa: E402
 from bincount.data.stream import ABIDStreamDataModule  # noqa: E402
 from bincount.data.transforms import CountingPresetTrain  # noqa: E402
@@ -57,7 +58,7 @@ class PerPhotoGet(Dataset):
         data = self.client.get_object(Bucket=DATA_BUCKET, Key=f"raw/{self.image_ids[i]}.jpg")["Body"].read()
         if not self.decode:
             return len(data)
-        return self.transform(decode_image_bytes(data)), self.counts[i], i
+        return self.transform(decode_rgb_bytes(data)), self.counts[i], i
 
 
 def nbytes(sample: dict) -> int:

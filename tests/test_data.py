@@ -3,10 +3,12 @@ import logging
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 from bincount.data.abid import build_index
 from bincount.data.datamodule import ABIDDataModule
-from bincount.data.dataset import BinImageDataset, collate_skip_none, decode_image
+from bincount.data.dataset import BinImageDataset, collate_skip_none
+from bincount.data.decode import decode_rgb_bytes, decode_rgb_file
 from bincount.data.transforms import CountingPresetEval, CountingPresetTrain
 from bincount.models.card import EvalPreset
 from tests.fakes import corrupt_middle, make_fake_abid
@@ -15,11 +17,38 @@ from tests.fakes import corrupt_middle, make_fake_abid
 def test_decoders_agree(fake_abid):
     root, _ = fake_abid
     path = root / "bin-images" / "00001.jpg"
-    tv, pil = decode_image(path, "torchvision"), decode_image(path, "pil")
+    tv, pil = decode_rgb_file(path, "torchvision"), decode_rgb_file(path, "pil")
     assert tv.shape == pil.shape == (3, 64, 64) and tv.dtype == pil.dtype == torch.uint8
     assert (tv.float() - pil.float()).abs().mean() < 2.0
     with pytest.raises(ValueError, match="unknown decoder"):
-        decode_image(path, "opencv")
+        decode_rgb_file(path, "opencv")
+    with pytest.raises(ValueError, match="unknown decoder"):
+        decode_rgb_bytes(path.read_bytes(), "opencv")
+
+
+@pytest.mark.parametrize("decoder", ["torchvision", "pil"])
+def test_file_and_bytes_decode_a_known_photo_to_its_pixels(tmp_path, decoder):
+    path = tmp_path / "red.jpg"
+    Image.new("RGB", (12, 5), (200, 10, 30)).save(path, format="JPEG", quality=95)
+    image = decode_rgb_file(path, decoder)
+    assert image.shape == (3, 5, 12) and image.dtype == torch.uint8  # (channels, height, width)
+    assert torch.equal(image, decode_rgb_bytes(path.read_bytes(), decoder))
+    expected = torch.tensor([200, 10, 30]).view(3, 1, 1).expand(3, 5, 12)
+    assert (image.int() - expected).abs().max() <= 3  # JPEG rounding of a flat colour
+
+
+def test_decode_errors_name_the_file_and_the_reason_not_the_build_path(tmp_path):
+    path = tmp_path / "half.jpg"
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(path, format="JPEG")
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ValueError) as from_bytes:
+        decode_rgb_bytes(path.read_bytes())
+    with pytest.raises(ValueError) as from_file:
+        decode_rgb_file(path)
+    assert str(from_file.value) == f"{path}: {from_bytes.value}"
+    assert str(from_bytes.value).startswith("cannot decode JPEG (") and ".cpp" not in str(from_bytes.value)
+    with pytest.raises(ValueError, match="^cannot decode image"):
+        decode_rgb_bytes(b"not a photo", "pil")
 
 
 def test_photo_that_fails_to_decode_is_skipped_not_fatal(tmp_path, caplog):

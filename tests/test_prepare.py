@@ -14,7 +14,8 @@ from PIL import Image
 from bincount.data.abid import block_split, build_index
 from bincount.cli import main as bincount_cli
 from bincount.data.cli import main as data_cli
-from bincount.data.prepare import MANIFEST, decode_image_bytes, prepare, read_manifest, upload_tree
+from bincount.data.decode import decode_rgb_bytes
+from bincount.data.prepare import MANIFEST, prepare, read_manifest, upload_tree
 from bincount.data.s3 import S3Error
 from tests.conftest_s3 import DATA_BUCKET
 from tests.fakes import corrupt_middle, make_fake_abid
@@ -80,7 +81,7 @@ def test_resize_shrinks_large_photos_only(tmp_path):
     shapes = {}
     for name, entry in manifest["splits"].items():
         for image_id, sample in read_split(str(tmp_path / "out" / name)).items():
-            shapes[image_id] = tuple(decode_image_bytes(sample["image"]).shape)
+            shapes[image_id] = tuple(decode_rgb_bytes(sample["image"]).shape)
     assert shapes.pop("00002") == (3, 30, 40)
     assert set(shapes.values()) == {(3, 32, 32)}
     assert not (tmp_path / "out" / "eda").exists()
@@ -158,7 +159,7 @@ def test_s3_failures_stop_prepare_before_any_work(abid_folder, s3_env, monkeypat
 def test_reject_reasons_say_what_is_wrong_without_the_decoders_build_path(abid_folder):
     root, _ = abid_folder
     with pytest.raises(ValueError) as caught:
-        decode_image_bytes((root / "bin-images" / f"{CORRUPT}.jpg").read_bytes())
+        decode_rgb_bytes((root / "bin-images" / f"{CORRUPT}.jpg").read_bytes())
     assert str(caught.value).startswith("cannot decode JPEG (") and len(str(caught.value)) > len("cannot decode JPEG ()")
     assert ".cpp" not in str(caught.value) and "/" not in str(caught.value), caught.value
 

@@ -25,7 +25,7 @@ import uvicorn
 from PIL import Image
 from torch import nn
 
-from bincount.data.dataset import decode_image, decoder_reason
+from bincount.data.decode import decode_rgb_file, decoder_reason
 from bincount.data.transforms import CountingPresetEval
 from bincount.models.backbones import build_backbone
 from bincount.models.decoding import NEVER
@@ -64,7 +64,7 @@ def make_model_dir(out: Path, photos: list[Path], *, temperature: float = 1.0,
     preset = CountingPresetEval(image_size=IMAGE_SIZE)
     head, net.fc = net.fc, nn.Identity()
     with torch.no_grad():
-        features = net(torch.stack([preset(decode_image(p)) for p in photos]))
+        features = net(torch.stack([preset(decode_rgb_file(p)) for p in photos]))
         centre, spread = features.mean(0), features.std(0).mean()
         weight = 3 * torch.randn(head.out_features, head.in_features) / (spread * head.in_features**0.5)
         head.weight.copy_(weight)
@@ -79,7 +79,7 @@ def make_model_dir(out: Path, photos: list[Path], *, temperature: float = 1.0,
 def reference_probs(model_dir: Path, paths: list[Path]) -> list[torch.Tensor]:
     """Calibrated probabilities ``(C,)`` of each photo, computed the way training evaluates: no serving code."""
     net, card = load_model_dir(model_dir)
-    x = torch.stack([card.preset.build()(decode_image(p)) for p in paths])
+    x = torch.stack([card.preset.build()(decode_rgb_file(p)) for p in paths])
     temperature = card.calibration.temperature if card.calibration else 1.0
     with torch.no_grad():
         return list((net(x) / temperature).softmax(1))

@@ -3,59 +3,20 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms.v2 import functional as TF
 
 from bincount.data.abid import IMAGE_DIR, BinRecord
+from bincount.data.decode import decode_rgb_file
+from bincount.data.decode import decoder_reason  # noqa: F401  (serve/inference.py imports it from here)
 
 log = logging.getLogger(__name__)
 
 Sample = tuple[torch.Tensor, int, int]
-
-
-def decoder_reason(err: Exception) -> str:
-    """What the decoder said went wrong, without the source file and line it names.
-
-    torchvision's message reads ``"decode_jpeg, /path/to/decode_jpeg.cpp:171, Image is
-    incomplete or truncated"``: a client needs the last part, not the build path.
-    """
-    text = str(err).strip()
-    line = text.splitlines()[0] if text else ""
-    return re.split(r"\S+\.(?:cpp|cc|c|h|hpp):\d+,?\s*", line)[-1].strip() or type(err).__name__
-
-
-def decode_image(path: str | Path, decoder: str = "torchvision") -> torch.Tensor:
-    """Decode a JPEG to a ``uint8`` RGB tensor of shape ``(3, H, W)``.
-
-    Args:
-        path: The JPEG file.
-        decoder: ``"torchvision"`` (libjpeg-turbo via ``torchvision.io.decode_jpeg``) or ``"pil"``.
-
-    Raises:
-        ValueError: If the file is not a decodable image or ``decoder`` is unknown.
-        OSError: If the file cannot be read.
-    """
-    if decoder == "torchvision":
-        try:
-            return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
-        except RuntimeError as err:
-            raise ValueError(f"{path}: cannot decode JPEG ({err})") from None
-    if decoder == "pil":
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"{path}: cannot decode image ({err})") from None
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
-    raise ValueError(f"unknown decoder {decoder!r}: use 'torchvision' or 'pil'")
 
 
 class BinImageDataset(Dataset):
@@ -71,7 +32,7 @@ class BinImageDataset(Dataset):
         records: The photos and counts to serve.
         min_count: Count of class 0.
         transform: Applied to the ``uint8`` ``(3, H, W)`` tensor.
-        decoder: See :func:`decode_image`.
+        decoder: See :func:`bincount.data.decode.decode_rgb_bytes`.
         cache_size: If set, every photo is decoded once here, resized to a ``cache_size`` square
             and kept in memory as ``uint8`` (``3 * cache_size**2`` bytes a photo), so epochs after
             the first cost no JPEG decoding. Exact when ``transform`` starts by resizing to that
@@ -100,7 +61,7 @@ class BinImageDataset(Dataset):
     def _load(self, index: int, size: int | None = None) -> torch.Tensor | None:
         rec = self.records[index]
         try:
-            image = decode_image(self.root / IMAGE_DIR / f"{rec.image_id}.jpg", self.decoder)
+            image = decode_rgb_file(self.root / IMAGE_DIR / f"{rec.image_id}.jpg", self.decoder)
         except (ValueError, OSError) as err:
             log.warning("skipping photo %s: %s", rec.image_id, err)
             return None

@@ -47,14 +47,14 @@ from pathlib import Path
 
 import torch
 from botocore.exceptions import BotoCoreError, ClientError
-from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+from torchvision.io import encode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from bincount.data.abid import IMAGE_DIR, BinRecord, block_split, build_index
 from bincount.atomic import WRITE_ERRNOS
+from bincount.data.abid import IMAGE_DIR, BinRecord, block_split, build_index
+from bincount.data.decode import decode_rgb_bytes
 from bincount.data.fetch import write_json_atomic
 from bincount.data.s3 import check_bucket, exists, explain, is_s3_uri, join_uri, make_client, split_s3_uri
-from bincount.data.dataset import decoder_reason
 
 log = logging.getLogger(__name__)
 
@@ -65,36 +65,6 @@ SPLIT_NAMES = ("train", "val", "test")
 REJECTS_DIR = ".rejects"  # in the output while a split is optimized: one <image_id>.txt per rejected photo
 STAGING_PREFIX = "bincount-prepare-"  # + "<pid>-": a rerun removes the folders of runs no longer alive
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def decode_image_bytes(data: bytes, decoder: str = "torchvision") -> torch.Tensor:
-    """Decode JPEG bytes to a ``uint8`` RGB tensor of shape ``(3, H, W)``.
-
-    Args:
-        data: The encoded photo.
-        decoder: ``"torchvision"`` (libjpeg-turbo) or ``"pil"``.
-
-    Raises:
-        ValueError: If the bytes are not a decodable image or ``decoder`` is unknown.
-    """
-    if decoder == "torchvision":
-        try:
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError as err:
-            raise ValueError(f"cannot decode JPEG ({decoder_reason(err)})") from None
-    if decoder == "pil":
-        import io
-
-        import numpy as np
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                rgb = img.convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"cannot decode image ({err})") from None
-        return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
-    raise ValueError(f"unknown decoder {decoder!r}: use 'torchvision' or 'pil'")
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -193,7 +163,7 @@ def encode_sample(
     image_id, count = records[position]
     try:
         data = Path(root, IMAGE_DIR, f"{image_id}.jpg").read_bytes()
-        image = decode_image_bytes(data)
+        image = decode_rgb_bytes(data)
     except (OSError, ValueError) as err:
         Path(reject_dir, f"{image_id}.txt").write_text(str(err))
         return None

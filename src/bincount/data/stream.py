@@ -29,7 +29,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from bincount.data.abid import BinRecord
 from bincount.data.dataset import collate_skip_none
-from bincount.data.prepare import SPLIT_NAMES, decode_image_bytes, read_manifest
+from bincount.data.decode import decode_rgb_bytes
+from bincount.data.prepare import SPLIT_NAMES, read_manifest
 from bincount.data.s3 import allow_http_in_litdata, is_s3_uri, join_uri, resolve_endpoint
 from bincount.data.transforms import CountingPresetEval, CountingPresetTrain
 
@@ -65,7 +66,7 @@ class ShardSample:
 
     def __call__(self, sample: dict):
         try:
-            image = decode_image_bytes(sample["image"], self.decoder)
+            image = decode_rgb_bytes(sample["image"], self.decoder)
         except ValueError as err:
             log.warning("skipping photo %s: %s", sample["image_id"], err)
             return None

@@ -1,0 +1,85 @@
+"""Photo decoding for the data layer: one core behind a file and a bytes entry point.
+
+The folder dataset decodes files (:func:`decode_rgb_file`); ``bincount data prepare`` and the
+streaming dataset decode the bytes stored in shards (:func:`decode_rgb_bytes`). Both give the
+same ``uint8`` ``(3, H, W)`` RGB tensor for the same photo and decoder, and raise ``ValueError``
+with the decoder's own reason (:func:`decoder_reason`) for a photo that does not decode. Serving
+can decode with the same functions; it needs neither Hydra nor Lightning to import this module.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+DECODERS = ("torchvision", "pil")
+
+
+def decoder_reason(err: Exception) -> str:
+    """What the decoder said went wrong, without the source file and line it names.
+
+    torchvision's message reads ``"decode_jpeg, /path/to/decode_jpeg.cpp:171, Image is
+    incomplete or truncated"``: a client needs the last part, not the build path.
+    """
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else ""
+    return re.split(r"\S+\.(?:cpp|cc|c|h|hpp):\d+,?\s*", line)[-1].strip() or type(err).__name__
+
+
+def _decode(source: bytes | bytearray | memoryview | Path, decoder: str) -> torch.Tensor:
+    """Decode ``source`` (encoded bytes, or the file holding them) to ``uint8`` RGB ``(3, H, W)``."""
+    if decoder == "torchvision":  # libjpeg-turbo
+        try:
+            raw = read_file(str(source)) if isinstance(source, Path) else torch.frombuffer(
+                bytearray(source), dtype=torch.uint8)
+            return decode_jpeg(raw, mode=ImageReadMode.RGB)
+        except RuntimeError as err:
+            raise ValueError(f"cannot decode JPEG ({decoder_reason(err)})") from None
+    if decoder == "pil":
+        try:
+            with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
+                rgb = img.convert("RGB")
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"cannot decode image ({err})") from None
+        return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+    raise ValueError(f"unknown decoder {decoder!r}: use {' or '.join(map(repr, DECODERS))}")
+
+
+def decode_rgb_bytes(data: bytes | bytearray | memoryview, decoder: str = "torchvision") -> torch.Tensor:
+    """Decode an encoded photo to a ``uint8`` RGB tensor of shape ``(3, H, W)``.
+
+    Args:
+        data: The encoded photo (JPEG; ``"pil"`` also reads other formats).
+        decoder: ``"torchvision"`` (libjpeg-turbo via ``torchvision.io.decode_jpeg``) or ``"pil"``.
+
+    Raises:
+        ValueError: If the bytes are not a decodable image or ``decoder`` is unknown; the message
+            is ``"cannot decode JPEG (<reason>)"`` / ``"cannot decode image (<reason>)"``.
+    """
+    return _decode(data, decoder)
+
+
+def decode_rgb_file(path: str | Path, decoder: str = "torchvision") -> torch.Tensor:
+    """Decode a photo file to a ``uint8`` RGB tensor of shape ``(3, H, W)``.
+
+    Equal to ``decode_rgb_bytes(Path(path).read_bytes(), decoder)``; the torchvision decoder reads
+    the file straight into a tensor.
+
+    Args:
+        path: The photo (JPEG; ``"pil"`` also reads other formats).
+        decoder: See :func:`decode_rgb_bytes`.
+
+    Raises:
+        ValueError: If the file cannot be read or decoded, or ``decoder`` is unknown; the message
+            starts with ``path``.
+    """
+    try:
+        return _decode(Path(path), decoder)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
