@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.conftest_s
 from bincount.data.abid import IMAGE_DIR, build_index  # noqa: E402
 from bincount.data.dataset import collate_skip_none  # noqa: E402
 from bincount.data.decode import decode_rgb_bytes  # noqa: E402
-from bincount.data.prepare import prepare, upload_tree  # noqa: E402
-from bincount.data.s3 import make_client  # noqa: E402
+from bincount.data.prepare import prepare  # noqa: E402
+from bincount.data.s3 import make_client, upload_tree  # noqa: E402
 from bincount.data.stream import ABIDStreamDataModule  # noqa: E402
 from bincount.data.transforms import CountingPresetTrain  # noqa: E402
 from tests.conftest_s3 import DATA_BUCKET, start_seaweedfs, stop_seaweedfs  # noqa: E402

@@ -100,8 +100,9 @@ def _run_fetch(args: argparse.Namespace) -> int:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from bincount.data.prepare import MANIFEST, prepare
+    from bincount.data.prepare import prepare
     from bincount.data.s3 import join_uri
+    from bincount.data.shards import MANIFEST
 
     manifest = prepare(
         args.in_dir, args.out, min_count=args.min_count, max_count=args.max_count, label_list=args.label_list,

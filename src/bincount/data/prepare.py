@@ -6,11 +6,11 @@ Usage:
     bincount data prepare --in data/abid --list lists/file_list.json --out data/abid-shards
     AWS_ENDPOINT_URL=http://127.0.0.1:8333 bincount data prepare --in data/abid --out s3://local/abid/v1
 
-The output is the training core's split, as shards::
+The output is the training core's split, as shards (the format is :mod:`bincount.data.shards`)::
 
     OUT/manifest.json          written last: which photos are in which split, classes, settings
     OUT/{train,val,test}/      litdata chunks + index.json; one sample = {image_id, count, image (JPEG bytes)}
-    OUT/eda/                   class_histogram.png, image_sizes.png, sample_grid.png, summary.json
+    OUT/eda/                   the EDA report (bincount.data.eda): class histogram, photo sizes, sample grid
 
 Every photo is decoded once here; one that fails is reported in the manifest and left out.
 With ``--resize N`` photos whose shorter side exceeds ``N`` pixels are scaled down to it and
@@ -30,38 +30,30 @@ import json
 import logging
 import multiprocessing
 import os
-import random
 import re
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from multiprocessing.util import register_after_fork
 from pathlib import Path
 
-import torch
-from botocore.exceptions import BotoCoreError, ClientError
 from torchvision.io import encode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from bincount.atomic import WRITE_ERRNOS
 from bincount.data.abid import IMAGE_DIR, BinRecord, block_split, build_index
 from bincount.data.decode import decode_rgb_bytes
+from bincount.data.eda import write_eda
 from bincount.data.fetch import write_json_atomic
-from bincount.data.s3 import check_bucket, exists, explain, is_s3_uri, join_uri, make_client, split_s3_uri
+from bincount.data.s3 import check_bucket, exists, is_s3_uri, join_uri, make_client, upload_tree
+from bincount.data.shards import MANIFEST, SPLIT_NAMES, make_manifest, make_sample
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-FORMAT = "bincount-abid-shards"
-FORMAT_VERSION = 1
-SPLIT_NAMES = ("train", "val", "test")
 REJECTS_DIR = ".rejects"  # in the output while a split is optimized: one <image_id>.txt per rejected photo
 STAGING_PREFIX = "bincount-prepare-"  # + "<pid>-": a rerun removes the folders of runs no longer alive
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -172,7 +164,7 @@ def encode_sample(
         scale = resize / min(height, width)
         size = [max(resize, round(height * scale)), max(resize, round(width * scale))]
         data = encode_jpeg(F.resize(image, size, antialias=True), quality=quality).numpy().tobytes()
-    return {"image_id": image_id, "count": count, "image": data}
+    return make_sample(image_id, count, data)
 
 
 def _optimize_split(
@@ -256,145 +248,6 @@ def _shard_stats(split_dir: Path) -> dict:
     chunks = index["chunks"]
     return {"photos": sum(c["chunk_size"] for c in chunks), "chunks": len(chunks),
             "bytes": sum(c["chunk_bytes"] for c in chunks)}
-
-
-def write_eda(
-    eda_dir: Path,
-    root: Path,
-    splits: dict[str, list[BinRecord]],
-    *,
-    summary: dict,
-    seed: int = 0,
-    per_count: int = 4,
-    max_rows: int = 8,
-) -> dict:
-    """Write the EDA report: class histogram, image sizes, a labelled sample grid and ``summary.json``.
-
-    Args:
-        eda_dir: Output folder (created).
-        root: The ABID folder the photos are read from (original sizes, not resized ones).
-        splits: The photos kept in each split.
-        summary: Extra fields for ``summary.json`` (rejects, index report, shard stats).
-        seed: Seed of the sample choice.
-        per_count: Photos per count in the grid.
-        max_rows: At most this many counts in the grid (the most frequent ones).
-
-    Returns:
-        The summary written to ``summary.json``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    eda_dir.mkdir(parents=True, exist_ok=True)
-    every = [r for recs in splits.values() for r in recs]
-    sizes = []
-    for rec in every:
-        with Image.open(root / IMAGE_DIR / f"{rec.image_id}.jpg") as img:
-            sizes.append(img.size)
-    all_counts = sorted({r.expected_quantity for r in every})
-
-    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(all_counts) + 3), 4))
-    bottom = [0] * len(all_counts)
-    for name, recs in splits.items():
-        by_count = Counter(r.expected_quantity for r in recs)
-        heights = [by_count.get(c, 0) for c in all_counts]
-        ax.bar(range(len(all_counts)), heights, bottom=bottom, label=f"{name} ({len(recs)})")
-        bottom = [b + h for b, h in zip(bottom, heights)]
-    ax.set_xticks(range(len(all_counts)), [str(c) for c in all_counts])
-    ax.set(xlabel="objects in the bin (expected_quantity)", ylabel="photos", title="Photos per count and split")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(eda_dir / "class_histogram.png", dpi=100)
-    plt.close(fig)
-
-    widths, heights = [w for w, _ in sizes], [h for _, h in sizes]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.scatter(widths, heights, s=4, alpha=0.4)
-    left.set(xlabel="width (px)", ylabel="height (px)", title=f"Photo sizes ({len(sizes)} photos)")
-    right.hist([min(s) for s in sizes], bins=40)
-    right.set(xlabel="shorter side (px)", ylabel="photos", title="Shorter side")
-    fig.tight_layout()
-    fig.savefig(eda_dir / "image_sizes.png", dpi=100)
-    plt.close(fig)
-
-    rng = random.Random(seed)
-    frequent = Counter(r.expected_quantity for r in every).most_common(max_rows)
-    rows = sorted(c for c, _ in frequent)
-    fig, axes = plt.subplots(len(rows), per_count, figsize=(2.2 * per_count, 2.2 * len(rows)), squeeze=False)
-    for row, count in zip(axes, rows):
-        ids = sorted(r.image_id for r in every if r.expected_quantity == count)
-        for ax, image_id in zip(row, rng.sample(ids, min(per_count, len(ids))) + [None] * per_count):
-            ax.axis("off")
-            if image_id is None:
-                continue
-            with Image.open(root / IMAGE_DIR / f"{image_id}.jpg") as img:
-                img = img.convert("RGB")
-                img.thumbnail((256, 256))
-                ax.imshow(img)
-            ax.set_title(f"{image_id}: {count}", fontsize=8)
-    fig.suptitle("Sample photos (id: expected_quantity)")
-    fig.tight_layout()
-    fig.savefig(eda_dir / "sample_grid.png", dpi=80)
-    plt.close(fig)
-
-    def stats(values: list[int]) -> dict:
-        return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else {}
-
-    result = {
-        "photos": len(every),
-        "by_split": {name: {"photos": len(recs), "by_count": dict(sorted(Counter(
-            r.expected_quantity for r in recs).items()))} for name, recs in splits.items()},
-        "by_count": dict(sorted(Counter(r.expected_quantity for r in every).items())),
-        "width_px": stats(widths),
-        "height_px": stats(heights),
-        "source_bytes": sum((root / IMAGE_DIR / f"{r.image_id}.jpg").stat().st_size for r in every),
-        **summary,
-    }
-    (eda_dir / "summary.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    return result
-
-
-def upload_tree(local_dir: Path, uri: str, *, endpoint_url: str | None = None, client=None,
-                progress: bool = True, last: Sequence[str] = ()) -> int:
-    """Upload every file under ``local_dir`` to ``uri`` (same relative keys); ``last`` goes last.
-
-    Chunks go before each ``index.json``, so a reader never sees an index with missing chunks.
-
-    Returns:
-        Bytes uploaded.
-
-    Raises:
-        S3Error: If an upload fails after botocore's retries (see :func:`bincount.data.s3.explain`).
-    """
-    from boto3.s3.transfer import TransferConfig
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-    bucket, prefix = split_s3_uri(uri)
-    client = client or make_client(endpoint_url=endpoint_url)
-    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
-    order = {name: i + 2 for i, name in enumerate(last)}
-    files.sort(key=lambda p: (order.get(p.relative_to(local_dir).as_posix(), 1 if p.name == "index.json" else 0)))
-    total = sum(p.stat().st_size for p in files)
-    config = TransferConfig(max_concurrency=8)
-    with Progress(TextColumn("upload"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  disable=not progress) as bar:
-        task = bar.add_task(uri, total=total)
-        for path in files:
-            key = "/".join(filter(None, [prefix, path.relative_to(local_dir).as_posix()]))
-            try:
-                client.upload_file(str(path), bucket, key, Config=config,
-                                   Callback=lambda n: bar.advance(task, n))
-            except (ClientError, BotoCoreError) as err:
-                raise explain(err, uri=f"s3://{bucket}/{key}", endpoint_url=endpoint_url) from None
-            except Exception as err:  # boto3's S3UploadFailedError wraps the ClientError
-                cause = err.__cause__ or err.__context__
-                if isinstance(cause, (ClientError, BotoCoreError)):
-                    raise explain(cause, uri=f"s3://{bucket}/{key}", endpoint_url=endpoint_url) from None
-                raise
-    return total
 
 
 def prepare(
@@ -496,24 +349,13 @@ def prepare(
             if shards[name]["photos"] != len(kept[name]):
                 raise RuntimeError(f"{name}: {shards[name]['photos']} samples in the chunks, "
                                    f"{len(kept[name])} photos expected")
-        manifest = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": str(in_dir.resolve()),
-            "label_list": label_list,
-            "min_count": min_count,
-            "max_count": max_count,
-            "split": {"method": "block", "val_fraction": val_fraction, "test_fraction": test_fraction,
-                      "block_size": block_size, "seed": seed},
-            "resize_shorter_side": resize,
-            "jpeg_quality": quality if resize else None,
-            "splits": {name: {"dir": name, "image_ids": [r.image_id for r in recs],
-                              "counts": [r.expected_quantity for r in recs]} for name, recs in kept.items()},
-            "shards": shards,
-            "rejected": dict(sorted(rejected.items())),
-            "index_report": index_report.summary(),
-        }
+        manifest = make_manifest(
+            source=str(in_dir.resolve()), label_list=label_list, min_count=min_count, max_count=max_count,
+            split={"method": "block", "val_fraction": val_fraction, "test_fraction": test_fraction,
+                   "block_size": block_size, "seed": seed},
+            resize=resize, quality=quality, kept=kept, shards=shards, rejected=rejected,
+            index_report=index_report.summary(),
+        )
         if eda:
             write_eda(stage / "eda", in_dir, kept, seed=seed, summary={
                 "rejected": manifest["rejected"], "index_report": manifest["index_report"], "shards": shards,
@@ -530,28 +372,4 @@ def prepare(
             shutil.rmtree(stage, ignore_errors=True)
     log.info("prepared %s in %.1f s: %s; rejected %d", out, time.perf_counter() - start,
              ", ".join(f"{k} {len(v)}" for k, v in kept.items()), len(rejected))
-    return manifest
-
-
-def read_manifest(uri: str, *, endpoint_url: str | None = None) -> dict:
-    """Read and check ``manifest.json`` of a prepared dataset (``s3://...`` or a local folder).
-
-    Raises:
-        FileNotFoundError: If there is no manifest (not prepared, or still uploading).
-        ValueError: If it is not a bincount shard manifest of a known version.
-        S3Error: For S3 failures.
-    """
-    from bincount.data.s3 import read_bytes
-
-    manifest_uri = join_uri(uri, MANIFEST)
-    try:
-        manifest = json.loads(read_bytes(manifest_uri, endpoint_url=endpoint_url))
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{manifest_uri} not found: `bincount data prepare --out {uri}` writes it (last, after the chunks)"
-        ) from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{manifest_uri} is not JSON ({err})") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{manifest_uri}: not a {FORMAT} v{FORMAT_VERSION} manifest")
     return manifest

@@ -1,8 +1,9 @@
 """S3 access shared by ``bincount data fetch``, ``bincount data prepare`` and the streaming datamodule.
 
 One client factory (anonymous or signed, any S3-compatible endpoint, botocore's own retry modes),
-one place that turns S3 failures into errors a user can act on, and the litdata/obstore
-workaround for plain-``http`` endpoints (local test servers, MinIO, SeaweedFS).
+one place that turns S3 failures into errors a user can act on, a folder upload (chunks before
+their index, a manifest last) and the litdata/obstore workaround for plain-``http`` endpoints
+(local test servers, MinIO, SeaweedFS).
 
 The endpoint is ``endpoint_url`` when given, else ``AWS_ENDPOINT_URL`` (which boto3 and litdata
 read too), else AWS itself.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -206,6 +208,46 @@ def check_bucket(uri: str, *, endpoint_url: str | None = None, client=None) -> N
         client.head_bucket(Bucket=bucket)
     except (ClientError, BotoCoreError) as err:
         raise explain(err, uri=f"s3://{bucket}", endpoint_url=endpoint_url) from None
+
+
+def upload_tree(local_dir: Path, uri: str, *, endpoint_url: str | None = None, client=None,
+                progress: bool = True, last: Sequence[str] = ()) -> int:
+    """Upload every file under ``local_dir`` to ``uri`` (same relative keys); ``last`` goes last.
+
+    Chunks go before each ``index.json``, so a reader never sees an index with missing chunks.
+
+    Returns:
+        Bytes uploaded.
+
+    Raises:
+        S3Error: If an upload fails after botocore's retries (see :func:`explain`).
+    """
+    from boto3.s3.transfer import TransferConfig
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    bucket, prefix = split_s3_uri(uri)
+    client = client or make_client(endpoint_url=endpoint_url)
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    order = {name: i + 2 for i, name in enumerate(last)}
+    files.sort(key=lambda p: (order.get(p.relative_to(local_dir).as_posix(), 1 if p.name == "index.json" else 0)))
+    total = sum(p.stat().st_size for p in files)
+    config = TransferConfig(max_concurrency=8)
+    with Progress(TextColumn("upload"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  disable=not progress) as bar:
+        task = bar.add_task(uri, total=total)
+        for path in files:
+            key = "/".join(filter(None, [prefix, path.relative_to(local_dir).as_posix()]))
+            try:
+                client.upload_file(str(path), bucket, key, Config=config,
+                                   Callback=lambda n: bar.advance(task, n))
+            except (ClientError, BotoCoreError) as err:
+                raise explain(err, uri=f"s3://{bucket}/{key}", endpoint_url=endpoint_url) from None
+            except Exception as err:  # boto3's S3UploadFailedError wraps the ClientError
+                cause = err.__cause__ or err.__context__
+                if isinstance(cause, (ClientError, BotoCoreError)):
+                    raise explain(cause, uri=f"s3://{bucket}/{key}", endpoint_url=endpoint_url) from None
+                raise
+    return total
 
 
 def allow_http_in_litdata(endpoint_url: str | None = None) -> bool:

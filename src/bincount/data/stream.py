@@ -30,8 +30,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from bincount.data.abid import BinRecord
 from bincount.data.dataset import collate_skip_none
 from bincount.data.decode import decode_rgb_bytes
-from bincount.data.prepare import SPLIT_NAMES, read_manifest
 from bincount.data.s3 import allow_http_in_litdata, is_s3_uri, join_uri, resolve_endpoint
+from bincount.data.shards import SPLIT_NAMES, read_manifest, read_sample, split_records
 from bincount.data.transforms import CountingPresetEval, CountingPresetTrain
 
 log = logging.getLogger(__name__)
@@ -65,14 +65,15 @@ class ShardSample:
         allow_http_in_litdata(self.endpoint_url)
 
     def __call__(self, sample: dict):
+        image_id, count, data = read_sample(sample)
         try:
-            image = decode_rgb_bytes(sample["image"], self.decoder)
+            image = decode_rgb_bytes(data, self.decoder)
         except ValueError as err:
-            log.warning("skipping photo %s: %s", sample["image_id"], err)
+            log.warning("skipping photo %s: %s", image_id, err)
             return None
         if self.transform is not None:
             image = self.transform(image)
-        return image, sample["count"] - self.min_count, self.position[sample["image_id"]]
+        return image, count - self.min_count, self.position[image_id]
 
 
 class ABIDStreamDataModule(L.LightningDataModule):
@@ -178,7 +179,7 @@ class ABIDStreamDataModule(L.LightningDataModule):
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
         for name in SPLIT_NAMES:
             entry = self.manifest["splits"][name]
-            self.splits[name] = [BinRecord(i, c) for i, c in zip(entry["image_ids"], entry["counts"])]
+            self.splits[name] = split_records(self.manifest, name)
             by_count = dict(sorted(Counter(entry["counts"]).items()))
             rank_zero_info(f"{name}: {len(entry['image_ids'])} photos from {self.root}, by count {by_count}")
             if not entry["image_ids"]:
