@@ -1,7 +1,9 @@
 """Image presets shared by training, evaluation and serving, so preprocessing cannot drift.
 
 Modelled on torchvision's ``references/classification/presets.py``, with one change for
-counting: no crop may cut items out of the bin, so photos are resized whole to a square.
+counting: photos are resized whole to a square instead of centre-cropped, so evaluation and
+serving see every item in the bin. Training augmentation can still cut an item at the edge out of
+view (see :class:`CountingPresetTrain`).
 """
 
 from __future__ import annotations
@@ -52,10 +54,13 @@ class CountingPresetEval:
 
 
 class CountingPresetTrain:
-    """Training augmentation that keeps every item of the bin in view.
+    """Training augmentation: flips, small rotations, a mild random crop and colour jitter.
 
-    Flips and small rotations (a bin photographed from above has no canonical orientation),
-    a mild scale jitter that keeps at least ``min_scale`` of the photo, and colour jitter.
+    Flips and rotations of up to ``rotation_degrees`` (a bin photographed from above has no
+    canonical orientation), a ``RandomResizedCrop`` of the resized photo keeping ``min_scale`` to
+    all of its area (aspect 0.9 to 1.1), and colour jitter. The crop and the corners the rotation
+    fills in can cut an item at the edge partly or wholly out of view while the target stays the
+    count of the whole bin; ``min_scale=1.0`` and ``rotation_degrees=0`` keep every item in view.
 
     Input: a ``uint8`` tensor ``(3, H, W)`` or a PIL image. Output: ``float32`` ``(3, S, S)``.
     """
