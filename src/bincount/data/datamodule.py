@@ -1,4 +1,4 @@
-"""LightningDataModule over a folder in the ABID layout."""
+"""LightningDataModules: the base the folder and the streaming ones share, and the one over an ABID folder."""
 
 from __future__ import annotations
 
@@ -19,7 +19,56 @@ log = logging.getLogger(__name__)
 SPLITS = ("block", "per_image", "all")
 
 
-class ABIDDataModule(L.LightningDataModule):
+class CountingDataModule(L.LightningDataModule):
+    """What the folder and the streaming data modules share: presets, splits, loaders by split.
+
+    ``train()`` relies on this much of any data module: ``root``, ``splits`` (lists of
+    :class:`BinRecord` per split, after ``setup()``), ``datasets``, ``eval_preset``,
+    ``num_classes`` and ``hparams.min_count``. A subclass calls ``save_hyperparameters`` with
+    ``min_count``, ``max_count``, ``batch_size`` and ``num_workers`` among its arguments, fills
+    ``splits`` and ``datasets`` in ``setup()`` and builds one split's loader in :meth:`_loader`.
+
+    Args:
+        root: Where the photos come from (a folder, or the URI of prepared shards).
+        image_size: Side of the square network input, pixels.
+        train_transform: Keyword arguments of :class:`CountingPresetTrain` besides ``image_size``.
+    """
+
+    def __init__(self, root, *, image_size: int, train_transform: dict | None) -> None:
+        super().__init__()
+        self.root = root
+        self.eval_preset = CountingPresetEval(image_size=image_size)
+        self.train_preset = CountingPresetTrain(image_size=image_size, **(train_transform or {}))
+        self.splits: dict[str, list[BinRecord]] = {}
+        self.datasets: dict = {}
+
+    @property
+    def num_classes(self) -> int:
+        return self.hparams.max_count - self.hparams.min_count + 1
+
+    def preset(self, split: str):
+        """The augmenting preset for ``"train"``, the deterministic one for the other splits."""
+        return self.train_preset if split == "train" else self.eval_preset
+
+    def loader_kwargs(self) -> dict:
+        """Keyword arguments every split's loader gets: batch size, workers, :func:`collate_skip_none`."""
+        return {"batch_size": self.hparams.batch_size, "num_workers": self.hparams.num_workers,
+                "collate_fn": collate_skip_none}
+
+    def _loader(self, name: str):
+        raise NotImplementedError(f"{type(self).__name__} builds no loader for the {name} split")
+
+    def train_dataloader(self):
+        return self._loader("train")
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        return self._loader("test")
+
+
+class ABIDDataModule(CountingDataModule):
     """Bin photos and counts from an ABID-layout folder, split by id blocks.
 
     Args:
@@ -66,19 +115,10 @@ class ABIDDataModule(L.LightningDataModule):
         cache_images: bool = False,
         balance: bool = False,
     ) -> None:
-        super().__init__()
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: must be one of {SPLITS}")
+        super().__init__(Path(root), image_size=image_size, train_transform=train_transform)
         self.save_hyperparameters(logger=False)
-        self.root = Path(root)
-        self.eval_preset = CountingPresetEval(image_size=image_size)
-        self.train_preset = CountingPresetTrain(image_size=image_size, **(train_transform or {}))
-        self.splits: dict[str, list[BinRecord]] = {}
-        self.datasets: dict[str, BinImageDataset] = {}
-
-    @property
-    def num_classes(self) -> int:
-        return self.hparams.max_count - self.hparams.min_count + 1
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -101,9 +141,8 @@ class ABIDDataModule(L.LightningDataModule):
         for name, recs in self.splits.items():
             counts = Counter(r.expected_quantity for r in recs)
             log.info("%s: %d photos, by count %s", name, len(recs), dict(sorted(counts.items())))
-            transform = self.train_preset if name == "train" else self.eval_preset
             self.datasets[name] = BinImageDataset(
-                self.root, recs, min_count=hp.min_count, transform=transform, decoder=hp.decoder,
+                self.root, recs, min_count=hp.min_count, transform=self.preset(name), decoder=hp.decoder,
                 cache_size=hp.image_size if hp.cache_images else None,
             )
 
@@ -113,26 +152,16 @@ class ABIDDataModule(L.LightningDataModule):
         weights = torch.tensor([1.0 / frequency[int(c)] for c in counts], dtype=torch.float64)
         return WeightedRandomSampler(weights, num_samples=len(weights), replacement=True)
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+    def _loader(self, name: str) -> DataLoader:
         if not self.datasets[name]:
             raise ValueError(f"the {name} split of {self.root} is empty (data.split={self.hparams.split})")
+        shuffle = name == "train"
         sampler = self._balanced_sampler() if shuffle and self.hparams.balance else None
         return DataLoader(
             self.datasets[name],
-            batch_size=self.hparams.batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
-            num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
-            collate_fn=collate_skip_none,
             drop_last=shuffle and len(self.datasets[name]) > self.hparams.batch_size,
+            **self.loader_kwargs(),
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -23,16 +23,13 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from bincount.data.abid import BinRecord
-from bincount.data.dataset import collate_skip_none
+from bincount.data.datamodule import CountingDataModule
 from bincount.data.decode import decode_rgb_bytes
 from bincount.data.s3 import allow_http_in_litdata, is_s3_uri, join_uri, resolve_endpoint
 from bincount.data.shards import SPLIT_NAMES, read_manifest, read_sample, split_records
-from bincount.data.transforms import CountingPresetEval, CountingPresetTrain
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +73,10 @@ class ShardSample:
         return image, count - self.min_count, self.position[image_id]
 
 
-class ABIDStreamDataModule(L.LightningDataModule):
+class ABIDStreamDataModule(CountingDataModule):
     """Bin photos and counts streamed from prepared shards (``bincount data prepare``).
 
-    Offers what :class:`~bincount.data.datamodule.ABIDDataModule` offers to ``train()``:
-    ``root`` (here the URI), ``splits`` (lists of :class:`BinRecord` from the manifest, after
-    ``setup()``), ``datasets``, ``eval_preset``, ``num_classes`` and ``hparams.min_count``.
+    ``root`` is the URI; ``splits`` are the manifest's (after ``setup()``).
 
     Args:
         uri: ``s3://BUCKET/PREFIX`` or a local folder holding ``manifest.json``.
@@ -127,22 +122,13 @@ class ABIDStreamDataModule(L.LightningDataModule):
         max_pre_download: int = 2,
         endpoint_url: str | None = None,
     ) -> None:
-        super().__init__()
         if split != "block":
             raise ValueError(f"split={split!r}: shards keep the split they were prepared with; use 'block'")
         if is_s3_uri(uri) and not cache_dir:
             raise ValueError(f"data.cache_dir is required to stream {uri} (chunks are cached there)")
+        super().__init__(uri, image_size=image_size, train_transform=train_transform)
         self.save_hyperparameters(logger=False)
-        self.root = uri
-        self.eval_preset = CountingPresetEval(image_size=image_size)
-        self.train_preset = CountingPresetTrain(image_size=image_size, **(train_transform or {}))
         self.manifest: dict | None = None
-        self.splits: dict[str, list[BinRecord]] = {}
-        self.datasets: dict = {}
-
-    @property
-    def num_classes(self) -> int:
-        return self.hparams.max_count - self.hparams.min_count + 1
 
     def _global_rank(self) -> int:
         if self.trainer is not None:
@@ -193,8 +179,7 @@ class ABIDStreamDataModule(L.LightningDataModule):
                 max_cache_size=hp.max_cache_size,
                 max_pre_download=hp.max_pre_download,
                 storage_options=storage_options,
-                transform=ShardSample(entry["image_ids"], min_count=hp.min_count,
-                                      transform=self.train_preset if train else self.eval_preset,
+                transform=ShardSample(entry["image_ids"], min_count=hp.min_count, transform=self.preset(name),
                                       decoder=hp.decoder, endpoint_url=endpoint),
             )
 
@@ -203,18 +188,4 @@ class ABIDStreamDataModule(L.LightningDataModule):
 
         if name not in self.datasets:
             raise ValueError(f"the {name} split of {self.root} is empty")
-        return StreamingDataLoader(
-            self.datasets[name],
-            batch_size=self.hparams.batch_size,
-            num_workers=self.hparams.num_workers,
-            collate_fn=collate_skip_none,
-        )
-
-    def train_dataloader(self):
-        return self._loader("train")
-
-    def val_dataloader(self):
-        return self._loader("val")
-
-    def test_dataloader(self):
-        return self._loader("test")
+        return StreamingDataLoader(self.datasets[name], **self.loader_kwargs())
