@@ -3,14 +3,16 @@ import logging
 import pytest
 import torch
 import torchvision
+from omegaconf import OmegaConf
 from PIL import Image
 
-from bincount.data.abid import build_index
+from bincount.data.abid import block_split, build_index
 from bincount.data.datamodule import ABIDDataModule
 from bincount.data.dataset import BinImageDataset, collate_skip_none
 from bincount.data.decode import decode_rgb_bytes, decode_rgb_file
 from bincount.data.transforms import CountingPresetEval, CountingPresetTrain
 from bincount.models.card import EvalPreset
+from tests.conftest import compose_cfg
 from tests.fakes import corrupt_middle, make_fake_abid
 
 
@@ -94,10 +96,15 @@ def test_datamodule_splits_and_batches(fake_abid):
     dm = ABIDDataModule(str(root), image_size=32, batch_size=8, num_workers=0, block_size=2,
                         val_fraction=0.2, test_fraction=0.2)
     dm.setup("fit")
-    sizes = {k: len(v) for k, v in dm.splits.items()}
-    assert sum(sizes.values()) == len(made["good"]) and min(sizes.values()) > 0
-    images, targets, _ = next(iter(dm.train_dataloader()))
-    assert images.shape == (8, 3, 32, 32) and targets.min() >= 0 and targets.max() <= 4
+    records, _ = build_index(root, min_count=1, max_count=5)
+    assert dm.splits == block_split(records, val_fraction=0.2, test_fraction=0.2, seed=0, block_size=2)
+    assert sorted(r.image_id for recs in dm.splits.values() for r in recs) == sorted(made["good"])
+    images, targets, indices = next(iter(dm.train_dataloader()))
+    assert images.shape == (8, 3, 32, 32)
+    assert targets.tolist() == [made["good"][dm.splits["train"][i].image_id] - 1 for i in indices.tolist()]
+    images, targets, indices = next(iter(dm.test_dataloader()))  # not shuffled: the split's order
+    assert indices.tolist() == list(range(len(indices)))
+    assert targets.tolist() == [made["good"][r.image_id] - 1 for r in dm.splits["test"][: len(indices)]]
 
     everything = ABIDDataModule(str(root), split="all", image_size=32, num_workers=0)
     everything.setup("test")
@@ -106,3 +113,21 @@ def test_datamodule_splits_and_batches(fake_abid):
         everything.train_dataloader()
     with pytest.raises(ValueError, match="split="):
         ABIDDataModule(str(root), split="random")
+
+
+def test_both_data_configs_extend_the_shared_base_and_keep_only_their_own_keys():
+    folder = compose_cfg("train", ["data=abid"]).data
+    stream = compose_cfg("train", ["data=abid_stream"]).data
+    shared = {"_convert_": "all", "min_count": 1, "max_count": 5, "label_list": None, "split": "block",
+              "image_size": 224, "batch_size": 32, "num_workers": 2, "decoder": "torchvision",
+              "train_transform": {"hflip_prob": 0.5, "vflip_prob": 0.5, "rotation_degrees": 10.0, "min_scale": 0.9,
+                                  "color_jitter": 0.2}}
+    for cfg in (folder, stream):
+        assert {k: OmegaConf.to_container(cfg)[k] for k in shared} == shared
+    assert set(folder) - set(shared) == {"_target_", "root", "val_fraction", "test_fraction", "block_size", "seed",
+                                         "cache_images", "balance"}
+    assert set(stream) - set(shared) == {"_target_", "uri", "shuffle", "seed", "cache_dir", "max_cache_size",
+                                         "max_pre_download", "endpoint_url"}
+    crop = next(t for t in CountingPresetTrain(image_size=32, **folder.train_transform).transforms.transforms
+                if isinstance(t, torchvision.transforms.v2.RandomResizedCrop))
+    assert crop.scale == (0.9, 1.0) and crop.ratio == (0.9, 1.1)  # what the transforms docstring says
