@@ -25,15 +25,12 @@ run left: its rejects folder, its S3 staging folder, partial chunks (litdata ove
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import multiprocessing
 import os
 import re
 import shutil
-import signal
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -51,39 +48,12 @@ from bincount.data.eda import write_eda
 from bincount.data.fetch import write_json_atomic
 from bincount.data.s3 import check_bucket, exists, is_s3_uri, join_uri, make_client, upload_tree
 from bincount.data.shards import MANIFEST, SPLIT_NAMES, make_manifest, make_sample
+from bincount.data.workers import die_with_parent, is_running
 
 log = logging.getLogger(__name__)
 
 REJECTS_DIR = ".rejects"  # in the output while a split is optimized: one <image_id>.txt per rejected photo
 STAGING_PREFIX = "bincount-prepare-"  # + "<pid>-": a rerun removes the folders of runs no longer alive
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Make this process receive SIGKILL when its parent dies (Linux ``PR_SET_PDEATHSIG``).
-
-    Called in a child process. If ``parent_pid`` is already gone (the child was orphaned before
-    it got here), this process exits at once. Does nothing in ``parent_pid`` itself, in a
-    process that is not its direct child, or where ``prctl`` does not exist (not Linux).
-
-    Args:
-        parent_pid: The process whose death should end this one.
-
-    Raises:
-        OSError: If ``prctl`` fails.
-    """
-    if os.getpid() == parent_pid or not sys.platform.startswith("linux"):
-        return
-    if os.getppid() != parent_pid:
-        if _is_running(parent_pid):  # a grandchild: its own parent is not ours to watch
-            return
-        os._exit(1)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
-    if os.getppid() != parent_pid:  # the parent died before the signal was armed
-        os._exit(1)
 
 
 @dataclass(frozen=True)
@@ -228,19 +198,9 @@ def _remove_dead_runs_staging(parent: Path) -> None:
     """Remove the staging folders in ``parent`` of prepare runs whose process is gone (killed)."""
     for path in parent.glob(f"{STAGING_PREFIX}*"):
         match = re.match(rf"{STAGING_PREFIX}(\d+)-", path.name)
-        if match and path.is_dir() and not _is_running(int(match.group(1))):
+        if match and path.is_dir() and not is_running(int(match.group(1))):
             log.info("removing %s, left by a prepare run that was killed", path)
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _shard_stats(split_dir: Path) -> dict:
