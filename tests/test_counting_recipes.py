@@ -21,7 +21,7 @@ from bincount.models.decoding import FlipTTA, decode_counts, with_tta
 from bincount.models.module import BinCountModule, soft_count_targets
 from bincount.serve.inference import CountingModel, make_predictions
 from bincount.train import train
-from tests.conftest import compose_cfg
+from tests.fakes import compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 

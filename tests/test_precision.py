@@ -10,7 +10,7 @@ from bincount.evaluate import evaluate
 from bincount.precision import choose_precision
 from bincount.train import train
 from bincount.trainer import instantiate_trainer
-from tests.conftest import FAST, compose_cfg, set_output_dir
+from tests.fakes import FAST, compose_cfg, set_output_dir
 
 
 @pytest.fixture

@@ -19,8 +19,7 @@ from omegaconf import open_dict
 from bincount.evaluate import evaluate
 from bincount.train import train
 from bincount.trainer import instantiate_trainer
-from tests.conftest import FAST, compose_cfg, set_output_dir
-from tests.fakes import make_fake_abid
+from tests.fakes import FAST, compose_cfg, make_fake_abid, set_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
