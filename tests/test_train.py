@@ -9,30 +9,14 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
-from bincount.config import config_dir
 from bincount.evaluate import evaluate
 from bincount.models.module import BinCountModule
 from bincount.train import train
-from tests.conftest import FAST, compose_cfg, set_output_dir
+from tests.fakes import FAST, compose_cfg, set_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"acc", "obo_acc", "mae", "rmse", "n", "per_class_acc", "confusion_matrix",
                "baseline_majority_acc", "baseline_majority_mae"}
-
-
-@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml")))
-def test_every_experiment_composes(name, tmp_path):
-    cfg = compose_cfg("train", [f"+experiment={name}", "data.root=x"])
-    assert cfg.model.min_count == cfg.data.min_count
-    set_output_dir(cfg, tmp_path)
-    model = __import__("hydra").utils.instantiate(cfg.model, weights=None)
-    assert model.num_classes == cfg.data.max_count - cfg.data.min_count + 1
-
-
-def test_first_line_of_every_experiment_is_its_command():
-    for path in (Path(config_dir()) / "experiment").glob("*.yaml"):
-        lines = path.read_text().splitlines()
-        assert lines[0] == "# @package _global_" and f"+experiment={path.stem}" in lines[1], path
 
 
 def test_hparams_search_composes():
