@@ -86,11 +86,12 @@ def corrupt_middle(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def compose_cfg(config_name: str, overrides: list[str]) -> DictConfig:
-    """The real ``conf/<config_name>.yaml`` composed with ``overrides``, as ``train.py`` composes it."""
+def compose_cfg(config_name: str, overrides: list[str], *, return_hydra_config: bool = False) -> DictConfig:
+    """The real ``conf/<config_name>.yaml`` composed with ``overrides``, as ``train.py`` composes it
+    (with Hydra's own ``hydra`` node, e.g. the sweeper's, if ``return_hydra_config``)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config)
 
 
 # small, fast, CPU-only and quiet: what every test run of train()/evaluate() uses
