@@ -1,8 +1,8 @@
-"""Counting recipes side by side: the seeds' recipe vs bincount's candidates, same data, same budget.
+"""Counting recipes side by side: the Udacity ML-engineer capstone's recipe vs bincount's candidates, same data, same budget.
 
 Usage:
     python benchmarks/recipe_compare.py --root ../shared/abid --seeds 0 1 2 --budget-min 10
-    python benchmarks/recipe_compare.py --root ../shared/abid --recipes seeds quickstart --seeds 0
+    python benchmarks/recipe_compare.py --root ../shared/abid --recipes udacity_capstone quickstart --seeds 0
     python benchmarks/recipe_compare.py --report-only
 
 Every recipe of ``benchmarks/recipes.yaml`` is a list of ``train.py`` overrides. Each (recipe, seed)
@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--budget-min", type=float, default=10.0, help="trainer.max_time of every run, minutes")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "recipe_compare")
-    parser.add_argument("--reference", default="seeds", help="recipe the others are compared with")
+    parser.add_argument("--reference", default="udacity_capstone", help="recipe the others are compared with")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot, train nothing")
     args = parser.parse_args()
 

@@ -3,12 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from bincount.config import config_dir
-from tests.fakes import make_fake_abid
+# FAST, compose_cfg and set_output_dir live in tests/fakes.py; imported here for train_cfg (and for
+# test modules that still import them from tests.conftest)
+from tests.fakes import FAST, compose_cfg, make_fake_abid, set_output_dir  # noqa: F401
 
 SHARED_ABID = Path(__file__).resolve().parents[1].parent / "shared" / "abid"
 
@@ -18,31 +17,6 @@ def fake_abid(tmp_path_factory) -> tuple[Path, dict]:
     """A 40-photo fake ABID folder (counts 1..5) plus one photo of each kind of bad input."""
     root = tmp_path_factory.mktemp("fake_abid")
     return root, make_fake_abid(root)
-
-
-def compose_cfg(config_name: str, overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
-
-
-# small, fast, CPU-only and quiet: what every test run of train()/evaluate() uses
-FAST = [
-    "trainer.accelerator=cpu",
-    "data.num_workers=0",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.val_fraction=0.2",
-    "data.test_fraction=0.2",
-    "data.block_size=2",
-    "callbacks.rich_progress_bar=null",
-]
-
-
-def set_output_dir(cfg: DictConfig, out: Path) -> DictConfig:
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
 
 
 @pytest.fixture

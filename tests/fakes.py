@@ -1,4 +1,5 @@
-"""Tiny stand-ins for ABID data, made inside a test (in the spirit of Lightning's BoringModel)."""
+"""Tiny stand-ins for ABID data, made inside a test (in the spirit of Lightning's BoringModel), and the
+real Hydra config composed for a small, fast CPU run."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import json
 import random
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
 from PIL import Image, ImageDraw
+
+from bincount.config import config_dir
 
 
 def write_bin_photo(path: Path, count: int, *, size: int = 64, seed: int = 0) -> None:
@@ -78,3 +84,31 @@ def corrupt_middle(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[4:-2] = b"\x00" * (len(data) - 6)
     path.write_bytes(bytes(data))
+
+
+def compose_cfg(config_name: str, overrides: list[str], *, return_hydra_config: bool = False) -> DictConfig:
+    """The real ``conf/<config_name>.yaml`` composed with ``overrides``, as ``train.py`` composes it
+    (with Hydra's own ``hydra`` node, e.g. the sweeper's, if ``return_hydra_config``)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config)
+
+
+# small, fast, CPU-only and quiet: what every test run of train()/evaluate() uses
+FAST = [
+    "trainer.accelerator=cpu",
+    "data.num_workers=0",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.val_fraction=0.2",
+    "data.test_fraction=0.2",
+    "data.block_size=2",
+    "callbacks.rich_progress_bar=null",
+]
+
+
+def set_output_dir(cfg: DictConfig, out: Path) -> DictConfig:
+    """``cfg`` with ``paths.output_dir`` (``${hydra:runtime.output_dir}`` outside ``@hydra.main``) set to ``out``."""
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return cfg

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import hydra
 import pytest
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from bincount.models.calibration import (
     fit_temperature,
     held_out_report,
 )
+from bincount.models.module import BinCountModule
 from bincount.serve.inference import CountingModel
 from bincount.train import train
 
@@ -103,11 +105,15 @@ def test_calibrate_lowers_ece_keeps_predictions_and_gives_a_json_entry():
     assert out["n"] == 4000 and out["target_precision"] == 0.9
     assert out["temperature"] == pytest.approx(3.0, rel=0.1)
     assert out["ece_after"] < 0.03 < 0.1 < out["ece_before"]
-    assert 0 < out["coverage"] < 1 and out["precision"] >= 0.9
-    # the threshold is the lowest with that precision: one step lower would miss it
+    # coverage and precision are those of the answers at or above the threshold
     with torch.no_grad():
         conf = (net(x) / out["temperature"]).softmax(1).max(1)
     right = conf.indices == y
+    answered = conf.values >= out["review_threshold"]
+    assert 0 < answered.sum() < 4000
+    assert out["coverage"] == pytest.approx(answered.float().mean().item())
+    assert out["precision"] == pytest.approx(right[answered].float().mean().item()) and out["precision"] >= 0.9
+    # the threshold is the lowest with that precision: one step lower would miss it
     below = conf.values[conf.values < out["review_threshold"]].max()
     assert right[conf.values >= below].float().mean() < 0.9
 
@@ -138,7 +144,16 @@ def test_train_stores_calibration_for_serving(train_cfg):
     config = json.loads((run / "model" / "model_config.json").read_text())
     cal = config["calibration"]
     assert {"temperature", "review_threshold", "target_precision", "ece_before", "ece_after"} <= cal.keys()
-    assert cal["temperature"] > 0 and cal["n"] > 0
+    # it is the calibration of the exported weights on the validation photos
+    model = BinCountModule.load_from_checkpoint(run / "checkpoints" / config["checkpoint"], map_location="cpu")
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup()
+    val = model.predict_batches(datamodule.val_dataloader())
+    assert cal["n"] == len(val["target"]) > 0
+    again = calibrate(val["logits"], val["target"], decode=model.hparams.decode)
+    assert again.keys() == cal.keys()
+    for key, value in cal.items():
+        assert again[key] == (value if value is None else pytest.approx(value, rel=1e-3, abs=1e-5)), key
     report = json.loads((run / "metrics.json").read_text())
     assert {"ece_before", "ece_after", "review_coverage", "review_precision"} <= report.keys()
     assert report["temperature"] == cal["temperature"]

@@ -10,7 +10,7 @@ from bincount.evaluate import evaluate
 from bincount.precision import choose_precision
 from bincount.train import train
 from bincount.trainer import instantiate_trainer
-from tests.conftest import FAST, compose_cfg, set_output_dir
+from tests.fakes import FAST, compose_cfg, set_output_dir
 
 
 @pytest.fixture
@@ -113,4 +113,11 @@ def test_the_installed_torch_still_has_the_cpu_feature_checks():
     # cpu_has_bf16 counts a missing check as "no": a PyTorch that renamed them would silently
     # train in float32 everywhere
     assert callable(torch.cpu._is_avx512_bf16_supported) and callable(torch.cpu._is_amx_tile_supported)
-    assert isinstance(precision.cpu_has_bf16(), bool)
+    assert precision.cpu_has_bf16() is (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [
+    (False, False, False), (True, False, True), (False, True, True), (True, True, True)])
+def test_cpu_has_bf16_is_either_check(cpu_features, avx512_bf16, amx, expected):
+    cpu_features(avx512_bf16=avx512_bf16, amx=amx)
+    assert precision.cpu_has_bf16() is expected

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import hydra
@@ -19,10 +22,54 @@ from omegaconf import open_dict
 from bincount.evaluate import evaluate
 from bincount.train import train
 from bincount.trainer import instantiate_trainer
-from tests.conftest import FAST, compose_cfg, set_output_dir
-from tests.fakes import make_fake_abid
+from tests.fakes import FAST, compose_cfg, make_fake_abid, set_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class ProcessOutput:
+    """A subprocess's text output, read line by line in a thread so a test can wait for a line
+    with a timeout (iterating ``proc.stdout`` directly would block for as long as the process runs)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self.ended = False
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, args=(proc.stdout,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put(None)  # end of output
+
+    def _next(self, timeout: float) -> str | None:
+        """The next line, or None at the end of the output or after ``timeout`` seconds without one."""
+        if self.ended:
+            return None
+        try:
+            line = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+        if line is None:
+            self.ended = True
+        else:
+            self.lines.append(line)
+        return line
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        """Whether a line containing ``text`` arrives within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while (line := self._next(deadline - time.monotonic())) is not None:
+            if text in line:
+                return True
+        return False
+
+    def text(self, timeout: float = 0) -> str:
+        """The output read so far, reading on to its end for up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self._next(deadline - time.monotonic()) is not None:
+            pass
+        return "".join(self.lines)
 
 
 @pytest.mark.slow
@@ -34,14 +81,15 @@ def test_sigterm_stops_a_local_run_nonzero_with_a_checkpoint_and_the_resume_comm
             "+callbacks.metric_lines={_target_: bincount.callbacks.MetricLines}", f"hydra.run.dir={run}"]
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "[bincount] validation epoch=0" in line:  # epoch 1 is under way
-            proc.send_signal(signal.SIGTERM)
-            break
-    lines.append(proc.communicate(timeout=300)[0])
-    log = "".join(lines)
+    output = ProcessOutput(proc)
+    try:
+        # the first validation has run: epoch 1 is under way
+        assert output.wait_for("[bincount] validation epoch=0", timeout=300), output.text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()  # a no-op once it has exited
+    log = output.text(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
     assert not (run / "model").exists() and not (run / "metrics.json").exists()  # nothing pretends to be finished
     step = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
