@@ -36,26 +36,12 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from bincount.config import config_dir
+from bincount.config import compose
 from sagemaker_launch import cost
 
 log = logging.getLogger("sagemaker_launch")
 
 COMMANDS = ("create", "invoke", "delete")
-
-
-def compose_deploy(overrides: list[str]) -> DictConfig:
-    """``conf/deploy.yaml`` composed with ``overrides``.
-
-    Raises:
-        hydra.errors.ConfigCompositionException: On an unknown key.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="deploy", overrides=overrides)
 
 
 def parse_argv(argv: list[str]) -> tuple[str, list[str], list[str]]:
@@ -403,7 +389,7 @@ def main(argv: list[str] | None = None):
     """Run ``create`` (the default), ``invoke`` or ``delete``; see the module docstring."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     command, overrides, photos = parse_argv(list(sys.argv[1:] if argv is None else argv))
-    cfg = compose_deploy(overrides)
+    cfg = compose("deploy", overrides)
     if command == "invoke":
         return invoke_endpoint(cfg, photos)
     if command == "delete":

@@ -478,18 +478,6 @@ def export_model(run_model_dir: Path, model_dir: Path) -> Path:
     return model_dir
 
 
-def compose_train(overrides: list[str]):
-    """``conf/train.yaml`` composed with ``overrides`` (Hydra's compose API, no run directory)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from bincount.config import config_dir
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the job: decode the hyperparameters, compose, train, export (rank 0).
 
@@ -519,14 +507,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from lightning.pytorch.utilities import rank_zero_info
 
     from bincount.callbacks import PREFIX, format_metrics
+    from bincount.config import compose
     from bincount.train import train
 
-    data_keys = set(compose_train(user).data.keys())
+    data_keys = set(compose("train", user).data.keys())
     overrides = user + container_overrides(env, user, data_keys)
     rank_zero_info(f"{PREFIX} job {env.job_name}: world_size={env.world_size} "
                    f"({env.world_size // env.local_world_size} instance(s) x {env.local_world_size})")
     rank_zero_info(f"{PREFIX} overrides: {' '.join(overrides)}")
-    cfg = compose_train(overrides)
+    cfg = compose("train", overrides)
     metrics = train(cfg)
 
     synced = {k: v for k, v in metrics.items() if "loss" not in k}  # torchmetrics values, synced by DDP

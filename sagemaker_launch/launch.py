@@ -54,7 +54,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bincount.callbacks import metric_regex
-from bincount.config import config_dir
+from bincount.config import compose
 from sagemaker_launch import cost
 from sagemaker_launch.entry import encode_overrides
 from sagemaker_launch.source import CONTAINER_INIT_SCRIPT, ENTRY_SCRIPT, stage_source
@@ -72,20 +72,6 @@ JOB_NAME_MAX = 63
 BASE_JOB_NAME_MAX = JOB_NAME_MAX - len("-20250101000000")
 METRICS = ("val/acc", "val/acc_best", "val/mae", "val/rmse", "val/obo_acc", "val/loss",
            "test/acc", "test/mae", "test/rmse", "test/obo_acc")
-
-
-def compose_launch(overrides: list[str], *, return_hydra_config: bool = False) -> DictConfig:
-    """``conf/launch.yaml`` composed with ``overrides`` (Hydra's compose API).
-
-    Raises:
-        hydra.errors.ConfigCompositionException: On an unknown key, group or option.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="launch", overrides=overrides, return_hydra_config=return_hydra_config)
 
 
 def override_root(override: str) -> str:
@@ -627,7 +613,7 @@ def main(argv: list[str] | None = None) -> Submission:
     """Compose, check, and submit (or dry-run) one training job; see the module docstring."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     flags, overrides = parse_argv(list(sys.argv[1:] if argv is None else argv))
-    cfg = compose_launch(overrides)
+    cfg = compose("launch", overrides)
     plan = plan_training_job(cfg, overrides)
     dry_run = flags.dry_run or bool(cfg.sagemaker.dry_run)
     sub = submit_training_job(plan, dry_run=dry_run, wait=bool(cfg.sagemaker.wait) and not flags.no_wait)

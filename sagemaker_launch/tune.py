@@ -38,8 +38,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from bincount.config import compose
 from sagemaker_launch.entry import MAX_CATEGORICAL_CHARS, encode_override, encode_value, parse_value
-from sagemaker_launch.launch import (DryRun, channels, compose_launch, console_url, cost_text, describe_request,
+from sagemaker_launch.launch import (DryRun, channels, console_url, cost_text, describe_request,
                                      make_model_trainer, make_session, metric_definitions, parse_argv,
                                      plan_training_job, precision_text, role_for, Submission)
 from sagemaker_launch.source import stage_source
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> Submission:
     """Compose, check and submit (or dry-run) a tuning job; see the module docstring."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     flags, overrides = parse_argv(list(sys.argv[1:] if argv is None else argv))
-    cfg = compose_launch(overrides, return_hydra_config=True)
+    cfg = compose("launch", overrides, return_hydra_config=True)
     dry_run = flags.dry_run or bool(cfg.sagemaker.dry_run)
     sub = submit_tuning_job(cfg, overrides, dry_run=dry_run, wait=bool(cfg.sagemaker.wait) and not flags.no_wait)
     if dry_run:

@@ -3,11 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-from bincount.config import config_dir
+from bincount.config import compose
 from tests.fakes import make_fake_abid
 
 SHARED_ABID = Path(__file__).resolve().parents[1].parent / "shared" / "abid"
@@ -18,12 +16,6 @@ def fake_abid(tmp_path_factory) -> tuple[Path, dict]:
     """A 40-photo fake ABID folder (counts 1..5) plus one photo of each kind of bad input."""
     root = tmp_path_factory.mktemp("fake_abid")
     return root, make_fake_abid(root)
-
-
-def compose_cfg(config_name: str, overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
 
 
 # small, fast, CPU-only and quiet: what every test run of train()/evaluate() uses
@@ -51,7 +43,7 @@ def train_cfg(tmp_path, fake_abid):
     root, _ = fake_abid
 
     def make(*overrides: str, out: Path | None = None) -> DictConfig:
-        cfg = compose_cfg("train", [f"data.root={root}", *FAST, "trainer.max_epochs=1",
+        cfg = compose("train", [f"data.root={root}", *FAST, "trainer.max_epochs=1",
                                       "callbacks.rich_model_summary=null", *overrides])
         return set_output_dir(cfg, out or tmp_path / "run")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
+from bincount.config import compose
 from bincount.models.backbones import build_backbone
 from bincount.models.card import EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
@@ -278,7 +279,7 @@ def test_request_limits_agree_with_the_handler_and_the_server():
     from bincount.serve.app import create_app
     from bincount.serve.inference import Limits
 
-    assert deploy.compose_deploy([]).max_photos_per_request == Limits().max_instances
+    assert compose("deploy", []).max_photos_per_request == Limits().max_instances
     assert deploy.max_request_bytes() <= inspect.signature(create_app).parameters["max_body_bytes"].default
 
 

@@ -31,7 +31,8 @@ from omegaconf import OmegaConf
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from sagemaker_launch.entry import (ContainerEnv, compose_train, decode_hyperparameters, drop_trial_checkpoints,
+from bincount.config import compose
+from sagemaker_launch.entry import (ContainerEnv, decode_hyperparameters, drop_trial_checkpoints,
                                     encode_override, encode_overrides, is_tuning_trial, parse_argv,
                                     serving_requirements)
 
@@ -76,7 +77,7 @@ def assert_delivered(got: list[str], job: list[str]) -> None:
     an override without a ``'`` arrives as typed, character for character."""
     assert hydra_view(got) == hydra_view(job)
     assert [g for g, j in zip(got, job) if "'" not in j] == [j for j in job if "'" not in j]
-    assert OmegaConf.to_container(compose_train(got)) == OmegaConf.to_container(compose_train(job))
+    assert OmegaConf.to_container(compose("train", got)) == OmegaConf.to_container(compose("train", job))
 
 
 def model_trainer_request(job: list[str]) -> dict[str, str]:
@@ -201,7 +202,7 @@ def test_tuning_trial_gets_static_categorical_and_tuned_values(tmp_path):
     got = run_training_toolkit(trial, tmp_path)["overrides"]
     assert got == ["+experiment=quickstart", "test=false", f"callbacks.ema={ema_999}", "data.batch_size=32",
                    "data.label_list=\"it%27s.txt\"".replace("%27", "'"), "model.optimizer.lr=0.0012345678901234"]
-    cfg = compose_train(got)
+    cfg = compose("train", got)
     assert cfg.model.optimizer.lr == 0.0012345678901234 and cfg.data.batch_size == 32
     assert cfg.callbacks.ema.decay == 0.999 and cfg.data.label_list == "it's.txt" and cfg.test is False
 
@@ -211,10 +212,10 @@ def test_order_is_explicit():
     hps = encode_overrides(ordered)
     # Hydra applies overrides in order: the toolkit's order (by name) deletes the new lr_monitor,
     # and the EMA's decay before the EMA doesn't compose
-    assert "lr_monitor" not in compose_train([o for _, o in sorted(zip(hps, ordered))]).callbacks
-    assert compose_train(ordered).callbacks.lr_monitor.logging_interval == "step"
+    assert "lr_monitor" not in compose("train", [o for _, o in sorted(zip(hps, ordered))]).callbacks
+    assert compose("train", ordered).callbacks.lr_monitor.logging_interval == "step"
     with pytest.raises(ConfigCompositionException):
-        compose_train([ordered[1], ordered[0]])
+        compose("train", [ordered[1], ordered[0]])
     assert decode_hyperparameters(dict(sorted(hps.items()))) == ordered
     # tuned values (no position) come after the job's own overrides
     assert decode_hyperparameters({"b": 0.5, "a": "=1", **hps}) == [*ordered, "a=1", "b=0.5"]

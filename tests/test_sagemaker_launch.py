@@ -17,9 +17,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import MissingMandatoryValue
 
 from bincount.callbacks import PREFIX, format_metrics
+from bincount.config import compose
 from sagemaker_launch import cost, launch, tune
 from sagemaker_launch.entry import decode_hyperparameters
-from tests.conftest import compose_cfg
 from tests.moto_server import BUCKET, ROLE, aws, moto_server  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_the_dry_run_shows_the_precision_the_job_trains_in(aws, capsys, instance
                        f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
     sent = only_training_overrides(sub.request["HyperParameters"])
     assert [o for o in sent if o.startswith("trainer.precision=")] == [f"trainer.precision={precision}"]
-    assert compose_cfg("train", sent).trainer.precision == precision  # what the container composes
+    assert compose("train", sent).trainer.precision == precision  # what the container composes
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("precision: "))
     assert line.startswith(f"precision: {precision} (") and why in line
 
@@ -75,7 +75,7 @@ def test_an_instance_the_table_does_not_know_decides_its_precision_itself(aws, c
                        f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
     sent = only_training_overrides(sub.request["HyperParameters"])
     assert not any(o.startswith("trainer.precision=") for o in sent)
-    assert compose_cfg("train", sent).trainer.precision == "auto"
+    assert compose("train", sent).trainer.precision == "auto"
     assert "precision: auto (ml.g6.xlarge: not in conf/sagemaker/prices.yaml, decided on the instance)" in (
         capsys.readouterr().out)
 
@@ -112,7 +112,7 @@ def test_single_instance_job(aws):
     assert only_training_overrides(req["HyperParameters"]) == [
         "+experiment=quickstart", "trainer.max_epochs=3", "model.optimizer.lr=0.003", "trainer.accelerator=gpu",
         "trainer.precision=bf16-mixed"]
-    cfg = compose_cfg("train", only_training_overrides(req["HyperParameters"]))  # what the container composes
+    cfg = compose("train", only_training_overrides(req["HyperParameters"]))  # what the container composes
     assert cfg.trainer.max_epochs == 3 and cfg.model.optimizer.lr == 0.003 and cfg.trainer.accelerator == "gpu"
     assert req["Environment"] == {"SM_CHECKPOINT_DIR": "/opt/ml/checkpoints", "PYTHONUNBUFFERED": "1"}
     assert not req.get("EnableManagedSpotTraining") and "CheckpointConfig" not in req and "ProfilerConfig" not in req
@@ -164,7 +164,7 @@ def test_multi_instance_spot_profiled_job(aws):
     hps = req["HyperParameters"]
     assert {"trainer.devices=1", "trainer.num_nodes=2", "trainer.strategy=ddp",
             "++trainer.profiler=simple"} <= set(only_training_overrides(hps))
-    cfg = compose_cfg("train", only_training_overrides(hps))
+    cfg = compose("train", only_training_overrides(hps))
     assert cfg.trainer.devices * cfg.trainer.num_nodes == 2 and cfg.trainer.strategy == "ddp"
     drivers = f"{BUCKET}/bincount/{first.job_name}/input/sm_drivers/"
     puts = aws.puts(drivers)
@@ -173,26 +173,26 @@ def test_multi_instance_spot_profiled_job(aws):
 
 
 def test_processes_follow_the_instance_type(aws):
-    cfg = launch.compose_launch(["sagemaker.instance_type=ml.g5.12xlarge", "sagemaker.instance_count=3"])
+    cfg = compose("launch", ["sagemaker.instance_type=ml.g5.12xlarge", "sagemaker.instance_count=3"])
     assert launch.trainer_overrides(cfg, []) == ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
                                                  "trainer.devices=4", "trainer.num_nodes=3", "trainer.strategy=ddp"]
-    cpu = launch.compose_launch(["sagemaker=cpu", "+experiment=resnet18_subset"])  # a GPU experiment on a CPU box
+    cpu = compose("launch", ["sagemaker=cpu", "+experiment=resnet18_subset"])  # a GPU experiment on a CPU box
     assert launch.trainer_overrides(cpu, []) == ["trainer.accelerator=cpu", "trainer.precision=32-true"]
     with pytest.raises(KeyError, match="processes_per_instance"):
-        launch.trainer_overrides(launch.compose_launch(["sagemaker.instance_type=ml.x9.huge"]), [])
+        launch.trainer_overrides(compose("launch", ["sagemaker.instance_type=ml.x9.huge"]), [])
     # the instance decides the accelerator, also when processes_per_instance is given
-    g5 = launch.compose_launch(["sagemaker.instance_type=ml.g5.12xlarge", "sagemaker.processes_per_instance=4"])
+    g5 = compose("launch", ["sagemaker.instance_type=ml.g5.12xlarge", "sagemaker.processes_per_instance=4"])
     assert launch.trainer_overrides(g5, [])[:3] == ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
                                                     "trainer.devices=4"]
-    quick = launch.compose_launch(["+experiment=quickstart", "sagemaker.instance_type=ml.g5.12xlarge",
+    quick = compose("launch", ["+experiment=quickstart", "sagemaker.instance_type=ml.g5.12xlarge",
                                    "sagemaker.processes_per_instance=2"])  # quickstart's trainer is cpu
     assert launch.trainer_overrides(quick, [])[0] == "trainer.accelerator=gpu"
-    m5 = launch.compose_launch(["sagemaker=cpu", "sagemaker.processes_per_instance=2"])
+    m5 = compose("launch", ["sagemaker=cpu", "sagemaker.processes_per_instance=2"])
     assert launch.trainer_overrides(m5, [])[0] == "trainer.accelerator=cpu"
-    g6 = launch.compose_launch(["sagemaker.instance_type=ml.g6.xlarge", "sagemaker.processes_per_instance=1"])
+    g6 = compose("launch", ["sagemaker.instance_type=ml.g6.xlarge", "sagemaker.processes_per_instance=1"])
     assert launch.trainer_overrides(g6, []) == ["trainer.accelerator=gpu"]  # not in the price table: its family
     with pytest.raises(KeyError, match="can't tell"):
-        launch.trainer_overrides(launch.compose_launch(["sagemaker.instance_type=ml.trn1.2xlarge",
+        launch.trainer_overrides(compose("launch", ["sagemaker.instance_type=ml.trn1.2xlarge",
                                                         "sagemaker.processes_per_instance=2"]), [])
 
 
@@ -276,7 +276,7 @@ def test_tuning_job_uses_the_optuna_search_space(aws):
     [req] = aws.calls("CreateHyperParameterTuningJob")
     assert req["HyperParameterTuningJobName"] == sub.job_name and len(sub.job_name) <= 32
     config = req["HyperParameterTuningJobConfig"]
-    optuna = compose_cfg("train", ["hparams_search=lr_optuna"])  # the local sweep's settings
+    optuna = compose("train", ["hparams_search=lr_optuna"])  # the local sweep's settings
     assert config["Strategy"] == "Bayesian"
     assert config["HyperParameterTuningJobObjective"] == {"MetricName": "val/acc_best", "Type": "Maximize"}
     assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 6, "MaxParallelTrainingJobs": 1}
@@ -311,7 +311,7 @@ def test_search_space_translation():
     with pytest.raises(ValueError, match="not a sweep"):
         tune.parameter_range("0.5")
     with pytest.raises(ValueError, match="hparams_search"):
-        tune.search_space(launch.compose_launch([], return_hydra_config=True))
+        tune.search_space(compose("launch", [], return_hydra_config=True))
 
 
 def documented_commands(module) -> list[list[str]]:

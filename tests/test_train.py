@@ -9,11 +9,11 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
-from bincount.config import config_dir
+from bincount.config import compose, config_dir
 from bincount.evaluate import evaluate
 from bincount.models.module import BinCountModule
 from bincount.train import train
-from tests.conftest import FAST, compose_cfg, set_output_dir
+from tests.conftest import FAST, set_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"acc", "obo_acc", "mae", "rmse", "n", "per_class_acc", "confusion_matrix",
@@ -22,7 +22,7 @@ METRIC_KEYS = {"acc", "obo_acc", "mae", "rmse", "n", "per_class_acc", "confusion
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml")))
 def test_every_experiment_composes(name, tmp_path):
-    cfg = compose_cfg("train", [f"+experiment={name}", "data.root=x"])
+    cfg = compose("train", [f"+experiment={name}", "data.root=x"])
     assert cfg.model.min_count == cfg.data.min_count
     set_output_dir(cfg, tmp_path)
     model = __import__("hydra").utils.instantiate(cfg.model, weights=None)
@@ -36,15 +36,15 @@ def test_first_line_of_every_experiment_is_its_command():
 
 
 def test_hparams_search_composes():
-    cfg = compose_cfg("train", ["hparams_search=lr_optuna", "+experiment=quickstart"])
+    cfg = compose("train", ["hparams_search=lr_optuna", "+experiment=quickstart"])
     assert cfg.optimized_metric == "val/acc_best"
 
 
 def test_misspelt_key_fails_at_composition():
     with pytest.raises(ConfigCompositionException):
-        compose_cfg("train", ["data.rooot=x"])
+        compose("train", ["data.rooot=x"])
     with pytest.raises(ConfigCompositionException):
-        compose_cfg("train", ["+experiment=quickstrat"])
+        compose("train", ["+experiment=quickstrat"])
 
 
 def test_train_writes_the_run_folder_and_eval_reproduces_it(train_cfg, tmp_path):
@@ -64,7 +64,7 @@ def test_train_writes_the_run_folder_and_eval_reproduces_it(train_cfg, tmp_path)
     assert sum(float(rows[0][f"prob_{k}"]) for k in range(1, 6)) == pytest.approx(1, abs=1e-3)
 
     # the exported model alone (no Lightning checkpoint) gives the same test predictions
-    eval_cfg = compose_cfg("eval", [f"data.root={cfg.data.root}", *FAST, "data.split=block",
+    eval_cfg = compose("eval", [f"data.root={cfg.data.root}", *FAST, "data.split=block",
                                     f"model_dir={run / 'model'}"])
     set_output_dir(eval_cfg, tmp_path / "eval")
     again = evaluate(eval_cfg)
@@ -79,11 +79,11 @@ def test_eval_all_from_checkpoint_and_load_without_hydra(train_cfg, tmp_path, fa
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     model = BinCountModule.load_from_checkpoint(ckpt, map_location="cpu")
     assert model.hparams.arch == "resnet18" and model.num_classes == 5
-    eval_cfg = compose_cfg("eval", [f"data.root={root}", *FAST, f"ckpt_path={ckpt}"])
+    eval_cfg = compose("eval", [f"data.root={root}", *FAST, f"ckpt_path={ckpt}"])
     set_output_dir(eval_cfg, tmp_path / "eval")
     report = evaluate(eval_cfg)
     assert report["n"] == len(made["good"])
-    neither = compose_cfg("eval", [f"data.root={root}"])
+    neither = compose("eval", [f"data.root={root}"])
     with pytest.raises(ValueError, match="exactly one"):
         evaluate(set_output_dir(neither, tmp_path / "e2"))
 
@@ -107,7 +107,7 @@ def test_with_ema_test_and_export_use_the_validated_average(train_cfg, tmp_path,
     report = json.loads((run / "metrics.json").read_text())
     for name, source in (("from_model_dir", f"model_dir={run / 'model'}"),
                          ("from_checkpoint", f"ckpt_path={run / 'checkpoints' / config['checkpoint']}")):
-        eval_cfg = compose_cfg("eval", [f"data.root={root}", *FAST, "data.split=block", source])
+        eval_cfg = compose("eval", [f"data.root={root}", *FAST, "data.split=block", source])
         again = evaluate(set_output_dir(eval_cfg, tmp_path / name))
         assert (again["acc"], again["mae"], again["confusion_matrix"]) == (
             report["acc"], report["mae"], report["confusion_matrix"]), name
@@ -154,7 +154,7 @@ def test_optuna_sweep_runs_and_reports_best(fake_abid, tmp_path):
 @pytest.mark.integration
 @pytest.mark.skipif(not (REPO.parent / "shared" / "abid").is_dir(), reason="../shared/abid not present")
 def test_short_training_on_real_abid_photos(tmp_path):
-    cfg = compose_cfg("train", ["+experiment=quickstart", f"data.root={REPO.parent / 'shared' / 'abid'}",
+    cfg = compose("train", ["+experiment=quickstart", f"data.root={REPO.parent / 'shared' / 'abid'}",
                                 "data.image_size=64", "data.num_workers=0", "trainer.max_epochs=1",
                                 "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2",
                                 "callbacks.rich_progress_bar=null"])
