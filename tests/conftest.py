@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,13 @@ def fake_abid(tmp_path_factory) -> tuple[Path, dict]:
     """A 40-photo fake ABID folder (counts 1..5) plus one photo of each kind of bad input."""
     root = tmp_path_factory.mktemp("fake_abid")
     return root, make_fake_abid(root)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it), for a server or torchrun."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # small, fast, CPU-only and quiet: what every test run of train()/evaluate() uses
@@ -44,7 +52,7 @@ def train_cfg(tmp_path, fake_abid):
 
     def make(*overrides: str, out: Path | None = None) -> DictConfig:
         cfg = compose("train", [f"data.root={root}", *FAST, "trainer.max_epochs=1",
-                                      "callbacks.rich_model_summary=null", *overrides])
+                                  "callbacks.rich_model_summary=null", *overrides])
         return set_output_dir(cfg, out or tmp_path / "run")
 
     return make

@@ -104,7 +104,7 @@ def test_bfloat16_training_tests_calibrates_and_exports_in_float32(train_cfg, tm
     assert {t.dtype for t in exported.values() if t.is_floating_point()} == {torch.float32}
     report = json.loads((run / "metrics.json").read_text())
     again = evaluate(set_output_dir(compose("eval", [f"data.root={root}", *FAST, "data.split=block",
-                                                         f"model_dir={run / 'model'}"]), tmp_path / "eval"))
+                                                     f"model_dir={run / 'model'}"]), tmp_path / "eval"))
     assert (again["acc"], again["mae"], again["confusion_matrix"]) == (
         report["acc"], report["mae"], report["confusion_matrix"])
     assert (tmp_path / "eval" / "predictions.csv").read_text() == (run / "predictions.csv").read_text()

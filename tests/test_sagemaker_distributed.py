@@ -16,8 +16,8 @@ import pytest
 
 from bincount.config import compose
 from sagemaker_launch import launch
-from tests.conftest import FAST
-from tests.moto_server import aws, free_port, moto_server  # noqa: F401  (fixtures)
+from tests.conftest import FAST, free_port
+from tests.moto_server import aws, moto_server  # noqa: F401  (fixtures)
 from tests.sagemaker_container import lay_out_container
 
 JOB = [*FAST, "callbacks.rich_model_summary=null", "trainer.max_epochs=2", "sagemaker=cpu",

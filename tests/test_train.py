@@ -65,7 +65,7 @@ def test_train_writes_the_run_folder_and_eval_reproduces_it(train_cfg, tmp_path)
 
     # the exported model alone (no Lightning checkpoint) gives the same test predictions
     eval_cfg = compose("eval", [f"data.root={cfg.data.root}", *FAST, "data.split=block",
-                                    f"model_dir={run / 'model'}"])
+                                f"model_dir={run / 'model'}"])
     set_output_dir(eval_cfg, tmp_path / "eval")
     again = evaluate(eval_cfg)
     assert again["acc"] == report["acc"] and again["confusion_matrix"] == report["confusion_matrix"]
@@ -155,9 +155,9 @@ def test_optuna_sweep_runs_and_reports_best(fake_abid, tmp_path):
 @pytest.mark.skipif(not (REPO.parent / "shared" / "abid").is_dir(), reason="../shared/abid not present")
 def test_short_training_on_real_abid_photos(tmp_path):
     cfg = compose("train", ["+experiment=quickstart", f"data.root={REPO.parent / 'shared' / 'abid'}",
-                                "data.image_size=64", "data.num_workers=0", "trainer.max_epochs=1",
-                                "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2",
-                                "callbacks.rich_progress_bar=null"])
+                            "data.image_size=64", "data.num_workers=0", "trainer.max_epochs=1",
+                            "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2",
+                            "callbacks.rich_progress_bar=null"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     metrics = train(cfg)
