@@ -38,6 +38,7 @@ from omegaconf import DictConfig
 
 from bincount.config import compose
 from sagemaker_launch import cost
+from sagemaker_launch.session import console_url
 
 log = logging.getLogger("sagemaker_launch")
 
@@ -208,7 +209,7 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
         action = f"updating endpoint (was config {previous}, kept until delete)"
     print(f"{action} {name} ({cfg.instance_count} x {cfg.instance_type}, {image})\n"
           f"  model and endpoint config {resource}: {model_data}\n"
-          f"  https://{cfg.region}.console.aws.amazon.com/sagemaker/home?region={cfg.region}#/endpoints/{name}")
+          f"  {console_url(cfg.region, name, 'endpoint')}")
     try:
         line = cost.estimate(cfg.instance_type, cfg.instance_count, 1, table="hosting")
         print(f"  costs about {line.on_demand_usd:.3f} USD per hour until deleted: "

@@ -21,9 +21,10 @@ from bincount.models.backbones import build_backbone
 from bincount.models.card import EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
 from sagemaker_launch import deploy
-from sagemaker_launch.entry import export_model
+from sagemaker_launch.export import export_model
+from tests.conftest import free_port
 from tests.fakes import write_bin_photo
-from tests.moto_server import BUCKET, ROLE, MotoServer, aws, free_port, with_moto_fixes  # noqa: F401  (fixture)
+from tests.moto_server import BUCKET, ROLE, MotoServer, aws, with_moto_fixes  # noqa: F401  (fixture)
 
 ABID_IMAGES = Path("/work/shared/abid/bin-images")
 RESOURCE = re.compile(r"bincount-test-\d{4}-\d{2}-\d{2}-\d{2}-\d{2}-\d{2}-\d{3}")  # <endpoint>-<timestamp>

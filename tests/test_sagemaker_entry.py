@@ -15,12 +15,11 @@ import torch
 
 from bincount.config import compose
 from sagemaker_launch import entry
-from sagemaker_launch.entry import (ContainerEnv, container_overrides, decode_hyperparameters, distributed_overrides,
-                                    encode_override, encode_overrides, newest_checkpoint, parse_argv,
-                                    read_hyperparameters)
-from tests.conftest import FAST
+from sagemaker_launch.entry import ContainerEnv, container_overrides, distributed_overrides, newest_checkpoint
+from sagemaker_launch.hyperparameters import (decode_hyperparameters, encode_override, encode_overrides, parse_argv,
+                                              read_hyperparameters)
+from tests.conftest import FAST, free_port
 from tests.fakes import make_fake_abid
-from tests.moto_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = REPO / "sagemaker_launch" / "entry.py"

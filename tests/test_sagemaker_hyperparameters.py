@@ -1,5 +1,5 @@
 """Hydra overrides reach the container's entry unchanged, through both ways SageMaker hands a job
-its hyperparameters, run with SageMaker's own installed code (sagemaker_launch/entry.py's codec):
+its hyperparameters, run with SageMaker's own installed code (sagemaker_launch/hyperparameters.py, the codec):
 
 - a training job (ModelTrainer): the SDK's ``environment.py`` ``set_env`` writes the env file,
   ``bash`` sources it under ``set -e`` as ``sm_train.sh`` does, then the SDK's basic-script driver
@@ -32,9 +32,11 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from bincount.config import compose
-from sagemaker_launch.entry import (ContainerEnv, decode_hyperparameters, drop_trial_checkpoints,
-                                    encode_override, encode_overrides, is_tuning_trial, parse_argv,
-                                    serving_requirements)
+from sagemaker_launch.entry import ContainerEnv, drop_trial_checkpoints
+from sagemaker_launch.export import serving_requirements
+from sagemaker_launch.hyperparameters import (decode_hyperparameters, encode_override, encode_overrides,
+                                              is_tuning_trial, parse_argv)
+from sagemaker_launch.plan import plan_training_job
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVERS = Path(importlib.util.find_spec("sagemaker").submodule_search_locations[0]) / "train" / "container_drivers"
@@ -61,7 +63,7 @@ JOBS = {
 
 # the job's entry, standing in for sagemaker_launch/entry.py: what it would compose with
 PROBE = """import json, os, sys
-from sagemaker_launch.entry import decode_hyperparameters, parse_argv
+from sagemaker_launch.hyperparameters import decode_hyperparameters, parse_argv
 with open(os.environ["PROBE_OUT"], "w") as f:
     json.dump({"argv": sys.argv[1:], "overrides": decode_hyperparameters(parse_argv(sys.argv[1:]))}, f)
 """
@@ -156,6 +158,18 @@ def run_training_toolkit(hyperparameters: dict[str, str], tmp: Path) -> dict:
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((tmp / "probe.json").read_text())
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_one_codec_round_trips_what_a_launch_plans(job):
+    """The launcher's encoding and the entry's decoding are one module: the hyperparameters
+    ``plan_training_job`` makes of a real launch (the job's overrides plus the trainer the instance
+    needs) decode to those overrides, in any key order and as ``$SM_HPS`` JSON holds them."""
+    overrides = [*JOBS[job], "sagemaker=cpu", "sagemaker.inputs.train=s3://bucket/abid"]
+    planned = plan_training_job(compose("launch", overrides), overrides)
+    assert "trainer.accelerator=cpu" in planned.overrides  # added by the plan, not typed
+    shuffled = dict(sorted(planned.hyperparameters.items(), reverse=True))
+    assert_delivered(decode_hyperparameters(json.loads(json.dumps(shuffled))), planned.overrides)
 
 
 @pytest.mark.parametrize("job", JOBS)

@@ -24,7 +24,7 @@ from bincount.models.backbones import build_backbone
 from bincount.models.card import EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
 from sagemaker_launch import deploy
-from sagemaker_launch.entry import export_model
+from sagemaker_launch.export import export_model
 from tests.fakes import write_bin_photo
 
 WORKER = '''

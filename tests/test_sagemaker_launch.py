@@ -18,8 +18,8 @@ from omegaconf.errors import MissingMandatoryValue
 
 from bincount.callbacks import PREFIX, format_metrics
 from bincount.config import compose
-from sagemaker_launch import cost, launch, tune
-from sagemaker_launch.entry import decode_hyperparameters
+from sagemaker_launch import cost, launch, plan, session, tune
+from sagemaker_launch.hyperparameters import decode_hyperparameters
 from tests.moto_server import BUCKET, ROLE, aws, moto_server  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,25 +174,25 @@ def test_multi_instance_spot_profiled_job(aws):
 
 def test_processes_follow_the_instance_type(aws):
     cfg = compose("launch", ["sagemaker.instance_type=ml.g5.12xlarge", "sagemaker.instance_count=3"])
-    assert launch.trainer_overrides(cfg, []) == ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
+    assert plan.trainer_overrides(cfg, []) == ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
                                                  "trainer.devices=4", "trainer.num_nodes=3", "trainer.strategy=ddp"]
     cpu = compose("launch", ["sagemaker=cpu", "+experiment=resnet18_subset"])  # a GPU experiment on a CPU box
-    assert launch.trainer_overrides(cpu, []) == ["trainer.accelerator=cpu", "trainer.precision=32-true"]
+    assert plan.trainer_overrides(cpu, []) == ["trainer.accelerator=cpu", "trainer.precision=32-true"]
     with pytest.raises(KeyError, match="processes_per_instance"):
-        launch.trainer_overrides(compose("launch", ["sagemaker.instance_type=ml.x9.huge"]), [])
+        plan.trainer_overrides(compose("launch", ["sagemaker.instance_type=ml.x9.huge"]), [])
     # the instance decides the accelerator, also when processes_per_instance is given
     g5 = compose("launch", ["sagemaker.instance_type=ml.g5.12xlarge", "sagemaker.processes_per_instance=4"])
-    assert launch.trainer_overrides(g5, [])[:3] == ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
+    assert plan.trainer_overrides(g5, [])[:3] == ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
                                                     "trainer.devices=4"]
     quick = compose("launch", ["+experiment=quickstart", "sagemaker.instance_type=ml.g5.12xlarge",
                                    "sagemaker.processes_per_instance=2"])  # quickstart's trainer is cpu
-    assert launch.trainer_overrides(quick, [])[0] == "trainer.accelerator=gpu"
+    assert plan.trainer_overrides(quick, [])[0] == "trainer.accelerator=gpu"
     m5 = compose("launch", ["sagemaker=cpu", "sagemaker.processes_per_instance=2"])
-    assert launch.trainer_overrides(m5, [])[0] == "trainer.accelerator=cpu"
+    assert plan.trainer_overrides(m5, [])[0] == "trainer.accelerator=cpu"
     g6 = compose("launch", ["sagemaker.instance_type=ml.g6.xlarge", "sagemaker.processes_per_instance=1"])
-    assert launch.trainer_overrides(g6, []) == ["trainer.accelerator=gpu"]  # not in the price table: its family
+    assert plan.trainer_overrides(g6, []) == ["trainer.accelerator=gpu"]  # not in the price table: its family
     with pytest.raises(KeyError, match="can't tell"):
-        launch.trainer_overrides(compose("launch", ["sagemaker.instance_type=ml.trn1.2xlarge",
+        plan.trainer_overrides(compose("launch", ["sagemaker.instance_type=ml.trn1.2xlarge",
                                                         "sagemaker.processes_per_instance=2"]), [])
 
 
@@ -215,7 +215,7 @@ def test_dry_run_checks_the_request_against_the_service_model(aws):
     import botocore.session
 
     model = botocore.session.get_session().get_service_model("sagemaker").operation_model("CreateTrainingJob")
-    assert launch.request_errors(sub.request, model) == []
+    assert session.request_errors(sub.request, model) == []
 
     def errors(**changes) -> list[str]:
         req = copy.deepcopy(sub.request)
@@ -225,7 +225,7 @@ def test_dry_run_checks_the_request_against_the_service_model(aws):
             for key in parents:
                 node = node[key]
             node[last] = value
-        return launch.request_errors(req, model)
+        return session.request_errors(req, model)
 
     # what botocore's ParamValidator alone lets through
     assert errors(TrainingJobName="j" * 64) == ["CreateTrainingJob.TrainingJobName: 64 characters, at most 63"]
@@ -249,14 +249,14 @@ def test_dry_run_checks_the_request_against_the_service_model(aws):
 
 
 def test_a_long_base_job_name_is_refused(aws):
-    base = "b" * launch.BASE_JOB_NAME_MAX
+    base = "b" * plan.BASE_JOB_NAME_MAX
     sub = launch.main([f"sagemaker.base_job_name={base}", f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
     assert re.fullmatch(base + r"-\d{14}", sub.job_name)  # 63 characters, the timestamp whole
     with pytest.raises(ValueError, match="loses the timestamp"):
         launch.main([f"sagemaker.base_job_name={base}x", f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
     with pytest.raises(ValueError, match="job name pattern"):
         launch.main(["sagemaker.base_job_name=-x", f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
-    assert launch.job_base_name("a" * 60, "-261202102330-7") == "a" * 33 + "-261202102330-7"
+    assert plan.job_base_name("a" * 60, "-261202102330-7") == "a" * 33 + "-261202102330-7"
     assert aws.requests() == []
 
 
@@ -304,7 +304,7 @@ def test_search_space_translation():
         "tag(int, interval(1, 8))", "choice(32, 64)", "range(1, 5)", "range(0.1, 0.4, 0.1)", "tag(log, interval(1e-4, 1e-2))"))}
     assert type(space["tag(int, interval(1, 8))"]).__name__ == "IntegerParameter"
     assert space["tag(int, interval(1, 8))"].min_value == 1
-    assert space["choice(32, 64)"].values == ["=32", "=64"]  # encoded as static values are (entry.encode_value)
+    assert space["choice(32, 64)"].values == ["=32", "=64"]  # encoded like static values (encode_value)
     assert type(space["range(1, 5)"]).__name__ == "IntegerParameter" and space["range(1, 5)"].max_value == 4
     assert type(space["range(0.1, 0.4, 0.1)"]).__name__ == "CategoricalParameter"
     assert space["tag(log, interval(1e-4, 1e-2))"].scaling_type == "Logarithmic"
