@@ -29,7 +29,7 @@ LAUNCHER_KEYS = ("sagemaker", "hydra", "hparams_search")
 # a longer base would lose the timestamp, and launches would collide
 JOB_NAME_MAX = 63
 BASE_JOB_NAME_MAX = JOB_NAME_MAX - len("-20250101000000")
-METRICS = ("val/acc", "val/acc_best", "val/mae", "val/rmse", "val/obo_acc", "val/loss",
+METRICS = ("val/acc", "val/acc_best", "val/mae", "val/mae_best", "val/rmse", "val/obo_acc", "val/loss",
            "test/acc", "test/mae", "test/rmse", "test/obo_acc")
 
 

@@ -276,14 +276,16 @@ def test_tuning_job_uses_the_optuna_search_space(aws):
     [req] = aws.calls("CreateHyperParameterTuningJob")
     assert req["HyperParameterTuningJobName"] == sub.job_name and len(sub.job_name) <= 32
     config = req["HyperParameterTuningJobConfig"]
-    optuna = compose("train", ["hparams_search=lr_optuna"])  # the local sweep's settings
+    # the local sweep's objective and direction (tests/test_train.py runs them through Optuna)
+    optuna = compose("train", ["hparams_search=lr_optuna"], return_hydra_config=True)
     assert config["Strategy"] == "Bayesian"
-    assert config["HyperParameterTuningJobObjective"] == {"MetricName": "val/acc_best", "Type": "Maximize"}
+    assert config["HyperParameterTuningJobObjective"] == {
+        "MetricName": optuna.optimized_metric, "Type": optuna.hydra.sweeper.direction.capitalize()}
+    assert config["HyperParameterTuningJobObjective"] == {"MetricName": "val/mae_best", "Type": "Minimize"}
     assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 6, "MaxParallelTrainingJobs": 1}
     assert config["ParameterRanges"]["ContinuousParameterRanges"] == [
         {"Name": "model__optimizer__lr", "MinValue": "0.0002", "MaxValue": "0.01", "ScalingType": "Logarithmic"},
         {"Name": "model__optimizer__weight_decay", "MinValue": "0.0", "MaxValue": "0.1", "ScalingType": "Auto"}]
-    assert optuna.optimized_metric == "val/acc_best"
     job = req["TrainingJobDefinition"]
     static = job["StaticHyperParameters"]
     assert "model__optimizer__lr" not in static and "hparams_search" not in static  # tuned / launcher-only
@@ -293,8 +295,11 @@ def test_tuning_job_uses_the_optuna_search_space(aws):
     assert job["EnableManagedSpotTraining"] is True
     assert job["CheckpointConfig"]["S3Uri"] == f"s3://{BUCKET}/bincount/{sub.job_name}/checkpoints"
     assert job["Environment"]["SM_CHECKPOINT_DIR"] == "/opt/ml/checkpoints"
-    regex = {m["Name"]: m["Regex"] for m in job["AlgorithmSpecification"]["MetricDefinitions"]}["val/acc_best"]
-    assert re.search(regex, f"{PREFIX} validation epoch=0 global_step=3 val/acc=0.5 val/acc_best=0.625").group(1) == "0.625"
+    # the objective's regex reads it from the validation line training logs (val/mae_best next to val/mae)
+    regex = {m["Name"]: m["Regex"] for m in job["AlgorithmSpecification"]["MetricDefinitions"]}["val/mae_best"]
+    line = f"{PREFIX} validation epoch=1 global_step=6 " + format_metrics(
+        {"val/acc": 0.5, "val/acc_best": 0.625, "val/mae": 0.75, "val/mae_best": 0.5625})
+    assert re.search(regex, line).group(1) == "0.5625"
     tarball = aws.puts(static["sagemaker_submit_directory"][len("s3://"):])
     assert len(tarball) == 1
 

@@ -35,9 +35,20 @@ def test_first_line_of_every_experiment_is_its_command():
         assert lines[0] == "# @package _global_" and f"+experiment={path.stem}" in lines[1], path
 
 
-def test_hparams_search_composes():
-    cfg = compose("train", ["hparams_search=lr_optuna", "+experiment=quickstart"])
-    assert cfg.optimized_metric == "val/acc_best"
+def test_the_local_sweep_keeps_the_trial_with_the_lowest_val_mae():
+    """What the Optuna sweeper does with ``hparams_search=lr_optuna``: its own direction handling
+    makes the study, and each trial's value is what ``main()`` returns (``optimized_metric``)."""
+    import optuna
+    from hydra.utils import instantiate
+
+    cfg = compose("train", ["hparams_search=lr_optuna", "+experiment=quickstart"], return_hydra_config=True)
+    assert cfg.optimized_metric == "val/mae_best"
+    sweeper = instantiate(cfg.hydra.sweeper).sweeper  # hydra-optuna-sweeper's OptunaSweeperImpl
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=sweeper._get_directions())
+    for mae in (0.8, 0.3, 0.5):
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=mae))
+    assert study.best_value == 0.3
 
 
 def test_misspelt_key_fails_at_composition():
@@ -57,6 +68,10 @@ def test_train_writes_the_run_folder_and_eval_reproduces_it(train_cfg, tmp_path)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     report = json.loads((run / "metrics.json").read_text())
     assert METRIC_KEYS <= report.keys()
+    # what main() returns to a sweep (hparams_search=lr_optuna): the lowest val/mae of the epochs
+    objective = compose("train", ["hparams_search=lr_optuna"]).optimized_metric
+    val_mae = [float(r["val/mae"]) for r in csv.DictReader((run / "csv/version_0/metrics.csv").open()) if r["val/mae"]]
+    assert val_mae and metrics[objective] == pytest.approx(min(val_mae), abs=1e-6)
     assert report["acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
     rows = list(csv.DictReader((run / "predictions.csv").open()))
     assert len(rows) == report["n"] == sum(map(sum, report["confusion_matrix"]))
