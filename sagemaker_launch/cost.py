@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from bincount.config import config_dir
+from bincount.config import compose, config_dir
 
 PRICES_FILE = "sagemaker/prices.yaml"
 
@@ -145,9 +145,7 @@ def job_hours(sm: DictConfig) -> float:
 
 def main(argv: list[str] | None = None) -> str:
     """Print the cost of the composed ``sagemaker`` config on every training instance type."""
-    from sagemaker_launch.launch import compose_launch
-
-    cfg = compose_launch(list(sys.argv[1:] if argv is None else argv))
+    cfg = compose("launch", list(sys.argv[1:] if argv is None else argv))
     sm, prices = cfg.sagemaker, load_prices()
     hours = job_hours(sm)
     lines = [estimate(t, sm.instance_count, hours, prices=prices) for t in prices.training]

@@ -23,8 +23,6 @@ removes the endpoint and every endpoint config and model deployed under its name
 
 from __future__ import annotations
 
-import base64
-import functools
 import json
 import logging
 import re
@@ -36,26 +34,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from bincount.config import config_dir
+from bincount.config import compose
 from sagemaker_launch import cost
+from sagemaker_launch.payload import max_request_bytes, request_body, split_requests
+from sagemaker_launch.session import console_url
 
 log = logging.getLogger("sagemaker_launch")
 
 COMMANDS = ("create", "invoke", "delete")
-
-
-def compose_deploy(overrides: list[str]) -> DictConfig:
-    """``conf/deploy.yaml`` composed with ``overrides``.
-
-    Raises:
-        hydra.errors.ConfigCompositionException: On an unknown key.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="deploy", overrides=overrides)
 
 
 def parse_argv(argv: list[str]) -> tuple[str, list[str], list[str]]:
@@ -222,7 +208,7 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
         action = f"updating endpoint (was config {previous}, kept until delete)"
     print(f"{action} {name} ({cfg.instance_count} x {cfg.instance_type}, {image})\n"
           f"  model and endpoint config {resource}: {model_data}\n"
-          f"  https://{cfg.region}.console.aws.amazon.com/sagemaker/home?region={cfg.region}#/endpoints/{name}")
+          f"  {console_url(cfg.region, name, 'endpoint')}")
     try:
         line = cost.estimate(cfg.instance_type, cfg.instance_count, 1, table="hosting")
         print(f"  costs about {line.on_demand_usd:.3f} USD per hour until deleted: "
@@ -235,87 +221,13 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
     return Deployment(name, model_data, image, str(endpoint.endpoint_status), resource, previous)
 
 
-# the JSON request, {"instances": [...], "expected_quantity": [...]}, assembled from encoded
-# pieces so that its size is known exactly before it is built (json.dumps' separators)
-_HEAD, _MID, _TAIL, _SEP = '{"instances": [', '], "expected_quantity": [', "]}", ", "
-
-
-@functools.cache
-def max_request_bytes() -> int:
-    """InvokeEndpoint's largest request body in bytes (6 MiB), from botocore's service model.
-
-    botocore's parameter validation does not check it; SageMaker refuses a larger body.
-    """
-    import botocore.session
-
-    runtime = botocore.session.get_session().get_service_model("sagemaker-runtime")
-    return int(runtime.operation_model("InvokeEndpoint").input_shape.members["Body"].metadata["max"])
-
-
-def instance_json(photo: str) -> str:
-    """One photo's entry of the JSON request: ``{"image_b64": ...}`` (local file) or ``{"s3_uri": ...}``."""
-    if photo.startswith("s3://"):
-        return json.dumps({"s3_uri": photo})
-    return json.dumps({"image_b64": base64.b64encode(Path(photo).read_bytes()).decode()})
-
-
-def request_body(photos: list[str], expected_quantity: int | None = None) -> str:
-    """The JSON request for ``photos`` (local files inline as base64, ``s3://`` URIs by reference).
-
-    ASCII only (``json.dumps`` escapes the rest), so its length in characters is its size in bytes.
-    """
-    expected = _SEP.join([json.dumps(expected_quantity)] * len(photos))
-    return _HEAD + _SEP.join(instance_json(p) for p in photos) + _MID + expected + _TAIL
-
-
-def split_requests(photos: list[str], expected_quantity: int | None = None, *, max_bytes: int,
-                   max_photos: int) -> list[list[str]]:
-    """Split ``photos`` into consecutive groups whose :func:`request_body` fits the limits.
-
-    Each group takes as many photos as fit, in order, so the groups' answers concatenated are
-    the answers in the photos' order. Sizes are those of the encoded entries (every local photo
-    is read and base64-encoded here, once more when its request is built).
-
-    Args:
-        photos: Local files or ``s3://`` URIs.
-        expected_quantity: Sent for every photo (``None``: ``null``).
-        max_bytes: Largest request body, bytes (InvokeEndpoint: :func:`max_request_bytes`).
-        max_photos: Most photos in one request (the handler's ``BINCOUNT_MAX_INSTANCES``).
-
-    Returns:
-        The groups, in order; together exactly ``photos``.
-
-    Raises:
-        ValueError: ``max_photos`` below 1, or a photo whose request alone is over ``max_bytes``.
-    """
-    if max_photos < 1:
-        raise ValueError(f"max_photos={max_photos}: a request must be allowed at least one photo")
-    empty, expected, sep = len(_HEAD + _MID + _TAIL), len(json.dumps(expected_quantity)), 2 * len(_SEP)
-    groups: list[list[str]] = []
-    group: list[str] = []
-    size = empty
-    for photo in photos:
-        entry = len(instance_json(photo)) + expected
-        if empty + entry > max_bytes:
-            raise ValueError(f"{photo}: its request alone is {empty + entry} bytes (a photo grows by 4/3 as base64), "
-                             f"over the limit of {max_bytes} bytes; upload it to S3 and pass its s3:// URI instead")
-        if group and (size + sep + entry > max_bytes or len(group) == max_photos):
-            groups.append(group)
-            group, size = [], empty
-        size += entry + (sep if group else 0)
-        group.append(photo)
-    if group:
-        groups.append(group)
-    return groups
-
-
 def invoke_endpoint(cfg: DictConfig, photos: list[str]) -> dict[str, Any]:
     """Ask endpoint ``cfg.endpoint`` for the count of every photo, in as few JSON requests as fit.
 
     Each request is the handler's JSON form (:mod:`bincount.serve.inference`),
     ``{"instances": [{"image_b64": ...} or {"s3_uri": ...}], "expected_quantity": [...]}``, of at
-    most :func:`max_request_bytes` bytes and ``cfg.max_photos_per_request`` photos (see
-    :func:`split_requests`); every photo is checked to fit before the first request is sent.
+    most :func:`sagemaker_launch.payload.max_request_bytes` bytes and ``cfg.max_photos_per_request`` photos (see
+    :func:`sagemaker_launch.payload.split_requests`); every photo is checked to fit before the first request is sent.
 
     Args:
         cfg: ``conf/deploy.yaml`` (``endpoint``, ``expected_quantity`` for every photo or null,
@@ -403,7 +315,7 @@ def main(argv: list[str] | None = None):
     """Run ``create`` (the default), ``invoke`` or ``delete``; see the module docstring."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     command, overrides, photos = parse_argv(list(sys.argv[1:] if argv is None else argv))
-    cfg = compose_deploy(overrides)
+    cfg = compose("deploy", overrides)
     if command == "invoke":
         return invoke_endpoint(cfg, photos)
     if command == "delete":

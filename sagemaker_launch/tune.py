@@ -18,7 +18,7 @@ Tuning jobs bypass ModelTrainer's drivers: the PyTorch image's training toolkit 
 multi-process trial gets ``sagemaker_torch_distributed_enabled=true`` (torchrun over all GPUs of
 every instance). Tuned values reach the entry as SageMaker sends them (plain numbers); categorical
 values and the static hyperparameters are encoded like a training job's
-(:func:`sagemaker_launch.entry.encode_value`), so they reach Hydra as typed.
+(:func:`sagemaker_launch.hyperparameters.encode_value`), so they reach Hydra as typed.
 
 With spot, the trials share one explicit checkpoint URI: a tuning job takes one
 ``CheckpointConfig`` for all its trials, and SageMaker copies everything under that URI into each
@@ -38,10 +38,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from sagemaker_launch.entry import MAX_CATEGORICAL_CHARS, encode_override, encode_value, parse_value
-from sagemaker_launch.launch import (DryRun, channels, compose_launch, console_url, cost_text, describe_request,
-                                     make_model_trainer, make_session, metric_definitions, parse_argv,
-                                     plan_training_job, precision_text, role_for, Submission)
+from bincount.config import compose
+from sagemaker_launch.hyperparameters import MAX_CATEGORICAL_CHARS, encode_override, encode_value, parse_value
+from sagemaker_launch.launch import Submission, channels, make_model_trainer, parse_argv
+from sagemaker_launch.plan import cost_text, metric_definitions, plan_training_job, precision_text
+from sagemaker_launch.session import DryRun, console_url, describe_request, make_session, role_for
 from sagemaker_launch.source import stage_source
 
 log = logging.getLogger("sagemaker_launch")
@@ -167,7 +168,7 @@ def submit_tuning_job(cfg: DictConfig, overrides: list[str], *, dry_run: bool = 
         wait: Wait until the tuning job ends.
 
     Raises:
-        ValueError: See :func:`search_space` and :func:`sagemaker_launch.launch.plan_training_job`.
+        ValueError: See :func:`search_space` and :func:`sagemaker_launch.plan.plan_training_job`.
     """
     from sagemaker.train.tuner import HyperparameterTuner
 
@@ -198,8 +199,7 @@ def submit_tuning_job(cfg: DictConfig, overrides: list[str], *, dry_run: bool = 
         except DryRun as stop:
             return Submission(stop.params, name, hook.uploads, True)
     request = hook.sent["CreateHyperParameterTuningJob"][-1]
-    print(f"tuning job {name}\n  https://{sm.region}.console.aws.amazon.com/sagemaker/home?region={sm.region}"
-          f"#/hyper-tuning-jobs/{name}", flush=True)
+    print(f"tuning job {name}\n  {console_url(sm.region, name, 'tuning')}", flush=True)
     if wait:
         tuner.wait()
         best = tuner.best_training_job()
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> Submission:
     """Compose, check and submit (or dry-run) a tuning job; see the module docstring."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     flags, overrides = parse_argv(list(sys.argv[1:] if argv is None else argv))
-    cfg = compose_launch(overrides, return_hydra_config=True)
+    cfg = compose("launch", overrides, return_hydra_config=True)
     dry_run = flags.dry_run or bool(cfg.sagemaker.dry_run)
     sub = submit_tuning_job(cfg, overrides, dry_run=dry_run, wait=bool(cfg.sagemaker.wait) and not flags.no_wait)
     if dry_run:

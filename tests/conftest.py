@@ -1,13 +1,13 @@
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 from omegaconf import DictConfig
 
-# FAST, compose_cfg and set_output_dir live in tests/fakes.py; imported here for train_cfg (and for
-# test modules that still import them from tests.conftest)
-from tests.fakes import FAST, compose_cfg, make_fake_abid, set_output_dir  # noqa: F401
+from bincount.config import compose
+from tests.fakes import FAST, make_fake_abid, set_output_dir
 
 SHARED_ABID = Path(__file__).resolve().parents[1].parent / "shared" / "abid"
 
@@ -19,14 +19,21 @@ def fake_abid(tmp_path_factory) -> tuple[Path, dict]:
     return root, make_fake_abid(root)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it), for a server or torchrun."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def train_cfg(tmp_path, fake_abid):
     """``train.yaml`` composed for a fast CPU run on the fake folder; extra overrides as args."""
     root, _ = fake_abid
 
     def make(*overrides: str, out: Path | None = None) -> DictConfig:
-        cfg = compose_cfg("train", [f"data.root={root}", *FAST, "trainer.max_epochs=1",
-                                      "callbacks.rich_model_summary=null", *overrides])
+        cfg = compose("train", [f"data.root={root}", *FAST, "trainer.max_epochs=1",
+                                  "callbacks.rich_model_summary=null", *overrides])
         return set_output_dir(cfg, out or tmp_path / "run")
 
     return make

@@ -7,12 +7,9 @@ import json
 import random
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 from PIL import Image, ImageDraw
 
-from bincount.config import config_dir
 
 
 def write_bin_photo(path: Path, count: int, *, size: int = 64, seed: int = 0) -> None:
@@ -84,14 +81,6 @@ def corrupt_middle(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[4:-2] = b"\x00" * (len(data) - 6)
     path.write_bytes(bytes(data))
-
-
-def compose_cfg(config_name: str, overrides: list[str], *, return_hydra_config: bool = False) -> DictConfig:
-    """The real ``conf/<config_name>.yaml`` composed with ``overrides``, as ``train.py`` composes it
-    (with Hydra's own ``hydra`` node, e.g. the sweeper's, if ``return_hydra_config``)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config)
 
 
 # small, fast, CPU-only and quiet: what every test run of train()/evaluate() uses

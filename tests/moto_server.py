@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,11 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
+from tests.conftest import free_port
+
 REGION = "us-east-1"
 BUCKET = "bincount-test"
 ROLE = "arn:aws:iam::123456789012:role/BincountSageMaker"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

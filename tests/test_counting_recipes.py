@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from bincount.config import compose
 from bincount.data.abid import BinRecord, block_split, per_image_split
 from bincount.data.datamodule import ABIDDataModule
 from bincount.data.dataset import BinImageDataset
@@ -21,7 +22,6 @@ from bincount.models.decoding import FlipTTA, decode_counts, with_tta
 from bincount.models.module import BinCountModule, soft_count_targets
 from bincount.serve.inference import CountingModel, make_predictions
 from bincount.train import train
-from tests.fakes import compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,9 +174,9 @@ def test_every_recipe_composes_into_a_training_config():
     recipes = rc.load_recipes()
     assert {"udacity_capstone", "quickstart"} <= set(recipes)
     for name, recipe in recipes.items():
-        cfg = compose_cfg("train", [*recipe["overrides"], "data.root=x"])  # a misspelt key raises here
+        cfg = compose("train", [*recipe["overrides"], "data.root=x"])  # a misspelt key raises here
         assert cfg.model.arch == "resnet18", name
-    assert compose_cfg("train", recipes["quickstart_pretrained"]["overrides"]).model.weights == "IMAGENET1K_V1"
+    assert compose("train", recipes["quickstart_pretrained"]["overrides"]).model.weights == "IMAGENET1K_V1"
 
 
 def test_a_failed_run_names_its_error(tmp_path):

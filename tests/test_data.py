@@ -6,13 +6,13 @@ import torchvision
 from omegaconf import OmegaConf
 from PIL import Image
 
+from bincount.config import compose
 from bincount.data.abid import block_split, build_index
 from bincount.data.datamodule import ABIDDataModule
 from bincount.data.dataset import BinImageDataset, collate_skip_none
 from bincount.data.decode import decode_rgb_bytes, decode_rgb_file
 from bincount.data.transforms import CountingPresetEval, CountingPresetTrain
 from bincount.models.card import EvalPreset
-from tests.conftest import compose_cfg
 from tests.fakes import corrupt_middle, make_fake_abid
 
 
@@ -116,8 +116,8 @@ def test_datamodule_splits_and_batches(fake_abid):
 
 
 def test_both_data_configs_extend_the_shared_base_and_keep_only_their_own_keys():
-    folder = compose_cfg("train", ["data=abid"]).data
-    stream = compose_cfg("train", ["data=abid_stream"]).data
+    folder = compose("train", ["data=abid"]).data
+    stream = compose("train", ["data=abid_stream"]).data
     shared = {"_convert_": "all", "min_count": 1, "max_count": 5, "label_list": None, "split": "block",
               "image_size": 224, "batch_size": 32, "num_workers": 2, "decoder": "torchvision",
               "train_transform": {"hflip_prob": 0.5, "vflip_prob": 0.5, "rotation_degrees": 10.0, "min_scale": 0.9,

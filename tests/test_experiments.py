@@ -13,11 +13,11 @@ import torchvision
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from bincount.config import config_dir
+from bincount.config import compose, config_dir
 from bincount.data.datamodule import ABIDDataModule
 from bincount.models.module import BinCountModule
 from bincount.trainer import instantiate_trainer
-from tests.fakes import compose_cfg, set_output_dir
+from tests.fakes import set_output_dir
 
 EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
 
@@ -44,7 +44,7 @@ def build_experiment(name: str, out: Path, *overrides: str,
     The model's pretrained weights are checked by name against torchvision and not loaded (no
     download): the model is built with ``weights=None``.
     """
-    cfg = set_output_dir(compose_cfg("train", [f"+experiment={name}", f"data.root={out / 'abid'}", *overrides]),
+    cfg = set_output_dir(compose("train", [f"+experiment={name}", f"data.root={out / 'abid'}", *overrides]),
                          out / "run")
     for key, target in targets(cfg).items():  # including the partials (optimizer, scheduler)
         try:
@@ -114,8 +114,8 @@ def test_the_experiment_check_fails_on_a_broken_config(override, error, message,
 
 
 def test_resnet50_subset_is_resnet18_subset_with_a_resnet50():
-    small = OmegaConf.to_container(compose_cfg("train", ["+experiment=resnet18_subset"]))
-    large = OmegaConf.to_container(compose_cfg("train", ["+experiment=resnet50_subset"]))
+    small = OmegaConf.to_container(compose("train", ["+experiment=resnet18_subset"]))
+    large = OmegaConf.to_container(compose("train", ["+experiment=resnet50_subset"]))
     assert (large["model"].pop("arch"), small["model"].pop("arch")) == ("resnet50", "resnet18")
     assert (large["model"].pop("weights"), small["model"].pop("weights")) == ("IMAGENET1K_V2", "IMAGENET1K_V1")
     assert (large["model"]["optimizer"].pop("lr"), small["model"]["optimizer"].pop("lr")) == (1e-4, 1e-3)

@@ -5,12 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from bincount.config import compose
 from bincount import precision
 from bincount.evaluate import evaluate
 from bincount.precision import choose_precision
 from bincount.train import train
 from bincount.trainer import instantiate_trainer
-from tests.fakes import FAST, compose_cfg, set_output_dir
+from tests.fakes import FAST, set_output_dir
 
 
 @pytest.fixture
@@ -88,7 +89,7 @@ def test_an_explicit_precision_is_kept(cpu_features, train_cfg, caplog):
 def test_eval_computes_in_float32(cpu_features, fake_abid, tmp_path):
     cpu_features(avx512_bf16=True, amx=True)
     root, _ = fake_abid
-    cfg = set_output_dir(compose_cfg("eval", [f"data.root={root}", *FAST, f"model_dir={tmp_path}"]), tmp_path)
+    cfg = set_output_dir(compose("eval", [f"data.root={root}", *FAST, f"model_dir={tmp_path}"]), tmp_path)
     assert instantiate_trainer(cfg).precision == "32-true"
 
 
@@ -102,8 +103,8 @@ def test_bfloat16_training_tests_calibrates_and_exports_in_float32(train_cfg, tm
     exported = torch.load(run / "model" / "model.pt", weights_only=True)
     assert {t.dtype for t in exported.values() if t.is_floating_point()} == {torch.float32}
     report = json.loads((run / "metrics.json").read_text())
-    again = evaluate(set_output_dir(compose_cfg("eval", [f"data.root={root}", *FAST, "data.split=block",
-                                                         f"model_dir={run / 'model'}"]), tmp_path / "eval"))
+    again = evaluate(set_output_dir(compose("eval", [f"data.root={root}", *FAST, "data.split=block",
+                                                     f"model_dir={run / 'model'}"]), tmp_path / "eval"))
     assert (again["acc"], again["mae"], again["confusion_matrix"]) == (
         report["acc"], report["mae"], report["confusion_matrix"])
     assert (tmp_path / "eval" / "predictions.csv").read_text() == (run / "predictions.csv").read_text()

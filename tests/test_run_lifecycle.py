@@ -19,10 +19,11 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import open_dict
 
+from bincount.config import compose
 from bincount.evaluate import evaluate
 from bincount.train import train
 from bincount.trainer import instantiate_trainer
-from tests.fakes import FAST, compose_cfg, make_fake_abid, set_output_dir
+from tests.fakes import FAST, make_fake_abid, set_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,7 +110,7 @@ def test_resume_errors_say_what_is_wrong_before_training(train_cfg, tmp_path):
     text.write_text("not a checkpoint\n")
     with pytest.raises(ValueError, match="notes.txt: not a Lightning checkpoint"):
         train(train_cfg(f"ckpt_path={text}"))
-    eval_cfg = compose_cfg("eval", ["data.root=x", f"ckpt_path={text}"])
+    eval_cfg = compose("eval", ["data.root=x", f"ckpt_path={text}"])
     with pytest.raises(ValueError, match="notes.txt: not a Lightning checkpoint"):
         evaluate(set_output_dir(eval_cfg, tmp_path / "eval"))
     with pytest.raises(FileNotFoundError, match="no such file"):
@@ -134,7 +135,7 @@ def test_a_one_cycle_run_cannot_be_extended_and_says_so(train_cfg, tmp_path):
      r"model\.weights_path=/missing/resnet18\.pth: no such file"),
 ])
 def test_bad_values_fail_at_construction_naming_the_key(override, error, message, tmp_path):
-    cfg = set_output_dir(compose_cfg("train", ["data.root=x", *override.split()]), tmp_path)
+    cfg = set_output_dir(compose("train", ["data.root=x", *override.split()]), tmp_path)
     with pytest.raises(InstantiationException, match=message) as raised:  # Hydra names the config node too
         hydra.utils.instantiate(cfg.data)
         hydra.utils.instantiate(cfg.model)
@@ -156,7 +157,7 @@ def test_every_readme_training_command_composes_and_instantiates(overrides, tmp_
     # a sweep's comma list runs each value: the first stands for all; the launcher (hydra/...) is not the run's
     overrides = [o.split(",")[0] for o in overrides if not o.startswith(("hydra/", "hydra."))]
     overrides = [o.replace("outputs/RUN", str(tmp_path)) for o in overrides]
-    cfg = set_output_dir(compose_cfg(config, overrides), tmp_path)
+    cfg = set_output_dir(compose(config, overrides), tmp_path)
     with open_dict(cfg):  # no weights can be had here: the name is checked, the file is not read
         weights, cfg.model.weights, cfg.model.weights_path = cfg.model.weights, None, None
     hydra.utils.instantiate(cfg.data)

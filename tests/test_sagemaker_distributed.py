@@ -14,9 +14,10 @@ from pathlib import Path
 import hydra
 import pytest
 
+from bincount.config import compose
 from sagemaker_launch import launch
-from tests.conftest import FAST, compose_cfg
-from tests.moto_server import aws, free_port, moto_server  # noqa: F401  (fixtures)
+from tests.conftest import FAST, free_port
+from tests.moto_server import aws, moto_server  # noqa: F401  (fixtures)
 from tests.sagemaker_container import lay_out_container
 
 JOB = [*FAST, "callbacks.rich_model_summary=null", "trainer.max_epochs=2", "sagemaker=cpu",
@@ -59,7 +60,7 @@ def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
 
 
 def val_photos(root: Path) -> int:
-    cfg = compose_cfg("train", [f"data.root={root}", *FAST])
+    cfg = compose("train", [f"data.root={root}", *FAST])
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
     return len(datamodule.splits["val"])

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from bincount.config import compose
 from sagemaker_launch import entry
-from sagemaker_launch.entry import (ContainerEnv, container_overrides, decode_hyperparameters, distributed_overrides,
-                                    encode_override, encode_overrides, newest_checkpoint, parse_argv,
-                                    read_hyperparameters)
-from tests.conftest import FAST, compose_cfg
+from sagemaker_launch.entry import ContainerEnv, container_overrides, distributed_overrides, newest_checkpoint
+from sagemaker_launch.hyperparameters import (decode_hyperparameters, encode_override, encode_overrides, parse_argv,
+                                              read_hyperparameters)
+from tests.conftest import FAST, free_port
 from tests.fakes import make_fake_abid
-from tests.moto_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = REPO / "sagemaker_launch" / "entry.py"
@@ -92,7 +92,7 @@ def test_container_overrides_put_the_run_into_the_sagemaker_folders(tmp_path):
     mine = container_overrides(env, ["callbacks=default", "data.root=/x", "ckpt_path=/y.ckpt"], {"root"})
     assert "callbacks=sagemaker" not in mine and not any(o.startswith(("data.root", "ckpt_path")) for o in mine)
     # everything composes with the real config
-    cfg = compose_cfg("train", ["trainer.max_epochs=2", *out])
+    cfg = compose("train", ["trainer.max_epochs=2", *out])
     assert cfg.callbacks.last_checkpoint.save_on_exception and cfg.callbacks.metric_lines
     assert cfg.callbacks.last_checkpoint.dirpath == str(env.checkpoint_dir) and cfg.callbacks.rich_progress_bar is None
 

@@ -1,5 +1,5 @@
 """Hydra overrides reach the container's entry unchanged, through both ways SageMaker hands a job
-its hyperparameters, run with SageMaker's own installed code (sagemaker_launch/entry.py's codec):
+its hyperparameters, run with SageMaker's own installed code (sagemaker_launch/hyperparameters.py, the codec):
 
 - a training job (ModelTrainer): the SDK's ``environment.py`` ``set_env`` writes the env file,
   ``bash`` sources it under ``set -e`` as ``sm_train.sh`` does, then the SDK's basic-script driver
@@ -31,9 +31,12 @@ from omegaconf import OmegaConf
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from sagemaker_launch.entry import (ContainerEnv, compose_train, decode_hyperparameters, drop_trial_checkpoints,
-                                    encode_override, encode_overrides, is_tuning_trial, parse_argv,
-                                    serving_requirements)
+from bincount.config import compose
+from sagemaker_launch.entry import ContainerEnv, drop_trial_checkpoints
+from sagemaker_launch.export import serving_requirements
+from sagemaker_launch.hyperparameters import (decode_hyperparameters, encode_override, encode_overrides,
+                                              is_tuning_trial, parse_argv)
+from sagemaker_launch.plan import plan_training_job
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVERS = Path(importlib.util.find_spec("sagemaker").submodule_search_locations[0]) / "train" / "container_drivers"
@@ -60,7 +63,7 @@ JOBS = {
 
 # the job's entry, standing in for sagemaker_launch/entry.py: what it would compose with
 PROBE = """import json, os, sys
-from sagemaker_launch.entry import decode_hyperparameters, parse_argv
+from sagemaker_launch.hyperparameters import decode_hyperparameters, parse_argv
 with open(os.environ["PROBE_OUT"], "w") as f:
     json.dump({"argv": sys.argv[1:], "overrides": decode_hyperparameters(parse_argv(sys.argv[1:]))}, f)
 """
@@ -76,7 +79,7 @@ def assert_delivered(got: list[str], job: list[str]) -> None:
     an override without a ``'`` arrives as typed, character for character."""
     assert hydra_view(got) == hydra_view(job)
     assert [g for g, j in zip(got, job) if "'" not in j] == [j for j in job if "'" not in j]
-    assert OmegaConf.to_container(compose_train(got)) == OmegaConf.to_container(compose_train(job))
+    assert OmegaConf.to_container(compose("train", got)) == OmegaConf.to_container(compose("train", job))
 
 
 def model_trainer_request(job: list[str]) -> dict[str, str]:
@@ -158,6 +161,18 @@ def run_training_toolkit(hyperparameters: dict[str, str], tmp: Path) -> dict:
 
 
 @pytest.mark.parametrize("job", JOBS)
+def test_one_codec_round_trips_what_a_launch_plans(job):
+    """The launcher's encoding and the entry's decoding are one module: the hyperparameters
+    ``plan_training_job`` makes of a real launch (the job's overrides plus the trainer the instance
+    needs) decode to those overrides, in any key order and as ``$SM_HPS`` JSON holds them."""
+    overrides = [*JOBS[job], "sagemaker=cpu", "sagemaker.inputs.train=s3://bucket/abid"]
+    planned = plan_training_job(compose("launch", overrides), overrides)
+    assert "trainer.accelerator=cpu" in planned.overrides  # added by the plan, not typed
+    shuffled = dict(sorted(planned.hyperparameters.items(), reverse=True))
+    assert_delivered(decode_hyperparameters(json.loads(json.dumps(shuffled))), planned.overrides)
+
+
+@pytest.mark.parametrize("job", JOBS)
 def test_training_job_drivers_deliver_every_override(job, tmp_path):
     overrides = JOBS[job]
     # plus what SageMaker adds to a tuning trial's hyperparameters, which this path passes on
@@ -201,7 +216,7 @@ def test_tuning_trial_gets_static_categorical_and_tuned_values(tmp_path):
     got = run_training_toolkit(trial, tmp_path)["overrides"]
     assert got == ["+experiment=quickstart", "test=false", f"callbacks.ema={ema_999}", "data.batch_size=32",
                    "data.label_list=\"it%27s.txt\"".replace("%27", "'"), "model.optimizer.lr=0.0012345678901234"]
-    cfg = compose_train(got)
+    cfg = compose("train", got)
     assert cfg.model.optimizer.lr == 0.0012345678901234 and cfg.data.batch_size == 32
     assert cfg.callbacks.ema.decay == 0.999 and cfg.data.label_list == "it's.txt" and cfg.test is False
 
@@ -211,10 +226,10 @@ def test_order_is_explicit():
     hps = encode_overrides(ordered)
     # Hydra applies overrides in order: the toolkit's order (by name) deletes the new lr_monitor,
     # and the EMA's decay before the EMA doesn't compose
-    assert "lr_monitor" not in compose_train([o for _, o in sorted(zip(hps, ordered))]).callbacks
-    assert compose_train(ordered).callbacks.lr_monitor.logging_interval == "step"
+    assert "lr_monitor" not in compose("train", [o for _, o in sorted(zip(hps, ordered))]).callbacks
+    assert compose("train", ordered).callbacks.lr_monitor.logging_interval == "step"
     with pytest.raises(ConfigCompositionException):
-        compose_train([ordered[1], ordered[0]])
+        compose("train", [ordered[1], ordered[0]])
     assert decode_hyperparameters(dict(sorted(hps.items()))) == ordered
     # tuned values (no position) come after the job's own overrides
     assert decode_hyperparameters({"b": 0.5, "a": "=1", **hps}) == [*ordered, "a=1", "b=0.5"]

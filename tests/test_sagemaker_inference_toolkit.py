@@ -23,8 +23,8 @@ import pytest
 from bincount.models.backbones import build_backbone
 from bincount.models.card import EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
-from sagemaker_launch import deploy
-from sagemaker_launch.entry import export_model
+from sagemaker_launch import payload
+from sagemaker_launch.export import export_model
 from tests.fakes import write_bin_photo
 
 WORKER = '''
@@ -130,7 +130,7 @@ def test_the_toolkit_answers_counts_and_the_handlers_status_codes(model_dir, tmp
         ({"Content-Type": "image/jpeg", "Accept": "application/json",
           "X-Amzn-SageMaker-Custom-Attributes": "expected_quantity=3"}, jpeg),
         ({"Content-Type": "application/json"},  # no Accept: the toolkit's default, JSON
-         deploy.request_body([str(photo), str(other)], 2).encode()),
+         payload.request_body([str(photo), str(other)], 2).encode()),
         ({"Content-Type": "text/csv", "Accept": "application/json"}, b"1,2,3\n"),
         ({"Content-Type": "image/jpeg", "Accept": "application/json"}, jpeg[:-100]),
         ({"Content-Type": "image/jpeg", "Accept": "text/csv"}, jpeg),

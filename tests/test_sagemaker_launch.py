@@ -17,9 +17,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import MissingMandatoryValue
 
 from bincount.callbacks import PREFIX, format_metrics
-from sagemaker_launch import cost, launch, tune
-from sagemaker_launch.entry import decode_hyperparameters
-from tests.conftest import compose_cfg
+from bincount.config import compose
+from sagemaker_launch import cost, launch, plan, session, tune
+from sagemaker_launch.hyperparameters import decode_hyperparameters
 from tests.moto_server import BUCKET, ROLE, aws, moto_server  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_the_dry_run_shows_the_precision_the_job_trains_in(aws, capsys, instance
                        f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
     sent = only_training_overrides(sub.request["HyperParameters"])
     assert [o for o in sent if o.startswith("trainer.precision=")] == [f"trainer.precision={precision}"]
-    assert compose_cfg("train", sent).trainer.precision == precision  # what the container composes
+    assert compose("train", sent).trainer.precision == precision  # what the container composes
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("precision: "))
     assert line.startswith(f"precision: {precision} (") and why in line
 
@@ -75,7 +75,7 @@ def test_an_instance_the_table_does_not_know_decides_its_precision_itself(aws, c
                        f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
     sent = only_training_overrides(sub.request["HyperParameters"])
     assert not any(o.startswith("trainer.precision=") for o in sent)
-    assert compose_cfg("train", sent).trainer.precision == "auto"
+    assert compose("train", sent).trainer.precision == "auto"
     assert "precision: auto (ml.g6.xlarge: not in conf/sagemaker/prices.yaml, decided on the instance)" in (
         capsys.readouterr().out)
 
@@ -112,7 +112,7 @@ def test_single_instance_job(aws):
     assert only_training_overrides(req["HyperParameters"]) == [
         "+experiment=quickstart", "trainer.max_epochs=3", "model.optimizer.lr=0.003", "trainer.accelerator=gpu",
         "trainer.precision=bf16-mixed"]
-    cfg = compose_cfg("train", only_training_overrides(req["HyperParameters"]))  # what the container composes
+    cfg = compose("train", only_training_overrides(req["HyperParameters"]))  # what the container composes
     assert cfg.trainer.max_epochs == 3 and cfg.model.optimizer.lr == 0.003 and cfg.trainer.accelerator == "gpu"
     assert req["Environment"] == {"SM_CHECKPOINT_DIR": "/opt/ml/checkpoints", "PYTHONUNBUFFERED": "1"}
     assert not req.get("EnableManagedSpotTraining") and "CheckpointConfig" not in req and "ProfilerConfig" not in req
@@ -164,7 +164,7 @@ def test_multi_instance_spot_profiled_job(aws):
     hps = req["HyperParameters"]
     assert {"trainer.devices=1", "trainer.num_nodes=2", "trainer.strategy=ddp",
             "++trainer.profiler=simple"} <= set(only_training_overrides(hps))
-    cfg = compose_cfg("train", only_training_overrides(hps))
+    cfg = compose("train", only_training_overrides(hps))
     assert cfg.trainer.devices * cfg.trainer.num_nodes == 2 and cfg.trainer.strategy == "ddp"
     drivers = f"{BUCKET}/bincount/{first.job_name}/input/sm_drivers/"
     puts = aws.puts(drivers)
@@ -173,26 +173,26 @@ def test_multi_instance_spot_profiled_job(aws):
 
 
 def test_processes_follow_the_instance_type(aws):
-    cfg = launch.compose_launch(["sagemaker.instance_type=ml.g5.12xlarge", "sagemaker.instance_count=3"])
-    assert launch.trainer_overrides(cfg, []) == ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
+    cfg = compose("launch", ["sagemaker.instance_type=ml.g5.12xlarge", "sagemaker.instance_count=3"])
+    assert plan.trainer_overrides(cfg, []) == ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
                                                  "trainer.devices=4", "trainer.num_nodes=3", "trainer.strategy=ddp"]
-    cpu = launch.compose_launch(["sagemaker=cpu", "+experiment=resnet18_subset"])  # a GPU experiment on a CPU box
-    assert launch.trainer_overrides(cpu, []) == ["trainer.accelerator=cpu", "trainer.precision=32-true"]
+    cpu = compose("launch", ["sagemaker=cpu", "+experiment=resnet18_subset"])  # a GPU experiment on a CPU box
+    assert plan.trainer_overrides(cpu, []) == ["trainer.accelerator=cpu", "trainer.precision=32-true"]
     with pytest.raises(KeyError, match="processes_per_instance"):
-        launch.trainer_overrides(launch.compose_launch(["sagemaker.instance_type=ml.x9.huge"]), [])
+        plan.trainer_overrides(compose("launch", ["sagemaker.instance_type=ml.x9.huge"]), [])
     # the instance decides the accelerator, also when processes_per_instance is given
-    g5 = launch.compose_launch(["sagemaker.instance_type=ml.g5.12xlarge", "sagemaker.processes_per_instance=4"])
-    assert launch.trainer_overrides(g5, [])[:3] == ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
+    g5 = compose("launch", ["sagemaker.instance_type=ml.g5.12xlarge", "sagemaker.processes_per_instance=4"])
+    assert plan.trainer_overrides(g5, [])[:3] == ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
                                                     "trainer.devices=4"]
-    quick = launch.compose_launch(["+experiment=quickstart", "sagemaker.instance_type=ml.g5.12xlarge",
+    quick = compose("launch", ["+experiment=quickstart", "sagemaker.instance_type=ml.g5.12xlarge",
                                    "sagemaker.processes_per_instance=2"])  # quickstart's trainer is cpu
-    assert launch.trainer_overrides(quick, [])[0] == "trainer.accelerator=gpu"
-    m5 = launch.compose_launch(["sagemaker=cpu", "sagemaker.processes_per_instance=2"])
-    assert launch.trainer_overrides(m5, [])[0] == "trainer.accelerator=cpu"
-    g6 = launch.compose_launch(["sagemaker.instance_type=ml.g6.xlarge", "sagemaker.processes_per_instance=1"])
-    assert launch.trainer_overrides(g6, []) == ["trainer.accelerator=gpu"]  # not in the price table: its family
+    assert plan.trainer_overrides(quick, [])[0] == "trainer.accelerator=gpu"
+    m5 = compose("launch", ["sagemaker=cpu", "sagemaker.processes_per_instance=2"])
+    assert plan.trainer_overrides(m5, [])[0] == "trainer.accelerator=cpu"
+    g6 = compose("launch", ["sagemaker.instance_type=ml.g6.xlarge", "sagemaker.processes_per_instance=1"])
+    assert plan.trainer_overrides(g6, []) == ["trainer.accelerator=gpu"]  # not in the price table: its family
     with pytest.raises(KeyError, match="can't tell"):
-        launch.trainer_overrides(launch.compose_launch(["sagemaker.instance_type=ml.trn1.2xlarge",
+        plan.trainer_overrides(compose("launch", ["sagemaker.instance_type=ml.trn1.2xlarge",
                                                         "sagemaker.processes_per_instance=2"]), [])
 
 
@@ -215,7 +215,7 @@ def test_dry_run_checks_the_request_against_the_service_model(aws):
     import botocore.session
 
     model = botocore.session.get_session().get_service_model("sagemaker").operation_model("CreateTrainingJob")
-    assert launch.request_errors(sub.request, model) == []
+    assert session.request_errors(sub.request, model) == []
 
     def errors(**changes) -> list[str]:
         req = copy.deepcopy(sub.request)
@@ -225,7 +225,7 @@ def test_dry_run_checks_the_request_against_the_service_model(aws):
             for key in parents:
                 node = node[key]
             node[last] = value
-        return launch.request_errors(req, model)
+        return session.request_errors(req, model)
 
     # what botocore's ParamValidator alone lets through
     assert errors(TrainingJobName="j" * 64) == ["CreateTrainingJob.TrainingJobName: 64 characters, at most 63"]
@@ -249,14 +249,14 @@ def test_dry_run_checks_the_request_against_the_service_model(aws):
 
 
 def test_a_long_base_job_name_is_refused(aws):
-    base = "b" * launch.BASE_JOB_NAME_MAX
+    base = "b" * plan.BASE_JOB_NAME_MAX
     sub = launch.main([f"sagemaker.base_job_name={base}", f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
     assert re.fullmatch(base + r"-\d{14}", sub.job_name)  # 63 characters, the timestamp whole
     with pytest.raises(ValueError, match="loses the timestamp"):
         launch.main([f"sagemaker.base_job_name={base}x", f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
     with pytest.raises(ValueError, match="job name pattern"):
         launch.main(["sagemaker.base_job_name=-x", f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
-    assert launch.job_base_name("a" * 60, "-261202102330-7") == "a" * 33 + "-261202102330-7"
+    assert plan.job_base_name("a" * 60, "-261202102330-7") == "a" * 33 + "-261202102330-7"
     assert aws.requests() == []
 
 
@@ -276,14 +276,16 @@ def test_tuning_job_uses_the_optuna_search_space(aws):
     [req] = aws.calls("CreateHyperParameterTuningJob")
     assert req["HyperParameterTuningJobName"] == sub.job_name and len(sub.job_name) <= 32
     config = req["HyperParameterTuningJobConfig"]
-    optuna = compose_cfg("train", ["hparams_search=lr_optuna"])  # the local sweep's settings
+    # the local sweep's objective and direction (tests/test_train.py runs them through Optuna)
+    optuna = compose("train", ["hparams_search=lr_optuna"], return_hydra_config=True)
     assert config["Strategy"] == "Bayesian"
-    assert config["HyperParameterTuningJobObjective"] == {"MetricName": "val/acc_best", "Type": "Maximize"}
+    assert config["HyperParameterTuningJobObjective"] == {
+        "MetricName": optuna.optimized_metric, "Type": optuna.hydra.sweeper.direction.capitalize()}
+    assert config["HyperParameterTuningJobObjective"] == {"MetricName": "val/mae_best", "Type": "Minimize"}
     assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 6, "MaxParallelTrainingJobs": 1}
     assert config["ParameterRanges"]["ContinuousParameterRanges"] == [
         {"Name": "model__optimizer__lr", "MinValue": "0.0002", "MaxValue": "0.01", "ScalingType": "Logarithmic"},
         {"Name": "model__optimizer__weight_decay", "MinValue": "0.0", "MaxValue": "0.1", "ScalingType": "Auto"}]
-    assert optuna.optimized_metric == "val/acc_best"
     job = req["TrainingJobDefinition"]
     static = job["StaticHyperParameters"]
     assert "model__optimizer__lr" not in static and "hparams_search" not in static  # tuned / launcher-only
@@ -293,8 +295,11 @@ def test_tuning_job_uses_the_optuna_search_space(aws):
     assert job["EnableManagedSpotTraining"] is True
     assert job["CheckpointConfig"]["S3Uri"] == f"s3://{BUCKET}/bincount/{sub.job_name}/checkpoints"
     assert job["Environment"]["SM_CHECKPOINT_DIR"] == "/opt/ml/checkpoints"
-    regex = {m["Name"]: m["Regex"] for m in job["AlgorithmSpecification"]["MetricDefinitions"]}["val/acc_best"]
-    assert re.search(regex, f"{PREFIX} validation epoch=0 global_step=3 val/acc=0.5 val/acc_best=0.625").group(1) == "0.625"
+    # the objective's regex reads it from the validation line training logs (val/mae_best next to val/mae)
+    regex = {m["Name"]: m["Regex"] for m in job["AlgorithmSpecification"]["MetricDefinitions"]}["val/mae_best"]
+    line = f"{PREFIX} validation epoch=1 global_step=6 " + format_metrics(
+        {"val/acc": 0.5, "val/acc_best": 0.625, "val/mae": 0.75, "val/mae_best": 0.5625})
+    assert re.search(regex, line).group(1) == "0.5625"
     tarball = aws.puts(static["sagemaker_submit_directory"][len("s3://"):])
     assert len(tarball) == 1
 
@@ -304,14 +309,14 @@ def test_search_space_translation():
         "tag(int, interval(1, 8))", "choice(32, 64)", "range(1, 5)", "range(0.1, 0.4, 0.1)", "tag(log, interval(1e-4, 1e-2))"))}
     assert type(space["tag(int, interval(1, 8))"]).__name__ == "IntegerParameter"
     assert space["tag(int, interval(1, 8))"].min_value == 1
-    assert space["choice(32, 64)"].values == ["=32", "=64"]  # encoded as static values are (entry.encode_value)
+    assert space["choice(32, 64)"].values == ["=32", "=64"]  # encoded like static values (encode_value)
     assert type(space["range(1, 5)"]).__name__ == "IntegerParameter" and space["range(1, 5)"].max_value == 4
     assert type(space["range(0.1, 0.4, 0.1)"]).__name__ == "CategoricalParameter"
     assert space["tag(log, interval(1e-4, 1e-2))"].scaling_type == "Logarithmic"
     with pytest.raises(ValueError, match="not a sweep"):
         tune.parameter_range("0.5")
     with pytest.raises(ValueError, match="hparams_search"):
-        tune.search_space(launch.compose_launch([], return_hydra_config=True))
+        tune.search_space(compose("launch", [], return_hydra_config=True))
 
 
 def documented_commands(module) -> list[list[str]]:

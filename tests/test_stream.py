@@ -19,11 +19,12 @@ import pytest
 import torch
 from litdata import StreamingDataset
 
+from bincount.config import compose
 from bincount.data.prepare import prepare
 from bincount.data.s3 import allow_http_in_litdata
 from bincount.data.stream import ABIDStreamDataModule, ShardSample
 from bincount.models.module import BinCountModule
-from tests.conftest import compose_cfg, set_output_dir
+from tests.conftest import set_output_dir
 from tests.conftest_s3 import DATA_BUCKET, free_ports
 from tests.fakes import make_fake_abid
 
@@ -146,7 +147,7 @@ def test_config_errors_are_clear(shards, tmp_path):
         ABIDStreamDataModule("s3://bucket/abid/v1")
     with pytest.raises(ValueError, match="split="):
         ABIDStreamDataModule(uri, split="all")
-    cfg = compose_cfg("train", ["data=abid_stream", "data.uri=s3://b/p", "+experiment=resnet18_subset"])
+    cfg = compose("train", ["data=abid_stream", "data.uri=s3://b/p", "+experiment=resnet18_subset"])
     assert cfg.data.uri == "s3://b/p" and cfg.data._target_.endswith("ABIDStreamDataModule")
 
 
@@ -187,7 +188,7 @@ def test_train_one_short_epoch_from_s3_shards(s3_shards, s3_env, tmp_path):
     from bincount.train import train
 
     uri, manifest = s3_shards
-    cfg = compose_cfg("train", [
+    cfg = compose("train", [
         "data=abid_stream", f"data.uri={uri}", f"data.cache_dir={tmp_path / 'cache'}", "data.image_size=32",
         "data.batch_size=8", "data.num_workers=0", "trainer.accelerator=cpu", "trainer.max_epochs=1",
         "callbacks.rich_progress_bar=null", "callbacks.rich_model_summary=null",

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf, open_dict
 from bincount.evaluate import evaluate
 from bincount.models.module import BinCountModule
 from bincount.train import train
-from tests.fakes import FAST, compose_cfg, set_output_dir
+from bincount.config import compose
+from tests.fakes import FAST, set_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"acc", "obo_acc", "mae", "rmse", "n", "per_class_acc", "confusion_matrix",
@@ -21,20 +22,35 @@ METRIC_KEYS = {"acc", "obo_acc", "mae", "rmse", "n", "per_class_acc", "confusion
 
 
 def test_hparams_search_composes_an_optuna_sweep_over_the_optimizer():
-    cfg = compose_cfg("train", ["hparams_search=lr_optuna", "+experiment=quickstart"], return_hydra_config=True)
+    cfg = compose("train", ["hparams_search=lr_optuna", "+experiment=quickstart"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.mode.name == "MULTIRUN"
-    assert (cfg.optimized_metric, sweeper.direction) == ("val/acc_best", "maximize")
+    assert (cfg.optimized_metric, sweeper.direction) == ("val/mae_best", "minimize")
     assert set(sweeper.params) == {"model.optimizer.lr", "model.optimizer.weight_decay"}
     for key in sweeper.params:  # every searched key is a key of the training config
         assert OmegaConf.select(cfg, key) is not None, key
 
 
+def test_the_local_sweep_keeps_the_trial_with_the_lowest_val_mae():
+    """What the Optuna sweeper does with ``hparams_search=lr_optuna``: its own direction handling
+    makes the study, and each trial's value is what ``main()`` returns (``optimized_metric``)."""
+    import optuna
+    from hydra.utils import instantiate
+    cfg = compose("train", ["hparams_search=lr_optuna", "+experiment=quickstart"], return_hydra_config=True)
+    assert cfg.optimized_metric == "val/mae_best"
+    sweeper = instantiate(cfg.hydra.sweeper).sweeper  # hydra-optuna-sweeper's OptunaSweeperImpl
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=sweeper._get_directions())
+    for mae in (0.8, 0.3, 0.5):
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=mae))
+    assert study.best_value == 0.3
+
+
 def test_misspelt_key_fails_at_composition():
     with pytest.raises(ConfigCompositionException):
-        compose_cfg("train", ["data.rooot=x"])
+        compose("train", ["data.rooot=x"])
     with pytest.raises(ConfigCompositionException):
-        compose_cfg("train", ["+experiment=quickstrat"])
+        compose("train", ["+experiment=quickstrat"])
 
 
 def test_train_writes_the_run_folder_and_eval_reproduces_it(train_cfg, tmp_path):
@@ -47,6 +63,10 @@ def test_train_writes_the_run_folder_and_eval_reproduces_it(train_cfg, tmp_path)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     report = json.loads((run / "metrics.json").read_text())
     assert METRIC_KEYS <= report.keys()
+    # what main() returns to a sweep (hparams_search=lr_optuna): the lowest val/mae of the epochs
+    objective = compose("train", ["hparams_search=lr_optuna"]).optimized_metric
+    val_mae = [float(r["val/mae"]) for r in csv.DictReader((run / "csv/version_0/metrics.csv").open()) if r["val/mae"]]
+    assert val_mae and metrics[objective] == pytest.approx(min(val_mae), abs=1e-6)
     assert report["acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
     rows = list(csv.DictReader((run / "predictions.csv").open()))
     assert len(rows) == report["n"] == sum(map(sum, report["confusion_matrix"]))
@@ -54,8 +74,8 @@ def test_train_writes_the_run_folder_and_eval_reproduces_it(train_cfg, tmp_path)
     assert sum(float(rows[0][f"prob_{k}"]) for k in range(1, 6)) == pytest.approx(1, abs=1e-3)
 
     # the exported model alone (no Lightning checkpoint) gives the same test predictions
-    eval_cfg = compose_cfg("eval", [f"data.root={cfg.data.root}", *FAST, "data.split=block",
-                                    f"model_dir={run / 'model'}"])
+    eval_cfg = compose("eval", [f"data.root={cfg.data.root}", *FAST, "data.split=block",
+                                f"model_dir={run / 'model'}"])
     set_output_dir(eval_cfg, tmp_path / "eval")
     again = evaluate(eval_cfg)
     assert again["acc"] == report["acc"] and again["confusion_matrix"] == report["confusion_matrix"]
@@ -69,11 +89,11 @@ def test_eval_all_from_checkpoint_and_load_without_hydra(train_cfg, tmp_path, fa
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     model = BinCountModule.load_from_checkpoint(ckpt, map_location="cpu")
     assert model.hparams.arch == "resnet18" and model.num_classes == 5
-    eval_cfg = compose_cfg("eval", [f"data.root={root}", *FAST, f"ckpt_path={ckpt}"])
+    eval_cfg = compose("eval", [f"data.root={root}", *FAST, f"ckpt_path={ckpt}"])
     set_output_dir(eval_cfg, tmp_path / "eval")
     report = evaluate(eval_cfg)
     assert report["n"] == len(made["good"])
-    neither = compose_cfg("eval", [f"data.root={root}"])
+    neither = compose("eval", [f"data.root={root}"])
     with pytest.raises(ValueError, match="exactly one"):
         evaluate(set_output_dir(neither, tmp_path / "e2"))
 
@@ -97,7 +117,7 @@ def test_with_ema_test_and_export_use_the_validated_average(train_cfg, tmp_path,
     report = json.loads((run / "metrics.json").read_text())
     for name, source in (("from_model_dir", f"model_dir={run / 'model'}"),
                          ("from_checkpoint", f"ckpt_path={run / 'checkpoints' / config['checkpoint']}")):
-        eval_cfg = compose_cfg("eval", [f"data.root={root}", *FAST, "data.split=block", source])
+        eval_cfg = compose("eval", [f"data.root={root}", *FAST, "data.split=block", source])
         again = evaluate(set_output_dir(eval_cfg, tmp_path / name))
         assert (again["acc"], again["mae"], again["confusion_matrix"]) == (
             report["acc"], report["mae"], report["confusion_matrix"]), name
@@ -144,10 +164,10 @@ def test_optuna_sweep_runs_and_reports_best(fake_abid, tmp_path):
 @pytest.mark.integration
 @pytest.mark.skipif(not (REPO.parent / "shared" / "abid").is_dir(), reason="../shared/abid not present")
 def test_short_training_on_real_abid_photos(tmp_path):
-    cfg = compose_cfg("train", ["+experiment=quickstart", f"data.root={REPO.parent / 'shared' / 'abid'}",
-                                "data.image_size=64", "data.num_workers=0", "trainer.max_epochs=1",
-                                "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2",
-                                "callbacks.rich_progress_bar=null"])
+    cfg = compose("train", ["+experiment=quickstart", f"data.root={REPO.parent / 'shared' / 'abid'}",
+                            "data.image_size=64", "data.num_workers=0", "trainer.max_epochs=1",
+                            "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2",
+                            "callbacks.rich_progress_bar=null"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     metrics = train(cfg)

@@ -1,4 +1,4 @@
-"""Where the Hydra config tree lives, for a source checkout and for an installed wheel."""
+"""Where the Hydra config tree lives (a source checkout or an installed wheel), and composing it."""
 
 from __future__ import annotations
 
@@ -18,3 +18,30 @@ def config_dir() -> str:
         if (candidate / "train.yaml").is_file():
             return str(candidate)
     raise FileNotFoundError(f"bincount's conf/ not found next to {package}")
+
+
+def compose(config_name: str, overrides: list[str] | None = None, *, return_hydra_config: bool = False):
+    """``conf/<config_name>.yaml`` composed with ``overrides`` (Hydra's compose API, no run directory).
+
+    The one place outside ``@hydra.main`` that composes the config tree: the SageMaker launcher
+    (``launch``), its container entry (``train``), ``deploy``, and the tests.
+
+    Args:
+        config_name: ``train``, ``eval``, ``launch`` or ``deploy``.
+        overrides: Hydra overrides as typed on a command line.
+        return_hydra_config: Keep the ``hydra`` node (e.g. ``hydra.sweeper`` of an ``hparams_search``).
+
+    Returns:
+        The composed ``DictConfig``.
+
+    Raises:
+        hydra.errors.ConfigCompositionException: On an unknown key, group or option.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []),
+                             return_hydra_config=return_hydra_config)

@@ -10,7 +10,7 @@ The card is a frozen dataclass with explicit checks rather than a pydantic model
 PyTorch serving image imports this module through the handler, and that image ships torch,
 torchvision and the inference toolkit but not pydantic. Using pydantic would make every endpoint
 instance pip-install it (with its compiled core) at start-up, which ``code/requirements.txt``
-deliberately avoids (see ``SERVING_PACKAGES`` in ``sagemaker_launch/entry.py``).
+deliberately avoids (see ``SERVING_PACKAGES`` in ``sagemaker_launch/export.py``).
 
 Keys that are not fields are ignored when reading, so a card written by a newer version with an
 extra field still loads.

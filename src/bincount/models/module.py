@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchmetrics import MaxMetric
+from torchmetrics import MaxMetric, MinMetric
 
 from bincount.models.backbones import build_backbone
 from bincount.models.decoding import DECODE_RULES, TTA_MODES, decode_counts, with_tta
@@ -133,6 +133,7 @@ class BinCountModule(L.LightningModule):
             {stage: count_metrics(self.num_classes) for stage in ("train_", "val_", "test_")}
         )
         self.val_acc_best = MaxMetric()
+        self.val_mae_best = MinMetric()  # what sweeps minimise (optimized_metric: val/mae_best)
         self.test_outputs: list[dict[str, torch.Tensor]] = []
         self.test_predictions: dict[str, torch.Tensor] = {}
         if optimizer is not None:
@@ -201,6 +202,8 @@ class BinCountModule(L.LightningModule):
             return
         self.val_acc_best(self.metrics["val_"]["acc"].compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
+        self.val_mae_best(self.metrics["val_"]["mae"].compute())
+        self.log("val/mae_best", self.val_mae_best.compute(), prog_bar=True, sync_dist=True)
 
     def on_test_epoch_start(self) -> None:
         self.test_outputs = []

@@ -6,7 +6,7 @@ Usage:
     python train.py -m hydra/launcher=sagemaker sagemaker=cpu sagemaker.dry_run=true \
         +experiment=quickstart sagemaker.inputs.train=s3://BUCKET/abid/sample data.batch_size=16,32
 
-The job requests are built by ``sagemaker_launch.launch`` (``pip install "bincount[sagemaker]"``;
+The job requests are planned by ``sagemaker_launch.plan`` and submitted by ``sagemaker_launch.launch`` (``pip install "bincount[sagemaker]"``;
 installed, ``bincount-train -m ...`` runs the same multirun as ``python train.py -m ...`` in a
 checkout). ``hydra/launcher=sagemaker`` adds the ``sagemaker`` group
 (``conf/sagemaker/*.yaml``, default ``gpu_single``) to the config, so ``sagemaker=<name>`` and
@@ -76,8 +76,9 @@ class SageMakerLauncher(Launcher):
         """
         try:
             import sagemaker.train  # noqa: F401  (the SDK: missing, say so before any job is planned)
-            from sagemaker_launch.launch import (describe_request, job_base_name, plan_training_job,
-                                                 submit_training_job)
+            from sagemaker_launch.launch import submit_training_job
+            from sagemaker_launch.plan import job_base_name, plan_training_job
+            from sagemaker_launch.session import describe_request
         except ImportError as err:
             raise ImportError("hydra/launcher=sagemaker needs the SageMaker SDK: pip install 'bincount[sagemaker]' "
                               f"({err})") from err

@@ -1,0 +1,82 @@
+"""A training job's ``model.tar.gz``: the exported model plus ``code/`` for SageMaker's PyTorch serving image.
+
+The container entry (:mod:`sagemaker_launch.entry`) calls :func:`export_model` on global rank 0
+after training; ``python -m sagemaker_launch.deploy`` serves what it wrote.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import shutil
+from pathlib import Path
+
+log = logging.getLogger("sagemaker_launch.entry")
+
+# serving image packages: pinning them in code/requirements.txt would replace the image's CUDA build
+IMAGE_PACKAGES = {"torch", "torchvision"}
+# bincount's dependencies that `import bincount.serve.inference` loads (the test proves the list):
+# Pillow (decoding)
+SERVING_PACKAGES = {"pillow"}
+INFERENCE_SHIM = '''"""SageMaker PyTorch serving entry (written by sagemaker_launch/export.py): bincount's handler."""
+
+from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn  # noqa: F401
+'''
+
+
+def serving_requirements() -> str:
+    """``code/requirements.txt`` for the serving image: what the handler imports but the image has.
+
+    :data:`SERVING_PACKAGES` with the version ranges of bincount's own metadata; torch and
+    torchvision (:data:`IMAGE_PACKAGES`) are left to the image, whose CUDA build a pin would replace.
+    """
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        requires = [Requirement(r) for r in importlib.metadata.requires("bincount") or []]
+    except importlib.metadata.PackageNotFoundError:
+        log.warning("bincount is not installed: code/requirements.txt lists its serving packages without versions")
+        requires = []
+    pins = {canonicalize_name(r.name): f"{r.name}{r.specifier}" for r in requires if r.marker is None}
+    lines = [pins.get(name, name) for name in sorted(SERVING_PACKAGES)]
+    return ("# installed by SageMaker's PyTorch serving image at start-up: what bincount.serve.inference imports "
+            "(torch and torchvision come with the image)\n" + "\n".join(lines) + "\n")
+
+
+def export_model(run_model_dir: Path, model_dir: Path) -> Path:
+    """Copy the exported ``model/`` into ``model_dir`` with the serving code.
+
+    ``model_dir`` (SageMaker packs it into model.tar.gz) then holds ``model.pt``,
+    ``model_config.json`` and ``code/``: ``inference.py`` (re-exports
+    :mod:`bincount.serve.inference`'s ``model_fn``/``input_fn``/``predict_fn``/``output_fn``),
+    ``bincount/`` (this package, without conf/) and ``requirements.txt``.
+
+    Args:
+        run_model_dir: The run's ``model/`` folder written by ``bincount.train.train``.
+        model_dir: ``$SM_MODEL_DIR``.
+
+    Returns:
+        ``model_dir``.
+
+    Raises:
+        FileNotFoundError: If ``run_model_dir`` has no ``model.pt``.
+    """
+    import bincount
+
+    if not (run_model_dir / "model.pt").is_file():
+        raise FileNotFoundError(f"{run_model_dir / 'model.pt'} not found: did training export the model?")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for path in run_model_dir.iterdir():
+        if path.is_file():
+            shutil.copy2(path, model_dir / path.name)
+    code = model_dir / "code"
+    shutil.copytree(Path(bincount.__file__).parent, code / "bincount", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "conf"))
+    if importlib.util.find_spec("bincount.serve.inference") is None:
+        log.warning("bincount.serve.inference not found: model.tar.gz gets no code/inference.py")
+    else:
+        (code / "inference.py").write_text(INFERENCE_SHIM)
+    (code / "requirements.txt").write_text(serving_requirements())
+    return model_dir

@@ -1,0 +1,87 @@
+"""The JSON bodies ``python -m sagemaker_launch.deploy invoke`` sends to an endpoint, split to fit InvokeEndpoint.
+
+A body is the handler's JSON form (:mod:`bincount.serve.inference`),
+``{"instances": [{"image_b64": ...} or {"s3_uri": ...}], "expected_quantity": [...]}``;
+:func:`split_requests` groups the photos so that each body fits :func:`max_request_bytes` and the
+handler's photo limit.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+from pathlib import Path
+
+# the JSON request, {"instances": [...], "expected_quantity": [...]}, assembled from encoded
+# pieces so that its size is known exactly before it is built (json.dumps' separators)
+_HEAD, _MID, _TAIL, _SEP = '{"instances": [', '], "expected_quantity": [', "]}", ", "
+
+
+@functools.cache
+def max_request_bytes() -> int:
+    """InvokeEndpoint's largest request body in bytes (6 MiB), from botocore's service model.
+
+    botocore's parameter validation does not check it; SageMaker refuses a larger body.
+    """
+    import botocore.session
+
+    runtime = botocore.session.get_session().get_service_model("sagemaker-runtime")
+    return int(runtime.operation_model("InvokeEndpoint").input_shape.members["Body"].metadata["max"])
+
+
+def instance_json(photo: str) -> str:
+    """One photo's entry of the JSON request: ``{"image_b64": ...}`` (local file) or ``{"s3_uri": ...}``."""
+    if photo.startswith("s3://"):
+        return json.dumps({"s3_uri": photo})
+    return json.dumps({"image_b64": base64.b64encode(Path(photo).read_bytes()).decode()})
+
+
+def request_body(photos: list[str], expected_quantity: int | None = None) -> str:
+    """The JSON request for ``photos`` (local files inline as base64, ``s3://`` URIs by reference).
+
+    ASCII only (``json.dumps`` escapes the rest), so its length in characters is its size in bytes.
+    """
+    expected = _SEP.join([json.dumps(expected_quantity)] * len(photos))
+    return _HEAD + _SEP.join(instance_json(p) for p in photos) + _MID + expected + _TAIL
+
+
+def split_requests(photos: list[str], expected_quantity: int | None = None, *, max_bytes: int,
+                   max_photos: int) -> list[list[str]]:
+    """Split ``photos`` into consecutive groups whose :func:`request_body` fits the limits.
+
+    Each group takes as many photos as fit, in order, so the groups' answers concatenated are
+    the answers in the photos' order. Sizes are those of the encoded entries (every local photo
+    is read and base64-encoded here, once more when its request is built).
+
+    Args:
+        photos: Local files or ``s3://`` URIs.
+        expected_quantity: Sent for every photo (``None``: ``null``).
+        max_bytes: Largest request body, bytes (InvokeEndpoint: :func:`max_request_bytes`).
+        max_photos: Most photos in one request (the handler's ``BINCOUNT_MAX_INSTANCES``).
+
+    Returns:
+        The groups, in order; together exactly ``photos``.
+
+    Raises:
+        ValueError: ``max_photos`` below 1, or a photo whose request alone is over ``max_bytes``.
+    """
+    if max_photos < 1:
+        raise ValueError(f"max_photos={max_photos}: a request must be allowed at least one photo")
+    empty, expected, sep = len(_HEAD + _MID + _TAIL), len(json.dumps(expected_quantity)), 2 * len(_SEP)
+    groups: list[list[str]] = []
+    group: list[str] = []
+    size = empty
+    for photo in photos:
+        entry = len(instance_json(photo)) + expected
+        if empty + entry > max_bytes:
+            raise ValueError(f"{photo}: its request alone is {empty + entry} bytes (a photo grows by 4/3 as base64), "
+                             f"over the limit of {max_bytes} bytes; upload it to S3 and pass its s3:// URI instead")
+        if group and (size + sep + entry > max_bytes or len(group) == max_photos):
+            groups.append(group)
+            group, size = [], empty
+        size += entry + (sep if group else 0)
+        group.append(photo)
+    if group:
+        groups.append(group)
+    return groups
