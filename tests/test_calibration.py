@@ -13,7 +13,7 @@ from bincount.models.calibration import (
     fit_temperature,
     held_out_report,
 )
-from bincount.serve.inference import CountingModel
+from bincount.serve.model import CountingModel
 from bincount.train import train
 
 

@@ -31,22 +31,15 @@ from bincount.models.backbones import build_backbone
 from bincount.models.decoding import NEVER
 from bincount.models.card import Calibration, EvalPreset, ModelCard
 from bincount.models.export import load_model_dir, save_model_dir
-from bincount.serve import app as serve_app
 from bincount.serve.app import Batcher, create_app
-from bincount.serve.inference import (
-    CUSTOM_ATTRIBUTES,
-    CountingModel,
-    Limits,
-    RequestError,
-    check_accept,
-    decode_image_bytes,
-    decode_image_pixels,
-    decode_request,
-    input_fn,
-    model_fn,
-    output_fn,
-    predict_fn,
-)
+from bincount.serve import images as serve_images
+from bincount.serve.errors import RequestError
+from bincount.serve.images import decode_image_bytes, decode_image_pixels
+from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn
+from bincount.serve.model import CountingModel
+from bincount.serve.protocol import CUSTOM_ATTRIBUTES, check_accept
+from bincount.serve.request import decode_request
+from bincount.serve.settings import Limits
 from tests.fakes import corrupt_middle, write_bin_photo
 
 IMAGE_SIZE = 32
@@ -343,7 +336,7 @@ def test_unreachable_s3_is_a_502_that_says_so(bundle, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setattr("bincount.serve.inference._s3_clients", {})  # a client made with these settings
+    monkeypatch.setattr("bincount.serve.fetch._s3_clients", {})  # a client made with these settings
     with pytest.raises(RequestError) as caught:
         input_fn(json.dumps({"instances": [{"s3_uri": "s3://bucket/bin-images/00001.jpg"}]}), "application/json")
     assert caught.value.status_code == 502
@@ -643,7 +636,7 @@ def decoding_threads(monkeypatch):
         names.append(threading.current_thread().name)
         return decode_image_pixels(data, fmt)
 
-    monkeypatch.setattr(serve_app, "decode_image_pixels", recording)
+    monkeypatch.setattr(serve_images, "decode_image_pixels", recording)
     return names
 
 
