@@ -17,8 +17,7 @@ from bincount.serve.errors import RequestError
 from bincount.serve.inference import input_fn, model_fn, predict_fn
 from bincount.serve.predict import find_photos, predict
 from tests.conftest_s3 import DATA_BUCKET
-from tests.fakes import write_bin_photo
-from tests.test_serve import MAX_COUNT, MIN_COUNT, THRESHOLD, free_port, make_model_dir, reference_probs
+from tests.fakes import MAX_COUNT, MIN_COUNT, THRESHOLD, free_port, make_model_dir, reference_probs, write_bin_photo
 
 PROBS = [f"prob_{c}" for c in range(MIN_COUNT, MAX_COUNT + 1)]
 

@@ -23,16 +23,11 @@ import pytest
 import torch
 import uvicorn
 from PIL import Image
-from torch import nn
 
-from bincount.data.dataset import decode_image, decoder_reason
-from bincount.data.transforms import CountingPresetEval
-from bincount.models.backbones import build_backbone
+from bincount.data.dataset import decoder_reason
 from bincount.models.decoding import NEVER
-from bincount.models.card import Calibration, EvalPreset, ModelCard
-from bincount.models.export import load_model_dir, save_model_dir
-from bincount.serve.app import Batcher, create_app
 from bincount.serve import images as serve_images
+from bincount.serve.app import Batcher, create_app
 from bincount.serve.errors import RequestError
 from bincount.serve.images import decode_image_bytes, decode_image_pixels
 from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn
@@ -40,42 +35,16 @@ from bincount.serve.model import CountingModel
 from bincount.serve.protocol import CUSTOM_ATTRIBUTES, check_accept
 from bincount.serve.request import decode_request
 from bincount.serve.settings import Limits
-from tests.fakes import corrupt_middle, write_bin_photo
-
-IMAGE_SIZE = 32
-THRESHOLD = 0.75
-MIN_COUNT, MAX_COUNT = 1, 5
-
-
-def make_model_dir(out: Path, photos: list[Path], *, temperature: float = 1.0,
-                   review_threshold: float | None = THRESHOLD) -> Path:
-    """An untrained resnet18 whose head is centred on ``photos``' features, so its counts and
-    confidences differ from photo to photo (a fresh head says the same count for all).
-    ``review_threshold=None`` exports it uncalibrated (no ``calibration`` in its card)."""
-    torch.manual_seed(0)
-    net = build_backbone("resnet18", MAX_COUNT - MIN_COUNT + 1).eval()
-    preset = CountingPresetEval(image_size=IMAGE_SIZE)
-    head, net.fc = net.fc, nn.Identity()
-    with torch.no_grad():
-        features = net(torch.stack([preset(decode_image(p)) for p in photos]))
-        centre, spread = features.mean(0), features.std(0).mean()
-        weight = 3 * torch.randn(head.out_features, head.in_features) / (spread * head.in_features**0.5)
-        head.weight.copy_(weight)
-        head.bias.copy_(-weight @ centre)
-    net.fc = head
-    calibration = None if review_threshold is None else Calibration(temperature=temperature,
-                                                                    review_threshold=review_threshold)
-    return save_model_dir(net, out, ModelCard(arch="resnet18", min_count=MIN_COUNT, max_count=MAX_COUNT,
-                                              preset=EvalPreset.of(preset), calibration=calibration))
-
-
-def reference_probs(model_dir: Path, paths: list[Path]) -> list[torch.Tensor]:
-    """Calibrated probabilities ``(C,)`` of each photo, computed the way training evaluates: no serving code."""
-    net, card = load_model_dir(model_dir)
-    x = torch.stack([card.preset.build()(decode_image(p)) for p in paths])
-    temperature = card.calibration.temperature if card.calibration else 1.0
-    with torch.no_grad():
-        return list((net(x) / temperature).softmax(1))
+from tests.fakes import (
+    MAX_COUNT,
+    MIN_COUNT,
+    THRESHOLD,
+    corrupt_middle,
+    free_port,
+    make_model_dir,
+    reference_probs,
+    write_bin_photo,
+)
 
 
 @dataclass
@@ -323,12 +292,6 @@ def test_accept(accept, ok):
         with pytest.raises(RequestError) as caught:
             check_accept(accept)
         assert caught.value.status_code == 406
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_unreachable_s3_is_a_502_that_says_so(bundle, monkeypatch):
