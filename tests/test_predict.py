@@ -6,10 +6,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from inotify_simple import INotify, flags
 
 from bincount.cli import main
 from bincount.data.s3 import S3Error
@@ -155,14 +155,17 @@ def test_an_interrupted_predict_keeps_the_previous_csv_whole(photos, tmp_path):
     out.write_text("source,image_id\nfrom-the-last-run.jpg,1\n")
     before = out.read_bytes()
     inputs = [str(root / "photos")] * 100  # 1000 photos, one per batch: long enough to interrupt
-    proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "predict", "--model-dir", str(model_dir), *inputs,
-                             "--out", str(out), "--batch-size", "1", "--num-workers", "0", "--no-progress"],
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob("p.csv.*.part")):
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, "predict did not start writing"
-        time.sleep(0.05)
+    with INotify() as inotify:
+        inotify.add_watch(tmp_path, flags.CREATE)
+        proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "predict", "--model-dir", str(model_dir),
+                                 *inputs, "--out", str(out), "--batch-size", "1", "--num-workers", "0",
+                                 "--no-progress"], stderr=subprocess.PIPE, text=True)
+        created: list[str] = []
+        while not any(name.endswith(".part") for name in created):  # the temporary CSV beside p.csv
+            events = inotify.read(timeout=120_000)
+            assert events, f"predict did not start writing: {proc.poll()=}"
+            created += [event.name for event in events]
+    assert proc.poll() is None, proc.stderr.read()
     assert out.read_bytes() == before, "the previous CSV must stay whole while the new one is written"
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
