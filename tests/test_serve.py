@@ -29,7 +29,8 @@ from bincount.data.dataset import decoder_reason
 from bincount.models.decoding import NEVER
 from bincount.serve import app as serve_app
 from bincount.serve import images as serve_images
-from bincount.serve.app import Batcher, create_app
+from bincount.serve.app import create_app
+from bincount.serve.batching import Batcher
 from bincount.serve.errors import RequestError
 from bincount.serve.images import decode_image_bytes
 from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn
