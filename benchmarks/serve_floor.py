@@ -1,7 +1,7 @@
 """The least an HTTP server can do around the forward pass: the floor ``serve_latency.py`` compares with.
 
 FastAPI + uvicorn, like ``bincount serve``, with one endpoint that reads the photo and counts it
-with the same handler functions (:func:`~bincount.serve.inference.decode_image_bytes`,
+with the same handler functions (:func:`~bincount.serve.images.decode_image_bytes`,
 :func:`~bincount.serve.inference.predict_fn`, :func:`~bincount.serve.inference.output_fn`) right
 on the event loop: no batching, no thread hand-offs, no Server-Timing. What it costs over the
 bare forward is what this HTTP stack and decoding alone cost on this machine: no server built
@@ -20,7 +20,10 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
-from bincount.serve.inference import CountingModel, CountRequest, decode_image_bytes, output_fn, predict_fn
+from bincount.serve.images import decode_image_bytes
+from bincount.serve.inference import output_fn, predict_fn
+from bincount.serve.model import CountingModel
+from bincount.serve.request import CountRequest
 
 
 def floor_app(model_dir: str) -> FastAPI:

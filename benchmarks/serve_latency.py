@@ -127,7 +127,8 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    from bincount.serve.inference import forward, input_fn, model_fn, predict_fn, preprocess
+    from bincount.serve.inference import input_fn, model_fn, predict_fn
+    from bincount.serve.model import forward, preprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or default_model_dir(args.image_size, Path(tmp))

@@ -71,7 +71,7 @@ def forward_ms_per_photo(model, batch_size: int, threads: int | None, repeats: i
     Run with the server's torch threads. ``forward`` returns its probabilities on the CPU, so a
     CUDA forward is timed to its end.
     """
-    from bincount.serve.inference import forward
+    from bincount.serve.model import forward
 
     size = model.preset.image_size
     x = torch.randn(batch_size, 3, size, size)
@@ -105,7 +105,7 @@ def main() -> None:
     results: dict[str, list[tuple[float, list[float], list[int]]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or default_model_dir(args.image_size, Path(tmp))
-        from bincount.serve.inference import CountingModel
+        from bincount.serve.model import CountingModel
 
         model = CountingModel.load(model_dir)  # on the device the server picks (CUDA when available)
         alone: dict[int, list[float]] = {1: [], args.clients: []}

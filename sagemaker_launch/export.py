@@ -17,8 +17,8 @@ log = logging.getLogger("sagemaker_launch.entry")
 # serving image packages: pinning them in code/requirements.txt would replace the image's CUDA build
 IMAGE_PACKAGES = {"torch", "torchvision"}
 # bincount's dependencies that `import bincount.serve.inference` loads (the test proves the list):
-# Pillow (decoding)
-SERVING_PACKAGES = {"pillow"}
+# Pillow (decoding), pydantic (the JSON request schema; the image lacks it, so endpoints pip-install it)
+SERVING_PACKAGES = {"pillow", "pydantic"}
 INFERENCE_SHIM = '''"""SageMaker PyTorch serving entry (written by sagemaker_launch/export.py): bincount's handler."""
 
 from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn  # noqa: F401

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,6 @@ def fake_abid(tmp_path_factory) -> tuple[Path, dict]:
     """A 40-photo fake ABID folder (counts 1..5) plus one photo of each kind of bad input."""
     root = tmp_path_factory.mktemp("fake_abid")
     return root, make_fake_abid(root)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it), for a server or torchrun."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

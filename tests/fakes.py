@@ -1,14 +1,30 @@
 """Tiny stand-ins for ABID data, made inside a test (in the spirit of Lightning's BoringModel), and the
 real Hydra config composed for a small, fast CPU run."""
+"""Tiny stand-ins for ABID data and an exported model, made inside a test (in the spirit of
+Lightning's BoringModel), and a free port for a test's server."""
 
 from __future__ import annotations
 
 import json
 import random
+import socket
 from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
+import torch
 from PIL import Image, ImageDraw
+from torch import nn
+
+from bincount.data.decode import decode_rgb_file
+from bincount.data.transforms import CountingPresetEval
+from bincount.models.backbones import build_backbone
+from bincount.models.card import Calibration, EvalPreset, ModelCard
+from bincount.models.export import load_model_dir, save_model_dir
+
+# the tiny served model of make_model_dir
+IMAGE_SIZE = 32
+THRESHOLD = 0.75
+MIN_COUNT, MAX_COUNT = 1, 5
 
 
 
@@ -101,3 +117,46 @@ def set_output_dir(cfg: DictConfig, out: Path) -> DictConfig:
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     return cfg
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listened on a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model_dir(out: Path, photos: list[Path], *, temperature: float = 1.0,
+                   review_threshold: float | None = THRESHOLD) -> Path:
+    """An exported ``model/`` folder: an untrained resnet18 (counts ``MIN_COUNT..MAX_COUNT``,
+    ``IMAGE_SIZE`` pixels) whose head is centred on ``photos``' features, so its counts and
+    confidences differ from photo to photo (a fresh head says the same count for all).
+    ``review_threshold=None`` exports it uncalibrated (no ``calibration`` in its card)."""
+    torch.manual_seed(0)
+    net = build_backbone("resnet18", MAX_COUNT - MIN_COUNT + 1).eval()
+    preset = CountingPresetEval(image_size=IMAGE_SIZE)
+    head, net.fc = net.fc, nn.Identity()
+    with torch.no_grad():
+        features = net(torch.stack([preset(decode_rgb_file(p)) for p in photos]))
+        centre, spread = features.mean(0), features.std(0).mean()
+        weight = 3 * torch.randn(head.out_features, head.in_features) / (spread * head.in_features**0.5)
+        head.weight.copy_(weight)
+        head.bias.copy_(-weight @ centre)
+    net.fc = head
+    calibration = None if review_threshold is None else Calibration(temperature=temperature,
+                                                                    review_threshold=review_threshold)
+    return save_model_dir(net, out, ModelCard(arch="resnet18", min_count=MIN_COUNT, max_count=MAX_COUNT,
+                                              preset=EvalPreset.of(preset), calibration=calibration))
+
+
+def reference_probs(model_dir: Path, paths: list[Path], decoder: str = "torchvision") -> list[torch.Tensor]:
+    """Calibrated probabilities ``(C,)`` of each photo, computed the way training evaluates: no serving code.
+
+    Args:
+        model_dir: An exported ``model/`` folder.
+        paths: Photo files (``decoder="pil"`` for PNGs).
+        decoder: See :func:`bincount.data.decode.decode_rgb_file`.
+    """
+    net, card = load_model_dir(model_dir)
+    x = torch.stack([card.preset.build()(decode_rgb_file(p, decoder)) for p in paths])
+    temperature = card.calibration.temperature if card.calibration else 1.0
+    with torch.no_grad():
+        return list((net(x) / temperature).softmax(1))

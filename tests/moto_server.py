@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from tests.conftest import free_port
+from tests.fakes import free_port
 
 REGION = "us-east-1"
 BUCKET = "bincount-test"

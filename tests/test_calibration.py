@@ -15,7 +15,7 @@ from bincount.models.calibration import (
     held_out_report,
 )
 from bincount.models.module import BinCountModule
-from bincount.serve.inference import CountingModel
+from bincount.serve.model import CountingModel
 from bincount.train import train
 
 

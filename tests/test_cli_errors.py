@@ -17,9 +17,8 @@ import pytest
 
 from bincount.cli import main
 from bincount.report import confusion_matrix_figure, fit_title
-from tests.fakes import make_fake_abid, write_bin_photo
+from tests.fakes import MIN_COUNT, free_port, make_fake_abid, make_model_dir, write_bin_photo
 from tests.moto_server import BUCKET, aws, moto_server  # noqa: F401  (fixtures)
-from tests.test_serve import MIN_COUNT, free_port, make_model_dir
 
 CLI = [sys.executable, "-m", "bincount.cli"]
 OLD_CSV = "source,image_id\nkept.jpg,kept\n"

@@ -20,7 +20,8 @@ from bincount.data.dataset import BinImageDataset
 from bincount.data.transforms import CountingPresetEval
 from bincount.models.decoding import FlipTTA, decode_counts, with_tta
 from bincount.models.module import BinCountModule, soft_count_targets
-from bincount.serve.inference import CountingModel, make_predictions
+from bincount.serve.model import CountingModel
+from bincount.serve.verdict import make_predictions
 from bincount.train import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,18 +6,18 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from inotify_simple import INotify, flags
 
 from bincount.cli import main
 from bincount.data.s3 import S3Error
-from bincount.serve.inference import RequestError, input_fn, model_fn, predict_fn
+from bincount.serve.errors import RequestError
+from bincount.serve.inference import input_fn, model_fn, predict_fn
 from bincount.serve.predict import find_photos, predict
 from tests.conftest_s3 import DATA_BUCKET
-from tests.fakes import write_bin_photo
-from tests.test_serve import MAX_COUNT, MIN_COUNT, THRESHOLD, free_port, make_model_dir, reference_probs
+from tests.fakes import MAX_COUNT, MIN_COUNT, THRESHOLD, free_port, make_model_dir, reference_probs, write_bin_photo
 
 PROBS = [f"prob_{c}" for c in range(MIN_COUNT, MAX_COUNT + 1)]
 
@@ -110,7 +110,7 @@ def test_unreachable_s3_prefix_is_a_clear_error(photos, tmp_path, monkeypatch, c
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    monkeypatch.setattr("bincount.serve.inference._s3_clients", {})
+    monkeypatch.setattr("bincount.serve.fetch._s3_clients", {})
     with pytest.raises(S3Error, match="cannot reach the S3 endpoint"):
         predict(model_dir, ["s3://bucket/bin-images/"], tmp_path / "p.csv", num_workers=0, progress=False)
     assert main(["predict", "--model-dir", str(model_dir), "s3://bucket/bin-images/", "--out",
@@ -121,7 +121,7 @@ def test_unreachable_s3_prefix_is_a_clear_error(photos, tmp_path, monkeypatch, c
 @pytest.mark.integration
 def test_predict_over_an_s3_prefix_and_s3_uri_instances(photos, s3_env, tmp_path, monkeypatch):
     root, good, model_dir = photos
-    monkeypatch.setattr("bincount.serve.inference._s3_clients", {})
+    monkeypatch.setattr("bincount.serve.fetch._s3_clients", {})
     client = s3_env.client()
     s3_env.empty_bucket(DATA_BUCKET)
     for path in good[:3]:
@@ -155,14 +155,17 @@ def test_an_interrupted_predict_keeps_the_previous_csv_whole(photos, tmp_path):
     out.write_text("source,image_id\nfrom-the-last-run.jpg,1\n")
     before = out.read_bytes()
     inputs = [str(root / "photos")] * 100  # 1000 photos, one per batch: long enough to interrupt
-    proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "predict", "--model-dir", str(model_dir), *inputs,
-                             "--out", str(out), "--batch-size", "1", "--num-workers", "0", "--no-progress"],
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob("p.csv.*.part")):
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, "predict did not start writing"
-        time.sleep(0.05)
+    with INotify() as inotify:
+        inotify.add_watch(tmp_path, flags.CREATE)
+        proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "predict", "--model-dir", str(model_dir),
+                                 *inputs, "--out", str(out), "--batch-size", "1", "--num-workers", "0",
+                                 "--no-progress"], stderr=subprocess.PIPE, text=True)
+        created: list[str] = []
+        while not any(name.endswith(".part") for name in created):  # the temporary CSV beside p.csv
+            events = inotify.read(timeout=120_000)
+            assert events, f"predict did not start writing: {proc.poll()=}"
+            created += [event.name for event in events]
+    assert proc.poll() is None, proc.stderr.read()
     assert out.read_bytes() == before, "the previous CSV must stay whole while the new one is written"
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)

@@ -17,7 +17,7 @@ import torch
 
 from sagemaker_launch import launch
 from sagemaker_launch.entry import newest_checkpoint
-from tests.conftest import FAST, free_port
+from tests.fakes import FAST, free_port
 from tests.fakes import make_fake_abid
 from tests.moto_server import aws, moto_server  # noqa: F401  (fixtures)
 from tests.sagemaker_container import lay_out_container

@@ -22,7 +22,7 @@ from bincount.models.card import EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
 from sagemaker_launch import deploy, payload
 from sagemaker_launch.export import export_model
-from tests.conftest import free_port
+from tests.fakes import free_port
 from tests.fakes import write_bin_photo
 from tests.moto_server import BUCKET, ROLE, MotoServer, aws, with_moto_fixes  # noqa: F401  (fixture)
 
@@ -278,7 +278,7 @@ def test_request_limits_agree_with_the_handler_and_the_server():
     import inspect
 
     from bincount.serve.app import create_app
-    from bincount.serve.inference import Limits
+    from bincount.serve.settings import Limits
 
     assert compose("deploy", []).max_photos_per_request == Limits().max_instances
     assert payload.max_request_bytes() <= inspect.signature(create_app).parameters["max_body_bytes"].default

@@ -16,7 +16,7 @@ import pytest
 
 from bincount.config import compose
 from sagemaker_launch import launch
-from tests.conftest import FAST, free_port
+from tests.fakes import FAST, free_port
 from tests.moto_server import aws, moto_server  # noqa: F401  (fixtures)
 from tests.sagemaker_container import lay_out_container
 

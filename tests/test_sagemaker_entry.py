@@ -18,7 +18,7 @@ from sagemaker_launch import entry
 from sagemaker_launch.entry import ContainerEnv, container_overrides, distributed_overrides, newest_checkpoint
 from sagemaker_launch.hyperparameters import (decode_hyperparameters, encode_override, encode_overrides, parse_argv,
                                               read_hyperparameters)
-from tests.conftest import FAST, free_port
+from tests.fakes import FAST, free_port
 from tests.fakes import make_fake_abid
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,6 +11,7 @@ as installed; only TorchServe's ``Context`` is stood in for, by the part of ``ts
 toolkit and the handler use.
 """
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -19,13 +20,14 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from bincount.models.backbones import build_backbone
 from bincount.models.card import EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
 from sagemaker_launch import payload
 from sagemaker_launch.export import export_model
-from tests.fakes import write_bin_photo
+from tests.fakes import reference_probs, write_bin_photo
 
 WORKER = '''
 import base64, json, sys
@@ -136,15 +138,19 @@ def test_the_toolkit_answers_counts_and_the_handlers_status_codes(model_dir, tmp
         ({"Content-Type": "image/jpeg", "Accept": "text/csv"}, jpeg),
     ])
 
+    # the answers the exported weights give when evaluated without any serving code
+    reference = reference_probs(model_dir, [photo, other])
     assert (ok["status"], ok["content_type"]) == (200, "application/json")
     [prediction] = json.loads(ok["body"])["predictions"]
-    assert 1 <= prediction["count"] <= 5 and len(prediction["probabilities"]) == 5
+    assert prediction["count"] == 1 + int(reference[0].argmax())
+    assert prediction["probabilities"] == pytest.approx(reference[0].tolist(), abs=1e-5)
     # the header reached input_fn through the toolkit's context; no calibrated threshold: review
     assert (prediction["expected_quantity"], prediction["verdict"]) == (3, "review")
 
     assert (batch["status"], batch["content_type"]) == (200, "application/json")
     predictions = json.loads(batch["body"])["predictions"]
-    assert [p["expected_quantity"] for p in predictions] == [2, 2] and all(1 <= p["count"] <= 5 for p in predictions)
+    assert [p["expected_quantity"] for p in predictions] == [2, 2]
+    assert [p["count"] for p in predictions] == [1 + int(r.argmax()) for r in reference]
 
     # errors: the toolkit sets the status and phrase from the handler's exception; the body is
     # the message, then the traceback
@@ -158,3 +164,14 @@ def test_the_toolkit_answers_counts_and_the_handlers_status_codes(model_dir, tmp
         status, message = expected[name]
         assert (answer["status"], answer["phrase"]) == (status, message), name
         assert answer["body"].split("\n", 1)[0] == message, name
+
+
+def test_the_endpoint_installs_what_the_handler_imports_beyond_the_image(model_dir):
+    """The serving image has torch and torchvision but not pydantic (the JSON request schema):
+    ``code/requirements.txt`` must make the endpoint install it, at bincount's own version range."""
+    listed = {Requirement(line).name: Requirement(line).specifier
+              for line in (model_dir / "code" / "requirements.txt").read_text().splitlines()
+              if line and not line.startswith("#")}
+    declared = {Requirement(r).name: Requirement(r).specifier for r in importlib.metadata.requires("bincount")}
+    assert listed["pydantic"] == declared["pydantic"] and listed["pillow"] == declared["pillow"]
+    assert not {"torch", "torchvision"} & listed.keys()  # the image's CUDA builds stay

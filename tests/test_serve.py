@@ -2,87 +2,53 @@
 
 import asyncio
 import base64
+import functools
 import io
 import json
 import os
+import queue
 import socket
 import struct
 import subprocess
 import sys
 import threading
-import time
 import zlib
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from inspect import signature
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 import uvicorn
 from PIL import Image
-from torch import nn
 
-from bincount.data.decode import decode_rgb_file, decoder_reason
-from bincount.data.transforms import CountingPresetEval
-from bincount.models.backbones import build_backbone
+from bincount.data.decode import decoder_reason
 from bincount.models.decoding import NEVER
-from bincount.models.card import Calibration, EvalPreset, ModelCard
-from bincount.models.export import load_model_dir, save_model_dir
 from bincount.serve import app as serve_app
-from bincount.serve.app import Batcher, create_app
-from bincount.serve.inference import (
-    CUSTOM_ATTRIBUTES,
-    CountingModel,
-    Limits,
-    RequestError,
-    check_accept,
-    decode_image_bytes,
-    decode_image_pixels,
-    decode_request,
-    input_fn,
-    model_fn,
-    output_fn,
-    predict_fn,
+from bincount.serve import images as serve_images
+from bincount.serve.app import create_app
+from bincount.serve.batching import Batcher
+from bincount.serve.errors import RequestError
+from bincount.serve.images import decode_image_bytes
+from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn
+from bincount.serve.model import CountingModel
+from bincount.serve.protocol import CUSTOM_ATTRIBUTES, check_accept
+from bincount.serve.request import decode_request
+from bincount.serve.schema import parse_json_body
+from bincount.serve.settings import Limits
+from tests.fakes import (
+    MAX_COUNT,
+    MIN_COUNT,
+    THRESHOLD,
+    corrupt_middle,
+    free_port,
+    make_model_dir,
+    reference_probs,
+    write_bin_photo,
 )
-from tests.fakes import corrupt_middle, write_bin_photo
-
-IMAGE_SIZE = 32
-THRESHOLD = 0.75
-MIN_COUNT, MAX_COUNT = 1, 5
-
-
-def make_model_dir(out: Path, photos: list[Path], *, temperature: float = 1.0,
-                   review_threshold: float | None = THRESHOLD) -> Path:
-    """An untrained resnet18 whose head is centred on ``photos``' features, so its counts and
-    confidences differ from photo to photo (a fresh head says the same count for all).
-    ``review_threshold=None`` exports it uncalibrated (no ``calibration`` in its card)."""
-    torch.manual_seed(0)
-    net = build_backbone("resnet18", MAX_COUNT - MIN_COUNT + 1).eval()
-    preset = CountingPresetEval(image_size=IMAGE_SIZE)
-    head, net.fc = net.fc, nn.Identity()
-    with torch.no_grad():
-        features = net(torch.stack([preset(decode_rgb_file(p)) for p in photos]))
-        centre, spread = features.mean(0), features.std(0).mean()
-        weight = 3 * torch.randn(head.out_features, head.in_features) / (spread * head.in_features**0.5)
-        head.weight.copy_(weight)
-        head.bias.copy_(-weight @ centre)
-    net.fc = head
-    calibration = None if review_threshold is None else Calibration(temperature=temperature,
-                                                                    review_threshold=review_threshold)
-    return save_model_dir(net, out, ModelCard(arch="resnet18", min_count=MIN_COUNT, max_count=MAX_COUNT,
-                                              preset=EvalPreset.of(preset), calibration=calibration))
-
-
-def reference_probs(model_dir: Path, paths: list[Path]) -> list[torch.Tensor]:
-    """Calibrated probabilities ``(C,)`` of each photo, computed the way training evaluates: no serving code."""
-    net, card = load_model_dir(model_dir)
-    x = torch.stack([card.preset.build()(decode_rgb_file(p)) for p in paths])
-    temperature = card.calibration.temperature if card.calibration else 1.0
-    with torch.no_grad():
-        return list((net(x) / temperature).softmax(1))
 
 
 @dataclass
@@ -185,31 +151,61 @@ def test_json_batch_with_verdicts(bundle, model):
     assert preds[0]["count"] == bundle.count(sure) and preds[2]["count"] == bundle.count(unsure)
 
 
-def test_png_and_x_image(model):
+def test_png_and_x_image(bundle, model, tmp_path):
+    grey = tmp_path / "grey.png"
+    grey.write_bytes(png_bytes())
+    [reference] = reference_probs(bundle.model_dir, [grey], decoder="pil")
     for content_type in ("image/png", "application/x-image"):
-        [pred] = predict_fn(input_fn(png_bytes(), content_type), model)
-        assert MIN_COUNT <= pred["count"] <= MAX_COUNT and sum(pred["probabilities"]) == pytest.approx(1, abs=1e-4)
+        [pred] = predict_fn(input_fn(grey.read_bytes(), content_type), model)
+        assert pred["count"] == MIN_COUNT + int(reference.argmax())
+        assert pred["probabilities"] == pytest.approx(reference.tolist(), abs=1e-5)
     other_modes = [png_bytes(mode="L"), png_bytes(mode="RGBA"), png_bytes(mode="P"), png_bytes(mode="I;16")]
     request = input_fn(json.dumps({"instances": [{"image_b64": b64(x)} for x in other_modes]}), "application/json")
     assert [(tuple(x.shape), x.dtype) for x in request.images] == [((3, 30, 40), torch.uint8)] * 4
+    for data, image in zip(other_modes[:3], request.images):  # 16-bit is scaled, not clipped as Pillow does
+        with Image.open(io.BytesIO(data)) as pil:
+            assert torch.equal(image, torch.from_numpy(np.asarray(pil.convert("RGB")).copy()).permute(2, 0, 1))
+
+
+class ToolkitContext:
+    """What the SageMaker toolkit passes as ``context``: TorchServe's, with the request's headers."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.request_processor = [type("P", (), {"get_request_properties": lambda _: headers})()]
 
 
 def test_expected_quantity_of_a_single_photo_from_custom_attributes(bundle, model):
     sure = bundle.pick(sure=True)
-
-    class ToolkitContext:  # what the SageMaker toolkit passes as `context`
-        request_processor = [type("P", (), {"get_request_properties": lambda self: {
-            "Content-Type": "image/jpeg", CUSTOM_ATTRIBUTES: f"trace=1; expected_quantity={bundle.count(sure)}"}})()]
-
-    [pred] = predict_fn(input_fn(bundle.photos[sure].read_bytes(), "image/jpeg", ToolkitContext()), model)
+    context = ToolkitContext({"Content-Type": "image/jpeg",
+                              CUSTOM_ATTRIBUTES: f"trace=1; expected_quantity={bundle.count(sure)}"})
+    [pred] = predict_fn(input_fn(bundle.photos[sure].read_bytes(), "image/jpeg", context), model)
     assert pred["verdict"] == "match"
 
 
-def test_handler_signatures_fit_the_sagemaker_toolkit():
-    # the toolkit calls f(*args) or, when f takes one parameter more, f(*args, context)
-    for fn, args in ((model_fn, 1), (input_fn, 2), (predict_fn, 2), (output_fn, 2)):
-        assert len(signature(fn).parameters) in (args, args + 1), fn.__name__
+def test_the_sagemaker_toolkit_calls_the_handler_functions_with_its_context(bundle):
+    """The toolkit passes ``context`` to a function that takes one parameter more than it hands
+    over: if any of ours did not, the header below would not reach ``input_fn``."""
+    from sagemaker_inference.transformer import Transformer
+
+    sure = bundle.pick(sure=True)
+    other = MIN_COUNT + (bundle.count(sure) - MIN_COUNT + 1) % 5
+    toolkit = Transformer()
+    toolkit._context = ToolkitContext({CUSTOM_ATTRIBUTES: f"expected_quantity={other}"})
+    model = toolkit._run_handler_function(model_fn, str(bundle.model_dir))
+    request = toolkit._run_handler_function(input_fn, bundle.photos[sure].read_bytes(), "image/jpeg")
+    answers = toolkit._run_handler_function(predict_fn, request, model)
+    body, content_type = toolkit._run_handler_function(output_fn, answers, "application/json")
+    [pred] = json.loads(body)["predictions"]
+    assert content_type == "application/json"
+    assert (pred["count"], pred["expected_quantity"], pred["verdict"]) == (bundle.count(sure), other, "mismatch")
+    assert pred["probabilities"] == pytest.approx(bundle.probs[sure].tolist(), abs=1e-5)
+
+
+def test_a_request_error_is_a_toolkit_error_with_its_status():
+    from sagemaker_inference.errors import BaseInferenceToolkitError
+
     err = RequestError("bad photo")
+    assert isinstance(err, BaseInferenceToolkitError)
     assert (err.status_code, err.message, err.phrase, str(err)) == (400, "bad photo", "bad photo", "bad photo")
 
 
@@ -318,6 +314,18 @@ def test_limits(bundle):
         decode_request(too_many, "application/json", limits=Limits(max_instances=2))
 
 
+def test_the_json_body_schema():
+    body = {"instances": [{"image_b64": "AAAA", "note": "ignored"}, {"s3_uri": "s3://b/k.jpg"}],
+            "expected_quantity": [0, None]}
+    parsed = parse_json_body(json.dumps(body), max_instances=2)
+    assert [(i.image_b64, i.s3_uri) for i in parsed.instances] == [("AAAA", None), (None, "s3://b/k.jpg")]
+    assert parsed.expected() == [0, None]
+    assert parse_json_body(json.dumps({"instances": body["instances"]}), max_instances=2).expected() == [None, None]
+    # the number of photos is checked before any of them: a request over the limit is refused as a whole
+    with pytest.raises(RequestError, match=r'^"instances" must hold 1 to 2 photos, got 3$'):
+        parse_json_body(json.dumps({"instances": [{"url": "x"}] * 3}), max_instances=2)
+
+
 @pytest.mark.parametrize(
     ("accept", "ok"),
     [(None, True), ("", True), ("*/*", True), ("application/json", True), ("text/html, application/*;q=0.5", True),
@@ -332,18 +340,12 @@ def test_accept(accept, ok):
         assert caught.value.status_code == 406
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_s3_is_a_502_that_says_so(bundle, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setattr("bincount.serve.inference._s3_clients", {})  # a client made with these settings
+    monkeypatch.setattr("bincount.serve.fetch._s3_clients", {})  # a client made with these settings
     with pytest.raises(RequestError) as caught:
         input_fn(json.dumps({"instances": [{"s3_uri": "s3://bucket/bin-images/00001.jpg"}]}), "application/json")
     assert caught.value.status_code == 502
@@ -401,7 +403,11 @@ def test_batcher_respects_max_batch_size():
 def test_batcher_waits_for_stragglers_only_when_asked():
     async def go(batcher):
         first = asyncio.create_task(batcher.submit([torch.ones(2)]))
-        await asyncio.sleep(0.05)
+        # yield to the other tasks until the first request is queued, then until the worker has taken it
+        while batcher.queue.empty():
+            await asyncio.sleep(0)
+        while not batcher.queue.empty():
+            await asyncio.sleep(0)
         return await asyncio.gather(first, batcher.submit([torch.ones(2)]))
 
     assert run_batcher(go, max_wait_ms=2000)[1] == [2]
@@ -447,32 +453,19 @@ SERVER_LIMITS = Limits(max_image_bytes=100_000, max_pixels=200 * 200, max_instan
 MAX_BODY = 300_000
 
 
-def wait_for_ping(url: str, *, status: int = 200, timeout: float = 60, alive=lambda: True) -> None:
-    """Poll ``GET url/ping`` until it answers ``status``; fail if ``alive()`` turns false or time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert alive(), "the server stopped before it became ready"
-        try:
-            if httpx.get(f"{url}/ping").status_code == status:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"{url} did not answer /ping with {status} in {timeout} s"
-        time.sleep(0.05)
-
-
 @contextmanager
-def running(app, *, ready_status: int = 200):
-    """Serve ``app`` with uvicorn on a free loopback port in a thread; yield its base URL."""
+def running(app):
+    """Serve ``app`` with uvicorn on a free loopback port in a thread; once its model has loaded
+    (or failed to), yield its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
     sock.bind(("127.0.0.1", 0))
+    sock.listen()  # a client that connects before uvicorn accepts waits in the backlog
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
-        wait_for_ping(url, status=ready_status, alive=thread.is_alive)
-        yield url
+        assert app.state.load_finished.wait(timeout=60), "the model neither loaded nor failed in 60 s"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -643,7 +636,8 @@ def decoding_threads(monkeypatch):
         names.append(threading.current_thread().name)
         return decode_image_pixels(data, fmt)
 
-    monkeypatch.setattr(serve_app, "decode_image_pixels", recording)
+    decode_image_pixels = serve_images.decode_image_pixels
+    monkeypatch.setattr(serve_images, "decode_image_pixels", recording)
     return names
 
 
@@ -664,24 +658,78 @@ def test_small_photos_decode_in_the_forward_thread_and_big_ones_beside_it(bundle
     assert all(name.startswith("bincount-forward") == in_forward_thread for name in decoding_threads)
 
 
+def test_the_app_answers_with_the_handler_functions_and_the_same_environment(bundle, monkeypatch):
+    """``bincount serve`` runs ``model_fn``, ``input_fn``, ``predict_fn`` and ``output_fn``, which
+    read the settings the SageMaker image gives them from the environment."""
+    calls: list[str] = []
+
+    def recording(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            calls.append(fn.__name__)
+            return fn(*args, **kwargs)
+        return call
+
+    for fn in (model_fn, input_fn, predict_fn, output_fn):
+        monkeypatch.setattr(serve_app, fn.__name__, recording(fn))
+    monkeypatch.setenv("BINCOUNT_REVIEW_THRESHOLD", "0")  # every verdict confident
+    monkeypatch.setenv("BINCOUNT_MAX_PIXELS", "5000")
+    unsure = bundle.pick(sure=False)
+    with running(create_app(bundle.model_dir, device="cpu")) as url, httpx.Client(base_url=url) as client:
+        r = client.post("/invocations", content=bundle.photos[unsure].read_bytes(), headers={
+            "Content-Type": "image/jpeg", CUSTOM_ATTRIBUTES: f"expected_quantity={bundle.count(unsure)}"})
+        assert r.status_code == 200, r.text
+        assert calls == ["model_fn", "input_fn", "predict_fn", "output_fn"]
+        assert r.json()["predictions"][0]["verdict"] == "match"  # "review" under the calibrated 0.75
+        r = client.post("/invocations", content=png_bytes((100, 100)), headers={"Content-Type": "image/png"})
+        assert r.status_code == 400 and "the limit is 5000" in r.json()["error"]
+
+
 def test_ping_is_503_while_the_model_cannot_load(tmp_path):
     (tmp_path / "model").mkdir()
     app = create_app(tmp_path / "model", device="cpu")
-    with running(app, ready_status=503) as url:
+    with running(app) as url:
         r = httpx.get(f"{url}/ping")
         assert r.status_code == 503 and r.json()["status"] == "error" and "model_config.json" in r.json()["error"]
         r = httpx.post(f"{url}/invocations", content=b"x", headers={"Content-Type": "image/jpeg"})
         assert r.status_code == 503 and "not loaded" in r.json()["error"]
 
 
+def wait_for_lines(stream, *needles: str, timeout: float = 90) -> list[str]:
+    """Read ``stream`` until a line has contained each of ``needles``; the lines read.
+
+    Raises:
+        AssertionError: If the stream ends (the process exited) or ``timeout`` seconds pass first.
+    """
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:  # keeps draining the pipe after we return, so the process never blocks on it
+        for line in iter(stream.readline, ""):
+            lines.put(line)
+        lines.put("")  # the end of the stream
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen, missing = [], set(needles)
+    while missing:
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line with {missing} in {timeout} s: {seen}") from None
+        assert line, f"the stream ended before a line with {missing}: {seen}"
+        seen.append(line)
+        missing = {n for n in missing if n not in line}
+    return seen
+
+
 def test_bincount_serve_command(bundle):
     port = free_port()
     env = {**os.environ, "BINCOUNT_MAX_PIXELS": "5000"}
     proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "serve", "--model-dir", str(bundle.model_dir),
-                             "--port", str(port), "--log-level", "warning", "--review-threshold", "0",
-                             "--inline-decode-pixels", "0"], env=env)
+                             "--port", str(port), "--log-level", "info", "--review-threshold", "0",
+                             "--inline-decode-pixels", "0"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_ping(f"http://127.0.0.1:{port}", timeout=90, alive=lambda: proc.poll() is None)
+        wait_for_lines(proc.stderr, "Uvicorn running on", f"loaded from {bundle.model_dir}")
         r = httpx.post(f"http://127.0.0.1:{port}/invocations", content=bundle.photos[2].read_bytes(),
                        headers={"Content-Type": "image/jpeg",
                                 CUSTOM_ATTRIBUTES: f"expected_quantity={bundle.count(2)}"})

@@ -41,7 +41,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"),
                         help="exported model/ folder (default: $SM_MODEL_DIR or /opt/ml/model)")
     parser.add_argument("--review-threshold", type=float, default=None,
-                        help="calibrated confidence below which a verdict is 'review' (default: model_config.json)")
+                        help="calibrated confidence below which a verdict is 'review' (default: model_config.json's; "
+                             "serve: $BINCOUNT_REVIEW_THRESHOLD first)")
     parser.add_argument("--max-image-bytes", type=int, default=None,
                         help="largest photo, bytes (default: $BINCOUNT_MAX_IMAGE_BYTES or 10 MiB)")
     parser.add_argument("--max-pixels", type=int, default=None,
@@ -53,7 +54,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def _limits(args: argparse.Namespace):
     from dataclasses import replace
 
-    from bincount.serve.inference import Limits
+    from bincount.serve.settings import Limits
 
     given = {k: getattr(args, k, None) for k in ("max_image_bytes", "max_pixels", "max_instances")}
     return replace(Limits.from_env(), **{k: v for k, v in given.items() if v is not None})

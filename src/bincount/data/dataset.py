@@ -12,7 +12,6 @@ from torchvision.transforms.v2 import functional as TF
 
 from bincount.data.abid import IMAGE_DIR, BinRecord
 from bincount.data.decode import decode_rgb_file
-from bincount.data.decode import decoder_reason  # noqa: F401  (serve/inference.py imports it from here)
 
 log = logging.getLogger(__name__)
 

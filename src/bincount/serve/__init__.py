@@ -1,5 +1,11 @@
-"""Serving: the SageMaker inference handler (:mod:`.inference`), its HTTP app (:mod:`.app`) and batch
-prediction over files, folders and S3 prefixes (:mod:`.predict`)."""
+"""Serving: the SageMaker inference handler (:mod:`.inference`), the HTTP app that runs it (:mod:`.app`),
+and batch prediction over files, folders and S3 prefixes (:mod:`.predict`).
+
+The handler's parts: :mod:`.settings` (limits, review threshold, environment), :mod:`.protocol`
+(content types, ``Accept``, custom attributes), :mod:`.schema` (the JSON body), :mod:`.images`
+(decoding), :mod:`.fetch` (S3), :mod:`.request` (body -> photos), :mod:`.model` (loading, forward
+pass), :mod:`.verdict` (answers) and :mod:`.errors` (status codes). The app adds :mod:`.batching`.
+"""
 
 from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn
 

@@ -1,19 +1,23 @@
 """The HTTP server of SageMaker's inference container contract, on FastAPI + uvicorn.
 
-``GET /ping`` answers 200 once the model is loaded (503 before, or if loading failed);
-``POST /invocations`` decodes with :func:`~bincount.serve.inference.decode_request`, counts, and
-answers with :func:`~bincount.serve.inference.output_fn`: the handler functions the SageMaker
-PyTorch image runs. Client mistakes get a 4xx with ``{"error": "<what was wrong>"}``. Every
-answer says where its time went in a ``Server-Timing`` header (W3C Server Timing), in
-milliseconds: ``decode`` (this request's photos), ``batch`` (preprocess + forward of the batch
+``GET /ping`` answers 200 once :func:`~bincount.serve.inference.model_fn` has loaded the model
+(503 before, or if loading failed); ``POST /invocations`` runs
+:func:`~bincount.serve.inference.input_fn`, :func:`~bincount.serve.inference.predict_fn` and
+:func:`~bincount.serve.inference.output_fn`: the handler functions the SageMaker PyTorch image
+runs, given the request's headers and the server's :class:`~bincount.serve.settings.Settings` in
+their ``context``. This module only adapts HTTP to them. Client mistakes (the handler's
+:class:`~bincount.serve.errors.RequestError`) get their 4xx with ``{"error": "<what was wrong>"}``.
+Every answer says where its time went in a ``Server-Timing`` header (W3C Server Timing), in
+milliseconds: ``decode`` (``input_fn`` on this request), ``batch`` (``predict_fn`` on the batch
 it shared, ``desc`` its size) and ``total`` (in the handler, from headers read to answer ready).
 
-Concurrent requests share forward passes: requests that queue up while the network is busy are
-preprocessed and counted together in the next batch (:class:`Batcher`), so a lone request waits
-for nobody. A single photo of up to ``inline_decode_pixels`` is decoded in the forward thread
-just before its batch (one thread hand-off per request instead of two); a larger one, and a JSON
-body (it may name S3 objects), are decoded in a thread pool so that they never hold up the
-network.
+Concurrent requests share forward passes: the photos of requests that queue up while the
+network is busy go through ``predict_fn`` together in the next batch
+(:class:`~bincount.serve.batching.Batcher`), so a lone request waits for nobody. A single photo
+of up to ``inline_decode_pixels`` (by its header, read before anything else) is decoded by
+``input_fn`` in the forward thread just before its batch (one thread hand-off per request instead
+of two); a larger one, and a JSON body (it may name S3 objects), are decoded in a thread pool so
+that they never hold up the network.
 
 Usage:
     bincount serve --model-dir outputs/RUN/model --port 8080
@@ -25,176 +29,57 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from bincount.serve.inference import (
-    CONTENT_TYPES,
-    CUSTOM_ATTRIBUTES,
-    IMAGE_CONTENT_TYPES,
-    CountingModel,
-    Limits,
-    RequestError,
-    UnsupportedContentType,
-    check_accept,
-    decode_image_pixels,
-    decode_request,
-    make_predictions,
-    media_type,
-    output_fn,
-    parse_custom_attributes,
-    probabilities,
-    read_image_header,
-)
+from bincount.serve.batching import Batcher
+from bincount.serve.errors import RequestError
+from bincount.serve.images import read_image_header
+from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn
+from bincount.serve.model import CountingModel
+from bincount.serve.protocol import IMAGE_CONTENT_TYPES, check_accept, check_content_type
+from bincount.serve.request import CountRequest
+from bincount.serve.settings import Limits, Settings
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Batched:
-    """One request's share of a batch.
+class HandlerContext:
+    """The ``context`` the app passes to the handler functions.
 
-    Attributes:
-        rows: ``fn``'s output rows for the request's items, ``(len(items), ...)``.
-        prepare_ms: Time spent preparing this request's items, milliseconds.
-        batch_ms: Time of the ``fn`` call the rows came from, milliseconds (shared by the
-            requests of the batch).
-        batch_size: Items in that call.
-    """
-
-    rows: torch.Tensor
-    prepare_ms: float
-    batch_ms: float
-    batch_size: int
-
-
-class Batcher:
-    """Run a batch function on several requests' items (photos) at once.
-
-    One worker task takes the first queued request, adds whatever else is already queued
-    (and whatever arrives within ``max_wait_ms``) until ``max_batch_size`` items are in, and in
-    a dedicated thread prepares each request's items and runs ``fn`` once on all of them, then
-    hands each request its rows of the output. While that runs, new requests queue up and form
-    the next batch.
+    The part of TorchServe's ``Context`` the handler reads (``request_processor[0]
+    .get_request_properties()``: the request's headers) and the server's settings
+    (:func:`~bincount.serve.settings.settings_of`).
 
     Args:
-        fn: ``N`` items -> ``(N, ...)`` tensor, called in one thread at a time (so all of the
-            network's work stays on one thread and one OpenMP team).
-        max_batch_size: Items per call; one request larger than this runs alone.
-        max_wait_ms: How long to wait for more requests once one is queued (0: take only
-            what is already waiting, so a lone request is not delayed).
+        settings: The server's settings.
+        headers: The request's headers (none for ``model_fn``).
     """
 
-    def __init__(self, fn: Callable[[list], torch.Tensor], *, max_batch_size: int = 16,
-                 max_wait_ms: float = 0.0) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
-        self.fn = fn
-        self.max_batch_size = max_batch_size
-        self.max_wait = max_wait_ms / 1000
-        self.queue: asyncio.Queue[tuple[Sequence, Callable | None, asyncio.Future]] = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bincount-forward")
-        self.stats = {"batches": 0, "rows": 0, "max_rows": 0}
+    def __init__(self, settings: Settings, headers: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self.headers = dict(headers or {})
+        self.request_processor = [self]
 
-    async def submit(self, items: Sequence, prepare: Callable[[Any], Any] | None = None) -> Batched:
-        """Queue ``items`` and wait for ``fn``'s output rows for them.
-
-        Args:
-            items: This request's items.
-            prepare: Applied to each item in the batch thread before ``fn`` (e.g. decoding a
-                photo); what it raises fails this request only.
-
-        Raises:
-            Exception: What ``prepare`` raised on one of these items, or what ``fn`` raised on
-                the batch they were in.
-        """
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((items, prepare, future))
-        return await future
-
-    async def _collect(self) -> list[tuple[Sequence, Callable | None, asyncio.Future]]:
-        requests = [await self.queue.get()]
-        size = len(requests[0][0])
-        deadline = asyncio.get_running_loop().time() + self.max_wait
-        while size < self.max_batch_size:
-            remaining = deadline - asyncio.get_running_loop().time()
-            try:
-                request = self.queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self.queue.get(),
-                                                                                                 remaining)
-            except (asyncio.QueueEmpty, asyncio.TimeoutError):
-                break
-            requests.append(request)
-            size += len(request[0])
-        return [r for r in requests if not r[2].cancelled()]  # a client that hung up needs no answer
-
-    def _step(self, requests: list[tuple[Sequence, Callable | None]]) -> list[Batched | Exception]:
-        """In the batch thread: each request's share of the batch, or the error that failed it."""
-        results: list[Batched | Exception | None] = [None] * len(requests)
-        batch, sizes, prepared = [], [], []
-        for i, (items, prepare) in enumerate(requests):
-            t0 = time.perf_counter()
-            try:
-                items = [prepare(x) for x in items] if prepare is not None else list(items)
-            except Exception as err:  # noqa: BLE001 - this request's own error, answered to it alone
-                results[i] = err
-                continue
-            batch += items
-            sizes.append(len(items))
-            prepared.append((i, 1000 * (time.perf_counter() - t0)))
-        if not batch:
-            return results
-        t0 = time.perf_counter()
-        try:
-            out = self.fn(batch)
-            parts = out.split(sizes)
-        except Exception as err:  # noqa: BLE001 - handed to every request of the batch
-            for i, _ in prepared:
-                results[i] = err
-            return results
-        batch_ms = 1000 * (time.perf_counter() - t0)
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(out)
-        self.stats["max_rows"] = max(self.stats["max_rows"], len(out))
-        for (i, prepare_ms), rows in zip(prepared, parts):
-            results[i] = Batched(rows, prepare_ms, batch_ms, len(out))
-        return results
-
-    async def run(self) -> None:
-        """The worker loop; runs until cancelled. An error fails only the request or batch it occurred in."""
-        loop = asyncio.get_running_loop()
-        while True:
-            requests = await self._collect()
-            if not requests:
-                continue
-            try:
-                results = await loop.run_in_executor(self.executor, self._step, [r[:2] for r in requests])
-            except Exception as err:  # noqa: BLE001 - e.g. the executor shut down: no request is left waiting
-                results = [err] * len(requests)
-            for result, (_, _, future) in zip(results, requests):
-                if future.done():
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+    def get_request_properties(self) -> dict[str, str]:
+        return self.headers
 
 
 async def read_body(request: Request, limit: int, *, status: int) -> bytes:
-    """The request body, refused with ``status`` as soon as it is known to exceed ``limit`` bytes."""
+    """The request body, refused with ``status`` as soon as it is known to exceed ``limit`` bytes.
+
+    Raises:
+        RequestError: (``status``) The declared or streamed body is over ``limit`` bytes.
+    """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise RequestError(f"body is {declared} bytes; the limit is {limit} bytes", status)
@@ -207,19 +92,33 @@ async def read_body(request: Request, limit: int, *, status: int) -> bytes:
     return b"".join(chunks)
 
 
+def photo_rows(request: CountRequest) -> list[tuple[torch.Tensor, int | None]]:
+    """A decoded request as batch items: one ``(image (3, H, W) uint8, expected quantity or None)`` per photo."""
+    return list(zip(request.images, request.expected))
+
+
+def predict_rows(model: CountingModel, rows: Sequence[tuple[torch.Tensor, int | None]]) -> list[dict]:
+    """:func:`~bincount.serve.inference.predict_fn` on the photos of several requests at once."""
+    return predict_fn(CountRequest([image for image, _ in rows], [expected for _, expected in rows]), model)
+
+
 def create_app(model_dir: str | Path, *, review_threshold: float | None = None, limits: Limits | None = None,
                max_body_bytes: int = 32 * 2**20, max_batch_size: int = 16, max_wait_ms: float = 0.0,
                inline_decode_pixels: int = 4_000_000, device: str | None = None) -> FastAPI:
     """The FastAPI app; the model loads in the background once the server starts.
 
+    Settings not given here come from the environment, as on a SageMaker endpoint
+    (:meth:`~bincount.serve.settings.Settings.from_env`: ``BINCOUNT_REVIEW_THRESHOLD``,
+    ``BINCOUNT_MAX_IMAGE_BYTES``, ``BINCOUNT_MAX_PIXELS``, ``BINCOUNT_MAX_INSTANCES``).
+
     Args:
         model_dir: Exported ``model/`` folder.
-        review_threshold: Overrides the calibrated review threshold.
-        limits: Per-photo and per-request limits (default :class:`Limits`).
+        review_threshold: Overrides ``BINCOUNT_REVIEW_THRESHOLD`` and the calibrated review threshold.
+        limits: Per-photo and per-request limits (default :meth:`Limits.from_env`).
         max_body_bytes: Largest JSON body (larger: 413). An image body's limit is
             ``limits.max_image_bytes`` (larger: 400).
         max_batch_size: Photos per forward pass (1: one request at a time).
-        max_wait_ms: See :class:`Batcher`.
+        max_wait_ms: See :class:`~bincount.serve.batching.Batcher`.
         inline_decode_pixels: A single photo of at most this many pixels (by its header) is
             decoded in the forward thread, which saves two thread hand-offs; a larger one
             (milliseconds to decode) in a thread pool, so that it does not delay other
@@ -228,21 +127,25 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
 
     Returns:
         The app; ``app.state.model`` is ``None`` until loaded, ``app.state.load_error`` says why
-        loading failed, ``app.state.batcher.stats`` counts batches.
+        loading failed, ``app.state.load_finished`` (a :class:`threading.Event`) is set once
+        either is known, ``app.state.batcher.stats`` counts batches.
+
+    Raises:
+        ValueError: If a ``BINCOUNT_*`` variable is malformed.
     """
-    limits = limits or Limits()
+    settings = Settings.from_env().override(review_threshold=review_threshold, limits=limits, device=device)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async def load() -> None:
             try:
-                model = await asyncio.to_thread(CountingModel.load, model_dir, review_threshold=review_threshold,
-                                                limits=limits, device=device)
+                model = await asyncio.to_thread(model_fn, str(model_dir), HandlerContext(settings))
             except Exception as err:  # noqa: BLE001 - reported by /ping; the process stays up to say so
                 log.exception("cannot load the model from %s", model_dir)
                 app.state.load_error = f"{type(err).__name__}: {err}"
+                app.state.load_finished.set()
                 return
-            app.state.batcher = Batcher(partial(probabilities, model), max_batch_size=max_batch_size,
+            app.state.batcher = Batcher(partial(predict_rows, model), max_batch_size=max_batch_size,
                                         max_wait_ms=max_wait_ms)
             worker = asyncio.create_task(app.state.batcher.run())
             worker.add_done_callback(lambda t: t.cancelled() or log.error("batch worker stopped: %r", t.exception()))
@@ -250,6 +153,7 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
             app.state.model = model
             log.info("model %s loaded from %s (review threshold %.4f, temperature %.3f)", model.card.arch,
                      model_dir, model.review_threshold, model.temperature)
+            app.state.load_finished.set()
 
         app.state.tasks = [asyncio.create_task(load())]
         yield
@@ -262,6 +166,7 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
     app.state.model = None
     app.state.load_error = None
     app.state.batcher = None
+    app.state.load_finished = threading.Event()
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, err: RequestError) -> JSONResponse:
@@ -278,35 +183,32 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
     @app.post("/invocations")
     async def invocations(request: Request) -> Response:
         start = time.perf_counter()
-        model: CountingModel | None = app.state.model
-        if model is None:
+        if app.state.model is None:
             return JSONResponse({"error": "the model is not loaded (see GET /ping)"}, status_code=503)
-        content_type = request.headers.get("content-type")
-        kind = media_type(content_type)
-        if kind not in CONTENT_TYPES:
-            raise UnsupportedContentType(content_type)
-        accept = check_accept(request.headers.get("accept"))
+        content_type, accept = request.headers.get("content-type"), request.headers.get("accept")
+        # what the handler would refuse anyway, refused before the body is read or the network runs
+        kind = check_content_type(content_type)
+        check_accept(accept)
+        context = HandlerContext(settings, request.headers)
+        decode = partial(input_fn, request_content_type=content_type, context=context)
         if kind in IMAGE_CONTENT_TYPES:
-            body = await read_body(request, limits.max_image_bytes, status=400)
-            expected = [parse_custom_attributes(request.headers.get(CUSTOM_ATTRIBUTES))]
-            fmt, width, height = read_image_header(body, limits=model.limits, expected_format=IMAGE_CONTENT_TYPES[kind])
-            decode = partial(decode_image_pixels, fmt=fmt)
-            if width * height <= inline_decode_pixels:
-                batched = await app.state.batcher.submit([body], prepare=decode)
-                decode_ms = batched.prepare_ms
-            else:  # a big photo would hold up everyone's forward pass: decode it beside them
-                t0 = time.perf_counter()
-                image = await run_in_threadpool(decode, body)
-                decode_ms = 1000 * (time.perf_counter() - t0)
-                batched = await app.state.batcher.submit([image])
+            body = await read_body(request, settings.limits.max_image_bytes, status=400)
+            # the header says how long decoding will take, and refuses oversized photos before it
+            _, width, height = read_image_header(body, limits=settings.limits,
+                                                 expected_format=IMAGE_CONTENT_TYPES[kind])
+            inline = width * height <= inline_decode_pixels
         else:
             body = await read_body(request, max_body_bytes, status=413)
+            inline = False
+        if inline:
+            batched = await app.state.batcher.submit([body], prepare=lambda b: photo_rows(decode(b))[0])
+            decode_ms = batched.prepare_ms
+        else:  # a big photo or a JSON body would hold up everyone's forward pass: decode it beside them
             t0 = time.perf_counter()
-            count_request = await run_in_threadpool(decode_request, body, content_type, limits=model.limits)
+            count_request = await run_in_threadpool(decode, body)
             decode_ms = 1000 * (time.perf_counter() - t0)
-            batched = await app.state.batcher.submit(count_request.images)
-            expected = count_request.expected
-        payload, answer_type = output_fn(make_predictions(batched.rows, expected, model), accept)
+            batched = await app.state.batcher.submit(photo_rows(count_request))
+        payload, answer_type = output_fn(list(batched.rows), accept, context)
         timing = (f"decode;dur={decode_ms:.3f}, batch;dur={batched.batch_ms:.3f};desc=\"size {batched.batch_size}\", "
                   f"total;dur={1000 * (time.perf_counter() - start):.3f}")
         return Response(payload, media_type=answer_type, headers={"Server-Timing": timing})
@@ -334,7 +236,7 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8080, l
 
     Raises:
         FileNotFoundError: If ``model_dir`` lacks ``model.pt`` or ``model_config.json``.
-        ValueError: If ``model_config.json`` is malformed.
+        ValueError: If ``model_config.json`` or a ``BINCOUNT_*`` variable is malformed.
     """
     import uvicorn
 

@@ -1,6 +1,6 @@
 """Batch prediction over photo files, folders and S3 prefixes, written to one CSV.
 
-Uses the serving code end to end (:class:`~bincount.serve.inference.CountingModel`, the same
+Uses the serving code end to end (:class:`~bincount.serve.model.CountingModel`, the same
 decoding, limits, calibrated probabilities and verdicts), batched through a DataLoader so
 decoding runs in worker processes while the network counts.
 
@@ -33,16 +33,12 @@ from torch.utils.data import DataLoader, Dataset
 from bincount.atomic import atomic_write
 from bincount.data.abid import read_labels_csv
 from bincount.data.transforms import CountingPresetEval
-from bincount.serve.inference import (
-    CountingModel,
-    Limits,
-    RequestError,
-    decode_image_bytes,
-    forward,
-    make_predictions,
-    read_s3_object,
-    s3_client,
-)
+from bincount.serve.errors import RequestError
+from bincount.serve.fetch import read_s3_object, s3_client
+from bincount.serve.images import decode_image_bytes
+from bincount.serve.model import CountingModel, forward
+from bincount.serve.settings import Limits
+from bincount.serve.verdict import make_predictions
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +158,7 @@ def predict(model_dir: str | Path, inputs: Sequence[str], out: str | Path, *, la
         batch_size: Photos per forward pass.
         num_workers: DataLoader processes reading and decoding photos (0: in this process).
         review_threshold: Overrides the calibrated review threshold.
-        limits: Per-photo limits (default :class:`~bincount.serve.inference.Limits`).
+        limits: Per-photo limits (default :class:`~bincount.serve.settings.Limits`).
         device: Default CUDA when available.
         progress: Show a rich progress bar.
 

@@ -1,0 +1,64 @@
+"""Photos named by ``s3_uri``: one S3 client per process, and errors the client can act on."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from bincount.serve.errors import RequestError, UpstreamError
+
+_s3_clients: dict[int, Any] = {}
+_s3_lock = threading.Lock()
+
+
+def s3_client():
+    """This process's S3 client (:func:`bincount.data.s3.make_client`; a forked worker makes its own).
+
+    Endpoint and credentials come from the usual AWS sources (``AWS_ENDPOINT_URL`` included);
+    without credentials the requests go unsigned, which reads public buckets such as ABID's.
+
+    Raises:
+        ImportError: If boto3 is not installed (``pip install bincount[serve]``).
+    """
+    with _s3_lock:
+        if os.getpid() not in _s3_clients:
+            import boto3
+
+            from bincount.data.s3 import make_client
+
+            anonymous = boto3.session.Session().get_credentials() is None
+            _s3_clients[os.getpid()] = make_client(anonymous=anonymous, max_attempts=3, connect_timeout=5,
+                                                   read_timeout=30)
+        return _s3_clients[os.getpid()]
+
+
+def read_s3_object(uri: str, *, max_bytes: int) -> bytes:
+    """The bytes of one S3 object.
+
+    Args:
+        uri: ``s3://bucket/key``.
+        max_bytes: Largest object accepted, bytes.
+
+    Raises:
+        RequestError: (400) Bad URI, missing object or bucket, access denied, or over ``max_bytes``.
+        UpstreamError: (502) S3 cannot be reached.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from bincount.data.s3 import explain, split_s3_uri
+
+    try:
+        bucket, key = split_s3_uri(uri)
+    except ValueError as err:
+        raise RequestError(str(err)) from None
+    try:
+        response = s3_client().get_object(Bucket=bucket, Key=key)
+        with response["Body"] as body:
+            if response["ContentLength"] > max_bytes:
+                raise RequestError(f"{uri} is {response['ContentLength']} bytes; the limit is {max_bytes} bytes")
+            return body.read()
+    except ClientError as err:
+        raise RequestError(str(explain(err, uri=uri))) from None
+    except BotoCoreError as err:
+        raise UpstreamError(str(explain(err, uri=uri))) from None
