@@ -20,6 +20,7 @@ library only (``torch`` and friends are imported only to report their versions).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -29,7 +30,6 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,10 +129,9 @@ def versions() -> dict[str, str | None]:
     """python, torch, torchvision and lightning versions (None when one is not installed)."""
     out: dict[str, str | None] = {"python": platform.python_version()}
     for package in ("torch", "torchvision", "lightning"):
-        module = sys.modules.get(package)
-        try:
-            out[package] = getattr(module, "__version__", None) or metadata.version(package)
-        except metadata.PackageNotFoundError:
+        try:  # __version__ carries the build (2.14.1+cu130), which the distribution's metadata may not
+            out[package] = importlib.import_module(package).__version__
+        except ImportError:
             out[package] = None
     return out
 
@@ -199,8 +198,13 @@ def summary_markdown(result: Mapping) -> str:
                      f"(min {_g(s['min'])}, max {_g(s['max'])})")
     m, v, g = result["machine"], result["versions"], result["git"]
     commit = (g["commit"] or "unknown")[:12] + (" (dirty tree)" if g["dirty"] else "")
-    lines += ["", f"Rounds alternate the sides ({'ABBA' if _is_abba(result.get('order')) else 'in turn'}); "
-              f"all values are in results.json.",
+    if len(result["stats"]) > 1 and result.get("order"):
+        how = f"Rounds alternate the sides ({'ABBA' if _is_abba(result['order']) else 'in the order of results.json'})"
+    elif len(result["stats"]) > 1:
+        how = "Order of the rounds not recorded"
+    else:
+        how = "One side, no ratio"
+    lines += ["", f"{how}; all values are in results.json.",
               f"Machine: {m['cpu_model']}, {m['os_cpu_count']} CPUs, torch threads {m['torch_num_threads']}; "
               f"python {v['python']}, torch {v['torch']}, torchvision {v['torchvision']}, "
               f"lightning {v['lightning']}; commit {commit}; {result['date_utc']}.",
