@@ -45,8 +45,8 @@ def main() -> None:
     rates, order = alternate({d: (lambda _r, d=d: one_round(paths, d, preset)) for d in ("pil", "torchvision")},
                              args.rounds)
     write_results(args.out, name="decode", unit="photos/s", rounds=rates, order=order,
-                  what=f"{len(paths)} photos from {args.root}: decode to uint8 + CountingPresetEval({args.image_size}), "
-                       "1 torch thread, PIL vs torchvision.io (libjpeg-turbo).",
+                  what=f"{len(paths)} photos from {args.root}: decode to uint8 + "
+                       f"CountingPresetEval({args.image_size}), 1 torch thread, PIL vs torchvision.io (libjpeg-turbo).",
                   ratios={"torchvision / pil": ("torchvision", "pil")},
                   config={"root": str(args.root), "n": len(paths), "rounds": args.rounds,
                           "image_size": args.image_size, "torch_threads": 1})
