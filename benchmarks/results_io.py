@@ -199,7 +199,7 @@ def summary_markdown(result: Mapping) -> str:
     m, v, g = result["machine"], result["versions"], result["git"]
     commit = (g["commit"] or "unknown")[:12] + (" (dirty tree)" if g["dirty"] else "")
     if len(result["stats"]) > 1 and result.get("order"):
-        how = f"Rounds alternate the sides ({'ABBA' if _is_abba(result['order']) else 'in the order of results.json'})"
+        how = "Every round runs the sides back to back (the order they ran: `order` in results.json)"
     elif len(result["stats"]) > 1:
         how = "Order of the rounds not recorded"
     else:
@@ -210,14 +210,6 @@ def summary_markdown(result: Mapping) -> str:
               f"lightning {v['lightning']}; commit {commit}; {result['date_utc']}.",
               "", "```", result["command"], "```", ""]
     return "\n".join(lines)
-
-
-def _is_abba(order: Sequence[str] | None) -> bool:
-    if not order:
-        return False
-    sides = list(dict.fromkeys(order))
-    k = len(sides)
-    return len(order) > k and list(order[k:2 * k]) == sides[::-1] and k > 1
 
 
 def write_results(out: Path | str, **kwargs) -> dict:
