@@ -92,10 +92,14 @@ def main() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # per-round split sizes
 
     work = Path(tempfile.mkdtemp(prefix="bincount-bench-"))
-    records, _ = build_index(args.root, min_count=0, max_count=10_000)
-    (work / "ids.txt").write_text("\n".join(r.image_id for r in records[: args.n]) + "\n")
-    manifest = prepare(args.root, str(work / "shards"), min_count=0, max_count=10_000,
-                       label_list=str(work / "ids.txt"), chunk_bytes=args.chunk_bytes, eda=False, progress=False)
+    try:
+        records, _ = build_index(args.root, min_count=0, max_count=10_000)
+        (work / "ids.txt").write_text("\n".join(r.image_id for r in records[: args.n]) + "\n")
+        manifest = prepare(args.root, str(work / "shards"), min_count=0, max_count=10_000,
+                           label_list=str(work / "ids.txt"), chunk_bytes=args.chunk_bytes, eda=False, progress=False)
+    except BaseException:  # e.g. too few photos for the block split: leave no shards behind
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     train_ids, train_counts = manifest["splits"]["train"]["image_ids"], manifest["splits"]["train"]["counts"]
 
     server = start_seaweedfs(work / "seaweedfs")
