@@ -38,6 +38,10 @@ SCHEMA = "bincount-benchmark/1"
 LOOPBACK_S3 = "loopback S3 (SeaweedFS on 127.0.0.1)"
 
 
+def _now_utc() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def add_out_argument(parser: argparse.ArgumentParser, name: str) -> None:
     """``--out DIR``, default ``benchmarks/results/<name>``."""
     parser.add_argument("--out", type=Path, default=RESULTS / name,
@@ -164,7 +168,8 @@ def build_result(*, name: str, what: str, unit: str | Mapping[str, str], rounds:
         "setting": setting,
         "unit": unit if isinstance(unit, str) else dict(unit),
         "command": command_line(argv),
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": _now_utc(),
+        "started_utc": STARTED_UTC,
         "rounds": {side: [float(v) for v in values] for side, values in rounds.items()},
         "order": list(order) if order is not None else None,
         "stats": {side: spread(values) for side, values in rounds.items() if len(values)},
@@ -174,7 +179,7 @@ def build_result(*, name: str, what: str, unit: str | Mapping[str, str], rounds:
         "extra": dict(extra or {}),
         "machine": machine(),
         "versions": versions(),
-        "git": git_state(),
+        "git": GIT_AT_START,
     }
 
 
@@ -215,6 +220,9 @@ def summary_markdown(result: Mapping) -> str:
 def write_results(out: Path | str, **kwargs) -> dict:
     """Write ``<out>/results.json`` and ``<out>/summary.md``, each atomically; print the summary.
 
+    The document carries the commit and dirty flag as they were when this module was imported
+    (the benchmark's start) and both the start and the end time (``started_utc``, ``date_utc``).
+
     Args:
         out: Folder (created if missing).
         name: The benchmark (``decode``, ``train_loop``, ...).
@@ -252,3 +260,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# When the benchmark started (this module is imported at its start): the commit it ran, not one
+# made while it ran.
+STARTED_UTC = _now_utc()
+GIT_AT_START = git_state()

@@ -53,7 +53,7 @@ def test_write_results_fields_medians_and_paired_ratio(tmp_path):
     assert (ratio["median"], ratio["min"], ratio["max"]) == (2.0, 1.5, 2.5)
     assert on_disk["command"] == "python benchmarks/decode.py --n 5"
     assert on_disk["setting"] == "loopback S3 (SeaweedFS on 127.0.0.1)"
-    assert on_disk["date_utc"].endswith("+00:00")
+    assert on_disk["date_utc"].endswith("+00:00") and on_disk["started_utc"] <= on_disk["date_utc"]
     assert set(on_disk["machine"]) >= {"cpu_model", "os_cpu_count", "torch_num_threads"}
     assert set(on_disk["versions"]) == {"python", "torch", "torchvision", "lightning"}
     assert set(on_disk["git"]) == {"commit", "dirty"}
