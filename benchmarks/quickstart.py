@@ -7,16 +7,18 @@ Usage:
 Runs ``python train.py +experiment=quickstart data.root=ROOT`` (plus any overrides after ``--``)
 into ``<out>/runs/qs``, then ``eval.py`` on the same block-split test photos from the exported
 ``model/`` and from the checkpoint the run tested. Writes ``<out>/metrics.json`` (the run's own)
-and ``<out>/run.json``: the commands, the wall time, the precision the trainer chose, the
-calibration, both evaluations and whether their ``predictions.csv`` equal the run's byte for byte.
+and, through ``results_io``, ``<out>/results.json`` and ``<out>/summary.md``: the training wall
+time in minutes (one run: one round, no ratio; compare precisions with ``train_precision.py``),
+the command, machine, versions and commit, and under ``extra`` the eval commands, the precision
+the trainer chose, the calibration, both evaluations and whether their ``predictions.csv`` equal
+the run's byte for byte. (Before ``results_io`` it wrote ``run.json``; the committed
+``benchmarks/results/quickstart*/run.json`` stay readable as they are until the next re-run.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import shlex
 import shutil
@@ -25,12 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-import lightning
-import torch
-
 from bincount.atomic import atomic_write
 from bincount.models.export import read_model_card
 from bincount.precision import cpu_has_bf16
+from results_io import add_out_argument, write_results  # benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def shlex_join(cmd: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="../shared/abid", help="ABID-layout folder (data.root)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quickstart")
+    add_out_argument(parser, "quickstart")
     parser.add_argument("overrides", nargs="*", help="more train.py overrides")
     args = parser.parse_args()
 
@@ -86,26 +86,21 @@ def main() -> None:
         evals[name]["predictions_equal_the_runs"] = (
             (eval_dir / "predictions.csv").read_bytes() == (run_dir / "predictions.csv").read_bytes())
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    result = {
-        "command": shlex_join(train_cmd),
-        "eval_commands": eval_cmds,
-        "commit": commit.stdout.strip() or None,
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "cpu_bf16_instructions": cpu_has_bf16(), "python": platform.python_version(),
-                    "torch": torch.__version__, "lightning": lightning.__version__},
-        "precision": {"chosen": chosen.group(1), "reason": chosen.group(2)} if chosen else "set by an override",
-        "train_wall_min": wall / 60,
-        "tested_checkpoint": card.checkpoint,
-        "calibration": card.calibration and card.calibration.to_dict(),
-        "eval": evals,
-    }
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out / "metrics.json", "wb") as f:
         f.write((run_dir / "metrics.json").read_bytes())
-    with atomic_write(args.out / "run.json") as f:
-        f.write(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("precision", "train_wall_min", "eval")}, indent=2))
+    test = evals["model_dir"]
+    write_results(
+        args.out, name="quickstart", unit="minutes", rounds={"train wall time": [wall / 60]},
+        what=f"Wall time of the README's quickstart ({shlex_join(train_cmd)}: train, test, calibrate, export), one "
+             f"run, then eval.py from model/ and from the tested checkpoint: test acc {test['acc']:.3f}, "
+             f"MAE {test['mae']:.3f} (n = {test['n']}).",
+        config={"root": str(args.root), "overrides": args.overrides},
+        extra={"train_command": shlex_join(train_cmd), "eval_commands": eval_cmds,
+               "precision": {"chosen": chosen.group(1), "reason": chosen.group(2)} if chosen else "set by an override",
+               "cpu_bf16_instructions": cpu_has_bf16(), "train_wall_min": wall / 60,
+               "tested_checkpoint": card.checkpoint,
+               "calibration": card.calibration and card.calibration.to_dict(), "eval": evals})
 
 
 if __name__ == "__main__":

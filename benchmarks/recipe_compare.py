@@ -12,8 +12,13 @@ CPU-minutes), on the same photos of ``--root``, and is tested on the same block-
 chosen on validation figures only; test figures are reported, never used to choose.
 
 Runs append to ``<out>/results.jsonl`` and finished ones are skipped, so an interrupted
-comparison resumes where it stopped. ``<out>/results.md`` (tables) and ``<out>/recipe_compare.png``
-(test MAE and accuracy vs wall-clock minutes) are rewritten from all results after every run.
+comparison resumes where it stopped. Seeds run one after the other, every recipe at each seed,
+the recipes in reverse order at every other seed (ABBA), so no recipe always trains first.
+``<out>/results.md`` (tables), ``<out>/recipe_compare.png`` (test MAE and accuracy vs wall-clock
+minutes) and, through ``results_io``, ``<out>/results.json`` and ``<out>/summary.md`` (test MAE
+per recipe and seed, each recipe's MAE over the reference's as the median of per-seed ratios
+where both ran the same seeds, every run under ``extra``; the command and commit are this
+invocation's, the runs may be older) are rewritten from all results after every run.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ import time
 from pathlib import Path
 
 import yaml
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # results_io, also when tests load this file by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import add_out_argument, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = Path(__file__).with_name("recipes.yaml")
@@ -197,6 +206,27 @@ def write_report(out: Path, reference: str) -> None:
     (out / "results.md").write_text(text)
     plot(results, out / "recipe_compare.png")
     print(text)
+    write_summary(out, results, reference)
+
+
+def write_summary(out: Path, results: list[dict], reference: str) -> None:
+    """``results.json`` and ``summary.md`` of ``results_io``: test MAE per recipe, seed by seed."""
+    runs: dict[str, list[tuple[int, float]]] = {}  # recipe -> [(seed, budget)], in seed order
+    mae: dict[str, list[float]] = {}
+    for r in sorted(results, key=lambda r: r["seed"]):
+        runs.setdefault(r["recipe"], []).append((r["seed"], r["budget_min"]))
+        mae.setdefault(r["recipe"], []).append(r["test"]["mae"])
+    ratios = {f"{name} / {reference} (test MAE)": (name, reference) for name in mae
+              if name != reference and reference in runs and runs[name] == runs[reference]}
+    budgets = sorted({r["budget_min"] for r in results})
+    write_results(out, name="recipe_compare", unit="test MAE (objects)", rounds=mae, ratios=ratios,
+                  order=[r["recipe"] for r in results],
+                  what=f"Counting recipes of benchmarks/recipes.yaml trained with trainer.max_time = the budget "
+                       f"({', '.join(f'{b:g}' for b in budgets)} min) on the same photos, tested on the same "
+                       f"block-split test ids (n = {results[0]['test']['n']}); a round is a seed. A ratio only "
+                       f"where a recipe ran the same seeds at the same budgets as `{reference}`.",
+                  config={"reference": reference, "seeds_and_budgets": runs, "budget_min": budgets},
+                  extra={"runs": results})
 
 
 def main() -> None:
@@ -205,7 +235,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", help="names in recipes.yaml (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--budget-min", type=float, default=10.0, help="trainer.max_time of every run, minutes")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "recipe_compare")
+    add_out_argument(parser, "recipe_compare")
     parser.add_argument("--reference", default="udacity_capstone", help="recipe the others are compared with")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot, train nothing")
     args = parser.parse_args()
@@ -218,8 +248,8 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown recipes {unknown}; {RECIPES} has {sorted(recipes)}")
         done = {(r["recipe"], r["seed"]) for r in read_results(args.out)}
-        for seed in args.seeds:  # seed-major: a stopped comparison still has every recipe at the first seeds
-            for name in names:
+        for k, seed in enumerate(args.seeds):  # seed-major: a stopped comparison has every recipe at the first seeds
+            for name in (names[::-1] if k % 2 else names):  # ABBA: no recipe always trains first
                 if (name, seed) in done:
                     continue
                 result = run_one(name, recipes[name]["overrides"], seed, str(Path(args.root).resolve()),

@@ -1,5 +1,8 @@
 """The least an HTTP server can do around the forward pass: the floor ``serve_latency.py`` compares with.
 
+Usage (``serve_latency.py`` starts it on a free port; its figures are in that benchmark's results):
+    python benchmarks/serve_floor.py --model-dir outputs/RUN/model --port 8081 --threads 1
+
 FastAPI + uvicorn, like ``bincount serve``, with one endpoint that reads the photo and counts it
 with the same handler functions (:func:`~bincount.serve.images.decode_image_bytes`,
 :func:`~bincount.serve.inference.predict_fn`, :func:`~bincount.serve.inference.output_fn`) right
@@ -7,9 +10,7 @@ on the event loop: no batching, no thread hand-offs, no Server-Timing. What it c
 bare forward is what this HTTP stack and decoding alone cost on this machine: no server built
 on them answers faster. For benchmarks only: it blocks its event loop for the whole forward pass, which
 a real server must not (nothing else is answered meanwhile, not even ``/ping``).
-
-Usage (``serve_latency.py`` starts it on a free port):
-    python benchmarks/serve_floor.py --model-dir outputs/RUN/model --port 8081 --threads 1
+A server, not a benchmark: it measures nothing and writes no result file.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def floor_app(model_dir: str) -> FastAPI:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)

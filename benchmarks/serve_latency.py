@@ -21,14 +21,16 @@ around the handler functions).
 
 Blocks, with a pause between them, because after a forward pass torch's OpenMP threads spin
 for a while (milliseconds): timing this process and the server back to back would have each
-one's idle threads slow the other's forward on a 2-core machine.
+one's idle threads slow the other's forward on a 2-core machine. The kinds run in the same
+order in even blocks and in reverse in odd ones (ABBA). A round is one block of every kind;
+its value is the block's median, and each ratio is the median of the per-block ratios. Writes
+``<out>/results.json`` (with every timing) and ``<out>/summary.md`` (``results_io``).
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
-import os
 import socket
 import statistics
 import subprocess
@@ -40,6 +42,8 @@ from pathlib import Path
 
 import httpx
 import torch
+
+from results_io import add_out_argument, write_results  # benchmarks/ is on sys.path
 
 SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "abid" / "bin-images"
 
@@ -110,18 +114,15 @@ def server_timing(header: str) -> dict[str, float]:
     return out
 
 
-def summary(name: str, ms: list[float]) -> str:
-    return f"  {name:40s} p50 {statistics.median(ms):7.2f} ms   p99 {percentile(ms, 99):7.2f} ms"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=None, help="default: an untrained resnet18")
     parser.add_argument("--image-size", type=int, default=112, help="input size of the default model")
     parser.add_argument("--photo", type=Path, default=SHARED_PHOTOS / "00001.jpg")
     parser.add_argument("--n", type=int, default=300, help="timings of each kind")
     parser.add_argument("--block", type=int, default=25, help="timings in a row of one kind, the kinds alternating")
     parser.add_argument("--threads", type=int, default=None, help="torch threads here and in the server")
+    add_out_argument(parser, "serve_latency")
     args = parser.parse_args()
     threads = [] if args.threads is None else ["--threads", str(args.threads)]
     if args.threads is not None:
@@ -144,42 +145,56 @@ def main() -> None:
             "floor server, HTTP (http.client)": lambda: post_stdlib(floor_conn, data),
         }
         times: dict[str, list[float]] = {name: [] for name in steps}
+        block_medians: dict[str, list[float]] = {name: [] for name in steps}
+        order: list[str] = []
         inside: dict[str, list[float]] = {"decode": [], "batch": [], "total": [], "outside": []}
         with (serving(model_dir, *threads) as url, serving(model_dir, *threads, command=(str(FLOOR_SERVER),)) as floor,
               httpx.Client(base_url=url, timeout=60) as client):
             conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
             floor_conn = http.client.HTTPConnection(floor.removeprefix("http://"), timeout=60)
+            kept_alive = {"HTTP POST /invocations": conn, "floor server, HTTP (http.client)": floor_conn}
             for block in range(-1, -(-args.n // args.block)):  # block -1 warms up
-                for name, step in steps.items():
+                for name in (list(steps)[::-1] if block % 2 else list(steps)):  # ABBA
+                    step = steps[name]
+                    if name in kept_alive:  # uvicorn drops a connection idle for 5 s, as the gap between two
+                        kept_alive[name].close()  # blocks of a kind can be: reopen it with one untimed request
+                        step()
                     time.sleep(0.1)  # let the other process's idle OpenMP threads stop spinning
+                    this_block = []
                     for _ in range(args.block):
                         t0 = time.perf_counter()
                         out = step()
                         ms = 1000 * (time.perf_counter() - t0)
                         if block < 0:
                             continue
+                        this_block.append(ms)
                         times[name].append(ms)
                         if name == "HTTP POST /invocations":
                             for key in ("decode", "batch", "total"):
                                 inside[key].append(out[key])
                             inside["outside"].append(ms - out["total"])
-    print(f"{args.photo.name} ({len(data)} bytes) -> {model.card.arch} at {model.preset.image_size} px, "
-          f"{len(times['HTTP POST /invocations'])} timings each in blocks of {args.block}, "
-          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, loopback")
-    for name, ms in times.items():
-        print(summary(name, ms))
-    print("  inside the server (Server-Timing of the http.client requests):")
-    names = {"decode": "decode (JPEG -> uint8 tensor)", "batch": "preprocess + forward",
-             "total": "handler, headers in to answer out", "outside": "HTTP: client time - handler total"}
-    for key, ms in inside.items():
-        print(summary("  " + names[key], ms))
-    bare = times["bare forward net(x)"]
-    for name, over_http, note in (("bincount serve", times["HTTP POST /invocations"], "goal p50 <= 1.2x"),
-                                  ("floor server", times["floor server, HTTP (http.client)"], "HTTP + decoding alone")):
-        print(f"  ratio {name} (http.client) / bare forward: p50 "
-              f"{statistics.median(over_http) / statistics.median(bare):.2f}x   "
-              f"p99 {percentile(over_http, 99) / percentile(bare, 99):.2f}x   ({note})")
-
+                    if block >= 0:
+                        block_medians[name].append(statistics.median(this_block))
+                        order.append(name)
+    bare, serve, floor_ = "bare forward net(x)", "HTTP POST /invocations", "floor server, HTTP (http.client)"
+    write_results(
+        args.out, name="serve_latency", unit="ms (median of a block)", rounds=block_medians, order=order,
+        what=f"Latency of one photo ({args.photo.name}, {len(data)} bytes) -> {model.card.arch} at "
+             f"{model.preset.image_size} px: the bare forward in this process, the handler without HTTP, "
+             f"`bincount serve` over HTTP (http.client and httpx) and the floor server (serve_floor.py), on loopback, "
+             f"{len(times[bare])} timings each in alternating blocks of {args.block}. Goal: serve / bare p50 <= 1.2x.",
+        ratios={"bincount serve (http.client) / bare forward": (serve, bare),
+                "floor server (http.client) / bare forward": (floor_, bare)},
+        config={"model_dir": str(args.model_dir) if args.model_dir else None, "arch": model.card.arch,
+                "image_size": model.preset.image_size, "photo": str(args.photo), "photo_bytes": len(data),
+                "n": args.n, "block": args.block, "threads": args.threads},
+        extra={"p50_ms": {k: statistics.median(v) for k, v in times.items()},
+               "p99_ms": {k: percentile(v, 99) for k, v in times.items()},
+               "inside_server_p50_ms": {k: statistics.median(v) for k, v in inside.items() if v},
+               "inside_server_note": "Server-Timing of the http.client requests to bincount serve: decode (JPEG -> "
+                                     "uint8), batch (preprocess + forward), total (handler), outside (client time - "
+                                     "handler total)",
+               "timings_ms": times, "inside_server_ms": inside})
 
 if __name__ == "__main__":
     main()

@@ -7,19 +7,20 @@ Usage:
 Starts ``bincount serve`` twice per round in a subprocess on loopback, with ``--max-batch-size 1``
 (one at a time) and ``--max-batch-size 16`` (batched), and has ``--clients`` concurrent clients
 each send ``--requests`` JPEGs (shared ABID photos). Prints requests/s and p50/p99 latency of each
-(median over ``--rounds``, the two servers alternating), the size of the batch each request
+(median over ``--rounds``, the two servers alternating ABBA), the size of the batch each request
 was counted in (from the server's ``Server-Timing`` header; 1 when one at a time) and the ratio
-batched / one at a time (the goal is >= 2x at 8 clients). Beside it, timed in this process in
-every round with the server's torch threads: the forward pass alone on a batch of one photo and
-on a batch of ``--clients``, i.e. what batching gives the network itself (decoding, preprocessing
-and HTTP cost the same per photo batched or not). Clients and server share this machine's CPUs.
+batched / one at a time, the median of the per-round ratios (the goal is >= 2x at 8 clients).
+Beside it, timed in this process in every round with the server's torch threads: the forward
+pass alone on a batch of one photo and on a batch of ``--clients``, i.e. what batching gives the
+network itself (decoding, preprocessing and HTTP cost the same per photo batched or not).
+Clients and server share this machine's CPUs. Writes ``<out>/results.json`` (with every
+latency) and ``<out>/summary.md`` (``results_io``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import statistics
 import tempfile
@@ -29,6 +30,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from results_io import add_out_argument, write_results  # benchmarks/ is on sys.path
 from serve_latency import SHARED_PHOTOS, default_model_dir, percentile, serving
 
 from bincount.models.export import read_model_card
@@ -90,7 +92,7 @@ def forward_ms_per_photo(model, batch_size: int, threads: int | None, repeats: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=None, help="default: an untrained resnet18")
     parser.add_argument("--image-size", type=int, default=112, help="input size of the default model")
     parser.add_argument("--clients", type=int, default=8)
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--photos", type=Path, default=SHARED_PHOTOS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the server's forward pass")
+    add_out_argument(parser, "serve_throughput")
     args = parser.parse_args()
     threads = [] if args.threads is None else ["--threads", str(args.threads)]
 
@@ -109,28 +112,40 @@ def main() -> None:
 
         model = CountingModel.load(model_dir)  # on the device the server picks (CUDA when available)
         alone: dict[int, list[float]] = {1: [], args.clients: []}
-        for _ in range(args.rounds):
-            for batch_size, ms in alone.items():
-                ms.append(forward_ms_per_photo(model, batch_size, args.threads))
-            for mode, flags in MODES.items():
-                with serving(model_dir, *flags, *threads) as url:
+        order: list[str] = []  # the sides in the order they ran
+        fwd = {1: "forward alone, batch 1", args.clients: f"forward alone, batch {args.clients}"}
+        for round_ in range(args.rounds):
+            for batch_size in (list(alone)[::-1] if round_ % 2 else list(alone)):  # ABBA
+                alone[batch_size].append(forward_ms_per_photo(model, batch_size, args.threads))
+                order.append(fwd[batch_size])
+            for mode in (list(MODES)[::-1] if round_ % 2 else list(MODES)):  # ABBA
+                with serving(model_dir, *MODES[mode], *threads) as url:
                     results[mode].append(asyncio.run(load(url, photos, args.clients, args.requests)))
+                order.append(mode)
         card = read_model_card(model_dir)
-    print(f"{args.clients} clients x {args.requests} requests, {len(photos)} ABID photos, {card.arch} at "
-          f"{card.preset.image_size} px, median of {args.rounds} rounds, {os.cpu_count()} CPUs, "
-          f"server torch threads {args.threads or torch.get_num_threads()}, loopback")
-    rates = {}
-    for mode, runs in results.items():
-        rates[mode] = statistics.median(rate for rate, _, _ in runs)
-        p50 = statistics.median(statistics.median(ms) for _, ms, _ in runs)
-        p99 = statistics.median(percentile(ms, 99) for _, ms, _ in runs)
-        batch = statistics.mean(size for _, _, sizes in runs for size in sizes)
-        print(f"  {mode:14s} {rates[mode]:7.1f} requests/s   p50 {p50:7.1f} ms   p99 {p99:7.1f} ms   "
-              f"batch {batch:4.1f} photos (mean, per request)")
-    print(f"  ratio batched / one at a time: {rates['batched'] / rates['one at a time']:.2f}x   (goal >= 2x)")
-    one, many = (statistics.median(alone[b]) for b in (1, args.clients))
-    print(f"  forward pass alone, this process: batch 1 {one:.2f} ms, batch {args.clients} {many:.2f} ms per photo: "
-          f"{one / many:.2f}x   (what batching gives the network itself)")
+    one, batched = "one at a time", "batched"
+    fwd1, fwdn = fwd[1], fwd[args.clients]
+    rounds = {mode: [rate for rate, _, _ in runs] for mode, runs in results.items()}
+    rounds.update({fwd1: alone[1], fwdn: alone[args.clients]})
+    write_results(
+        args.out, name="serve_throughput", rounds=rounds, order=order,
+        unit={one: "requests/s", batched: "requests/s", fwd1: "ms per photo", fwdn: "ms per photo"},
+        what=f"{args.clients} concurrent clients x {args.requests} requests ({len(photos)} ABID photos) to "
+             f"`bincount serve` on loopback, {card.arch} at {card.preset.image_size} px, server torch threads "
+             f"{args.threads or torch.get_num_threads()}: dynamic batching (--max-batch-size 16) vs one request per "
+             f"forward (--max-batch-size 1); beside it the bare forward per photo at batch 1 vs batch "
+             f"{args.clients} in this process. Goal: batched / one at a time >= 2x.",
+        ratios={f"{batched} / {one} (requests/s)": (batched, one),
+                f"{fwd1} / {fwdn} (ms per photo: what batching gives the network)": (fwd1, fwdn)},
+        config={"model_dir": str(args.model_dir) if args.model_dir else None, "arch": card.arch,
+                "image_size": card.preset.image_size, "clients": args.clients, "requests": args.requests,
+                "rounds": args.rounds, "photos": len(photos), "threads": args.threads, "modes": MODES},
+        extra={mode: {"p50_ms_per_round": [statistics.median(ms) for _, ms, _ in runs],
+                      "p99_ms_per_round": [percentile(ms, 99) for _, ms, _ in runs],
+                      "mean_batch_size": statistics.mean(size for _, _, sizes in runs for size in sizes),
+                      "latencies_ms_per_round": [ms for _, ms, _ in runs],
+                      "batch_sizes_per_round": [sizes for _, _, sizes in runs]}
+               for mode, runs in results.items()})
 
 
 if __name__ == "__main__":

@@ -5,18 +5,16 @@ Usage:
 
 Each round trains a fresh model of the composed config (default: ``+experiment=quickstart``; any
 ``train.py`` override after ``--``) for ``--warmup`` + ``--batches`` steps with Lightning, once per
-precision, the precisions alternating so both see the same machine load. The figure is
-images/s over the timed steps (data loading included, as in a real run); the result is the
-median over rounds and the ratio of medians. Writes ``<out>/results.json`` and prints a table.
+precision, the precisions alternating (ABBA) so both see the same machine load. The figure is
+images/s over the timed steps (data loading included, as in a real run); each speedup over the
+first precision is the median of the per-round ratios. Writes ``<out>/results.json`` and
+``<out>/summary.md`` through ``results_io`` (schema ``bincount-benchmark/1``; the committed
+``benchmarks/results/train_precision/results.json`` predates it and reads as before until re-run).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import sys
 from pathlib import Path
 
 import hydra
@@ -24,12 +22,10 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 
-from bincount.atomic import atomic_write
 from bincount.config import config_dir
 from bincount.precision import cpu_has_bf16
-from train_loop import Timer  # benchmarks/ is on sys.path when this script runs
-
-REPO = Path(__file__).resolve().parents[1]
+from results_io import add_out_argument, alternate, write_results  # benchmarks/ is on sys.path
+from train_loop import Timer
 
 
 def train_rate(cfg, datamodule, precision: str, warmup: int, batches: int) -> float:
@@ -51,7 +47,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batches", type=int, default=20, help="timed training steps per round and precision")
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_precision")
+    add_out_argument(parser, "train_precision")
     parser.add_argument("overrides", nargs="*", help="train.py overrides (default: +experiment=quickstart)")
     args = parser.parse_args()
 
@@ -61,32 +57,21 @@ def main() -> None:
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")  # photos decoded (and, with cache_images, cached) once for all rounds
 
-    rates: dict[str, list[float]] = {p: [] for p in args.precisions}
-    for _ in range(args.rounds):
-        for precision in args.precisions:
-            rates[precision].append(train_rate(cfg, datamodule, precision, args.warmup, args.batches))
-    median = {p: statistics.median(v) for p, v in rates.items()}
+    rates, order = alternate(
+        {p: (lambda _r, p=p: train_rate(cfg, datamodule, p, args.warmup, args.batches)) for p in args.precisions},
+        args.rounds)
     base = args.precisions[0]
-    result = {
-        "benchmark": "train_precision",
-        "command": " ".join(["python", "benchmarks/train_precision.py", *sys.argv[1:]]),
-        "config": {"overrides": overrides, "arch": cfg.model.arch, "image_size": cfg.data.image_size,
-                   "batch_size": cfg.data.batch_size, "num_workers": cfg.data.num_workers},
-        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "cpu_bf16_instructions": cpu_has_bf16(), "torch": torch.__version__},
-        "rounds": args.rounds, "warmup": args.warmup, "batches": args.batches,
-        "images_per_s": rates, "median_images_per_s": median,
-        "speedup_vs_" + base: {p: median[p] / median[base] for p in args.precisions},
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(args.out / "results.json") as f:
-        f.write(json.dumps(result, indent=2) + "\n")
-    print(f"{cfg.model.arch} {cfg.data.image_size} px, batch {cfg.data.batch_size}, "
-          f"{cfg.data.num_workers} workers, {args.batches} timed steps, median of {args.rounds} alternating rounds")
-    for p in args.precisions:
-        print(f"  {p:11s} {median[p]:7.1f} images/s  x{median[p] / median[base]:.2f}   "
-              f"(rounds: {', '.join(f'{x:.1f}' for x in rates[p])})")
-    print(f"wrote {args.out / 'results.json'}")
+    write_results(args.out, name="train_precision", unit="images/s", rounds=rates, order=order,
+                  what=f"Lightning training steps of {cfg.model.arch} ({' '.join(overrides)}; "
+                       f"{cfg.data.image_size} px, "
+                       f"batch {cfg.data.batch_size}, {cfg.data.num_workers} workers, {args.batches} timed steps "
+                       f"after {args.warmup}, data loading included) in {' vs '.join(args.precisions)}.",
+                  ratios={f"{p} / {base}": (p, base) for p in args.precisions[1:]},
+                  config={"overrides": overrides, "root": str(args.root), "arch": cfg.model.arch,
+                          "image_size": cfg.data.image_size, "batch_size": cfg.data.batch_size,
+                          "num_workers": cfg.data.num_workers, "rounds": args.rounds, "warmup": args.warmup,
+                          "batches": args.batches, "precisions": args.precisions},
+                  extra={"cpu_bf16_instructions": cpu_has_bf16()})
 
 
 if __name__ == "__main__":
