@@ -1,7 +1,6 @@
-"""Tiny stand-ins for ABID data, made inside a test (in the spirit of Lightning's BoringModel), and the
-real Hydra config composed for a small, fast CPU run."""
 """Tiny stand-ins for ABID data and an exported model, made inside a test (in the spirit of
-Lightning's BoringModel), and a free port for a test's server."""
+Lightning's BoringModel), the real Hydra config settings for a small, fast CPU run, and a free port
+for a test's server."""
 
 from __future__ import annotations
 
