@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import BotoCoreError, ClientError
 
 ADMIN_KEY = "bincount-test-admin"
 ADMIN_SECRET = "bincount-test-secret"
@@ -140,7 +141,7 @@ def start_seaweedfs(workdir: Path) -> S3Server:
             client.put_object(Bucket=DATA_BUCKET, Key="ready-probe", Body=b"ready")
             client.delete_object(Bucket=DATA_BUCKET, Key="ready-probe")
             return server
-        except Exception as e:
+        except (ClientError, BotoCoreError) as e:
             if time.monotonic() > deadline or process.poll() is not None:
                 stop_seaweedfs(server)
                 raise RuntimeError(f"SeaweedFS takes no writes ({e}):\n{server.log_tail()}") from None

@@ -242,7 +242,7 @@ def upload_tree(local_dir: Path, uri: str, *, endpoint_url: str | None = None, c
                                    Callback=lambda n: bar.advance(task, n))
             except (ClientError, BotoCoreError) as err:
                 raise explain(err, uri=f"s3://{bucket}/{key}", endpoint_url=endpoint_url) from None
-            except Exception as err:  # boto3's S3UploadFailedError wraps the ClientError
+            except boto3.exceptions.S3UploadFailedError as err:  # wraps the ClientError
                 cause = err.__cause__ or err.__context__
                 if isinstance(cause, (ClientError, BotoCoreError)):
                     raise explain(cause, uri=f"s3://{bucket}/{key}", endpoint_url=endpoint_url) from None
