@@ -179,7 +179,7 @@ def submit_tuning_job(cfg: DictConfig, overrides: list[str], *, dry_run: bool = 
         plan.hyperparameters.pop(name, None)
     if plan.distributed:
         plan.hyperparameters["sagemaker_torch_distributed_enabled"] = "true"
-    direction = str(cfg.hydra.sweeper.get("direction", "maximize"))
+    direction = str(cfg.hydra.sweeper.get("direction", "minimize"))  # the Optuna sweeper's default
     name = tuning_job_name(sm.base_job_name)
     session, hook = make_session(sm, dry_run=dry_run)
     with tempfile.TemporaryDirectory(prefix="bincount-source-") as tmp:

@@ -105,6 +105,25 @@ def test_cli_predict(photos, tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_cli_predict_reads_the_review_threshold_as_serve_does(photos, tmp_path, monkeypatch, capsys):
+    root, good, model_dir = photos
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image_id,expected_quantity\n" + "".join(f"{p.stem},{MIN_COUNT}\n" for p in good[:4]))
+    out = tmp_path / "p.csv"
+
+    def verdicts(*flags):
+        assert main(["predict", "--model-dir", str(model_dir), str(root / "photos" / "a"), "--out", str(out),
+                     "--labels", str(labels), "--num-workers", "0", "--no-progress", *flags]) == 0
+        return {r["verdict"] for r in read_rows(out)}
+
+    monkeypatch.setenv("BINCOUNT_REVIEW_THRESHOLD", "1.01")  # no confidence reaches it
+    assert verdicts() == {"review"}
+    assert "review" not in verdicts("--review-threshold", "0")  # the flag wins over the environment
+    monkeypatch.setenv("BINCOUNT_REVIEW_THRESHOLD", "high")
+    assert main(["predict", "--model-dir", str(model_dir), str(good[0]), "--out", str(out), "--no-progress"]) == 2
+    assert "BINCOUNT_REVIEW_THRESHOLD" in capsys.readouterr().err
+
+
 def test_unreachable_s3_prefix_is_a_clear_error(photos, tmp_path, monkeypatch, capsys):
     _, _, model_dir = photos
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there

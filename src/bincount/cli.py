@@ -41,8 +41,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"),
                         help="exported model/ folder (default: $SM_MODEL_DIR or /opt/ml/model)")
     parser.add_argument("--review-threshold", type=float, default=None,
-                        help="calibrated confidence below which a verdict is 'review' (default: model_config.json's; "
-                             "serve: $BINCOUNT_REVIEW_THRESHOLD first)")
+                        help="calibrated confidence below which a verdict is 'review' (default: "
+                             "$BINCOUNT_REVIEW_THRESHOLD, else model_config.json's)")
     parser.add_argument("--max-image-bytes", type=int, default=None,
                         help="largest photo, bytes (default: $BINCOUNT_MAX_IMAGE_BYTES or 10 MiB)")
     parser.add_argument("--max-pixels", type=int, default=None,
@@ -58,6 +58,14 @@ def _limits(args: argparse.Namespace):
 
     given = {k: getattr(args, k, None) for k in ("max_image_bytes", "max_pixels", "max_instances")}
     return replace(Limits.from_env(), **{k: v for k, v in given.items() if v is not None})
+
+
+def _settings(args: argparse.Namespace):
+    """The serving settings of the environment (as on an endpoint), overridden by the given flags."""
+    from bincount.serve.settings import Settings
+
+    return Settings.from_env().override(review_threshold=args.review_threshold, limits=_limits(args),
+                                        device=args.device)
 
 
 def add_serve_command(subparsers) -> None:
@@ -119,10 +127,11 @@ def _run_predict(args: argparse.Namespace) -> int:
     from bincount.serve.predict import predict
 
     try:
+        settings = _settings(args)
         summary = predict(args.model_dir, args.inputs, args.out, labels=args.labels, batch_size=args.batch_size,
-                          num_workers=args.num_workers, review_threshold=args.review_threshold,
-                          limits=_limits(args), device=args.device, progress=not args.no_progress)
-    except (OSError, ValueError, S3Error) as err:  # LabelError is a ValueError
+                          num_workers=args.num_workers, review_threshold=settings.review_threshold,
+                          limits=settings.limits, device=settings.device, progress=not args.no_progress)
+    except (OSError, ValueError, S3Error) as err:  # LabelError is a ValueError; so is a malformed variable
         print(error_line(err), file=sys.stderr)
         return 2
     verdicts = ", ".join(f"{n} {v}" for v, n in sorted(summary["verdicts"].items()))

@@ -6,11 +6,8 @@ Training writes one :class:`ModelCard` beside the weights; evaluation, ``bincoun
 (class range, input preprocessing, decoding rule, test-time augmentation, calibration) and a
 malformed file fails once, naming the file and the field.
 
-The card is a frozen dataclass with explicit checks rather than a pydantic model: the SageMaker
-PyTorch serving image imports this module through the handler, and that image ships torch,
-torchvision and the inference toolkit but not pydantic. Using pydantic would make every endpoint
-instance pip-install it (with its compiled core) at start-up, which ``code/requirements.txt``
-deliberately avoids (see ``SERVING_PACKAGES`` in ``sagemaker_launch/export.py``).
+The card is a frozen dataclass whose ``__post_init__`` checks every field, so a card built in
+code and a card read from disk pass the same checks, with messages that name the field.
 
 Keys that are not fields are ignored when reading, so a card written by a newer version with an
 extra field still loads.
