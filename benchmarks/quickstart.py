@@ -6,13 +6,12 @@ Usage:
 
 Runs ``python train.py +experiment=quickstart data.root=ROOT`` (plus any overrides after ``--``)
 into ``<out>/runs/qs``, then ``eval.py`` on the same block-split test photos from the exported
-``model/`` and from the checkpoint the run tested. Writes ``<out>/metrics.json`` (the run's own)
-and, through ``results_io``, ``<out>/results.json`` and ``<out>/summary.md``: the training wall
-time in minutes (one run: one round, no ratio; compare precisions with ``train_precision.py``),
-the command, machine, versions and commit, and under ``extra`` the eval commands, the precision
-the trainer chose, the calibration, both evaluations and whether their ``predictions.csv`` equal
-the run's byte for byte. (Before ``results_io`` it wrote ``run.json``; the committed
-``benchmarks/results/quickstart*/run.json`` stay readable as they are until the next re-run.)
+``model/`` and from the checkpoint the run tested. Writes ``<out>/metrics.json`` and
+``<out>/confusion_matrix.png`` (the run's own) and, through ``results_io``, ``<out>/results.json``
+and ``<out>/summary.md``: the training wall time in minutes (one run: one round, no ratio; compare
+precisions with ``train_precision.py``), the command, machine, versions and commit, and under
+``extra`` the eval commands, the precision the trainer chose, the calibration, both evaluations and
+whether their ``predictions.csv`` equal the run's byte for byte.
 """
 
 from __future__ import annotations
@@ -87,8 +86,9 @@ def main() -> None:
             (eval_dir / "predictions.csv").read_bytes() == (run_dir / "predictions.csv").read_bytes())
 
     args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(args.out / "metrics.json", "wb") as f:
-        f.write((run_dir / "metrics.json").read_bytes())
+    for name in ("metrics.json", "confusion_matrix.png"):  # the run's own report, kept beside the timing
+        with atomic_write(args.out / name, "wb") as f:
+            f.write((run_dir / name).read_bytes())
     test = evals["model_dir"]
     write_results(
         args.out, name="quickstart", unit="minutes", rounds={"train wall time": [wall / 60]},

@@ -6,11 +6,10 @@ import pytest
 from bincount.data.abid import (
     BinRecord,
     LabelError,
-    block_split,
     build_index,
     read_label_list,
-    split_groups,
 )
+from bincount.data.splits import block_split, split_groups
 from tests.fakes import make_fake_abid, write_bin_photo, write_metadata
 
 

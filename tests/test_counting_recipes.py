@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from bincount.config import compose
-from bincount.data.abid import BinRecord, block_split, per_image_split
+from bincount.data.abid import BinRecord
 from bincount.data.datamodule import ABIDDataModule
 from bincount.data.dataset import BinImageDataset
+from bincount.data.splits import block_split, per_image_split
 from bincount.data.transforms import CountingPresetEval
 from bincount.models.decoding import FlipTTA, decode_counts, with_tta
 from bincount.models.module import BinCountModule, soft_count_targets

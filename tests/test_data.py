@@ -7,10 +7,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from bincount.config import compose
-from bincount.data.abid import block_split, build_index
+from bincount.data.abid import build_index
 from bincount.data.datamodule import ABIDDataModule
 from bincount.data.dataset import BinImageDataset, collate_skip_none
 from bincount.data.decode import decode_rgb_bytes, decode_rgb_file
+from bincount.data.splits import block_split
 from bincount.data.transforms import CountingPresetEval, CountingPresetTrain
 from bincount.models.card import EvalPreset
 from tests.fakes import corrupt_middle, make_fake_abid

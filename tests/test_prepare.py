@@ -12,13 +12,14 @@ import pytest
 from litdata import StreamingDataset
 from PIL import Image
 
-from bincount.data.abid import block_split, build_index
 from bincount.cli import main as bincount_cli
+from bincount.data.abid import build_index
 from bincount.data.cli import main as data_cli
 from bincount.data.decode import decode_rgb_bytes
 from bincount.data.prepare import prepare
 from bincount.data.s3 import S3Error, upload_tree
 from bincount.data.shards import MANIFEST, read_manifest
+from bincount.data.splits import block_split
 from tests.conftest_s3 import DATA_BUCKET
 from tests.fakes import corrupt_middle, make_fake_abid
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,3 +48,13 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[I
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to ``path``, complete or not at all (:func:`bincount.atomic.atomic_write`).
+
+    Raises:
+        OSError: If the file cannot be written.
+    """
+    with atomic_write(path) as f:
+        f.write(json.dumps(data, indent=1) + "\n")

@@ -87,7 +87,8 @@ def _add_prepare(commands) -> None:
 
 
 def _run_fetch(args: argparse.Namespace) -> int:
-    from bincount.data.fetch import REPORT_NAME, select_and_fetch
+    from bincount.data.fetch import REPORT_NAME
+    from bincount.data.selection import select_and_fetch
 
     report = select_and_fetch(
         args.out, list_path=args.list_path, id_spec=args.id_spec, all_ids=args.all_ids,

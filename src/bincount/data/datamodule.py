@@ -10,8 +10,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from bincount.data.abid import BinRecord, block_split, build_index, per_image_split
+from bincount.data.abid import BinRecord, build_index
 from bincount.data.dataset import BinImageDataset, collate_skip_none
+from bincount.data.splits import block_split, per_image_split
 from bincount.data.transforms import CountingPresetEval, CountingPresetTrain
 
 log = logging.getLogger(__name__)

@@ -41,13 +41,13 @@ from pathlib import Path
 from torchvision.io import encode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from bincount.atomic import WRITE_ERRNOS
-from bincount.data.abid import IMAGE_DIR, BinRecord, block_split, build_index
+from bincount.atomic import WRITE_ERRNOS, write_json_atomic
+from bincount.data.abid import IMAGE_DIR, BinRecord, build_index
 from bincount.data.decode import decode_rgb_bytes
 from bincount.data.eda import write_eda
-from bincount.data.fetch import write_json_atomic
 from bincount.data.s3 import check_bucket, exists, is_s3_uri, join_uri, make_client, upload_tree
 from bincount.data.shards import MANIFEST, SPLIT_NAMES, make_manifest, make_sample
+from bincount.data.splits import block_split
 from bincount.data.workers import die_with_parent, is_running
 
 log = logging.getLogger(__name__)
