@@ -9,6 +9,7 @@ Prices come from ``conf/sagemaker/prices.yaml`` (dated, with its source); nothin
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from dataclasses import dataclass
@@ -145,7 +146,13 @@ def job_hours(sm: DictConfig) -> float:
 
 def main(argv: list[str] | None = None) -> str:
     """Print the cost of the composed ``sagemaker`` config on every training instance type."""
-    cfg = compose("launch", list(sys.argv[1:] if argv is None else argv))
+    parser = argparse.ArgumentParser(prog="python -m sagemaker_launch.cost",
+                                     description="Hydra overrides of conf/launch.yaml; prints what its sagemaker "
+                                                 "config costs on every training instance type of "
+                                                 "conf/sagemaker/prices.yaml (sagemaker.expected_hours, else "
+                                                 "sagemaker.max_run_hours)")
+    _, overrides = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    cfg = compose("launch", overrides)
     sm, prices = cfg.sagemaker, load_prices()
     hours = job_hours(sm)
     lines = [estimate(t, sm.instance_count, hours, prices=prices) for t in prices.training]

@@ -45,11 +45,15 @@ COMMANDS = ("create", "invoke", "delete")
 
 
 def parse_argv(argv: list[str]) -> tuple[str, list[str], list[str]]:
-    """``[command] key=value... [photo...]`` -> ``(command, overrides, photos)``.
+    """``[command] key=value... [photo...]`` -> ``(command, overrides, photos)``; ``-h``/``--help`` prints
+    the module docstring and exits 0.
 
     Raises:
         ValueError: Photos given to a command other than ``invoke``, or a local photo that doesn't exist.
     """
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        raise SystemExit(0)
     command = argv[0] if argv and argv[0] in COMMANDS else "create"
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
     photos = [a for a in rest if a.startswith("s3://") or "=" not in a]

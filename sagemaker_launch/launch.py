@@ -190,10 +190,9 @@ def submit_training_job(plan: TrainingJobPlan, *, dry_run: bool = False, wait: b
     return Submission(request, name, [], False)
 
 
-def parse_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Split ``--dry-run``/``--no-wait`` from the Hydra overrides."""
-    parser = argparse.ArgumentParser(prog="python -m sagemaker_launch.launch", add_help=True,
-                                     description="Hydra overrides of conf/launch.yaml, plus:")
+def parse_argv(argv: list[str], prog: str = "python -m sagemaker_launch.launch") -> tuple[argparse.Namespace, list[str]]:
+    """Split ``--dry-run``/``--no-wait`` from the Hydra overrides (``prog``: the command ``--help`` names)."""
+    parser = argparse.ArgumentParser(prog=prog, add_help=True, description="Hydra overrides of conf/launch.yaml, plus:")
     parser.add_argument("--dry-run", action="store_true", help="print the request and the cost, send nothing")
     parser.add_argument("--no-wait", action="store_true", help="don't stream the job's log")
     return parser.parse_known_args(argv)
