@@ -1,4 +1,4 @@
-"""What a user meets around a training run: stops, resumes, early errors, the README's own commands."""
+"""What a user meets around a training run: stops, resumes, early errors (the README's commands: test_readme.py)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,10 @@ import hydra
 import pytest
 import torch
 from hydra.errors import InstantiationException
-from omegaconf import open_dict
 
 from bincount.config import compose
 from bincount.evaluate import evaluate
 from bincount.train import train
-from bincount.trainer import instantiate_trainer
 from tests.fakes import FAST, make_fake_abid, set_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,31 +138,3 @@ def test_bad_values_fail_at_construction_naming_the_key(override, error, message
         hydra.utils.instantiate(cfg.data)
         hydra.utils.instantiate(cfg.model)
     assert isinstance(raised.value.__cause__, error)
-
-
-def readme_commands(program: str) -> list[list[str]]:
-    """Every ``python <program> ...`` command in README.md, as its Hydra overrides."""
-    text = (REPO / "README.md").read_text()
-    found = re.findall(rf"python {re.escape(program)} ([^`\n|]*?)\s*(?:`|\n|\||$)", text)
-    commands = [[a for a in shlex.split(c.split("#")[0]) if a != "-m"] for c in found if "..." not in c]
-    return [c for i, c in enumerate(commands) if c not in commands[:i]]
-
-
-@pytest.mark.parametrize("overrides", readme_commands("train.py"), ids=" ".join)
-def test_every_readme_training_command_composes_and_instantiates(overrides, tmp_path):
-    # the SageMaker Hydra launcher composes launch.yaml (train.yaml + the sagemaker group) for its jobs
-    config = "launch" if "hydra/launcher=sagemaker" in overrides else "train"
-    # a sweep's comma list runs each value: the first stands for all; the launcher (hydra/...) is not the run's
-    overrides = [o.split(",")[0] for o in overrides if not o.startswith(("hydra/", "hydra."))]
-    overrides = [o.replace("outputs/RUN", str(tmp_path)) for o in overrides]
-    cfg = set_output_dir(compose(config, overrides), tmp_path)
-    with open_dict(cfg):  # no weights can be had here: the name is checked, the file is not read
-        weights, cfg.model.weights, cfg.model.weights_path = cfg.model.weights, None, None
-    hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
-    if weights:
-        from torchvision.models import get_model_weights
-
-        assert weights in get_model_weights(model.hparams.arch).__members__
-    if cfg.trainer.accelerator in ("cpu", "auto"):
-        instantiate_trainer(cfg)
