@@ -15,6 +15,8 @@ and from the first comment lines of the config files (``# python train.py ...``)
   ``--option`` of the line is in that help;
 - ``python -m pytest -m EXPR``: every marker of EXPR is declared in pyproject.toml.
 
+A ```text block quotes a result file (the last `.txt` linked before it) line for line.
+
 A command of any other kind fails the test unless it is an installation step (:data:`NOT_CHECKED`),
 so a new kind of command cannot go unchecked.
 """
@@ -168,6 +170,30 @@ def test_every_relative_link_resolves(page):
         assert file.exists(), f"{rel(page)}: link {target} -> {file} does not exist"
         if anchor and file.suffix == ".md":
             assert anchor in anchors(file), f"{rel(page)}: link {target}: no heading #{anchor} in {file.name}"
+
+
+def quoted_outputs() -> list[tuple[str, str, str]]:
+    """``(page, result file, block)`` of every ```text block, with the last result ``.txt`` linked before it."""
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        for match in re.finditer(r"```text\n(.*?)```", text, flags=re.S):
+            linked = re.findall(r"\]\(([^)\s]*benchmarks/results/[^)\s]+\.txt)\)", text[: match.start()])
+            assert linked, f"{rel(page)}: a ```text block quotes no result file (link the .txt before it)"
+            found.append((rel(page), linked[-1], match.group(1)))
+    return found
+
+
+@pytest.mark.parametrize(("page", "target", "block"), quoted_outputs(), ids=lambda x: x[:40])
+def test_quoted_output_is_verbatim(page, target, block):
+    """A quoted output is the result file's own lines (``...`` marks lines left out), in its order."""
+    lines = (REPO / page).parent.joinpath(target).resolve().read_text().splitlines()
+    at = 0
+    for line in block.splitlines():
+        if line.strip() == "...":
+            continue
+        assert line in lines[at:], f"{page}: {line!r} is not a line of {target} (after line {at})"
+        at = lines.index(line, at) + 1
 
 
 # ---------------------------------------------------------------- commands
