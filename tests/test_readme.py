@@ -218,9 +218,13 @@ def shell_commands(text: str) -> list[str]:
 
 
 def table_commands(text: str) -> list[str]:
-    """The commands that are a whole table cell of inline code (``| `python benchmarks/decode.py ...` |``)."""
+    """The commands in tables: a whole cell of inline code (``| `python benchmarks/decode.py ...` |``), and
+    every ``python ...`` inline code of the results table's command column."""
     cells = [cell.strip() for line in text.splitlines() if line.startswith("|") for cell in line.split("|")]
-    return [m.group(1) for cell in cells if (m := re.fullmatch(r"`((?:python|bincount|torchrun) [^`]*)`", cell))]
+    found = [m.group(1) for cell in cells if (m := re.fullmatch(r"`((?:python|bincount|torchrun) [^`]*)`", cell))]
+    if "\n## Results\n" in text:
+        found += [c for row in results_table(text) for c in re.findall(r"`(python [^`]*)`", row[-1])]
+    return found
 
 
 def config_commands() -> list[str]:
