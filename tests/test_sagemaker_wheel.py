@@ -26,8 +26,8 @@ def wheel_contents(path: Path) -> dict[str, bytes]:
 @pytest.mark.integration
 def test_the_installed_wheel_runs_the_sagemaker_commands_outside_the_checkout(tmp_path):
     dist = tmp_path / "dist"
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(dist),
-                            str(REPO)], capture_output=True, text=True, timeout=600)
+    built = subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(REPO)],
+                           capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     [wheel] = dist.glob("bincount-*.whl")
     venv = fresh_venv(tmp_path / "venv")
