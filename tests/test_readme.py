@@ -65,8 +65,18 @@ def results_table(text: str) -> list[list[str]]:
     return [[cell.strip() for cell in row.strip("|").split(" | ")] for row in rows[2:]]
 
 
-FIGURE_LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)\)")
+FIGURE_LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)\)")  # [0.881](benchmarks/results/...)
+FIGURE_REF = re.compile(r"(?<!!)\[([^\]]+)\]\[([^\]]+)\]")  # [0.881][quickstart]
+REFERENCE = re.compile(r"^\[([^\]]+)\]:\s*(\S+)", flags=re.M)  # [quickstart]: benchmarks/results/...
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def cell_links(cell: str, references: dict[str, str]) -> list[tuple[str, str]]:
+    """``(text, target)`` of the inline and reference-style links of a table cell."""
+    found = FIGURE_LINK.findall(cell)
+    for text, name in FIGURE_REF.findall(cell):
+        found.append((text, references.get(name, f"(no line [{name}]: <path> in README.md)")))
+    return found
 
 
 def json_numbers(doc) -> list[float]:
@@ -102,19 +112,22 @@ def figure_in_file(figure: str, path: Path) -> bool:
 
 def figure_cells() -> list[tuple[str, str]]:
     """``(figure, linked path)`` of every link in the README's results table."""
-    return [(figure, target) for row in results_table(README.read_text()) for cell in row
-            for figure, target in FIGURE_LINK.findall(cell)]
+    text = README.read_text()
+    references = dict(REFERENCE.findall(text))
+    return [(figure, target) for row in results_table(text) for cell in row
+            for figure, target in cell_links(cell, references)]
 
 
 def test_the_results_table_links_every_figure_to_a_committed_result_file():
-    rows = results_table(README.read_text())
-    header = README.read_text().split("\n## Results\n", 1)[1].split("\n| ", 1)[1].split(" |")[0]
+    text = README.read_text()
+    references = dict(REFERENCE.findall(text))
+    header = text.split("\n## Results\n", 1)[1].split("\n| ", 1)[1].split(" |")[0]
     assert header == "result", "the results table's first column is 'result'"
-    for row in rows:
+    for row in results_table(text):
         figures = row[1]
-        links = FIGURE_LINK.findall(figures)
+        links = cell_links(figures, references)
         assert links, f"no linked figure in row {row[0]!r}"
-        unlinked = NUMBER.findall(FIGURE_LINK.sub("", figures).replace("x86_64", ""))
+        unlinked = NUMBER.findall(FIGURE_REF.sub("", FIGURE_LINK.sub("", figures)))
         assert not [n for n in unlinked if "." in n], f"row {row[0]!r}: figures without a file: {unlinked}"
         for _, target in links:
             assert target.startswith("benchmarks/results/"), f"{target}: not a result file"
@@ -156,8 +169,9 @@ def anchors(page: Path) -> set[str]:
 
 
 def links(page: Path) -> list[str]:
-    text = re.sub(r"```.*?```|`[^`\n]*`", "", page.read_text(), flags=re.S)  # code is not a link
-    return re.findall(r"\]\(([^)\s]+)\)", text)
+    """Targets of the inline links and of the reference definitions of a page (not in code)."""
+    text = re.sub(r"```.*?```|`[^`\n]*`", "", page.read_text(), flags=re.S)
+    return re.findall(r"\]\(([^)\s]+)\)", text) + [target for _, target in REFERENCE.findall(text)]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=rel)
