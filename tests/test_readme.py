@@ -23,14 +23,15 @@ so a new kind of command cannot go unchecked.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import math
 import re
+import runpy
 import shlex
-import subprocess
 import sys
 import tomllib
+import warnings
 from pathlib import Path
 
 import hydra
@@ -44,7 +45,6 @@ from tests.fakes import set_output_dir
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
-BIN = Path(sys.executable).parent
 # installation and shell steps: nothing of the project's to parse
 NOT_CHECKED = {("pip",), ("python3", "-m", "venv"), (".",)}
 SHELL_BLOCKS = {"bash", "sh", "shell"}
@@ -303,23 +303,55 @@ def check_hydra(config: str, args: list[str], tmp_path: Path) -> None:
         instantiate_trainer(cfg)
 
 
-@functools.lru_cache(maxsize=None)
-def _help(argv: tuple[str, ...]) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+def run_help(target: str, args: list[str], capsys) -> str:
+    """The ``--help`` text of ``target`` after ``args``, run in this process (torch is loaded once;
+    each script's own ``--help`` in a fresh interpreter is tested in ``test_benchmarks`` and by the
+    installed wheel); fails unless it exits 0.
+
+    ``target``: ``benchmarks/<script>.py``, ``sagemaker_launch.<module>`` or ``bincount``.
+    """
+    capsys.readouterr()
+    argv = [*args, "--help"]
+    with pytest.raises(SystemExit) as exit_info, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is already imported
+        if target == "bincount":
+            from bincount.cli import main
+
+            main(argv)
+        elif target.endswith(".py"):
+            with patched_argv([target, *argv]), patched_path(str((REPO / target).parent)):
+                runpy.run_path(str(REPO / target), run_name="__main__")
+        else:
+            with patched_argv([target, *argv]):
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
+    out, err = capsys.readouterr()
+    assert exit_info.value.code in (0, None), f"{target} {shlex.join(argv)} exited {exit_info.value.code}: {err[-2000:]}"
+    return out
 
 
-def run_help(argv: list[str]) -> str:
-    """The ``--help`` text of ``argv`` (run once per distinct command line); fails unless it exits 0."""
-    proc = _help(tuple(argv))
-    assert proc.returncode == 0, f"{shlex.join(argv)} exited {proc.returncode}: {proc.stderr[-2000:]}"
-    return proc.stdout
+@contextlib.contextmanager
+def patched_argv(argv: list[str]):
+    saved, sys.argv = sys.argv, argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
-def check_sagemaker(module: str, args: list[str], tmp_path: Path, monkeypatch) -> None:
+@contextlib.contextmanager
+def patched_path(entry: str):
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        sys.path.remove(entry)
+
+
+def check_sagemaker(module: str, args: list[str], tmp_path: Path, monkeypatch, capsys) -> None:
     """``--help`` exits 0; the module's own parsing and composition accept ``args``."""
     from sagemaker_launch import deploy, launch, plan, tune
 
-    run_help([sys.executable, "-m", f"sagemaker_launch.{module}", "--help"])
+    run_help(f"sagemaker_launch.{module}", [], capsys)
     if module in ("launch", "tune"):
         _, overrides = launch.parse_argv(args)
         cfg = compose("launch", overrides, return_hydra_config=module == "tune")
@@ -340,18 +372,18 @@ def check_sagemaker(module: str, args: list[str], tmp_path: Path, monkeypatch) -
         raise AssertionError(f"sagemaker_launch.{module}: no check for this module")
 
 
-def check_bincount(args: list[str]) -> None:
+def check_bincount(args: list[str], capsys) -> None:
     from bincount.cli import build_parser
 
     command = args[:2] if args[0] == "data" else args[:1]
-    run_help([str(BIN / "bincount"), *command, "--help"])
+    run_help("bincount", command, capsys)
     build_parser().parse_args(args)  # SystemExit on an unknown option or a missing argument
 
 
-def check_benchmark(script: str, args: list[str]) -> None:
+def check_benchmark(script: str, args: list[str], capsys) -> None:
     """``--help`` after the line's own arguments exits 0 (a bad value fails first); each option is in the help."""
     before = args[: args.index("--")] if "--" in args else args  # after "--": the script's overrides
-    text = run_help([sys.executable, script, *before, "--help"])
+    text = run_help(script, before, capsys)
     for option in (a.split("=")[0] for a in before if a.startswith("--")):
         assert re.search(rf"{re.escape(option)}\b", text), f"{script}: no option {option} in --help"
 
@@ -365,7 +397,7 @@ def check_pytest(args: list[str]) -> None:
         assert named <= declared, f"markers {sorted(named - declared)} are not declared in pyproject.toml"
 
 
-def check_command(command: str, tmp_path: Path, monkeypatch) -> None:
+def check_command(command: str, tmp_path: Path, monkeypatch, capsys) -> None:
     argv = without_environment(shlex.split(command))
     if any(tuple(argv[: len(prefix)]) == prefix for prefix in NOT_CHECKED):
         return
@@ -377,13 +409,13 @@ def check_command(command: str, tmp_path: Path, monkeypatch) -> None:
     elif program in ("bincount-train", "bincount-eval"):
         check_hydra(program.removeprefix("bincount-"), args, tmp_path)
     elif program == "python" and args[:1] == ["-m"] and args[1].startswith("sagemaker_launch."):
-        check_sagemaker(args[1].split(".", 1)[1], args[2:], tmp_path, monkeypatch)
+        check_sagemaker(args[1].split(".", 1)[1], args[2:], tmp_path, monkeypatch, capsys)
     elif program == "python" and args[:2] == ["-m", "pytest"]:
         check_pytest(args[2:])
     elif program == "python" and args[:1] and args[0].startswith("benchmarks/"):
-        check_benchmark(args[0], args[1:])
+        check_benchmark(args[0], args[1:], capsys)
     elif program == "bincount":
-        check_bincount(args)
+        check_bincount(args, capsys)
     elif program == "bash":
         assert (REPO / args[0]).is_file(), f"{args[0]} does not exist"
     else:
@@ -394,8 +426,8 @@ COMMANDS = documented_commands()
 
 
 @pytest.mark.parametrize(("where", "command"), COMMANDS, ids=[f"{w}: {c[:70]}" for w, c in COMMANDS])
-def test_every_documented_command_parses(where, command, tmp_path, monkeypatch):
-    check_command(command, tmp_path, monkeypatch)
+def test_every_documented_command_parses(where, command, tmp_path, monkeypatch, capsys):
+    check_command(command, tmp_path, monkeypatch, capsys)
 
 
 def test_the_quickstart_is_two_commands():
