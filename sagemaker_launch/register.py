@@ -43,8 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 import bincount
 from bincount.config import compose
 from bincount.models.card import ModelCard
-from sagemaker_launch import registry
-from sagemaker_launch.deploy import boto_session, inference_image, model_data_of
+from sagemaker_launch import deploy, registry
 from sagemaker_launch.export import serving_environment
 
 log = logging.getLogger("sagemaker_launch")
@@ -211,8 +210,8 @@ def register(cfg: DictConfig) -> Registration:
     if not (cfg.job and not cfg.model_dir and not cfg.model_data or cfg.model_dir and cfg.model_data and not cfg.job):
         raise ValueError("give job=<training job name>, or model_dir=<the run's model folder> with "
                          "model_data=s3://.../model.tar.gz (the same model, uploaded)")
-    session = boto_session(cfg)
-    model_data = model_data_of(cfg, session)
+    session = deploy.boto_session(cfg)
+    model_data = deploy.model_data_of(cfg, session)
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.job:
             run_dir = fetch_job_run(model_data.rsplit("/", 1)[0] + "/output.tar.gz", session, Path(tmp))
@@ -223,7 +222,7 @@ def register(cfg: DictConfig) -> Registration:
     properties = metadata_properties(evaluation)
     sm = session.client("sagemaker")
     registry.ensure_group(sm, cfg.group, "bincount: models counting the objects in Amazon Bin Image Dataset photos")
-    container = {"Image": inference_image(cfg), "ModelDataUrl": model_data,
+    container = {"Image": deploy.inference_image(cfg), "ModelDataUrl": model_data,
                  "Environment": serving_environment(cfg.region, {str(k): str(v) for k, v in cfg.environment.items()})}
     m = evaluation.metrics
     description = cfg.description or (f"{source}: test MAE {m['mae']:.4f}, acc {m['acc']:.4f} on {m['n']} photos")
