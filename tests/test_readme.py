@@ -317,7 +317,7 @@ def run_help(argv: list[str]) -> str:
 
 def check_sagemaker(module: str, args: list[str], tmp_path: Path, monkeypatch) -> None:
     """``--help`` exits 0; the module's own parsing and composition accept ``args``."""
-    from sagemaker_launch import deploy, launch, plan, tune
+    from sagemaker_launch import deploy, launch, plan, register, tune
 
     run_help([sys.executable, "-m", f"sagemaker_launch.{module}", "--help"])
     if module in ("launch", "tune"):
@@ -336,6 +336,8 @@ def check_sagemaker(module: str, args: list[str], tmp_path: Path, monkeypatch) -
                 (tmp_path / arg).write_bytes(b"")
         _, overrides, _ = deploy.parse_argv(args)
         compose("deploy", overrides)
+    elif module == "register":
+        compose("register", register.parse_argv(args))
     else:
         raise AssertionError(f"sagemaker_launch.{module}: no check for this module")
 

@@ -193,3 +193,19 @@ def test_register_arguments_and_missing_reports_fail_with_one_clear_error(sm, aw
     with pytest.raises(ValueError, match=f"s3://{BUCKET}/bincount/unfinished/output/output.tar.gz not found"):
         register.main([f"group={GROUP}", "job=unfinished"])
     assert aws.calls("CreateModelPackageGroup") == [] and aws.calls("CreateModelPackage") == []
+
+
+def test_the_evaluation_set_is_the_photos_and_their_counts_in_any_order(tmp_path):
+    import torch
+
+    from bincount.report import write_predictions_csv
+
+    ids, target = ["00003", "00001", "00002"], torch.tensor([0, 2, 1])
+    probs = torch.full((3, 5), 0.2)
+    order = torch.tensor([2, 0, 1])
+    for name, (i, t) in {"a": (ids, target), "shuffled": ([ids[k] for k in order], target[order]),
+                         "relabelled": (ids, torch.tensor([0, 2, 2]))}.items():
+        write_predictions_csv(tmp_path / f"{name}.csv", i, t, probs, min_count=1)
+    a, shuffled, relabelled = (register.eval_set_id(tmp_path / f"{n}.csv") for n in ("a", "shuffled", "relabelled"))
+    assert a == shuffled != relabelled
+    assert a == "sha256:" + hashlib.sha256(b"00001,3\n00002,2\n00003,1").hexdigest()
