@@ -65,18 +65,22 @@ def expected_eval_set(first_id: int, n: int = 20) -> str:
     return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
+def create_training_job(sm, name: str) -> None:
+    """A (completed) job in moto, with the layout SageMaker's has: ``<output path>/<job>/output/model.tar.gz``."""
+    sm.create_training_job(
+        TrainingJobName=name, RoleArn=ROLE, OutputDataConfig={"S3OutputPath": f"s3://{BUCKET}/bincount"},
+        AlgorithmSpecification={"TrainingImage": "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.6.0-"
+                                                 "cpu-py312", "TrainingInputMode": "File"},
+        ResourceConfig={"InstanceType": "ml.m5.large", "InstanceCount": 1, "VolumeSizeInGB": 10},
+        StoppingCondition={"MaxRuntimeInSeconds": 3600})
+
+
 def test_register_a_training_job_with_its_held_out_metrics(sm, aws, runs, capsys):
     import boto3
-
     from sagemaker.core.shapes.model_card_shapes import ModelCardContent
 
     job = "bincount-20261203024536"
-    sm.create_training_job(  # moto's job has the layout SageMaker's has: <output path>/<job>/output/
-        TrainingJobName=job, RoleArn=ROLE, OutputDataConfig={"S3OutputPath": f"s3://{BUCKET}/bincount"},
-        AlgorithmSpecification={"TrainingImage": "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.6.0-cpu-py312",
-                                "TrainingInputMode": "File"},
-        ResourceConfig={"InstanceType": "ml.m5.large", "InstanceCount": 1, "VolumeSizeInGB": 10},
-        StoppingCondition={"MaxRuntimeInSeconds": 3600})
+    create_training_job(sm, job)
     run_dir, metrics = runs["base"]
     archive = io.BytesIO()  # output.tar.gz: SageMaker packs the run folder ($SM_OUTPUT_DATA_DIR) as it is
     with tarfile.open(fileobj=archive, mode="w:gz") as tar:
@@ -85,8 +89,8 @@ def test_register_a_training_job_with_its_held_out_metrics(sm, aws, runs, capsys
 
     register.main([f"job={job}", f"group={GROUP}"])
     register.main([f"job={job}", f"group={GROUP}", "instance_type=ml.g4dn.xlarge"])
-    assert aws.calls("CreateModelPackageGroup") == [{"ModelPackageGroupName": GROUP, "ModelPackageGroupDescription":
-                                                     aws.calls("CreateModelPackageGroup")[0]["ModelPackageGroupDescription"]}]
+    assert [g["ModelPackageGroupName"] for g in aws.calls("CreateModelPackageGroup")] == [GROUP]  # once
+    assert sm.describe_model_package_group(ModelPackageGroupName=GROUP)["ModelPackageGroupStatus"] == "Completed"
     assert approval_statuses(sm) == {1: PENDING, 2: PENDING}
     first = describe(sm, 1)
     assert first["ModelPackageArn"] in capsys.readouterr().out
@@ -155,7 +159,8 @@ def test_deploy_from_a_group_serves_its_latest_approved_package(sm, aws, runs):
 
     # a person approves the newer package: deploying the group again updates the endpoint to it
     sm.update_model_package(ModelPackageArn=arns[3], ModelApprovalStatus=APPROVED)
-    again = deploy.main([f"package_group={GROUP}", "endpoint=bincount-test", "+environment.BINCOUNT_REVIEW_THRESHOLD=0.9"])
+    again = deploy.main([f"package_group={GROUP}", "endpoint=bincount-test",
+                         "+environment.BINCOUNT_REVIEW_THRESHOLD=0.9"])
     assert again.previous_config == made.model
     assert aws.calls("CreateModel")[1]["PrimaryContainer"] == {"ModelPackageName": arns[3],
                                                                "Environment": {"BINCOUNT_REVIEW_THRESHOLD": "0.9"}}
@@ -185,11 +190,7 @@ def test_register_arguments_and_missing_reports_fail_with_one_clear_error(sm, aw
     (tmp_path / "predictions.csv").write_text("image_id,expected_quantity\n")
     with pytest.raises(ValueError, match="has no mae: not a test report"):
         register.main([f"group={GROUP}", f"model_dir={tmp_path / 'model'}", model_data])
-    sm.create_training_job(
-        TrainingJobName="unfinished", RoleArn=ROLE, OutputDataConfig={"S3OutputPath": f"s3://{BUCKET}/bincount"},
-        AlgorithmSpecification={"TrainingImage": "x.dkr.ecr.us-east-1.amazonaws.com/t:1", "TrainingInputMode": "File"},
-        ResourceConfig={"InstanceType": "ml.m5.large", "InstanceCount": 1, "VolumeSizeInGB": 10},
-        StoppingCondition={"MaxRuntimeInSeconds": 3600})
+    create_training_job(sm, "unfinished")
     with pytest.raises(ValueError, match=f"s3://{BUCKET}/bincount/unfinished/output/output.tar.gz not found"):
         register.main([f"group={GROUP}", "job=unfinished"])
     assert aws.calls("CreateModelPackageGroup") == [] and aws.calls("CreateModelPackage") == []
