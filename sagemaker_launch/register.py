@@ -201,9 +201,12 @@ def register(cfg: DictConfig) -> Registration:
         cfg: ``conf/register.yaml``.
 
     Raises:
-        ValueError: No ``group``; not exactly one of ``job`` and ``model_data``; ``model_dir`` with
-            ``job`` or without ``model_data``; or a run folder without a test report.
-        FileNotFoundError: See :func:`read_run`.
+        ValueError: No ``group``; neither ``job`` alone nor ``model_dir`` with ``model_data``; a job
+            without ``output.tar.gz``; or a run folder whose ``metrics.json`` is not a test report.
+        FileNotFoundError: A run folder without ``metrics.json`` or ``predictions.csv``.
+
+    Returns:
+        The new package's ARN and recorded properties, and the decision if asked for.
     """
     if not cfg.group:
         raise ValueError("register needs group=<model package group>")
