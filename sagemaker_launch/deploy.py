@@ -3,12 +3,14 @@
 Usage:
     python -m sagemaker_launch.deploy model_data=s3://BUCKET/bincount/JOB/output/model.tar.gz endpoint=bincount-prod
     python -m sagemaker_launch.deploy job=bincount-20261122010956 instance_type=ml.g4dn.xlarge
+    python -m sagemaker_launch.deploy package_group=bincount-counting endpoint=bincount-prod
     python -m sagemaker_launch.deploy invoke endpoint=bincount-prod photo.jpg s3://BUCKET/bin.jpg expected_quantity=3
     python -m sagemaker_launch.deploy delete endpoint=bincount-prod
 
 ``key=value`` arguments are overrides of ``conf/deploy.yaml`` (composed with Hydra, so a typo
 fails before anything is created). Deploying creates a model (the AWS PyTorch inference image,
-``model.tar.gz`` from ``model_data`` or the training job ``job``) and an endpoint config, both
+``model.tar.gz`` from ``model_data`` or the training job ``job``, or ``package_group``'s latest
+approved model package: :mod:`sagemaker_launch.register`) and an endpoint config, both
 named ``<endpoint>-<timestamp>``, then creates endpoint ``endpoint`` on them, or, if that
 endpoint exists, points it at them with UpdateEndpoint (SageMaker swaps the instances without
 downtime; the previous model and config stay until ``delete``). ``model.tar.gz`` is what a
@@ -36,7 +38,9 @@ from omegaconf import DictConfig
 
 from bincount.config import compose
 from sagemaker_launch import cost
+from sagemaker_launch.export import serving_environment
 from sagemaker_launch.payload import max_request_bytes, request_body, split_requests
+from sagemaker_launch.registry import deployable_package
 from sagemaker_launch.session import console_url
 
 log = logging.getLogger("sagemaker_launch")
@@ -86,10 +90,10 @@ def model_data_of(cfg: DictConfig, session) -> str:
     """The ``model.tar.gz`` to deploy: ``model_data``, or the training job ``job``'s artifact.
 
     Raises:
-        ValueError: If not exactly one of ``model_data`` and ``job`` is set.
+        ValueError: If not exactly one of ``model_data``, ``job`` and ``package_group`` is set.
     """
-    if bool(cfg.model_data) == bool(cfg.job):
-        raise ValueError("give exactly one of model_data=s3://.../model.tar.gz and job=<training job name>")
+    if sum(map(bool, (cfg.model_data, cfg.job, cfg.get("package_group")))) != 1:
+        raise ValueError("give exactly one of model_data=s3://.../model.tar.gz, job=JOB and package_group=GROUP")
     if cfg.model_data:
         return str(cfg.model_data)
     from sagemaker.core.resources import TrainingJob
@@ -186,17 +190,21 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
         raise ValueError("the model needs an execution role: role=arn:aws:iam::ACCOUNT:role/NAME or $SAGEMAKER_ROLE")
     name = endpoint_name(cfg)
     session = boto_session(cfg)
-    model_data, image = model_data_of(cfg, session), inference_image(cfg)
+    extra = {str(k): str(v) for k, v in (cfg.environment or {}).items()}
+    if cfg.package_group and not (cfg.model_data or cfg.job):  # the package has image, model.tar.gz, environment
+        package, image, model_data = deployable_package(session, cfg.package_group)
+        container = ContainerDefinition(model_package_name=package, environment=extra or None)
+    else:
+        model_data, image = model_data_of(cfg, session), inference_image(cfg)
+        container = ContainerDefinition(image=image, model_data_url=model_data,
+                                        environment=serving_environment(cfg.region, extra))
     endpoint = find_endpoint(name, session, cfg.region)
     if endpoint is not None and endpoint.endpoint_status != "InService":
         raise ValueError(f"endpoint {name} is {endpoint.endpoint_status}: it can be updated only when InService "
                          f"(wait for it, or delete it: python -m sagemaker_launch.deploy delete endpoint={name})")
     resource = name_from_base(name)  # unique: the endpoint's current model and config are still in use
-    environment = {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
-                   "SAGEMAKER_REGION": str(cfg.region), "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
-                   **{str(k): str(v) for k, v in (cfg.environment or {}).items()}}
     Model.create(model_name=resource, execution_role_arn=cfg.role, session=session, region=cfg.region,
-                 primary_container=ContainerDefinition(image=image, model_data_url=model_data, environment=environment))
+                 primary_container=container)
     EndpointConfig.create(endpoint_config_name=resource, session=session, region=cfg.region, production_variants=[
         ProductionVariant(variant_name="AllTraffic", model_name=resource, instance_type=cfg.instance_type,
                           initial_instance_count=int(cfg.instance_count))])

@@ -159,3 +159,37 @@ def reference_probs(model_dir: Path, paths: list[Path], decoder: str = "torchvis
     temperature = card.calibration.temperature if card.calibration else 1.0
     with torch.no_grad():
         return list((net(x) / temperature).softmax(1))
+
+
+def write_run_report(run_dir: Path, *, wrong: int, n: int = 20, first_id: int = 1) -> dict:
+    """A training run's folder as ``bincount.train`` leaves it for registration, from made-up test
+    predictions written by the real report code: ``metrics.json`` (with the held-out calibration),
+    ``predictions.csv``, ``config.yaml`` and ``model/model_config.json`` (no weights).
+
+    Photos ``first_id..first_id+n-1`` (ids ``00001``...), true counts cycling ``MIN_COUNT..MAX_COUNT``;
+    the first ``wrong`` of them are counted one off, so the MAE is ``wrong / n``.
+
+    Returns:
+        The metrics written to ``metrics.json``.
+    """
+    from omegaconf import OmegaConf
+
+    from bincount.models.calibration import calibrate, held_out_report
+    from bincount.report import write_report
+
+    classes = MAX_COUNT - MIN_COUNT + 1
+    target = torch.arange(n) % classes
+    pred = target.clone()
+    pred[:wrong] = torch.where(target[:wrong] < classes - 1, target[:wrong] + 1, target[:wrong] - 1)
+    noise = torch.randn(n, classes, generator=torch.Generator().manual_seed(0))
+    logits = 3 * nn.functional.one_hot(pred, classes).float() + 0.1 * noise
+    held_out = held_out_report(logits.softmax(1), target, calibrate(logits, target, min_support=1))
+    metrics = write_report(run_dir, [f"{first_id + i:05d}" for i in range(n)], target, logits.softmax(1),
+                           min_count=MIN_COUNT, title="test split", extra=held_out)
+    OmegaConf.save({"data": {"root": "s3://bincount-test/abid/subset", "split": "block", "test_fraction": 0.15,
+                             "block_size": 20, "seed": 0, "label_list": None, "min_count": MIN_COUNT,
+                             "max_count": MAX_COUNT}}, run_dir / "config.yaml")
+    card = ModelCard(arch="resnet18", min_count=MIN_COUNT, max_count=MAX_COUNT, preset=EvalPreset(IMAGE_SIZE))
+    (run_dir / "model").mkdir(exist_ok=True)
+    (run_dir / "model" / "model_config.json").write_text(json.dumps(card.to_dict()))
+    return metrics

@@ -1,5 +1,6 @@
 """A local stand-in for AWS: moto's server on 127.0.0.1 (S3, SageMaker, SageMaker Runtime), recording
-every request it receives, so tests assert on what the real SDK sent.
+every request it receives, so tests assert on what the real SDK sent; SDK sessions made through
+:func:`with_moto_fixes` also check every SageMaker request against the service model before sending.
 
 Use in a test module::
 
@@ -77,6 +78,43 @@ class MotoServer:
                 if r["method"] == "PUT" and r["path"].lstrip("/").startswith(prefix) and not r["target"]}
 
 
+# moto 5.2 has no SageMaker UpdateEndpoint; this adds it, doing what AWS has done once the update
+# is InService: the endpoint serves the new config's variants. Everything else is moto's own.
+MOTO_WITH_UPDATE_ENDPOINT = """
+import sys
+from moto.core.responses import ActionResult
+from moto.core.utils import utcnow
+from moto.sagemaker.responses import SageMakerResponse
+from moto.server import main
+
+
+def update_endpoint(self):
+    backend = self.sagemaker_backend
+    name, config_name = self._get_param("EndpointName"), self._get_param("EndpointConfigName")
+    backend.describe_endpoint(name)  # moto's ValidationError for a missing endpoint
+    config = backend.describe_endpoint_config(config_name)  # ... or config
+    endpoint = backend.endpoints[name]
+    endpoint.endpoint_config_name = config_name
+    endpoint.production_variants = endpoint._process_production_variants(config["ProductionVariants"])
+    endpoint.last_modified_time = utcnow()
+    return ActionResult({"EndpointArn": endpoint.arn})
+
+
+SageMakerResponse.update_endpoint = update_endpoint
+main(sys.argv[1:])
+"""
+
+
+def check_request(params: dict, model, **_) -> None:
+    """botocore ``before-parameter-build`` handler: fail on a request SageMaker's service model
+    refuses (botocore's ``ParamValidator`` plus the model's maximums, patterns and enums:
+    :func:`sagemaker_launch.session.request_errors`), before it is sent."""
+    from sagemaker_launch.session import request_errors
+
+    if errors := request_errors(params, model):
+        raise AssertionError(f"{model.name} against the service model: " + "; ".join(errors))
+
+
 def drop_empty_structures(parsed: dict, **_) -> None:
     """botocore ``after-call`` handler: moto describes unset structures as ``{}`` (``VpcConfig``
     of a model, ``DataCaptureConfig`` of an endpoint config) where AWS leaves the field out, and the
@@ -86,10 +124,12 @@ def drop_empty_structures(parsed: dict, **_) -> None:
 
 
 def with_moto_fixes(make_session):
-    """Wrap a function returning a ``boto3.Session`` so that its clients tolerate moto's answers."""
+    """Wrap a function returning a ``boto3.Session`` so that its clients tolerate moto's answers and
+    check every SageMaker request against the service model (:func:`check_request`)."""
 
     def make(*args, **kwargs):
         session = make_session(*args, **kwargs)
+        session.events.register("before-parameter-build.sagemaker", check_request)
         session.events.register("after-call.sagemaker", drop_empty_structures)
         return session
 
@@ -97,15 +137,16 @@ def with_moto_fixes(make_session):
 
 
 def start_server(tmp: Path) -> tuple[MotoServer, subprocess.Popen]:
-    """Start ``python -m moto.server`` on a free port of 127.0.0.1, recording to ``tmp``.
+    """Start moto's server (plus UpdateEndpoint: :data:`MOTO_WITH_UPDATE_ENDPOINT`) on a free port of
+    127.0.0.1, recording to ``tmp``.
 
     Raises:
         RuntimeError: If it doesn't answer within 60 s.
     """
     port = free_port()
     env = dict(os.environ, MOTO_ENABLE_RECORDING="1", MOTO_RECORDER_FILEPATH=str(tmp / "recording.jsonl"))
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=(tmp / "server.log").open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-c", MOTO_WITH_UPDATE_ENDPOINT, "-H", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=(tmp / "server.log").open("w"), stderr=subprocess.STDOUT)
     server = MotoServer(f"http://127.0.0.1:{port}", tmp / "recording.jsonl")
     deadline = time.monotonic() + 60
     while True:
@@ -125,7 +166,8 @@ _shared: dict = {"users": 0}
 
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory) -> MotoServer:
-    """moto's server on a free port of 127.0.0.1, recording requests; stopped after the session."""
+    """moto's server (:func:`start_server`) on a free port of 127.0.0.1, recording requests; stopped after
+    the session."""
     if not _shared["users"]:
         _shared["server"], _shared["proc"] = start_server(tmp_path_factory.mktemp("moto"))
     _shared["users"] += 1

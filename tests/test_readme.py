@@ -349,7 +349,7 @@ def patched_path(entry: str):
 
 def check_sagemaker(module: str, args: list[str], tmp_path: Path, monkeypatch, capsys) -> None:
     """``--help`` exits 0; the module's own parsing and composition accept ``args``."""
-    from sagemaker_launch import deploy, launch, plan, tune
+    from sagemaker_launch import deploy, launch, plan, register, tune
 
     run_help(f"sagemaker_launch.{module}", [], capsys)
     if module in ("launch", "tune"):
@@ -368,6 +368,8 @@ def check_sagemaker(module: str, args: list[str], tmp_path: Path, monkeypatch, c
                 (tmp_path / arg).write_bytes(b"")
         _, overrides, _ = deploy.parse_argv(args)
         compose("deploy", overrides)
+    elif module == "register":
+        compose("register", register.parse_argv(args))
     else:
         raise AssertionError(f"sagemaker_launch.{module}: no check for this module")
 

@@ -3,14 +3,12 @@ deploy/update/invoke/delete requests the real SDK sends (to a local moto server)
 
 import base64
 import json
-import os
 import random
 import re
 import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,63 +20,11 @@ from bincount.models.card import EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
 from sagemaker_launch import deploy, payload
 from sagemaker_launch.export import export_model
-from tests.fakes import free_port
 from tests.fakes import write_bin_photo
-from tests.moto_server import BUCKET, ROLE, MotoServer, aws, with_moto_fixes  # noqa: F401  (fixture)
+from tests.moto_server import BUCKET, ROLE, aws, moto_server, with_moto_fixes  # noqa: F401  (fixtures)
 
 ABID_IMAGES = Path("/work/shared/abid/bin-images")
 RESOURCE = re.compile(r"bincount-test-\d{4}-\d{2}-\d{2}-\d{2}-\d{2}-\d{2}-\d{3}")  # <endpoint>-<timestamp>
-
-# moto 5.2 has no SageMaker UpdateEndpoint; this adds it, doing what AWS has done once the update
-# is InService: the endpoint serves the new config's variants. Everything else is moto's own.
-MOTO_WITH_UPDATE_ENDPOINT = """
-import sys
-from moto.core.responses import ActionResult
-from moto.core.utils import utcnow
-from moto.sagemaker.responses import SageMakerResponse
-from moto.server import main
-
-
-def update_endpoint(self):
-    backend = self.sagemaker_backend
-    name, config_name = self._get_param("EndpointName"), self._get_param("EndpointConfigName")
-    backend.describe_endpoint(name)  # moto's ValidationError for a missing endpoint
-    config = backend.describe_endpoint_config(config_name)  # ... or config
-    endpoint = backend.endpoints[name]
-    endpoint.endpoint_config_name = config_name
-    endpoint.production_variants = endpoint._process_production_variants(config["ProductionVariants"])
-    endpoint.last_modified_time = utcnow()
-    return ActionResult({"EndpointArn": endpoint.arn})
-
-
-SageMakerResponse.update_endpoint = update_endpoint
-main(sys.argv[1:])
-"""
-
-
-@pytest.fixture(scope="module")
-def moto_server(tmp_path_factory) -> MotoServer:
-    """This module's moto server (replaces tests.moto_server's for the ``aws`` fixture): moto's
-    own, plus UpdateEndpoint, recording every request."""
-    tmp = tmp_path_factory.mktemp("moto")
-    port = free_port()
-    env = dict(os.environ, MOTO_ENABLE_RECORDING="1", MOTO_RECORDER_FILEPATH=str(tmp / "recording.jsonl"))
-    proc = subprocess.Popen([sys.executable, "-c", MOTO_WITH_UPDATE_ENDPOINT, "-H", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=(tmp / "server.log").open("w"), stderr=subprocess.STDOUT)
-    server = MotoServer(f"http://127.0.0.1:{port}", tmp / "recording.jsonl")
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(server.url + "/moto-api/", timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"moto server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.2)
-    yield server
-    proc.terminate()
-    proc.wait(timeout=10)
 
 SERVE = """
 import json, sys

@@ -1,0 +1,167 @@
+"""The SageMaker Model Registry side of ``register`` and ``deploy package_group=``: model package
+groups, model packages (versions) with their held-out metrics, approval, and the latest approved one.
+
+A package's ``CustomerMetadataProperties`` carry the numbers the approval rule compares
+(:data:`METRIC_KEYS` and ``eval_set``, the evaluation set's identifier); its ``ModelCard`` carries
+the same and more for people (see :mod:`sagemaker_launch.register`). Every call is a boto3
+SageMaker client call, so botocore checks each request against the service model before sending.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("sagemaker_launch")
+
+PENDING, APPROVED = "PendingManualApproval", "Approved"
+# the held-out metrics a package records (metrics.json's keys), as CustomerMetadataProperties
+METRIC_KEYS = ("acc", "obo_acc", "mae", "rmse", "n", "temperature", "ece_before", "ece_after")
+EVAL_SET = "eval_set"
+
+
+def ensure_group(sm, group: str, description: str) -> bool:
+    """Create model package group ``group`` unless it exists.
+
+    Args:
+        sm: A boto3 SageMaker client.
+        group: The group's name.
+        description: Its description, if it is created.
+
+    Returns:
+        ``True`` if it was created.
+
+    Raises:
+        botocore.exceptions.ClientError: Any error but "does not exist".
+    """
+    from botocore.exceptions import ClientError
+
+    try:
+        sm.describe_model_package_group(ModelPackageGroupName=group)
+        return False
+    except ClientError as err:
+        error = err.response.get("Error", {})
+        if error.get("Code") != "ValidationException" or "does not exist" not in error.get("Message", ""):
+            raise
+    sm.create_model_package_group(ModelPackageGroupName=group, ModelPackageGroupDescription=description)
+    log.info("created model package group %s", group)
+    return True
+
+
+def latest_approved(sm, group: str) -> dict[str, Any] | None:
+    """DescribeModelPackage of the newest approved package of ``group`` (by creation time), or ``None``."""
+    page = sm.list_model_packages(ModelPackageGroupName=group, ModelApprovalStatus=APPROVED, SortBy="CreationTime",
+                                  SortOrder="Descending", MaxResults=1)
+    summaries = page.get("ModelPackageSummaryList", [])
+    if not summaries:
+        return None
+    return sm.describe_model_package(ModelPackageName=summaries[0]["ModelPackageArn"])
+
+
+def deployable_package(session, group: str) -> tuple[str, str, str]:
+    """The latest approved package of ``group``, for ``deploy package_group=``.
+
+    Args:
+        session: A ``boto3.Session``.
+        group: The model package group.
+
+    Returns:
+        ``(package ARN, image, model.tar.gz S3 URI)`` (its first container's).
+
+    Raises:
+        ValueError: If the group has no approved package.
+    """
+    package = latest_approved(session.client("sagemaker"), group)
+    if package is None:
+        raise ValueError(f"model package group {group} has no approved package: approve one (python -m "
+                         f"sagemaker_launch.register ... group={group} approve_if_better=true, or in the console)")
+    container = package["InferenceSpecification"]["Containers"][0]
+    return package["ModelPackageArn"], container["Image"], container.get("ModelDataUrl", "")
+
+
+def create_package(sm, group: str, container: dict[str, Any], *, instance_type: str, properties: dict[str, str],
+                   card_content: str, description: str, generated_by: str) -> str:
+    """Create a model package (a new version of ``group``), pending manual approval.
+
+    Args:
+        sm: A boto3 SageMaker client.
+        group: The model package group (must exist: :func:`ensure_group`).
+        container: ``Image``, ``ModelDataUrl`` and ``Environment`` of the serving container,
+            as ``deploy`` would create its model.
+        instance_type: The instance type the package is registered for (real-time inference).
+        properties: ``CustomerMetadataProperties`` (at most 50; keys and values of letters,
+            digits and ``_.:/=+-@``).
+        card_content: The model card's ``ModelCardContent`` JSON.
+        description: ``ModelPackageDescription`` (at most 1024 characters).
+        generated_by: ``MetadataProperties.GeneratedBy`` (where the model came from).
+
+    Returns:
+        The new package's ARN.
+    """
+    from bincount.serve.protocol import CONTENT_TYPES, JSON
+
+    response = sm.create_model_package(
+        ModelPackageGroupName=group,
+        ModelPackageDescription=description[:1024],
+        InferenceSpecification={"Containers": [container],
+                                "SupportedContentTypes": list(CONTENT_TYPES), "SupportedResponseMIMETypes": [JSON],
+                                "SupportedRealtimeInferenceInstanceTypes": [instance_type]},
+        ModelApprovalStatus=PENDING,
+        MetadataProperties={"GeneratedBy": generated_by},
+        CustomerMetadataProperties=properties,
+        ModelCard={"ModelCardContent": card_content, "ModelCardStatus": "PendingReview"},
+    )
+    return response["ModelPackageArn"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the approve-if-better rule decided.
+
+    Attributes:
+        approve: Whether to approve the new package.
+        line: One line saying so, with both MAEs (or why they don't compare).
+    """
+
+    approve: bool
+    line: str
+
+
+def decide(new: dict[str, str], current: dict[str, Any] | None, group: str) -> Decision:
+    """Approve a new package only if its MAE beats the latest approved one's on the same evaluation set.
+
+    Args:
+        new: The new package's ``CustomerMetadataProperties`` (``mae``, ``eval_set``).
+        current: DescribeModelPackage of the group's latest approved package, or ``None``.
+        group: The group's name (for the line).
+
+    Returns:
+        Approve when there is no approved package, or when the new MAE is strictly lower on the
+        same ``eval_set``; otherwise not (a worse or equal MAE, another evaluation set, or an
+        approved package without a recorded MAE).
+    """
+    mae = float(new["mae"])
+    if current is None:
+        return Decision(True, f"approved: MAE {mae:.6g}, and {group} has no approved package yet (MAE none)")
+    name = f"{group}/{current.get('ModelPackageVersion', current['ModelPackageArn'])}"
+    recorded = current.get("CustomerMetadataProperties") or {}
+    if "mae" not in recorded:
+        return Decision(False, f"not approved: MAE {mae:.6g}, but approved {name} records no MAE to compare with")
+    old = float(recorded["mae"])
+    if recorded.get(EVAL_SET) != new[EVAL_SET]:
+        return Decision(False, f"not approved: MAE {mae:.6g} vs {old:.6g} of approved {name}, but on another "
+                               f"evaluation set ({new[EVAL_SET][:19]} vs {recorded.get(EVAL_SET, 'none')[:19]})")
+    if mae < old:
+        return Decision(True, f"approved: MAE {mae:.6g} < {old:.6g} of approved {name} (same evaluation set)")
+    return Decision(False, f"not approved: MAE {mae:.6g} >= {old:.6g} of approved {name} (same evaluation set)")
+
+
+def approve(sm, arn: str, properties: dict[str, str], description: str) -> None:
+    """Set package ``arn`` to Approved with ``description`` (the decision's line).
+
+    Its ``CustomerMetadataProperties`` are sent again unchanged: SageMaker merges an update's
+    properties into the package's, and a server that replaces them instead (moto 5.2) keeps them.
+    """
+    sm.update_model_package(ModelPackageArn=arn, ModelApprovalStatus=APPROVED, ApprovalDescription=description[:1024],
+                            CustomerMetadataProperties=properties)
