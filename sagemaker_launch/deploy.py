@@ -36,6 +36,7 @@ from omegaconf import DictConfig
 
 from bincount.config import compose
 from sagemaker_launch import cost
+from sagemaker_launch.models import create_model, job_model_data
 from sagemaker_launch.payload import max_request_bytes, request_body, split_requests
 from sagemaker_launch.session import console_url
 
@@ -92,10 +93,7 @@ def model_data_of(cfg: DictConfig, session) -> str:
         raise ValueError("give exactly one of model_data=s3://.../model.tar.gz and job=<training job name>")
     if cfg.model_data:
         return str(cfg.model_data)
-    from sagemaker.core.resources import TrainingJob
-
-    job = TrainingJob.get(training_job_name=cfg.job, session=session, region=cfg.region)
-    return job.model_artifacts.s3_model_artifacts
+    return job_model_data(cfg.job, session, cfg.region)
 
 
 # names of what one deploy makes: sagemaker.core.common_utils.name_from_base's timestamp
@@ -179,8 +177,8 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
             InService (it cannot be updated), or see :func:`model_data_of` and :func:`endpoint_name`.
     """
     from sagemaker.core.common_utils import name_from_base
-    from sagemaker.core.resources import Endpoint, EndpointConfig, Model
-    from sagemaker.core.shapes import ContainerDefinition, ProductionVariant
+    from sagemaker.core.resources import Endpoint, EndpointConfig
+    from sagemaker.core.shapes import ProductionVariant
 
     if not cfg.role:
         raise ValueError("the model needs an execution role: role=arn:aws:iam::ACCOUNT:role/NAME or $SAGEMAKER_ROLE")
@@ -192,11 +190,7 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
         raise ValueError(f"endpoint {name} is {endpoint.endpoint_status}: it can be updated only when InService "
                          f"(wait for it, or delete it: python -m sagemaker_launch.deploy delete endpoint={name})")
     resource = name_from_base(name)  # unique: the endpoint's current model and config are still in use
-    environment = {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
-                   "SAGEMAKER_REGION": str(cfg.region), "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
-                   **{str(k): str(v) for k, v in (cfg.environment or {}).items()}}
-    Model.create(model_name=resource, execution_role_arn=cfg.role, session=session, region=cfg.region,
-                 primary_container=ContainerDefinition(image=image, model_data_url=model_data, environment=environment))
+    create_model(resource, cfg, session, model_data=model_data, image=image, environment=cfg.environment)
     EndpointConfig.create(endpoint_config_name=resource, session=session, region=cfg.region, production_variants=[
         ProductionVariant(variant_name="AllTraffic", model_name=resource, instance_type=cfg.instance_type,
                           initial_instance_count=int(cfg.instance_count))])
