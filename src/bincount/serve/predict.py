@@ -192,6 +192,26 @@ def collate_photos(batch: list[tuple[torch.Tensor | None, int, str]]) -> dict:
     }
 
 
+def check_csv_path(out: str | Path) -> Path:
+    """``out`` as a path a CSV can be written to (its folder may not exist yet).
+
+    Raises:
+        ValueError: If ``out`` is a folder, or its parent is a file.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: name the CSV file to write")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"--out {out}: {out.parent} is a file, not a folder")
+    return out
+
+
+def progress_bar(show: bool = True) -> Progress:
+    """A rich progress bar: done/total, elapsed and remaining time (``show=False``: silent)."""
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not show)
+
+
 def predict(model_dir: str | Path, inputs: Sequence[str], out: str | Path, *, labels: str | Path | None = None,
             batch_size: int = 32, num_workers: int = 2, review_threshold: float | None = None,
             limits: Limits | None = None, device: str | None = None, progress: bool = True) -> dict:
@@ -219,20 +239,14 @@ def predict(model_dir: str | Path, inputs: Sequence[str], out: str | Path, *, la
         bincount.data.abid.LabelError: ``labels`` lacks the needed columns.
         OSError: ``out`` cannot be written (read-only or full disk); an existing ``out`` is kept.
     """
-    out = Path(out)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder: name the CSV file to write")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise ValueError(f"--out {out}: {out.parent} is a file, not a folder")
+    out = check_csv_path(out)
     model = CountingModel.load(model_dir, review_threshold=review_threshold, limits=limits, device=device)
     sources = find_photos(inputs)
     expected = read_labels_csv(Path(labels)) if labels else {}
     loader = DataLoader(PhotoDataset(sources, model.preset, model.limits), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate_photos)
     out.parent.mkdir(parents=True, exist_ok=True)
-    bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress)
-    with atomic_write(out, newline="") as f, bar:  # an existing --out stays whole until this one is
+    with atomic_write(out, newline="") as f, progress_bar(progress) as bar:  # an existing --out stays whole until this one is
         failed, verdicts = _write_rows(f, loader, sources, expected, model, bar)
     return {"photos": len(sources), "failed": failed, "verdicts": dict(verdicts), "out": str(out)}
 
