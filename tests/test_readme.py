@@ -317,7 +317,7 @@ def run_help(argv: list[str]) -> str:
 
 def check_sagemaker(module: str, args: list[str], tmp_path: Path, monkeypatch) -> None:
     """``--help`` exits 0; the module's own parsing and composition accept ``args``."""
-    from sagemaker_launch import deploy, launch, plan, tune
+    from sagemaker_launch import deploy, launch, plan, transform, tune
 
     run_help([sys.executable, "-m", f"sagemaker_launch.{module}", "--help"])
     if module in ("launch", "tune"):
@@ -336,6 +336,9 @@ def check_sagemaker(module: str, args: list[str], tmp_path: Path, monkeypatch) -
                 (tmp_path / arg).write_bytes(b"")
         _, overrides, _ = deploy.parse_argv(args)
         compose("deploy", overrides)
+    elif module == "transform":
+        _, overrides = transform.parse_argv(args)
+        transform.check_config(compose("transform", overrides))
     else:
         raise AssertionError(f"sagemaker_launch.{module}: no check for this module")
 
@@ -343,7 +346,7 @@ def check_sagemaker(module: str, args: list[str], tmp_path: Path, monkeypatch) -
 def check_bincount(args: list[str]) -> None:
     from bincount.cli import build_parser
 
-    command = args[:2] if args[0] == "data" else args[:1]
+    command = args[:2] if args[0] in ("data", "transform") else args[:1]
     run_help([str(BIN / "bincount"), *command, "--help"])
     build_parser().parse_args(args)  # SystemExit on an unknown option or a missing argument
 
