@@ -68,10 +68,14 @@ def check_config(cfg: DictConfig) -> None:
     """Refuse what SageMaker would refuse, before anything is created.
 
     Raises:
-        ValueError: No ``input`` or ``output``; a prefix that is not ``s3://``; fewer
-            than one instance or request per instance; ``max_payload_mb`` outside 1..100 or, times
-            ``max_concurrent_transforms``, over :data:`MAX_PAYLOAD_MB`.
+        ValueError: Not exactly one of ``job``, ``model_package`` and ``model_data``; no ``input`` or
+            ``output``; a prefix that is not ``s3://``; fewer than one instance or request per
+            instance; ``max_payload_mb`` outside 1..100 or, times ``max_concurrent_transforms``, over
+            :data:`MAX_PAYLOAD_MB`.
     """
+    if sum(bool(cfg[k]) for k in MODEL_SOURCES) != 1:
+        raise ValueError("give exactly one of job=<training job name>, model_package=<model package ARN> and "
+                         "model_data=s3://.../model.tar.gz")
     missing = [k for k in ("input", "output") if not cfg[k]]
     if missing:
         raise ValueError(f"transform needs {', '.join(f'{k}=' for k in missing)} (see conf/transform.yaml)")
@@ -114,14 +118,7 @@ class Transform:
 
 
 def make_model(name: str, cfg: DictConfig, session, *, dry_run: bool) -> None:
-    """CreateModel ``name`` from ``cfg.job``, ``cfg.model_package`` or ``cfg.model_data``.
-
-    Raises:
-        ValueError: Not exactly one of them is set.
-    """
-    if sum(bool(cfg[k]) for k in MODEL_SOURCES) != 1:
-        raise ValueError("give exactly one of job=<training job name>, model_package=<model package ARN> and "
-                         "model_data=s3://.../model.tar.gz")
+    """CreateModel ``name`` from ``cfg.job``, ``cfg.model_package`` or ``cfg.model_data`` (:func:`check_config`)."""
     if cfg.model_package:
         return create_model(name, cfg, session, model_package=str(cfg.model_package))
     if dry_run and cfg.job:  # nothing is asked in a dry run: where the job's model.tar.gz is stays unknown
