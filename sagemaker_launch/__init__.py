@@ -3,15 +3,18 @@
 Commands (``python -m sagemaker_launch.<name>``): ``launch`` (compose the training config here, then
 start a training job), ``tune`` (a hyperparameter tuning job over an ``hparams_search`` space),
 ``deploy`` (model, endpoint config, endpoint; invoke; delete), ``register`` (a model package with
-the run's held-out metrics, approved if better) and ``cost`` (instance-hours x price). The Hydra
-launcher ``hydra/launcher=sagemaker`` (``hydra_plugins``) runs a multirun's jobs through ``launch``.
+the run's held-out metrics, approved if better), ``transform`` (a Batch Transform job counting every
+photo under an S3 prefix) and ``cost`` (instance-hours x price). The Hydra launcher
+``hydra/launcher=sagemaker`` (``hydra_plugins``) runs a multirun's jobs through ``launch``.
 
 Their parts: ``plan`` (the job's decisions from the config, nothing sent), ``hyperparameters``
 (Hydra overrides <-> SageMaker hyperparameters, both ways), ``session`` (the boto3/SDK session,
 recorded in dry runs), ``source`` (the wheel and scripts a job runs), ``export`` (``model.tar.gz``
-for the PyTorch serving image), ``registry`` (model package groups, packages, approval), ``payload``
-(invoke bodies that fit the endpoint's limit). On the container side, ``container_init.sh`` is PID 1
-and ``entry`` decodes the hyperparameters and runs ``train(cfg)``.
+for the PyTorch serving image), ``models`` (the serving image, and CreateModel from a job, a
+``model.tar.gz`` or a model package, for deploy and transform), ``registry`` (model package groups,
+packages, approval, the latest approved package), ``payload`` (invoke bodies that fit the endpoint's
+limit). On the container side, ``container_init.sh`` is PID 1 and ``entry`` decodes the
+hyperparameters and runs ``train(cfg)``.
 """
 
 from __future__ import annotations

@@ -37,10 +37,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from bincount.config import compose
-from sagemaker_launch import cost
-from sagemaker_launch.export import serving_environment
+from sagemaker_launch import cost, models
 from sagemaker_launch.payload import max_request_bytes, request_body, split_requests
-from sagemaker_launch.registry import deployable_package
 from sagemaker_launch.session import console_url
 
 log = logging.getLogger("sagemaker_launch")
@@ -70,36 +68,7 @@ def parse_argv(argv: list[str]) -> tuple[str, list[str], list[str]]:
     return command, overrides, photos
 
 
-def boto_session(cfg: DictConfig):
-    import boto3
-
-    return boto3.Session(region_name=cfg.region)
-
-
-def inference_image(cfg: DictConfig) -> str:
-    """``image_uri``, else the AWS PyTorch inference image for the instance type."""
-    if cfg.image_uri:
-        return str(cfg.image_uri)
-    from sagemaker.core import image_uris
-
-    return image_uris.retrieve("pytorch", cfg.region, version=str(cfg.framework_version), py_version=cfg.py_version,
-                               instance_type=cfg.instance_type, image_scope="inference")
-
-
-def model_data_of(cfg: DictConfig, session) -> str:
-    """The ``model.tar.gz`` to deploy: ``model_data``, or the training job ``job``'s artifact.
-
-    Raises:
-        ValueError: If not exactly one of ``model_data``, ``job`` and ``package_group`` is set.
-    """
-    if sum(map(bool, (cfg.model_data, cfg.job, cfg.get("package_group")))) != 1:
-        raise ValueError("give exactly one of model_data=s3://.../model.tar.gz, job=JOB and package_group=GROUP")
-    if cfg.model_data:
-        return str(cfg.model_data)
-    from sagemaker.core.resources import TrainingJob
-
-    job = TrainingJob.get(training_job_name=cfg.job, session=session, region=cfg.region)
-    return job.model_artifacts.s3_model_artifacts
+SOURCES = ("model_data", "job", "package_group")  # what deploy takes of models.MODEL_SOURCES
 
 
 # names of what one deploy makes: sagemaker.core.common_utils.name_from_base's timestamp
@@ -180,31 +149,23 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
 
     Raises:
         ValueError: No role (``role=`` or ``$SAGEMAKER_ROLE``), an existing endpoint that is not
-            InService (it cannot be updated), or see :func:`model_data_of` and :func:`endpoint_name`.
+            InService (it cannot be updated), or see :func:`sagemaker_launch.models.model_source` and
+            :func:`endpoint_name`.
     """
     from sagemaker.core.common_utils import name_from_base
-    from sagemaker.core.resources import Endpoint, EndpointConfig, Model
-    from sagemaker.core.shapes import ContainerDefinition, ProductionVariant
+    from sagemaker.core.resources import Endpoint, EndpointConfig
+    from sagemaker.core.shapes import ProductionVariant
 
-    if not cfg.role:
-        raise ValueError("the model needs an execution role: role=arn:aws:iam::ACCOUNT:role/NAME or $SAGEMAKER_ROLE")
     name = endpoint_name(cfg)
-    session = boto_session(cfg)
-    extra = {str(k): str(v) for k, v in (cfg.environment or {}).items()}
-    if cfg.package_group and not (cfg.model_data or cfg.job):  # the package has image, model.tar.gz, environment
-        package, image, model_data = deployable_package(session, cfg.package_group)
-        container = ContainerDefinition(model_package_name=package, environment=extra or None)
-    else:
-        model_data, image = model_data_of(cfg, session), inference_image(cfg)
-        container = ContainerDefinition(image=image, model_data_url=model_data,
-                                        environment=serving_environment(cfg.region, extra))
+    session = models.boto_session(cfg)
+    source = models.model_source(cfg, session, SOURCES)
+    model_data, image = source.model_data, source.image
     endpoint = find_endpoint(name, session, cfg.region)
     if endpoint is not None and endpoint.endpoint_status != "InService":
         raise ValueError(f"endpoint {name} is {endpoint.endpoint_status}: it can be updated only when InService "
                          f"(wait for it, or delete it: python -m sagemaker_launch.deploy delete endpoint={name})")
     resource = name_from_base(name)  # unique: the endpoint's current model and config are still in use
-    Model.create(model_name=resource, execution_role_arn=cfg.role, session=session, region=cfg.region,
-                 primary_container=container)
+    models.create_model(resource, cfg, session, source, cfg.environment)
     EndpointConfig.create(endpoint_config_name=resource, session=session, region=cfg.region, production_variants=[
         ProductionVariant(variant_name="AllTraffic", model_name=resource, instance_type=cfg.instance_type,
                           initial_instance_count=int(cfg.instance_count))])
@@ -262,7 +223,7 @@ def invoke_endpoint(cfg: DictConfig, photos: list[str]) -> dict[str, Any]:
     if len(groups) > 1:
         log.info("%d photos in %d requests (InvokeEndpoint takes at most %d bytes, the handler %d photos)",
                  len(photos), len(groups), max_request_bytes(), cfg.max_photos_per_request)
-    session = boto_session(cfg)
+    session = models.boto_session(cfg)
     endpoint = Endpoint.get(endpoint_name=cfg.endpoint, session=session, region=cfg.region)
     predictions = []
     for group in groups:
@@ -296,7 +257,7 @@ def delete_endpoint(cfg: DictConfig) -> list[str]:
 
     if not cfg.endpoint:
         raise ValueError("delete needs endpoint=NAME")
-    name, session, region = str(cfg.endpoint), boto_session(cfg), cfg.region
+    name, session, region = str(cfg.endpoint), models.boto_session(cfg), cfg.region
     ours = deployed_under(name)
     endpoint = find_endpoint(name, session, region)
     configs = sorted({c.endpoint_config_name for c in EndpointConfig.get_all(name_contains=name, session=session,
@@ -304,10 +265,10 @@ def delete_endpoint(cfg: DictConfig) -> list[str]:
                       if ours.fullmatch(c.endpoint_config_name)}
                      | ({endpoint.endpoint_config_name} if endpoint is not None else set()))
     configs = [EndpointConfig.get(endpoint_config_name=c, session=session, region=region) for c in configs]
-    models = sorted({v.model_name for c in configs for v in c.production_variants}
-                    | {m.model_name for m in Model.get_all(name_contains=name, session=session, region=region)
-                       if ours.fullmatch(m.model_name)})
-    if endpoint is None and not configs and not models:
+    model_names = sorted({v.model_name for c in configs for v in c.production_variants}
+                         | {m.model_name for m in Model.get_all(name_contains=name, session=session, region=region)
+                            if ours.fullmatch(m.model_name)})
+    if endpoint is None and not configs and not model_names:
         raise ValueError(f"nothing to delete: no endpoint, endpoint config or model named {name}")
     deleted = []
     if endpoint is not None:
@@ -316,7 +277,7 @@ def delete_endpoint(cfg: DictConfig) -> list[str]:
     for config in configs:
         config.delete()
         deleted.append(f"endpoint config {config.endpoint_config_name}")
-    for model in models:
+    for model in model_names:
         Model.get(model_name=model, session=session, region=region).delete()
         deleted.append(f"model {model}")
     print("deleted " + ", ".join(deleted))

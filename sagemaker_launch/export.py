@@ -1,7 +1,7 @@
 """A training job's ``model.tar.gz``: the exported model plus ``code/`` for SageMaker's PyTorch serving image.
 
 The container entry (:mod:`sagemaker_launch.entry`) calls :func:`export_model` on global rank 0
-after training; ``python -m sagemaker_launch.deploy`` serves what it wrote (with :func:`serving_environment`).
+after training; ``python -m sagemaker_launch.deploy`` serves what it wrote.
 """
 
 from __future__ import annotations
@@ -23,13 +23,6 @@ INFERENCE_SHIM = '''"""SageMaker PyTorch serving entry (written by sagemaker_lau
 
 from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn  # noqa: F401
 '''
-
-
-def serving_environment(region: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The serving image's environment for a model.tar.gz of :func:`export_model`: run ``code/inference.py``
-    (bincount's handler), in ``region``, plus ``extra`` (e.g. ``BINCOUNT_REVIEW_THRESHOLD``)."""
-    return {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
-            "SAGEMAKER_REGION": str(region), "SAGEMAKER_CONTAINER_LOG_LEVEL": "20", **(extra or {})}
 
 
 def serving_requirements() -> str:

@@ -8,9 +8,10 @@ Usage:
 
 ``key=value`` arguments are overrides of ``conf/register.yaml``. Registering creates model
 package group ``group`` if it is missing, then a model package in it, ``PendingManualApproval``:
-the serving container exactly as ``python -m sagemaker_launch.deploy`` would create it (the AWS
-PyTorch inference image of ``conf/serving_image``, the ``model.tar.gz`` of ``job`` or
-``model_data``, bincount's handler), so ``deploy package_group=GROUP`` serves it the same way.
+the serving container exactly as ``python -m sagemaker_launch.deploy`` would create it
+(:func:`sagemaker_launch.models.serving_container`: the AWS PyTorch inference image of
+``conf/serving_image``, the ``model.tar.gz`` of ``job`` or ``model_data``, bincount's handler), so
+``deploy package_group=GROUP`` (and ``transform package_group=GROUP``) serves it the same way.
 
 The package records the run's held-out (test split) report, ``metrics.json``: for a training
 job, from its ``output.tar.gz`` (beside its ``model.tar.gz``: the run folder the entry wrote);
@@ -43,8 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 import bincount
 from bincount.config import compose
 from bincount.models.card import ModelCard
-from sagemaker_launch import deploy, registry
-from sagemaker_launch.export import serving_environment
+from sagemaker_launch import models, registry
 
 log = logging.getLogger("sagemaker_launch")
 
@@ -213,8 +213,9 @@ def register(cfg: DictConfig) -> Registration:
     if not (cfg.job and not cfg.model_dir and not cfg.model_data or cfg.model_dir and cfg.model_data and not cfg.job):
         raise ValueError("give job=<training job name>, or model_dir=<the run's model folder> with "
                          "model_data=s3://.../model.tar.gz (the same model, uploaded)")
-    session = deploy.boto_session(cfg)
-    model_data = deploy.model_data_of(cfg, session)
+    session = models.boto_session(cfg)
+    served = models.model_source(cfg, session, ("model_data", "job"))
+    model_data = served.model_data
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.job:
             run_dir = fetch_job_run(model_data.rsplit("/", 1)[0] + "/output.tar.gz", session, Path(tmp))
@@ -225,8 +226,7 @@ def register(cfg: DictConfig) -> Registration:
     properties = metadata_properties(evaluation)
     sm = session.client("sagemaker")
     registry.ensure_group(sm, cfg.group, "bincount: models counting the objects in Amazon Bin Image Dataset photos")
-    container = {"Image": deploy.inference_image(cfg), "ModelDataUrl": model_data,
-                 "Environment": serving_environment(cfg.region, {str(k): str(v) for k, v in cfg.environment.items()})}
+    container = models.package_container(cfg, served, cfg.environment)
     m = evaluation.metrics
     description = cfg.description or (f"{source}: test MAE {m['mae']:.4f}, acc {m['acc']:.4f} on {m['n']} photos")
     current = registry.latest_approved(sm, cfg.group) if cfg.approve_if_better else None

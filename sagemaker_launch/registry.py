@@ -1,4 +1,4 @@
-"""The SageMaker Model Registry side of ``register`` and ``deploy package_group=``: model package
+"""The SageMaker Model Registry side of ``register`` and ``deploy``/``transform package_group=``: model package
 groups, model packages (versions) with their held-out metrics, approval, and the latest approved one.
 
 A package's ``CustomerMetadataProperties`` carry the numbers the approval rule compares
@@ -60,7 +60,7 @@ def latest_approved(sm, group: str) -> dict[str, Any] | None:
 
 
 def deployable_package(session, group: str) -> tuple[str, str, str]:
-    """The latest approved package of ``group``, for ``deploy package_group=``.
+    """The latest approved package of ``group``, for ``package_group=`` (:func:`sagemaker_launch.models.model_source`).
 
     Args:
         session: A ``boto3.Session``.

@@ -20,16 +20,17 @@ from omegaconf import DictConfig
 
 log = logging.getLogger("sagemaker_launch")
 
-CONSOLE_PAGES = {"training": "jobs", "tuning": "hyper-tuning-jobs", "endpoint": "endpoints"}
+CONSOLE_PAGES = {"training": "jobs", "tuning": "hyper-tuning-jobs", "endpoint": "endpoints",
+                 "transform": "transform-jobs"}
 
 
 def console_url(region: str, name: str, kind: str = "training") -> str:
-    """The SageMaker console page of a training job, tuning job or endpoint.
+    """The SageMaker console page of a training job, tuning job, endpoint or transform job.
 
     Args:
         region: e.g. ``us-east-1``.
         name: The job's or endpoint's name.
-        kind: ``training``, ``tuning`` or ``endpoint``.
+        kind: ``training``, ``tuning``, ``endpoint`` or ``transform``.
     """
     return f"https://{region}.console.aws.amazon.com/sagemaker/home?region={region}#/{CONSOLE_PAGES[kind]}/{name}"
 

@@ -349,7 +349,7 @@ def patched_path(entry: str):
 
 def check_sagemaker(module: str, args: list[str], tmp_path: Path, monkeypatch, capsys) -> None:
     """``--help`` exits 0; the module's own parsing and composition accept ``args``."""
-    from sagemaker_launch import deploy, launch, plan, register, tune
+    from sagemaker_launch import deploy, launch, plan, register, transform, tune
 
     run_help(f"sagemaker_launch.{module}", [], capsys)
     if module in ("launch", "tune"):
@@ -370,6 +370,9 @@ def check_sagemaker(module: str, args: list[str], tmp_path: Path, monkeypatch, c
         compose("deploy", overrides)
     elif module == "register":
         compose("register", register.parse_argv(args))
+    elif module == "transform":
+        _, overrides = transform.parse_argv(args)
+        transform.check_config(compose("transform", overrides))
     else:
         raise AssertionError(f"sagemaker_launch.{module}: no check for this module")
 
@@ -377,7 +380,7 @@ def check_sagemaker(module: str, args: list[str], tmp_path: Path, monkeypatch, c
 def check_bincount(args: list[str], capsys) -> None:
     from bincount.cli import build_parser
 
-    command = args[:2] if args[0] == "data" else args[:1]
+    command = args[:2] if args[0] in ("data", "transform") else args[:1]
     run_help("bincount", command, capsys)
     build_parser().parse_args(args)  # SystemExit on an unknown option or a missing argument
 

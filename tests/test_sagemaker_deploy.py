@@ -18,7 +18,7 @@ from bincount.config import compose
 from bincount.models.backbones import build_backbone
 from bincount.models.card import EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
-from sagemaker_launch import deploy, payload
+from sagemaker_launch import deploy, models, payload
 from sagemaker_launch.export import export_model
 from tests.fakes import write_bin_photo
 from tests.moto_server import BUCKET, ROLE, aws, moto_server, with_moto_fixes  # noqa: F401  (fixtures)
@@ -91,7 +91,7 @@ def deployable(aws, model_tar_gz, monkeypatch) -> str:
     """model.tar.gz in moto's S3, as a training job left it; the SDK tolerating moto's answers."""
     import boto3
 
-    monkeypatch.setattr(deploy, "boto_session", with_moto_fixes(deploy.boto_session))  # moto's VpcConfig: {}, ...
+    monkeypatch.setattr(models, "boto_session", with_moto_fixes(models.boto_session))  # moto's VpcConfig: {}, ...
     boto3.client("s3").put_object(Bucket=BUCKET, Key="bincount/job-1/output/model.tar.gz", Body=model_tar_gz.read_bytes())
     aws.post("/moto-api/recorder/reset-recording")  # record from here
     return f"s3://{BUCKET}/bincount/job-1/output/model.tar.gz"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sagemaker_launch import deploy, register
+from sagemaker_launch import deploy, models, register, transform
 from tests.fakes import write_run_report
 from tests.moto_server import BUCKET, ROLE, aws, moto_server, with_moto_fixes  # noqa: F401  (fixtures)
 
@@ -35,7 +35,7 @@ def sm(aws, monkeypatch):
     """The SDK sessions of deploy and register on moto (requests checked); a boto3 client to read back with."""
     import boto3
 
-    monkeypatch.setattr(deploy, "boto_session", with_moto_fixes(deploy.boto_session))
+    monkeypatch.setattr(models, "boto_session", with_moto_fixes(models.boto_session))
     return boto3.client("sagemaker")
 
 
@@ -165,6 +165,9 @@ def test_deploy_from_a_group_serves_its_latest_approved_package(sm, aws, runs):
     assert aws.calls("CreateModel")[1]["PrimaryContainer"] == {"ModelPackageName": arns[3],
                                                                "Environment": {"BINCOUNT_REVIEW_THRESHOLD": "0.9"}}
     assert aws.calls("UpdateEndpoint") == [{"EndpointName": "bincount-test", "EndpointConfigName": again.model}]
+    # a Batch Transform job from the group runs the same package
+    job = transform.main([f"package_group={GROUP}", f"input=s3://{BUCKET}/in/", f"output=s3://{BUCKET}/out/"])
+    assert sm.describe_model(ModelName=job.job_name)["PrimaryContainer"] == {"ModelPackageName": arns[3]}
 
     with pytest.raises(ValueError, match="model package group empty-group has no approved package"):
         deploy.main(["package_group=empty-group", "endpoint=bincount-test"])

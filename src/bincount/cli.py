@@ -3,6 +3,8 @@
 Usage:
     bincount serve --model-dir outputs/RUN/model --port 8080
     bincount predict --model-dir outputs/RUN/model photos/ s3://BUCKET/bin-images/ --out predictions.csv
+    bincount transform collect s3://BUCKET/counts/ --input-prefix s3://BUCKET/bin-images/ --model-dir model/ \
+        --out counts.csv
 
 Each ``add_*_command(subparsers)`` adds its parser and sets ``func(args) -> int`` (the exit
 code); implementations are imported when their command runs, so ``bincount --help`` stays fast.
@@ -140,7 +142,52 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (add_serve_command, add_predict_command, add_data_command)
+def add_transform_command(subparsers) -> None:
+    """``bincount transform collect``: a Batch Transform job's answers to one CSV (:mod:`bincount.serve.collect`)."""
+    parser = subparsers.add_parser("transform", help="the answers of a SageMaker Batch Transform job")
+    commands = parser.add_subparsers(dest="transform_command", required=True)
+    collect = commands.add_parser("collect", help="join every .out answer with its photo into predict's CSV",
+                                  description="Read every <path>.out under OUTPUT_PREFIX_OR_FOLDER (the answer to "
+                                              "the photo <input prefix><path>) and write one CSV row per photo, "
+                                              "with bincount predict's columns.")
+    collect.add_argument("outputs", metavar="OUTPUT_PREFIX_OR_FOLDER",
+                         help="the transform job's output prefix (s3://...) or a local copy of it")
+    collect.add_argument("--input-prefix", required=True,
+                         help="the job's input prefix (s3://...), or a local folder of the same photos")
+    collect.add_argument("--model-dir", required=True,
+                         help="the model the job ran (its exported model/ folder, or model.tar.gz unpacked)")
+    collect.add_argument("--out", required=True, help="CSV to write")
+    collect.add_argument("--labels", default=None,
+                         help="CSV with image_id,expected_quantity: adds the expected quantity and the verdict")
+    collect.add_argument("--review-threshold", type=float, default=None,
+                         help="calibrated confidence below which a verdict is 'review' (default: "
+                              "$BINCOUNT_REVIEW_THRESHOLD, else model_config.json's)")
+    collect.add_argument("--no-progress", action="store_true", help="no progress bar")
+    collect.set_defaults(func=_run_transform_collect)
+
+
+def _run_transform_collect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from bincount.data.s3 import S3Error
+    from bincount.serve.collect import collect
+    from bincount.serve.settings import Settings
+
+    try:
+        threshold = Settings.from_env().override(review_threshold=args.review_threshold).review_threshold
+        summary = collect(args.outputs, args.input_prefix, args.out, model_dir=args.model_dir, labels=args.labels,
+                          review_threshold=threshold, progress=not args.no_progress)
+    except (OSError, ValueError, S3Error) as err:  # a malformed .out is a ValueError naming the file
+        print(error_line(err), file=sys.stderr)
+        return 2
+    verdicts = ", ".join(f"{n} {v}" for v, n in sorted(summary["verdicts"].items()))
+    unmatched = f"; {summary['unmatched']} answers of no photo there, left out" if summary["unmatched"] else ""
+    Console(stderr=True).print(f"{summary['photos']} photos -> {summary['out']} ({summary['failed']} without an answer"
+                               f"{'; ' + verdicts if verdicts else ''}{unmatched})")
+    return 0
+
+
+COMMANDS = (add_serve_command, add_predict_command, add_transform_command, add_data_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
 """Serving: the SageMaker inference handler (:mod:`.inference`), the HTTP app that runs it (:mod:`.app`),
-and batch prediction over files, folders and S3 prefixes (:mod:`.predict`).
+batch prediction over files, folders and S3 prefixes (:mod:`.predict`), and the CSV of a SageMaker
+Batch Transform job's answers (:mod:`.collect`).
 
 The handler's parts: :mod:`.settings` (limits, review threshold, environment), :mod:`.protocol`
 (content types, ``Accept``, custom attributes), :mod:`.schema` (the JSON body), :mod:`.images`

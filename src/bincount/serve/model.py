@@ -73,25 +73,33 @@ class CountingModel:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         net, card = load_model_dir(model_dir, map_location=device)
         net = with_tta(net, card.tta)
-        calibration = card.calibration
-        if review_threshold is None and calibration is not None:
-            review_threshold = calibration.review_threshold
-        if review_threshold is None:
-            log.warning("%s has no calibrated review threshold and none was given: every verdict will be "
-                        "'review' (retrain, or pass --review-threshold)", model_dir)
-            review_threshold = NEVER
         model = cls(
             net=net.to(device, memory_format=torch.channels_last).eval(),  # as in training; ~25% faster on CPU
             card=card,
             preset=card.preset.build(),
-            temperature=1.0 if calibration is None else calibration.temperature,
-            review_threshold=float(review_threshold),
+            temperature=1.0 if card.calibration is None else card.calibration.temperature,
+            review_threshold=review_threshold_of(card, review_threshold, where=model_dir),
             limits=limits or Limits(),
             device=device,
         )
         size = model.preset.image_size
         forward(model, torch.zeros(1, 3, size, size))  # first call allocates; keep that out of the first request
         return model
+
+
+def review_threshold_of(card: ModelCard, review_threshold: float | None = None, *,
+                        where: str | Path = "the model") -> float:
+    """The confidence below which verdicts are ``"review"``: ``review_threshold`` if given, else the
+    card's calibrated one, else :data:`~bincount.models.decoding.NEVER` (every verdict ``"review"``,
+    with a warning naming ``where``, the model folder).
+    """
+    if review_threshold is None and card.calibration is not None:
+        review_threshold = card.calibration.review_threshold
+    if review_threshold is None:
+        log.warning("%s has no calibrated review threshold and none was given: every verdict will be "
+                    "'review' (retrain, or pass --review-threshold)", where)
+        review_threshold = NEVER
+    return float(review_threshold)
 
 
 def preprocess(model: CountingModel, images: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from bincount.atomic import atomic_write
 from bincount.data.abid import read_labels_csv
 from bincount.data.transforms import CountingPresetEval
+from bincount.models.card import ModelCard
 from bincount.serve.errors import RequestError
 from bincount.serve.fetch import read_s3_object, s3_client
 from bincount.serve.images import decode_image_bytes
@@ -45,8 +46,9 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def list_s3_photos(uri: str) -> list[str]:
-    """The ``s3://`` URIs of the photos (by suffix) under an S3 prefix, sorted by key.
+def list_s3_objects(uri: str, suffixes: tuple[str, ...]) -> list[str]:
+    """The ``s3://`` URIs of the objects under an S3 prefix whose keys end with one of ``suffixes``
+    (any case), sorted by key.
 
     Raises:
         ValueError: If ``uri`` is not an S3 URI.
@@ -63,7 +65,17 @@ def list_s3_photos(uri: str) -> list[str]:
         keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
     except (ClientError, BotoCoreError) as err:
         raise explain(err, uri=uri) from None
-    return [f"s3://{bucket}/{key}" for key in sorted(keys) if key.lower().endswith(IMAGE_SUFFIXES)]
+    return [f"s3://{bucket}/{key}" for key in sorted(keys) if key.lower().endswith(suffixes)]
+
+
+def list_s3_photos(uri: str) -> list[str]:
+    """The ``s3://`` URIs of the photos (``.jpg``, ``.jpeg``, ``.png``) under an S3 prefix, sorted by key.
+
+    Raises:
+        ValueError: If ``uri`` is not an S3 URI.
+        bincount.data.s3.S3Error: If the prefix cannot be listed; the message says why.
+    """
+    return list_s3_objects(uri, IMAGE_SUFFIXES)
 
 
 def find_photos(inputs: Sequence[str]) -> list[str]:
@@ -98,6 +110,41 @@ def find_photos(inputs: Sequence[str]) -> list[str]:
 def image_id(source: str) -> str:
     """``"s3://b/bin-images/00523.jpg"`` or ``"dir/00523.jpg"`` -> ``"00523"``."""
     return Path(source.rsplit("/", 1)[-1]).stem
+
+
+def probability_columns(card: ModelCard) -> list[str]:
+    """``prob_<count>`` for ``count`` in ``min_count..max_count``."""
+    return [f"prob_{c}" for c in range(card.min_count, card.max_count + 1)]
+
+
+def csv_columns(card: ModelCard) -> list[str]:
+    """The CSV's header: ``source,image_id,count,confidence,prob_<count>...,expected_quantity,verdict,error``."""
+    return ["source", "image_id", "count", "confidence", *probability_columns(card), "expected_quantity", "verdict",
+            "error"]
+
+
+def prediction_row(source: str, prediction: dict, card: ModelCard) -> dict[str, object]:
+    """The CSV row of one answer.
+
+    Args:
+        source: The photo's path or ``s3://`` URI.
+        prediction: One answer of :func:`~bincount.serve.verdict.make_predictions` (the handler's
+            ``predictions[i]``): ``count``, ``probabilities`` (``C`` values), ``confidence``, and
+            with an expected quantity ``expected_quantity`` and ``verdict``.
+        card: The model's card (names the probability columns).
+
+    Returns:
+        Column -> value; probabilities and confidence with 5 decimals, no ``error``.
+    """
+    return {"source": source, "image_id": image_id(source), "count": prediction["count"],
+            "confidence": f"{prediction['confidence']:.5f}",
+            **{c: f"{p:.5f}" for c, p in zip(probability_columns(card), prediction["probabilities"])},
+            "expected_quantity": prediction.get("expected_quantity", ""), "verdict": prediction.get("verdict", "")}
+
+
+def error_row(source: str, error: str) -> dict[str, str]:
+    """The CSV row of a photo without an answer: only ``source``, ``image_id`` and ``error``."""
+    return {"source": source, "image_id": image_id(source), "error": error}
 
 
 class PhotoDataset(Dataset):
@@ -145,6 +192,26 @@ def collate_photos(batch: list[tuple[torch.Tensor | None, int, str]]) -> dict:
     }
 
 
+def check_csv_path(out: str | Path) -> Path:
+    """``out`` as a path a CSV can be written to (its folder may not exist yet).
+
+    Raises:
+        ValueError: If ``out`` is a folder, or its parent is a file.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: name the CSV file to write")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"--out {out}: {out.parent} is a file, not a folder")
+    return out
+
+
+def progress_bar(show: bool = True) -> Progress:
+    """A rich progress bar: done/total, elapsed and remaining time (``show=False``: silent)."""
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not show)
+
+
 def predict(model_dir: str | Path, inputs: Sequence[str], out: str | Path, *, labels: str | Path | None = None,
             batch_size: int = 32, num_workers: int = 2, review_threshold: float | None = None,
             limits: Limits | None = None, device: str | None = None, progress: bool = True) -> dict:
@@ -172,20 +239,14 @@ def predict(model_dir: str | Path, inputs: Sequence[str], out: str | Path, *, la
         bincount.data.abid.LabelError: ``labels`` lacks the needed columns.
         OSError: ``out`` cannot be written (read-only or full disk); an existing ``out`` is kept.
     """
-    out = Path(out)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder: name the CSV file to write")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise ValueError(f"--out {out}: {out.parent} is a file, not a folder")
+    out = check_csv_path(out)
     model = CountingModel.load(model_dir, review_threshold=review_threshold, limits=limits, device=device)
     sources = find_photos(inputs)
     expected = read_labels_csv(Path(labels)) if labels else {}
     loader = DataLoader(PhotoDataset(sources, model.preset, model.limits), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate_photos)
     out.parent.mkdir(parents=True, exist_ok=True)
-    bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress)
-    with atomic_write(out, newline="") as f, bar:  # an existing --out stays whole until this one is
+    with atomic_write(out, newline="") as f, progress_bar(progress) as bar:  # an existing --out stays whole until this one is
         failed, verdicts = _write_rows(f, loader, sources, expected, model, bar)
     return {"photos": len(sources), "failed": failed, "verdicts": dict(verdicts), "out": str(out)}
 
@@ -193,27 +254,20 @@ def predict(model_dir: str | Path, inputs: Sequence[str], out: str | Path, *, la
 def _write_rows(f, loader: DataLoader, sources: Sequence[str], expected: dict[str, int], model: CountingModel,
                 bar: Progress) -> tuple[int, Counter[str]]:
     """Count every batch of ``loader`` and write its rows to ``f``; returns (unreadable photos, verdicts)."""
-    counts = [f"prob_{c}" for c in range(model.min_count, model.max_count + 1)]
     verdicts: Counter[str] = Counter()
     failed = 0
-    writer = csv.DictWriter(f, ["source", "image_id", "count", "confidence", *counts, "expected_quantity",
-                                "verdict", "error"])
+    writer = csv.DictWriter(f, csv_columns(model.card))
     writer.writeheader()
     task = bar.add_task("counting", total=len(sources))
     for batch in loader:
-        rows = {i: {"source": sources[i], "image_id": image_id(sources[i]), "error": err}
-                for i, err in batch["failed"]}
+        rows = {i: error_row(sources[i], err) for i, err in batch["failed"]}
         failed += len(rows)
         if batch["images"] is not None:
             ids = [image_id(sources[i]) for i in batch["indices"]]
             preds = make_predictions(forward(model, batch["images"]), [expected.get(x) for x in ids], model)
-            for i, x, pred in zip(batch["indices"], ids, preds):
+            for i, pred in zip(batch["indices"], preds):
                 verdicts.update([pred["verdict"]] if "verdict" in pred else [])
-                rows[i] = {"source": sources[i], "image_id": x, "count": pred["count"],
-                           "confidence": f"{pred['confidence']:.5f}",
-                           **{c: f"{p:.5f}" for c, p in zip(counts, pred["probabilities"])},
-                           "expected_quantity": pred.get("expected_quantity", ""),
-                           "verdict": pred.get("verdict", "")}
+                rows[i] = prediction_row(sources[i], pred, model.card)
         writer.writerows(rows[i] for i in sorted(rows))
         bar.advance(task, len(rows))
     return failed, verdicts

@@ -6,11 +6,12 @@ from collections.abc import Sequence
 
 import torch
 
+from bincount.models.card import ModelCard
 from bincount.models.decoding import decode_counts
 from bincount.serve.model import CountingModel
 
 
-def verdict(count: int, confidence: float, expected: int, *, model: CountingModel) -> str:
+def verdict(count: int, confidence: float, expected: int, *, card: ModelCard, review_threshold: float) -> str:
     """``"match"``/``"mismatch"`` when the model is confident enough, else ``"review"``.
 
     An expected quantity outside ``min_count..max_count`` is always ``"review"``: the model
@@ -20,12 +21,13 @@ def verdict(count: int, confidence: float, expected: int, *, model: CountingMode
         count: The decoded count.
         confidence: Its calibrated probability, in ``[0, 1]``.
         expected: The quantity the bin should hold.
-        model: Gives the count range and the review threshold.
+        card: The model's card: gives the count range.
+        review_threshold: Confidences below it are ``"review"`` (:func:`~bincount.serve.model.review_threshold_of`).
 
     Returns:
         ``"match"``, ``"mismatch"`` or ``"review"``.
     """
-    if not model.min_count <= expected <= model.max_count or confidence < model.review_threshold:
+    if not card.min_count <= expected <= card.max_count or confidence < review_threshold:
         return "review"
     return "match" if count == expected else "mismatch"
 
@@ -49,6 +51,7 @@ def make_predictions(probs: torch.Tensor, expected: Sequence[int | None], model:
         pred = {"count": model.min_count + k, "probabilities": [round(x, 6) for x in p], "confidence": round(c, 6)}
         if e is not None:
             pred["expected_quantity"] = e
-            pred["verdict"] = verdict(model.min_count + k, c, e, model=model)
+            pred["verdict"] = verdict(model.min_count + k, c, e, card=model.card,
+                                      review_threshold=model.review_threshold)
         out.append(pred)
     return out

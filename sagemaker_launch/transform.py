@@ -1,0 +1,224 @@
+"""Count every photo under an S3 prefix with a SageMaker Batch Transform job running bincount's handler.
+
+Usage:
+    python -m sagemaker_launch.transform job=bincount-20261203024536 input=s3://BUCKET/bin-images/ output=s3://BUCKET/counts/
+    python -m sagemaker_launch.transform model_package=arn:aws:sagemaker:us-east-1:123456789012:model-package/bincount/3 \
+        input=s3://BUCKET/bin-images/ output=s3://BUCKET/counts/ instance_count=4 --dry-run
+    python -m sagemaker_launch.transform package_group=bincount-counting input=s3://BUCKET/bin-images/ \
+        output=s3://BUCKET/counts/
+    bincount transform collect s3://BUCKET/counts/ --input-prefix s3://BUCKET/bin-images/ --model-dir model/ \
+        --out counts.csv
+
+``key=value`` arguments are overrides of ``conf/transform.yaml`` (composed with Hydra, so a typo
+fails before anything is created). The command creates a model named like the job,
+``<base_job_name>-<timestamp>``, as ``deploy`` makes it (:mod:`sagemaker_launch.models`): a training
+job's (``job``) or any ``model.tar.gz`` (``model_data``) on the AWS PyTorch inference image of
+``conf/serving_image``, or a model package (``model_package``, or ``package_group``'s latest approved
+one); then a transform job on it (CreateTransformJob) that sends every object under ``input`` to the handler of
+:mod:`bincount.serve.inference` as one request: the whole object is one record (``SplitType``
+None, ``BatchStrategy`` SingleRecord), with ``Content-Type`` ``content_type`` and ``Accept``
+``application/json``. The handler answers ``{"predictions": [{"count": ..., "probabilities": [...],
+"confidence": ...}]}`` and Batch Transform writes it to ``<output><key under input>.out``, which is
+how ``bincount transform collect`` (:mod:`bincount.serve.collect`) joins every answer with its
+photo into one CSV.
+
+``instance_count`` instances share the objects out; each gets up to ``max_concurrent_transforms``
+requests at a time of at most ``max_payload_mb`` MB each (SageMaker allows at most
+:data:`MAX_PAYLOAD_MB` MB for one, and for the product of the two); the handler's photo limit
+``BINCOUNT_MAX_IMAGE_BYTES`` is set to the same size. ``--dry-run`` checks both requests against
+SageMaker's service model and prints them, sending nothing; ``--wait`` waits for the job to end.
+The model stays after the job (a model costs nothing; ``aws sagemaker delete-model`` removes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig
+
+from bincount.config import compose
+from sagemaker_launch import cost, models
+from sagemaker_launch.session import DryRun, RequestHook, console_url, describe_request, role_for
+
+log = logging.getLogger("sagemaker_launch")
+
+# SageMaker's limit for MaxPayloadInMB, and for MaxPayloadInMB x MaxConcurrentTransforms (CreateTransformJob's
+# documentation; the service model states no maximum, so the dry run's check cannot catch it)
+MAX_PAYLOAD_MB = 100
+SOURCES = ("job", "model_package", "model_data", "package_group")  # exactly one names the model (models.py)
+ACCEPT = "application/json"  # what the handler answers (bincount.serve.protocol)
+
+
+def folder(uri: str) -> str:
+    """An S3 prefix as a folder, ending in ``/`` (``s3://b/bin-images`` would also match ``bin-images-old/``).
+
+    Raises:
+        ValueError: If ``uri`` is not ``s3://bucket/...``.
+    """
+    if not re.fullmatch(r"s3://[^/]+(/.*)?", str(uri or "")):
+        raise ValueError(f"{uri!r} is not an S3 prefix: give s3://BUCKET/PREFIX/")
+    return str(uri).rstrip("/") + "/"
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse what SageMaker would refuse, before anything is created.
+
+    Raises:
+        ValueError: Not exactly one of :data:`SOURCES`; no ``input`` or
+            ``output``; a prefix that is not ``s3://``; fewer than one instance or request per
+            instance; ``max_payload_mb`` outside 1..100 or, times ``max_concurrent_transforms``, over
+            :data:`MAX_PAYLOAD_MB`.
+    """
+    models.source_key(cfg, SOURCES)
+    missing = [k for k in ("input", "output") if not cfg[k]]
+    if missing:
+        raise ValueError(f"transform needs {', '.join(f'{k}=' for k in missing)} (see conf/transform.yaml)")
+    folder(cfg.input), folder(cfg.output)
+    payload, concurrent = int(cfg.max_payload_mb), int(cfg.max_concurrent_transforms)
+    if int(cfg.instance_count) < 1 or concurrent < 1:
+        raise ValueError("instance_count and max_concurrent_transforms must be at least 1")
+    if not 1 <= payload <= MAX_PAYLOAD_MB:
+        raise ValueError(f"max_payload_mb={payload}: SageMaker takes 1 to {MAX_PAYLOAD_MB} MB")
+    if payload * concurrent > MAX_PAYLOAD_MB:
+        raise ValueError(f"max_concurrent_transforms={concurrent} x max_payload_mb={payload} = "
+                         f"{payload * concurrent} MB: SageMaker allows at most {MAX_PAYLOAD_MB} MB; lower one of them")
+
+
+def job_environment(cfg: DictConfig) -> dict[str, str]:
+    """The transform job's container environment: the handler's photo limit at ``max_payload_mb`` MiB,
+    then ``cfg.environment`` (which may override it)."""
+    return {"BINCOUNT_MAX_IMAGE_BYTES": str(int(cfg.max_payload_mb) * 2**20),
+            **{str(k): str(v) for k, v in (cfg.environment or {}).items()}}
+
+
+@dataclass
+class Transform:
+    """What :func:`create_transform` did.
+
+    Attributes:
+        job_name: The transform job's name (also its model's).
+        requests: ``CreateModel`` and ``CreateTransformJob`` parameters, as sent (or, in a dry run,
+            as they would have been).
+        dry_run: Nothing was sent.
+        status: The job's status when :func:`create_transform` returned (``""`` in a dry run).
+        failure_reason: Why it failed, if it did.
+    """
+
+    job_name: str
+    requests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dry_run: bool = False
+    status: str = ""
+    failure_reason: str = ""
+
+
+def create_transform(cfg: DictConfig, *, dry_run: bool = False, wait: bool = False) -> Transform:
+    """Create the model and the transform job of ``cfg`` (or, in a dry run, check and keep their requests).
+
+    Args:
+        cfg: ``conf/transform.yaml``.
+        dry_run: Send nothing (the role and a training job's model data may be placeholders).
+        wait: Wait until the job ends.
+
+    Returns:
+        What was created.
+
+    Raises:
+        ValueError: See :func:`check_config` and :func:`sagemaker_launch.models.model_source`; no role
+            (outside a dry run); a request SageMaker's service model refuses (in a dry run).
+    """
+    from sagemaker.core import shapes
+    from sagemaker.core.common_utils import name_from_base
+    from sagemaker.core.resources import TransformJob
+    from sagemaker.core.utils.exceptions import FailedStatusError
+
+    check_config(cfg)
+    cfg.role = role_for(cfg, dry_run)
+    session = models.boto_session(cfg)
+    hook = RequestHook(session, dry_run=dry_run)
+    name = name_from_base(str(cfg.base_job_name))
+    source = models.model_source(cfg, session, SOURCES, dry_run=dry_run)
+    try:
+        models.create_model(name, cfg, session, source)
+    except DryRun:
+        pass
+    try:
+        job = TransformJob.create(
+            transform_job_name=name, model_name=name, session=session, region=cfg.region,
+            transform_input=shapes.TransformInput(
+                data_source=shapes.TransformDataSource(s3_data_source=shapes.TransformS3DataSource(
+                    s3_data_type="S3Prefix", s3_uri=folder(cfg.input))),
+                content_type=str(cfg.content_type), split_type="None", compression_type="None"),
+            transform_output=shapes.TransformOutput(s3_output_path=folder(cfg.output), accept=ACCEPT,
+                                                    assemble_with="None"),
+            transform_resources=shapes.TransformResources(instance_type=cfg.instance_type,
+                                                          instance_count=int(cfg.instance_count)),
+            batch_strategy="SingleRecord", max_payload_in_mb=int(cfg.max_payload_mb),
+            max_concurrent_transforms=int(cfg.max_concurrent_transforms), environment=job_environment(cfg))
+    except DryRun:
+        return Transform(name, {op: sent[-1] for op, sent in hook.sent.items()}, dry_run=True)
+    print(f"transform job {name} ({cfg.instance_count} x {cfg.instance_type}): "
+          f"{source.model_package or source.model_data}\n"
+          f"  {folder(cfg.input)} -> {folder(cfg.output)}\n  {console_url(cfg.region, name, 'transform')}\n"
+          f"  {cost_text(cfg)}", flush=True)
+    if wait:
+        try:
+            job.wait()
+        except FailedStatusError:
+            pass  # reported by the status below
+    job.refresh()
+    reason = job.failure_reason if isinstance(job.failure_reason, str) else ""
+    return Transform(name, {op: sent[-1] for op, sent in hook.sent.items()}, False, str(job.transform_job_status),
+                     reason)
+
+
+def cost_text(cfg: DictConfig) -> str:
+    """What the instances cost per hour while the job runs (the price table's on-demand inference prices)."""
+    try:
+        line = cost.estimate(cfg.instance_type, cfg.instance_count, 1, table="hosting")
+    except KeyError as err:
+        return str(err.args[0])
+    return f"{cfg.instance_count} x {cfg.instance_type} cost about {line.on_demand_usd:.3f} USD per hour while it runs"
+
+
+def parse_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Split ``--dry-run``/``--wait`` from the Hydra overrides; ``--help`` prints the module docstring too."""
+    parser = argparse.ArgumentParser(prog="python -m sagemaker_launch.transform", epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="Hydra overrides of conf/transform.yaml, plus:")
+    parser.add_argument("--dry-run", action="store_true", help="check and print the requests, send nothing")
+    parser.add_argument("--wait", action="store_true", help="wait until the job has ended")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Transform:
+    """Compose, check, and create (or dry-run) one transform job; see the module docstring.
+
+    Raises:
+        SystemExit: 1 if ``--wait`` saw the job fail or stop.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    flags, overrides = parse_argv(list(sys.argv[1:] if argv is None else argv))
+    cfg = compose("transform", overrides)
+    made = create_transform(cfg, dry_run=flags.dry_run, wait=flags.wait)
+    if made.dry_run:
+        for operation, request in made.requests.items():
+            print(f"DRY RUN: {operation} {made.job_name} (not sent)\n{describe_request(request, [])}")
+        print(cost_text(cfg))
+        return made
+    if flags.wait and made.status != "Completed":
+        print(f"error: transform job {made.job_name} {made.status}: {made.failure_reason}", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"  status {made.status}; once Completed, one CSV of the counts: bincount transform collect "
+          f"{folder(cfg.output)} --input-prefix {folder(cfg.input)} --model-dir MODEL_DIR --out counts.csv")
+    return made
+
+
+if __name__ == "__main__":
+    from sagemaker_launch import run
+
+    run(main)
