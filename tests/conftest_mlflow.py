@@ -1,7 +1,8 @@
 """A real MLflow tracking server for tests: ``mlflow server`` on loopback, SQLite and a local artifact folder.
 
 Loaded as a pytest plugin from ``tests/conftest.py``. The server starts once per session, only
-when a test asks for ``mlflow_server``, on a free 127.0.0.1 port in its own temporary folder
+when a selected test asks for ``mlflow_server`` (launched when collection ends, waited for when
+the first such test starts), on a free 127.0.0.1 port in its own temporary folder
 (``--backend-store-uri sqlite:///...``, ``--artifacts-destination``: artifacts go through the
 server, as with a remote one), with MLflow's telemetry off, and is stopped by its pid at the end.
 ``mlflow_env`` keeps each test's tracking URI to itself.
@@ -10,9 +11,11 @@ server, as with a remote one), with MLflow's telemetry off, and is stopped by it
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +38,7 @@ class MlflowServer:
     uri: str
     process: subprocess.Popen
     log_path: Path
+    workdir: Path
 
     def log_tail(self, n: int = 40) -> str:
         lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
@@ -50,15 +54,9 @@ def healthy(uri: str) -> bool:
         return False
 
 
-def start_mlflow_server(workdir: Path) -> MlflowServer:
-    """Start ``mlflow server`` on a free loopback port with its store and artifacts in ``workdir``.
-
-    Returns once ``/health`` answers.
-
-    Raises:
-        RuntimeError: If the server exits or does not answer within ``READY_TIMEOUT_S`` seconds;
-            the message ends with the server's log.
-    """
+def launch_mlflow_server(workdir: Path) -> MlflowServer:
+    """Start ``mlflow server`` on a free loopback port with its store and artifacts in ``workdir``;
+    returns at once (:func:`wait_until_healthy` waits for it)."""
     port = free_port()
     args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
             "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
@@ -68,11 +66,20 @@ def start_mlflow_server(workdir: Path) -> MlflowServer:
     with open(log_path, "wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir,
                                    env=env, start_new_session=True)
-    server = MlflowServer(f"http://127.0.0.1:{port}", process, log_path)
+    return MlflowServer(f"http://127.0.0.1:{port}", process, log_path, workdir)
+
+
+def wait_until_healthy(server: MlflowServer) -> MlflowServer:
+    """Return once the server's ``/health`` answers.
+
+    Raises:
+        RuntimeError: If the server exits, or does not answer within ``READY_TIMEOUT_S`` seconds of
+            this call; the message ends with the server's log.
+    """
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not healthy(server.uri):
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{server.log_tail()}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {server.process.returncode}:\n{server.log_tail()}")
         if time.monotonic() > deadline:
             stop_mlflow_server(server)
             raise RuntimeError(f"mlflow server did not answer /health in {READY_TIMEOUT_S} s:\n{server.log_tail()}")
@@ -93,12 +100,27 @@ def stop_mlflow_server(server: MlflowServer) -> None:
         server.process.wait(timeout=10)
 
 
+SERVER = pytest.StashKey[MlflowServer]()
+
+
+def pytest_collection_finish(session) -> None:
+    """Launch the server as soon as the selected tests are known to need it, so that it boots
+    (mostly imports) while the tests before them run."""
+    if any("mlflow_server" in getattr(item, "fixturenames", ()) for item in session.items):
+        session.config.stash[SERVER] = launch_mlflow_server(Path(tempfile.mkdtemp(prefix="bincount-mlflow-")))
+
+
+def pytest_sessionfinish(session) -> None:
+    server = session.config.stash.get(SERVER, None)
+    if server is not None:
+        stop_mlflow_server(server)
+        shutil.rmtree(server.workdir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> MlflowServer:
-    """A running MLflow tracking server (see the module docstring)."""
-    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"))
-    yield server
-    stop_mlflow_server(server)
+def mlflow_server(pytestconfig) -> MlflowServer:
+    """The running MLflow tracking server (see the module docstring)."""
+    return wait_until_healthy(pytestconfig.stash[SERVER])
 
 
 @pytest.fixture

@@ -168,6 +168,10 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     from bincount.runs import OUTPUT_FILES, compare_runs
 
+    if args.tracking_uri:  # process-wide too: sagemaker-mlflow's request headers read it for an ARN
+        import mlflow
+
+        mlflow.set_tracking_uri(args.tracking_uri)
     try:
         comparison = compare_runs(args.out, tracking_uri=args.tracking_uri, experiment=args.experiment,
                                   filter_string=args.filter_string, max_runs=args.max_runs)
