@@ -96,14 +96,26 @@ def test_current_sweep_reads_the_multirun_job(tmp_path):
     assert current_sweep() is None  # outside @hydra.main
 
 
-def test_a_sagemaker_managed_mlflow_arn_resolves_to_the_plugin_store(mlflow_env):
-    """The ARN is taken by sagemaker-mlflow's tracking store (a REST store that signs its requests);
-    building the logger sends nothing."""
+def test_a_sagemaker_job_tracks_to_a_managed_mlflow_arn(mlflow_env):
+    """The launcher's plan: the job installs the track extra, and the container's config (composed
+    from the job's overrides, with the job's name in the environment) builds a logger whose store
+    is sagemaker-mlflow's (a REST store that signs its requests for the ARN). Nothing is sent."""
+    import importlib.metadata
+
     from sagemaker_mlflow.mlflow_sagemaker_store import MlflowSageMakerStore
 
+    from sagemaker_launch.plan import plan_training_job
+
     arn = "arn:aws:sagemaker:us-east-1:111122223333:mlflow-tracking-server/bincount"
-    cfg = compose("train", ["logger=mlflow", f"logger.mlflow.tracking_uri={arn}"])
-    logger = instantiate(cfg.logger.mlflow)
+    launch = ["+experiment=quickstart", "sagemaker=cpu", "sagemaker.inputs.train=s3://bucket/abid"]
+    job = plan_training_job(compose("launch", [*launch, "logger=mlflow", f"logger.mlflow.tracking_uri={arn}"]),
+                            [*launch, "logger=mlflow", f"logger.mlflow.tracking_uri={arn}"])
+    assert job.extras == ("track",) and "track" in importlib.metadata.metadata("bincount").get_all("Provides-Extra")
+    assert plan_training_job(compose("launch", launch), launch).extras == ()
+
+    mlflow_env.setenv("TRAINING_JOB_NAME", "bincount-2026-01-02-03-04-05-678")
+    logger = instantiate(compose("train", job.overrides).logger.mlflow)
+    assert logger._run_name == "bincount-2026-01-02-03-04-05-678"
     store = logger._mlflow_client._tracking_client.store  # what MLFlowLogger will send its requests to
     assert isinstance(store, MlflowSageMakerStore) and store.store_uri == arn
 
