@@ -11,6 +11,7 @@ and from the first comment lines of the config files (``# python train.py ...``)
   parsing and composition accept the line (``launch`` also plans the job, ``tune`` reads the
   search space);
 - ``bincount <command> ...``: ``--help`` of the (sub)command exits 0 and its parser accepts the line;
+- ``mlflow <command> ...``: ``--help`` of the command exits 0 and names every ``--option`` of the line;
 - ``python benchmarks/<script>.py``: ``--help`` exits 0 after the line's arguments, and every
   ``--option`` of the line is in that help;
 - ``python -m pytest -m EXPR``: every marker of EXPR is declared in pyproject.toml.
@@ -343,9 +344,16 @@ def check_sagemaker(module: str, args: list[str], tmp_path: Path, monkeypatch) -
 def check_bincount(args: list[str]) -> None:
     from bincount.cli import build_parser
 
-    command = args[:2] if args[0] == "data" else args[:1]
+    command = args[:2] if args[0] in ("data", "runs") else args[:1]
     run_help([str(BIN / "bincount"), *command, "--help"])
     build_parser().parse_args(args)  # SystemExit on an unknown option or a missing argument
+
+
+def check_mlflow(args: list[str]) -> None:
+    """``mlflow <command> --help`` exits 0 and names every ``--option`` of the line (``mlflow ui``)."""
+    text = run_help([str(BIN / "mlflow"), args[0], "--help"])
+    for option in (a.split("=")[0] for a in args[1:] if a.startswith("--")):
+        assert re.search(rf"{re.escape(option)}\b", text), f"mlflow {args[0]}: no option {option} in --help"
 
 
 def check_benchmark(script: str, args: list[str]) -> None:
@@ -366,6 +374,9 @@ def check_pytest(args: list[str]) -> None:
 
 
 def check_command(command: str, tmp_path: Path, monkeypatch) -> None:
+    # logger=mlflow: a store the logger would first reach when the run starts; the default, mlflow.db
+    # in the working folder, would be created in the repository as soon as the logger is built
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     argv = without_environment(shlex.split(command))
     if any(tuple(argv[: len(prefix)]) == prefix for prefix in NOT_CHECKED):
         return
@@ -384,6 +395,8 @@ def check_command(command: str, tmp_path: Path, monkeypatch) -> None:
         check_benchmark(args[0], args[1:])
     elif program == "bincount":
         check_bincount(args)
+    elif program == "mlflow":
+        check_mlflow(args)
     elif program == "bash":
         assert (REPO / args[0]).is_file(), f"{args[0]} does not exist"
     else:

@@ -2,7 +2,7 @@
 
 Usage:
     bincount runs compare --out comparison/
-    bincount runs compare --experiment bincount --filter "params.\\`trainer/max_epochs\\` = '22'" --out comparison/
+    bincount runs compare --experiment bincount --filter "params.seed = '42'" --out comparison/
 
 Reads the runs of one experiment (``mlflow.MlflowClient.search_runs``; the tracking URI is
 ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's default, ``mlflow.db`` in the
