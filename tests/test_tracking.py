@@ -191,14 +191,26 @@ def test_runs_compare_tabulates_the_params_that_differ_and_the_test_metrics(runs
     (["--experiment", "nope"], "error: no experiment 'nope' at sqlite:"),
     (["--filter", "params.`model/optimizer/lr` = '9'"], "error: no runs in experiment 'bincount' at sqlite:"),
     (["--filter", "params.lr ~ 1"], "error: "),
+    (["--tracking-uri", "sqlite:///nowhere/mlflow.db"], "error: no MLflow store at sqlite:///nowhere/mlflow.db: "),
 ])
 def test_runs_compare_fails_with_one_line(args, message, runs_store, mlflow_env, tmp_path, capsys):
     uri, _ = runs_store
     capsys.readouterr()
+    mlflow_env.chdir(tmp_path)  # sqlite:///nowhere/... is relative to it, and must stay absent
     assert main(["runs", "compare", "--tracking-uri", uri, *args, "--out", str(tmp_path / "cmp")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
-    assert not (tmp_path / "cmp").exists()
+    assert not (tmp_path / "cmp").exists() and not (tmp_path / "nowhere").exists()
+
+
+def test_runs_compare_into_a_file_is_one_error_line(runs_store, mlflow_env, tmp_path, capsys):
+    uri, _ = runs_store
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder\n")
+    capsys.readouterr()
+    assert main(["runs", "compare", "--tracking-uri", uri, "--out", str(taken)]) == 2
+    assert capsys.readouterr().err == f"error: {taken}: File exists\n"
+    assert taken.read_text() == "not a folder\n"
 
 
 def test_the_default_experiment_is_the_one_runs_are_logged_to():

@@ -164,6 +164,25 @@ def write_comparison(comparison: Comparison, out: Path) -> list[Path]:
     return [table_csv, table_md, curves_png]
 
 
+def existing_store(tracking_uri: str | None) -> str:
+    """``tracking_uri`` (``None``: MLflow's own, ``$MLFLOW_TRACKING_URI`` or ``mlflow.db`` here), checked
+    to exist when it is a SQLite file: MLflow would create an empty store to search in.
+
+    Raises:
+        ValueError: If it names a SQLite file that does not exist.
+    """
+    import mlflow
+    from sqlalchemy.engine import make_url
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:"):
+        database = make_url(uri).database
+        if database and database != ":memory:" and not Path(database).is_file():
+            raise ValueError(f"no MLflow store at {uri}: {database} does not exist (run train.py with logger=mlflow "
+                             "in this folder first, or pass --tracking-uri)")
+    return uri
+
+
 def compare_runs(out: str | Path, *, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
                  filter_string: str = "", max_runs: int = MAX_RUNS) -> Comparison:
     """:func:`compare` the runs at ``tracking_uri`` and :func:`write_comparison` them into ``out``.
@@ -174,12 +193,12 @@ def compare_runs(out: str | Path, *, tracking_uri: str | None = None, experiment
         experiment, filter_string, max_runs: See :func:`find_runs`.
 
     Raises:
-        ValueError: See :func:`find_runs`.
+        ValueError: See :func:`existing_store` and :func:`find_runs`.
         mlflow.exceptions.MlflowException: If the store cannot be reached or refuses the search.
         OSError: If a file cannot be written.
     """
     from mlflow import MlflowClient
 
-    comparison = compare(MlflowClient(tracking_uri), experiment, filter_string, max_runs)
+    comparison = compare(MlflowClient(existing_store(tracking_uri)), experiment, filter_string, max_runs)
     write_comparison(comparison, Path(out))
     return comparison
