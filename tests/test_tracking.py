@@ -23,6 +23,7 @@ from bincount.trainer import instantiate_trainer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PARENT_TAG = "mlflow.parentRunId"
+TEST_KEYS = ("test/acc", "test/obo_acc", "test/mae", "test/rmse")
 
 
 def the_run(client, out_dir: Path):
@@ -38,16 +39,20 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_sweep_trials_nest_under_one_parent_per_sweep_in_the_default_store(train_cfg, mlflow_env, tmp_path):
-    """Each trial's start() and log_outputs() as a multirun job calls them (without the training
-    between them), with no tracking URI set: two trials of one sweep and one of another go to
-    MLflow's default store, ``mlflow.db`` in the working folder, where ``mlflow ui`` looks."""
+def test_without_a_tracking_uri_runs_and_sweeps_go_to_mlflow_db_in_the_working_folder(train_cfg, mlflow_env,
+                                                                                       tmp_path):
+    """A tiny run (no test or export), then three sweep trials as a multirun job would start and
+    end them (without the training between): two of one sweep and one of another. With nothing
+    set, all go to MLflow's default store, ``mlflow.db`` in the working folder, where ``mlflow ui``
+    looks; each sweep's trials nest under one parent run."""
     import mlflow
     from mlflow import MlflowClient
 
     project = tmp_path / "project"
     project.mkdir()
     mlflow_env.chdir(project)
+    single = train_cfg("logger=mlflow", "test=false")
+    train(single)
     first, second = str(project / "multirun/2026-01-02/03-04-05"), str(project / "multirun/2026-01-02/09-00-00")
     trials = {}
     for sweep in (Sweep(first, 0), Sweep(first, 1), Sweep(second, 0)):
@@ -63,8 +68,17 @@ def test_sweep_trials_nest_under_one_parent_per_sweep_in_the_default_store(train
     mlflow.set_tracking_uri(None)  # what MLflow (and `mlflow ui`) use here with nothing set
     assert mlflow.get_tracking_uri() == f"sqlite:///{project / 'mlflow.db'}"
     client = MlflowClient(mlflow.get_tracking_uri())
-    runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id])}
-    assert len(runs) == 5  # three trials, two parents
+
+    run = the_run(client, Path(single.paths.output_dir))
+    assert run.info.status == "FINISHED" and run.data.params["seed"] == str(single.seed)
+    assert "val/mae" in run.data.metrics and "test/mae" not in run.data.metrics
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+    assert run.info.artifact_uri.startswith(str(project / "mlruns"))  # mlflow ui serves them from there
+    assert JOB_NAME_TAG not in run.data.tags and PARENT_TAG not in run.data.tags
+
+    experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id
+    runs = {r.info.run_id: r for r in client.search_runs([experiment])}
+    assert len(runs) == 1 + 5  # the run, three trials, two parents
     parents = {sweep: runs[run_id].data.tags[PARENT_TAG] for sweep, run_id in trials.items()}
     assert parents[Sweep(first, 0)] == parents[Sweep(first, 1)] != parents[Sweep(second, 0)]
     for sweep, run_id in trials.items():
@@ -73,9 +87,9 @@ def test_sweep_trials_nest_under_one_parent_per_sweep_in_the_default_store(train
         assert parent.info.status == "FINISHED"
         assert trial.data.tags[TRIAL_TAG] == str(sweep.trial) and JOB_NAME_TAG not in trial.data.tags
         assert trial.data.params["seed"] == str(sweep.trial)
-        assert trial.data.params["paths/output_dir"] == trial.data.tags[RUN_DIR_TAG] == str(Path(sweep.dir) / str(sweep.trial))
+        folder = str(Path(sweep.dir) / str(sweep.trial))
+        assert trial.data.params["paths/output_dir"] == trial.data.tags[RUN_DIR_TAG] == folder
         assert [a.path for a in client.list_artifacts(run_id)] == ["config.yaml"]
-        assert trial.info.artifact_uri.startswith(str(project / "mlruns"))  # mlflow ui serves them from there
 
 
 def test_current_sweep_reads_the_multirun_job(tmp_path):
@@ -169,9 +183,9 @@ def test_runs_compare_tabulates_the_params_that_differ_and_the_test_metrics(runs
     rows = read_csv(out / "runs.csv")
     assert [r["run_id"] for r in rows] == [ids["fast"], ids["slow"], ids["unfinished"]]  # best test/mae first
     # only lr differs; seed is shared, the run folder and what lies under it name the run
-    assert list(rows[0]) == ["run", "run_id", "model/optimizer/lr", "test/acc", "test/obo_acc", "test/mae", "test/rmse"]
+    assert list(rows[0]) == ["run", "run_id", "model/optimizer/lr", *TEST_KEYS]
     assert [r["model/optimizer/lr"] for r in rows] == ["0.003", "0.001", "0.01"]
-    assert [float(rows[0][k]) for k in ("test/acc", "test/obo_acc", "test/mae", "test/rmse")] == [0.625, 0.9375, 0.4375, 0.75]
+    assert [float(rows[0][k]) for k in TEST_KEYS] == [0.625, 0.9375, 0.4375, 0.75]
     assert rows[2]["test/mae"] == ""
     markdown = (out / "runs.md").read_text().splitlines()
     assert markdown[0].startswith("| run ") and len(markdown) == 2 + 3

@@ -2,7 +2,7 @@
 
 Usage:
     python train.py +experiment=quickstart data.root=../shared/abid logger=mlflow
-    MLFLOW_TRACKING_URI=http://127.0.0.1:5000 python train.py +experiment=quickstart logger=mlflow
+    MLFLOW_TRACKING_URI=http://127.0.0.1:5000 python train.py +experiment=quickstart logger=mlflow data.root=DIR
     mlflow ui    # in the folder train.py ran from: its runs in mlflow.db
 
 Lightning's ``MLFlowLogger`` (``conf/logger/mlflow.yaml``) creates the run and logs every metric
