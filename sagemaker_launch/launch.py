@@ -175,7 +175,8 @@ def submit_training_job(plan: TrainingJobPlan, *, dry_run: bool = False, wait: b
     if plan.profiler:
         hook.extra["CreateTrainingJob"] = {"ProfilerConfig": profiler_config(plan, session)}
     with tempfile.TemporaryDirectory(prefix="bincount-source-") as tmp:
-        trainer = make_model_trainer(plan, session, stage_source(Path(tmp) / "source"), role=role_for(sm, dry_run))
+        source = stage_source(Path(tmp) / "source", plan.extras)
+        trainer = make_model_trainer(plan, session, source, role=role_for(sm, dry_run))
         try:
             trainer.train(input_data_config=channels(sm) or None, wait=False, logs=False)
         except DryRun as stop:

@@ -150,6 +150,7 @@ class TrainingJobPlan:
         profiler: ``ProfilerConfig`` of the request but its ``S3OutputPath``
             (:func:`sagemaker_launch.launch.profiler_config`), or ``None``.
         sagemaker: The composed ``sagemaker`` config.
+        extras: bincount's extras the container installs with it (:func:`install_extras`).
     """
 
     overrides: list[str]
@@ -159,6 +160,7 @@ class TrainingJobPlan:
     environment: dict[str, str]
     profiler: dict[str, Any] | None
     sagemaker: DictConfig = field(repr=False)
+    extras: tuple[str, ...] = ()
 
     @property
     def distributed(self) -> bool:
@@ -173,6 +175,13 @@ def training_image(sm: DictConfig) -> str:
 
     return image_uris.retrieve("pytorch", sm.region, version=str(sm.framework_version), py_version=sm.py_version,
                                instance_type=sm.instance_type, image_scope="training")
+
+
+def install_extras(cfg: DictConfig) -> tuple[str, ...]:
+    """bincount's extras a job's container needs beyond its dependencies: ``track`` (MLflow and the
+    SageMaker MLflow plugin) when a ``cfg.logger`` entry is Lightning's ``MLFlowLogger`` (``logger=mlflow``)."""
+    targets = [str(c.get("_target_", "")) for c in (cfg.get("logger") or {}).values() if c is not None]
+    return ("track",) if any(t.rsplit(".", 1)[-1] == "MLFlowLogger" for t in targets) else ()
 
 
 def plan_training_job(cfg: DictConfig, overrides: list[str]) -> TrainingJobPlan:
@@ -194,7 +203,7 @@ def plan_training_job(cfg: DictConfig, overrides: list[str]) -> TrainingJobPlan:
                    **{str(k): str(v) for k, v in (sm.environment or {}).items()}}
     return TrainingJobPlan(overrides=run, hyperparameters=encode_overrides(run), processes=processes_per_instance(sm),
                            image_uri=training_image(sm), environment=environment, profiler=profiler,
-                           sagemaker=sm)
+                           sagemaker=sm, extras=install_extras(cfg))
 
 
 def metric_definitions() -> list[dict[str, str]]:

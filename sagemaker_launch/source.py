@@ -111,8 +111,15 @@ def build_wheel(dst: Path) -> Path:
     return wheels[0]
 
 
-def stage_source(dst: Path) -> Path:
-    """Write a job's code channel into ``dst`` (see the module docstring).
+def requirements_line(wheel_name: str, extras: tuple[str, ...] = ()) -> str:
+    """The ``requirements.txt`` line that installs the wheel (a path relative to the channel's folder,
+    where both installers run pip) with ``extras``: ``./bincount-0.1.0-py3-none-any.whl[track]``."""
+    return f"./{wheel_name}" + (f"[{','.join(extras)}]" if extras else "")
+
+
+def stage_source(dst: Path, extras: tuple[str, ...] = ()) -> Path:
+    """Write a job's code channel into ``dst`` (see the module docstring); ``requirements.txt``
+    installs the wheel with ``extras`` (:func:`sagemaker_launch.plan.install_extras`).
 
     Returns:
         ``dst``.
@@ -129,7 +136,6 @@ def stage_source(dst: Path) -> Path:
         for name in (ENTRY_SCRIPT, CONTAINER_INIT_SCRIPT):
             (dst / name).parent.mkdir(parents=True, exist_ok=True)
             (dst / name).write_bytes(archive.read(name))
-    # a path relative to the channel's folder, where both installers run pip
     (dst / "requirements.txt").write_text(f"# {DISTRIBUTION} and its dependencies (torch and torchvision come with "
-                                          f"the image)\n./{wheel.name}\n")
+                                          f"the image)\n{requirements_line(wheel.name, extras)}\n")
     return dst

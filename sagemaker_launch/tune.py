@@ -186,7 +186,8 @@ def submit_tuning_job(cfg: DictConfig, overrides: list[str], *, dry_run: bool = 
         checkpoints = None
         if sm.spot or sm.checkpoint_s3_uri:  # one URI for all trials: the API has no per-trial one
             checkpoints = sm.checkpoint_s3_uri or f"s3://{session.default_bucket()}/{sm.base_job_name}/{name}/checkpoints"
-        trainer = make_model_trainer(plan, session, stage_source(Path(tmp) / "source"), role=role_for(sm, dry_run),
+        source = stage_source(Path(tmp) / "source", plan.extras)
+        trainer = make_model_trainer(plan, session, source, role=role_for(sm, dry_run),
                                      checkpoint_s3_uri=checkpoints)
         tuner = HyperparameterTuner(
             model_trainer=trainer, objective_metric_name=str(cfg.optimized_metric), hyperparameter_ranges=ranges,

@@ -31,5 +31,6 @@ def train_cfg(tmp_path, fake_abid):
     return make
 
 
-# the local S3 server fixtures (s3_server, s3_env) used by the data-at-scale tests
-pytest_plugins = ["tests.conftest_s3"]
+# the local S3 server fixtures (s3_server, s3_env) used by the data-at-scale tests; the MLflow
+# tracking server (mlflow_server, mlflow_env) used by the tracking tests
+pytest_plugins = ["tests.conftest_s3", "tests.conftest_mlflow"]

@@ -11,6 +11,7 @@ and from the first comment lines of the config files (``# python train.py ...``)
   parsing and composition accept the line (``launch`` also plans the job, ``tune`` reads the
   search space);
 - ``bincount <command> ...``: ``--help`` of the (sub)command exits 0 and its parser accepts the line;
+- ``mlflow <command> ...``: ``--help`` of the command exits 0 and names every ``--option`` of the line;
 - ``python benchmarks/<script>.py``: ``--help`` exits 0 after the line's arguments, and every
   ``--option`` of the line is in that help;
 - ``python -m pytest -m EXPR``: every marker of EXPR is declared in pyproject.toml.
@@ -29,6 +30,7 @@ import math
 import re
 import runpy
 import shlex
+import subprocess
 import sys
 import tomllib
 import warnings
@@ -380,9 +382,18 @@ def check_sagemaker(module: str, args: list[str], tmp_path: Path, monkeypatch, c
 def check_bincount(args: list[str], capsys) -> None:
     from bincount.cli import build_parser
 
-    command = args[:2] if args[0] in ("data", "transform") else args[:1]
+    command = args[:2] if args[0] in ("data", "transform", "runs") else args[:1]
     run_help("bincount", command, capsys)
     build_parser().parse_args(args)  # SystemExit on an unknown option or a missing argument
+
+
+def check_mlflow(args: list[str]) -> None:
+    """``mlflow <command> --help`` exits 0 and names every ``--option`` of the line (``mlflow ui``)."""
+    proc = subprocess.run([str(Path(sys.executable).parent / "mlflow"), args[0], "--help"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"mlflow {args[0]} --help exited {proc.returncode}: {proc.stderr[-2000:]}"
+    for option in (a.split("=")[0] for a in args[1:] if a.startswith("--")):
+        assert re.search(rf"{re.escape(option)}\b", proc.stdout), f"mlflow {args[0]}: no option {option} in --help"
 
 
 def check_benchmark(script: str, args: list[str], capsys) -> None:
@@ -403,6 +414,9 @@ def check_pytest(args: list[str]) -> None:
 
 
 def check_command(command: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    # logger=mlflow: a store the logger would first reach when the run starts; the default, mlflow.db
+    # in the working folder, would be created in the repository as soon as the logger is built
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     argv = without_environment(shlex.split(command))
     if any(tuple(argv[: len(prefix)]) == prefix for prefix in NOT_CHECKED):
         return
@@ -421,6 +435,8 @@ def check_command(command: str, tmp_path: Path, monkeypatch, capsys) -> None:
         check_benchmark(args[0], args[1:], capsys)
     elif program == "bincount":
         check_bincount(args, capsys)
+    elif program == "mlflow":
+        check_mlflow(args)
     elif program == "bash":
         assert (REPO / args[0]).is_file(), f"{args[0]} does not exist"
     else:

@@ -15,6 +15,9 @@ from rich.table import Table
 from bincount.models.decoding import decode_counts
 from bincount.models.metrics import count_metrics, per_class_metrics
 
+# what write_report puts into a run folder
+REPORT_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png")
+
 
 def count_report(target: torch.Tensor, probs: torch.Tensor, *, min_count: int, decode: str = "argmax") -> dict:
     """Counting metrics of one evaluation, with the majority-class baseline on the same photos.
@@ -153,13 +156,14 @@ def plot_confusion_matrix(path: Path, confusion: Sequence[Sequence[int]], *, min
 
 def write_report(out_dir: Path, image_ids: Sequence[str], target: torch.Tensor, probs: torch.Tensor,
                  *, min_count: int, title: str, decode: str = "argmax", extra: dict | None = None) -> dict:
-    """Write ``metrics.json`` (:func:`count_report` plus ``extra``), ``predictions.csv`` and
-    ``confusion_matrix.png`` into ``out_dir``."""
+    """Write :data:`REPORT_FILES` into ``out_dir``: ``metrics.json`` (:func:`count_report` plus
+    ``extra``), ``predictions.csv`` and ``confusion_matrix.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_json, predictions_csv, confusion_png = (out_dir / name for name in REPORT_FILES)
     metrics = {**count_report(target, probs, min_count=min_count, decode=decode), "decode": decode, **(extra or {})}
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_predictions_csv(out_dir / "predictions.csv", image_ids, target, probs, min_count=min_count, decode=decode)
-    plot_confusion_matrix(out_dir / "confusion_matrix.png", metrics["confusion_matrix"], min_count=min_count,
+    metrics_json.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_predictions_csv(predictions_csv, image_ids, target, probs, min_count=min_count, decode=decode)
+    plot_confusion_matrix(confusion_png, metrics["confusion_matrix"], min_count=min_count,
                           title=title, figures=f"n={metrics['n']}, acc={metrics['acc']:.3f}, mae={metrics['mae']:.3f}")
     return metrics
 

@@ -5,6 +5,7 @@ Usage:
     python train.py +experiment=resnet18_subset data.root=data/abid trainer.max_epochs=20
     python train.py +experiment=quickstart hydra.run.dir=outputs/RUN ckpt_path=last   # resume
     python train.py -m hparams_search=lr_optuna +experiment=quickstart data.root=../shared/abid
+    python train.py +experiment=quickstart data.root=../shared/abid logger=mlflow   # tracked in MLflow
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from bincount.models.calibration import calibrate, held_out_report
 from bincount.models.card import Calibration, EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
 from bincount.models.module import BinCountModule, gather_by_index
+from bincount.tracking import log_outputs, start
 from bincount.trainer import checked_checkpoint, instantiate_trainer, report_test
 
 log = logging.getLogger(__name__)
@@ -165,7 +167,8 @@ def calibrate_report_export(model: BinCountModule, datamodule: ABIDDataModule, v
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, select the weights validation chose, test them, then calibrate, report and export.
+    """Fit, select the weights validation chose, test them, then calibrate, report and export
+    (with ``logger=mlflow``, into an MLflow run too: :mod:`bincount.tracking`).
 
     Works on any number of processes and instances (instances need share no disk): every rank
     tests its share of the test split and predicts its share of the validation split; global
@@ -186,16 +189,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    start(trainer, cfg, out_dir)  # logger=mlflow: the MLflow run, its tags and params (rank 0)
 
     fit(trainer, model, datamodule, ckpt_path, out_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if not cfg.get("test", True):
+        log_outputs(trainer, out_dir)
         return metrics
 
     best = select_weights(trainer, model)
     trainer.test(model, datamodule=datamodule)
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     finish(trainer, model, datamodule, out_dir, best)
+    log_outputs(trainer, out_dir)  # logger=mlflow: the report and model/ as artifacts (rank 0)
     return metrics
 
 
