@@ -29,6 +29,7 @@ and prints one line with the decision and both MAEs (:func:`sagemaker_launch.reg
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import json
@@ -245,17 +246,21 @@ def register(cfg: DictConfig) -> Registration:
 
 
 def parse_argv(argv: list[str]) -> list[str]:
-    """``key=value...`` -> overrides; ``-h``/``--help`` prints the module docstring and exits 0.
+    """``key=value`` overrides of ``conf/register.yaml``, with ``--approve-if-better`` as
+    ``approve_if_better=true``; ``-h``/``--help`` prints the module docstring and exits 0.
 
     Raises:
-        ValueError: An argument that is not ``key=value``.
+        SystemExit: 2 (argparse's one error line) for an argument that is neither a flag nor ``key=value``.
     """
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
-        raise SystemExit(0)
-    if bad := [a for a in argv if "=" not in a]:
-        raise ValueError(f"register takes key=value arguments only, not {bad}")
-    return argv
+    parser = argparse.ArgumentParser(prog="python -m sagemaker_launch.register", epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="Hydra overrides of conf/register.yaml, plus:")
+    parser.add_argument("--approve-if-better", action="store_true",
+                        help="approve the new package only if its test MAE beats the approved one's (approve_if_better=true)")
+    flags, overrides = parser.parse_known_args(argv)
+    if bad := [a for a in overrides if "=" not in a]:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (arguments are key=value overrides)")
+    return [*overrides, "approve_if_better=true"] if flags.approve_if_better else overrides
 
 
 def main(argv: list[str] | None = None) -> Registration:

@@ -1,7 +1,8 @@
 """Count every photo under an S3 prefix with a SageMaker Batch Transform job running bincount's handler.
 
 Usage:
-    python -m sagemaker_launch.transform job=bincount-20261203024536 input=s3://BUCKET/bin-images/ output=s3://BUCKET/counts/
+    python -m sagemaker_launch.transform model=bincount-20261203024536 input=s3://BUCKET/bin-images/ \
+        output=s3://BUCKET/counts/
     python -m sagemaker_launch.transform model_package=arn:aws:sagemaker:us-east-1:123456789012:model-package/bincount/3 \
         input=s3://BUCKET/bin-images/ output=s3://BUCKET/counts/ instance_count=4 --dry-run
     python -m sagemaker_launch.transform package_group=bincount-counting input=s3://BUCKET/bin-images/ \
@@ -10,7 +11,8 @@ Usage:
         --out counts.csv
 
 ``key=value`` arguments are overrides of ``conf/transform.yaml`` (composed with Hydra, so a typo
-fails before anything is created). The command creates a model named like the job,
+fails before anything is created; ``model=`` names a training job, a model package's ARN or
+a ``model.tar.gz`` URI, see :func:`model_source`). The command creates a model named like the job,
 ``<base_job_name>-<timestamp>``, as ``deploy`` makes it (:mod:`sagemaker_launch.models`): a training
 job's (``job``) or any ``model.tar.gz`` (``model_data``) on the AWS PyTorch inference image of
 ``conf/serving_image``, or a model package (``model_package``, or ``package_group``'s latest approved
@@ -185,14 +187,28 @@ def cost_text(cfg: DictConfig) -> str:
     return f"{cfg.instance_count} x {cfg.instance_type} cost about {line.on_demand_usd:.3f} USD per hour while it runs"
 
 
+def model_source(value: str) -> str:
+    """``model=VALUE`` as the override of the key it names: a model package's ARN -> ``model_package``,
+    an S3 URI -> ``model_data``, anything else -> ``job`` (a training job's name).
+
+    ``model`` cannot be a key of ``conf/transform.yaml`` itself: Hydra reads ``model=`` as the
+    ``conf/model/`` config group.
+    """
+    if value.startswith("arn:") and ":model-package/" in value:
+        return f"model_package={value}"
+    return f"model_data={value}" if value.startswith("s3://") else f"job={value}"
+
+
 def parse_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Split ``--dry-run``/``--wait`` from the Hydra overrides; ``--help`` prints the module docstring too."""
+    """Split ``--dry-run``/``--wait`` from the Hydra overrides, ``model=`` read by :func:`model_source`;
+    ``--help`` prints the module docstring too."""
     parser = argparse.ArgumentParser(prog="python -m sagemaker_launch.transform", epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="Hydra overrides of conf/transform.yaml, plus:")
     parser.add_argument("--dry-run", action="store_true", help="check and print the requests, send nothing")
     parser.add_argument("--wait", action="store_true", help="wait until the job has ended")
-    return parser.parse_known_args(argv)
+    flags, overrides = parser.parse_known_args(argv)
+    return flags, [model_source(a.split("=", 1)[1]) if a.startswith("model=") else a for a in overrides]
 
 
 def main(argv: list[str] | None = None) -> Transform:

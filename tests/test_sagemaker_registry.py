@@ -126,7 +126,7 @@ def test_register_a_training_job_with_its_held_out_metrics(sm, aws, runs, capsys
 
 def test_approve_if_better_compares_with_the_latest_approved_package_on_the_same_photos(sm, aws, runs, capsys):
     def decision(name: str) -> str:
-        register_run(runs, name, "approve_if_better=true")
+        register_run(runs, name, "--approve-if-better")  # the flag; deploy's test uses approve_if_better=true
         return capsys.readouterr().out.strip().splitlines()[-1]
 
     assert decision("base") == f"approved: MAE 0.25, and {GROUP} has no approved package yet (MAE none)"
@@ -175,7 +175,7 @@ def test_deploy_from_a_group_serves_its_latest_approved_package(sm, aws, runs):
         deploy.main([f"package_group={GROUP}", "model_data=s3://x/model.tar.gz", "endpoint=bincount-test"])
 
 
-def test_register_arguments_and_missing_reports_fail_with_one_clear_error(sm, aws, runs, tmp_path):
+def test_register_arguments_and_missing_reports_fail_with_one_clear_error(sm, aws, runs, tmp_path, capsys):
     run_dir, _ = runs["base"]
     model_data = f"model_data=s3://{BUCKET}/m.tar.gz"
     with pytest.raises(ValueError, match="register needs group="):
@@ -184,8 +184,10 @@ def test_register_arguments_and_missing_reports_fail_with_one_clear_error(sm, aw
                  ["job=j", model_data], []):
         with pytest.raises(ValueError, match="give job=<training job name>, or model_dir="):
             register.main([f"group={GROUP}", *args])
-    with pytest.raises(ValueError, match="register takes key=value arguments only"):
+    with pytest.raises(SystemExit) as exit_info:
         register.main([f"group={GROUP}", "approve"])
+    assert exit_info.value.code == 2
+    assert "error: unrecognized arguments: approve (arguments are key=value overrides)" in capsys.readouterr().err
     (tmp_path / "model").mkdir()
     with pytest.raises(FileNotFoundError, match="metrics.json not found: a training run's folder holds"):
         register.main([f"group={GROUP}", f"model_dir={tmp_path / 'model'}", model_data])

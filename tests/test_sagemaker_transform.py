@@ -40,7 +40,7 @@ def test_a_training_jobs_model_counts_a_prefix_on_several_instances(aws, sagemak
         ResourceConfig={"InstanceType": "ml.m5.large", "InstanceCount": 1, "VolumeSizeInGB": 10},
         StoppingCondition={"MaxRuntimeInSeconds": 3600})
     aws.post("/moto-api/recorder/reset-recording")
-    made = transform.main(["job=bincount-20261203024536", f"input=s3://{BUCKET}/bin-images",
+    made = transform.main(["model=bincount-20261203024536", f"input=s3://{BUCKET}/bin-images",
                            f"output=s3://{BUCKET}/counts/", "instance_count=3", "max_concurrent_transforms=5",
                            "+environment.BINCOUNT_MAX_PIXELS=60000000", "--wait"])
     assert made.status == "Completed" and not made.dry_run
@@ -72,7 +72,7 @@ def test_a_training_jobs_model_counts_a_prefix_on_several_instances(aws, sagemak
 
 
 def test_a_model_package_becomes_the_jobs_model(aws, sagemaker):
-    made = transform.main([f"model_package={PACKAGE}", f"input=s3://{BUCKET}/bin-images/",
+    made = transform.main([f"model={PACKAGE}", f"input=s3://{BUCKET}/bin-images/",
                            f"output=s3://{BUCKET}/counts", "max_payload_mb=20"])
     [model] = aws.calls("CreateModel")
     assert model == {"ModelName": made.job_name, "ExecutionRoleArn": ROLE, "PrimaryContainer": {"ModelPackageName": PACKAGE}}
@@ -104,6 +104,8 @@ def test_the_dry_run_checks_and_prints_both_requests_and_sends_nothing(aws, caps
 
 
 def test_limits_and_arguments_fail_before_anything_is_sent(aws):
+    # model= names a job, a package (its ARN) or a model.tar.gz; the two others are tested above
+    assert transform.parse_argv(["model=s3://b/run/model.tar.gz", "--dry-run"])[1] == ["model_data=s3://b/run/model.tar.gz"]
     base = ["job=j", f"input=s3://{BUCKET}/bin-images/", f"output=s3://{BUCKET}/counts/"]
     cases = {
         "max_concurrent_transforms=11 x max_payload_mb=10 = 110 MB": ["max_concurrent_transforms=11"],
