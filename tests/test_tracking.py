@@ -75,6 +75,7 @@ def test_without_a_tracking_uri_runs_and_sweeps_go_to_mlflow_db_in_the_working_f
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
     assert run.info.artifact_uri.startswith(str(project / "mlruns"))  # mlflow ui serves them from there
     assert JOB_NAME_TAG not in run.data.tags and PARENT_TAG not in run.data.tags
+    assert run.info.run_name == "/".join(Path(single.paths.output_dir).parts[-2:])  # not one made-up name per seed
 
     experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id
     runs = {r.info.run_id: r for r in client.search_runs([experiment])}
@@ -86,6 +87,7 @@ def test_without_a_tracking_uri_runs_and_sweeps_go_to_mlflow_db_in_the_working_f
         assert parent.data.tags[SWEEP_DIR_TAG] == sweep.dir and not parent.data.params
         assert parent.info.status == "FINISHED"
         assert trial.data.tags[TRIAL_TAG] == str(sweep.trial) and JOB_NAME_TAG not in trial.data.tags
+        assert trial.info.run_name == f"trial {sweep.trial}" and parent.info.run_name.startswith("sweep 2026-01-02/")
         assert trial.data.params["seed"] == str(sweep.trial)
         folder = str(Path(sweep.dir) / str(sweep.trial))
         assert trial.data.params["paths/output_dir"] == trial.data.tags[RUN_DIR_TAG] == folder

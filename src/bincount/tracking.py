@@ -80,6 +80,14 @@ def run_tags(out_dir: Path, sweep: Sweep | None, environ: Mapping[str, str]) -> 
     return tags
 
 
+def run_name(out_dir: Path, sweep: Sweep | None) -> str:
+    """A run's name when the config gives none: ``trial <n>`` in a sweep (under its parent, named
+    ``sweep <date>/<time>``), else the run folder's last two parts (``outputs/2026-12-03/06-35-00``
+    -> ``2026-12-03/06-35-00``). MLflow's own made-up names come from Python's ``random``, which the
+    run seeds: every run of one seed would get the same name."""
+    return f"trial {sweep.trial}" if sweep is not None else "/".join(Path(out_dir).resolve().parts[-2:])
+
+
 def sweep_parent(client, experiment_id: str, sweep: Sweep) -> str:
     """The run id of ``sweep``'s parent run in the experiment; the sweep's first trial creates it.
 
@@ -135,14 +143,19 @@ def start(trainer: L.Trainer, cfg: DictConfig, out_dir: Path, *, sweep: Sweep | 
     if logger is None or not trainer.is_global_zero:
         return None
     sweep = current_sweep() if sweep is None else sweep
-    logger.tags = {**(logger.tags or {}), **run_tags(out_dir, sweep, os.environ if environ is None else environ)}
+    tags = run_tags(out_dir, sweep, os.environ if environ is None else environ)
+    from omegaconf import OmegaConf
+
+    if OmegaConf.select(cfg, "logger.mlflow.run_name") is None:  # else MLFlowLogger names the run
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+        tags[MLFLOW_RUN_NAME] = run_name(out_dir, sweep)
+    logger.tags = {**(logger.tags or {}), **tags}
     client, run_id = logger.experiment, logger.run_id  # the run is created here, with those tags
     if sweep is not None:
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, sweep_parent(client, logger.experiment_id, sweep))
-    from omegaconf import OmegaConf
-
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return run_id
 
