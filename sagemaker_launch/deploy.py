@@ -157,6 +157,7 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
     from sagemaker.core.shapes import ProductionVariant
 
     name = endpoint_name(cfg)
+    models.require_role(cfg)
     session = models.boto_session(cfg)
     source = models.model_source(cfg, session, SOURCES)
     model_data, image = source.model_data, source.image

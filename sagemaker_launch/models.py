@@ -133,6 +133,18 @@ def package_container(cfg: DictConfig, source: ModelSource, environment=None) ->
     return serialize(serving_container(cfg, source, environment))
 
 
+def require_role(cfg: DictConfig) -> str:
+    """``cfg.role``, the model's execution role; checked before any request, so that a missing one is
+    the first error, also without AWS credentials.
+
+    Raises:
+        ValueError: No role (``role=`` or ``$SAGEMAKER_ROLE``).
+    """
+    if not cfg.role:
+        raise ValueError("the model needs an execution role: role=arn:aws:iam::ACCOUNT:role/NAME or $SAGEMAKER_ROLE")
+    return str(cfg.role)
+
+
 def create_model(name: str, cfg: DictConfig, session, source: ModelSource, environment=None) -> None:
     """CreateModel ``name`` on :func:`serving_container` (``PrimaryContainer``).
 
@@ -148,7 +160,6 @@ def create_model(name: str, cfg: DictConfig, session, source: ModelSource, envir
     """
     from sagemaker.core.resources import Model
 
-    if not cfg.role:
-        raise ValueError("the model needs an execution role: role=arn:aws:iam::ACCOUNT:role/NAME or $SAGEMAKER_ROLE")
+    require_role(cfg)
     Model.create(model_name=name, execution_role_arn=cfg.role, session=session, region=cfg.region,
                  primary_container=serving_container(cfg, source, environment))

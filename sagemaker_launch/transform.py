@@ -12,7 +12,7 @@ Usage:
 
 ``key=value`` arguments are overrides of ``conf/transform.yaml`` (composed with Hydra, so a typo
 fails before anything is created; ``model=`` names a training job, a model package's ARN or
-a ``model.tar.gz`` URI, see :func:`model_source`). The command creates a model named like the job,
+a ``model.tar.gz`` URI, see :func:`model_override`). The command creates a model named like the job,
 ``<base_job_name>-<timestamp>``, as ``deploy`` makes it (:mod:`sagemaker_launch.models`): a training
 job's (``job``) or any ``model.tar.gz`` (``model_data``) on the AWS PyTorch inference image of
 ``conf/serving_image``, or a model package (``model_package``, or ``package_group``'s latest approved
@@ -139,7 +139,7 @@ def create_transform(cfg: DictConfig, *, dry_run: bool = False, wait: bool = Fal
     from sagemaker.core.utils.exceptions import FailedStatusError
 
     check_config(cfg)
-    cfg.role = role_for(cfg, dry_run)
+    cfg.role = models.require_role(cfg) if not dry_run else role_for(cfg, dry_run)
     session = models.boto_session(cfg)
     hook = RequestHook(session, dry_run=dry_run)
     name = name_from_base(str(cfg.base_job_name))
@@ -187,7 +187,7 @@ def cost_text(cfg: DictConfig) -> str:
     return f"{cfg.instance_count} x {cfg.instance_type} cost about {line.on_demand_usd:.3f} USD per hour while it runs"
 
 
-def model_source(value: str) -> str:
+def model_override(value: str) -> str:
     """``model=VALUE`` as the override of the key it names: a model package's ARN -> ``model_package``,
     an S3 URI -> ``model_data``, anything else -> ``job`` (a training job's name).
 
@@ -200,7 +200,7 @@ def model_source(value: str) -> str:
 
 
 def parse_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Split ``--dry-run``/``--wait`` from the Hydra overrides, ``model=`` read by :func:`model_source`;
+    """Split ``--dry-run``/``--wait`` from the Hydra overrides, ``model=`` read by :func:`model_override`;
     ``--help`` prints the module docstring too."""
     parser = argparse.ArgumentParser(prog="python -m sagemaker_launch.transform", epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -208,7 +208,7 @@ def parse_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--dry-run", action="store_true", help="check and print the requests, send nothing")
     parser.add_argument("--wait", action="store_true", help="wait until the job has ended")
     flags, overrides = parser.parse_known_args(argv)
-    return flags, [model_source(a.split("=", 1)[1]) if a.startswith("model=") else a for a in overrides]
+    return flags, [model_override(a.split("=", 1)[1]) if a.startswith("model=") else a for a in overrides]
 
 
 def main(argv: list[str] | None = None) -> Transform:

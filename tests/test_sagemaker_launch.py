@@ -386,6 +386,8 @@ def test_sagemaker_launcher_checkpoint_uris_are_per_job_and_sweep(aws, tmp_path)
       "sagemaker.inputs.train=s3://b/abid"], "error: Unable to locate credentials"),
     (["sagemaker_launch.launch", "data.rooot=x"], "error: Could not override 'data.rooot'."),
     (["sagemaker_launch.deploy", "job=x", "endpoint=bincount-prod"], "error: the model needs an execution role"),
+    (["sagemaker_launch.transform", "model=x", "input=s3://b/in/", "output=s3://b/out/"],
+     "error: the model needs an execution role"),
 ])
 def test_commands_without_aws_or_with_a_typo_print_one_error_line(args, message, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SAGEMAKER_"))}

@@ -125,8 +125,6 @@ def add_predict_command(subparsers) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from bincount.data.s3 import S3Error
     from bincount.serve.predict import predict
 
@@ -139,8 +137,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         print(error_line(err), file=sys.stderr)
         return 2
     verdicts = ", ".join(f"{n} {v}" for v, n in sorted(summary["verdicts"].items()))
-    Console(stderr=True).print(f"{summary['photos']} photos -> {summary['out']} ({summary['failed']} unreadable"
-                               f"{'; ' + verdicts if verdicts else ''})")
+    print(f"{summary['photos']} photos -> {summary['out']} ({summary['failed']} unreadable"
+          f"{'; ' + verdicts if verdicts else ''})", file=sys.stderr)
     return 0
 
 
@@ -169,8 +167,6 @@ def add_transform_command(subparsers) -> None:
 
 
 def _run_transform_collect(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from bincount.data.s3 import S3Error
     from bincount.serve.collect import collect
     from bincount.serve.settings import Settings
@@ -184,8 +180,8 @@ def _run_transform_collect(args: argparse.Namespace) -> int:
         return 2
     verdicts = ", ".join(f"{n} {v}" for v, n in sorted(summary["verdicts"].items()))
     unmatched = f"; {summary['unmatched']} answers of no photo there, left out" if summary["unmatched"] else ""
-    Console(stderr=True).print(f"{summary['photos']} photos -> {summary['out']} ({summary['failed']} without an answer"
-                               f"{'; ' + verdicts if verdicts else ''}{unmatched})")
+    print(f"{summary['photos']} photos -> {summary['out']} ({summary['failed']} without an answer"
+          f"{'; ' + verdicts if verdicts else ''}{unmatched})", file=sys.stderr)
     return 0
 
 
@@ -211,8 +207,6 @@ def add_runs_command(subparsers) -> None:
 
 def _run_compare(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
-    from rich.console import Console
-
     from bincount.runs import OUTPUT_FILES, compare_runs
 
     if args.tracking_uri:  # process-wide too: sagemaker-mlflow's request headers read it for an ARN
@@ -228,8 +222,8 @@ def _run_compare(args: argparse.Namespace) -> int:
     except MlflowException as err:  # unreachable store, malformed filter: MLflow's first line says which
         print(f"error: {err.message.strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    Console(stderr=True).print(f"{len(comparison.rows)} runs -> "
-                               + ", ".join(str(Path(args.out) / name) for name in OUTPUT_FILES))
+    print(f"{len(comparison.rows)} runs -> "
+          + ", ".join(str(Path(args.out) / name) for name in OUTPUT_FILES), file=sys.stderr)
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 PUBLIC_BUCKET = "aft-vbi-pds"  # bincount.data.abid.PUBLIC_BUCKET, without importing it for --help
@@ -101,6 +102,11 @@ def _run_fetch(args: argparse.Namespace) -> int:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
+    # When one optimize worker fails (a full disk), litdata stops the others; multiprocessing's
+    # resource tracker removes the semaphores they held, and its warning about them would follow
+    # the one error line. The tracker is a process of its own, started later: it reads this variable.
+    filters = [os.environ.get("PYTHONWARNINGS"), "ignore::UserWarning:multiprocessing.resource_tracker"]
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, filters))
     from bincount.data.prepare import prepare
     from bincount.data.s3 import join_uri
     from bincount.data.shards import MANIFEST
