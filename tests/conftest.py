@@ -34,3 +34,11 @@ def train_cfg(tmp_path, fake_abid):
 # the local S3 server fixtures (s3_server, s3_env) used by the data-at-scale tests; the MLflow
 # tracking server (mlflow_server, mlflow_env) used by the tracking tests
 pytest_plugins = ["tests.conftest_s3", "tests.conftest_mlflow"]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The files that hold slow tests run first, the others after, each in its own order: with
+    ``-n auto`` (``--dist loadfile``: a file goes to one worker) the long files start at once and
+    the short ones fill the workers in after, so no worker is left alone with a long file at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # a stable sort
