@@ -16,7 +16,6 @@ from bincount.models.calibration import (
 )
 from bincount.models.module import BinCountModule
 from bincount.serve.model import CountingModel
-from bincount.train import train
 
 
 def sample_labels(logits: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -137,9 +136,8 @@ def test_held_out_report_rebuilds_logits_from_probabilities():
     assert out["review_precision"] == pytest.approx((direct.argmax(1) == y)[confident].float().mean().item())
 
 
-def test_train_stores_calibration_for_serving(train_cfg):
-    cfg = train_cfg()
-    train(cfg)
+def test_train_stores_calibration_for_serving(trained_run):
+    cfg, _ = trained_run
     run = Path(cfg.paths.output_dir)
     config = json.loads((run / "model" / "model_config.json").read_text())
     cal = config["calibration"]

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.nn import functional as F
 from torchmetrics import MaxMetric, MinMetric
@@ -270,20 +271,45 @@ class BinCountModule(L.LightningModule):
         self.planned_steps = schedulers[0].get("total_steps")
 
     def configure_optimizers(self):
+        """The optimizer, and the scheduler stepped every ``scheduler_interval``.
+
+        A step schedule (one-cycle) is planned over the trainer's ``estimated_stepping_batches``;
+        one whose warm-up would be shorter than two steps (``pct_start * total_steps < 2``, a
+        shortened run) is left out and the run trains at the optimizer's constant ``lr``, said in
+        one line (``OneCycleLR`` divides by zero or gives ``lr=0`` there).
+
+        Raises:
+            RuntimeError: If the module was built without an optimizer.
+            ValueError: If a resumed step schedule's length differs from this run's, or the run's
+                length cannot bound its schedule (``trainer.max_epochs`` or ``trainer.max_steps``).
+        """
         if self.optimizer_factory is None:
             raise RuntimeError("BinCountModule needs an optimizer to train (model.optimizer in the config)")
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
         interval = self.hparams.scheduler_interval
-        if interval == "step":
+        if interval == "epoch":
+            if self.trainer.max_epochs is None or self.trainer.max_epochs < 1:
+                raise ValueError(f"model.scheduler steps once an epoch over trainer.max_epochs, which is "
+                                 f"{self.trainer.max_epochs}: set trainer.max_epochs >= 1, or use model/scheduler=none "
+                                 "for a run bounded by trainer.max_steps")
+            scheduler = self.scheduler_factory(optimizer=optimizer)
+        else:
             total = self.trainer.estimated_stepping_batches
+            if total == float("inf"):
+                raise ValueError("model.scheduler is planned over the run's steps: set trainer.max_epochs or "
+                                 "trainer.max_steps")
             if self.planned_steps is not None and self.planned_steps != total:
                 raise ValueError(
                     f"the checkpoint's step schedule (one-cycle) was planned for {self.planned_steps} steps and cannot "
                     f"be extended to this run's {total} (trainer.max_epochs changed?): resume with the run's own "
                     "trainer.max_epochs, or start a new run")
+            pct_start = getattr(self.scheduler_factory, "keywords", {}).get("pct_start", 0.3)
+            if self.planned_steps is None and pct_start * total < 2:
+                rank_zero_info(f"model.scheduler: {total} steps leave no room for one-cycle's warm-up "
+                               f"(pct_start={pct_start} x {total} < 2 steps): training at a constant "
+                               f"lr={optimizer.param_groups[0]['lr']:g}")
+                return optimizer
             scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=total)
-        else:
-            scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
