@@ -92,6 +92,7 @@ def test_benchmark_docstring_starts_with_usage(script):
     assert f"benchmarks/{script.name}" in paragraphs[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_benchmark_help_exits_0(script):
     proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300)

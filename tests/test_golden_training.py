@@ -1,0 +1,24 @@
+"""What training computes, pinned: the golden run's per-step losses and final ``val/mae`` against
+the committed values (``tests/golden/training.py`` says how they are made and regenerated)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.golden.training import ATOL, GOLDEN, RTOL
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_training_computes_the_committed_losses():
+    proc = subprocess.run([sys.executable, "-m", "tests.golden.training"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, expected = json.loads(proc.stdout.splitlines()[-1]), json.loads(GOLDEN.read_text())
+    assert len(got["train_loss"]) == len(expected["train_loss"]) == 20
+    torch.testing.assert_close(torch.tensor(got["train_loss"]), torch.tensor(expected["train_loss"]),
+                               rtol=RTOL, atol=ATOL)
+    assert got["val_mae"] == expected["val_mae"]
