@@ -138,3 +138,31 @@ def test_bad_values_fail_at_construction_naming_the_key(override, error, message
         hydra.utils.instantiate(cfg.data)
         hydra.utils.instantiate(cfg.model)
     assert isinstance(raised.value.__cause__, error)
+
+
+# the fake folder's 24 training photos at batch 8: 3 steps an epoch
+@pytest.mark.parametrize(("scheduler", "length", "steps"), [
+    ("onecycle", "trainer.max_epochs=2 trainer.limit_train_batches=2", 4),  # warm-up of 0.4 steps: constant lr
+    ("onecycle", "trainer.max_epochs=1 trainer.max_steps=1", 1),
+    ("onecycle", "trainer.max_epochs=4", 12),  # 1.2 warm-up steps (10 steps once divided by zero)
+    ("cosine", "trainer.max_epochs=2 trainer.limit_train_batches=1", 2),
+    ("cosine", "trainer.max_epochs=3 trainer.max_steps=2", 2),
+    ("none", "trainer.max_epochs=-1 trainer.max_steps=2", 2),
+])
+def test_a_shortened_run_trains(scheduler, length, steps, train_cfg, tmp_path, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        train(train_cfg(f"model/scheduler={scheduler}", *length.split(), "test=false", "trainer.limit_val_batches=1",
+                        out=out))
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
+    constant = [r.getMessage() for r in caplog.records if "leave no room for one-cycle's warm-up" in r.getMessage()]
+    assert len(constant) == (scheduler == "onecycle" and steps * 0.1 < 2)
+
+
+@pytest.mark.parametrize(("scheduler", "length", "message"), [
+    ("cosine", "trainer.max_epochs=-1 trainer.max_steps=2", r"model\.scheduler steps once an epoch over trainer\.max_epochs"),
+    ("onecycle", "trainer.max_epochs=-1", r"set trainer\.max_epochs or trainer\.max_steps"),
+])
+def test_a_run_its_schedule_cannot_fit_names_the_key(scheduler, length, message, train_cfg):
+    with pytest.raises(ValueError, match=message):
+        train(train_cfg(f"model/scheduler={scheduler}", *length.split(), "test=false"))

@@ -149,8 +149,9 @@ def stop_container(argv: list[str], env: dict[str, str], when: str) -> tuple[str
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (PID namespace)")
-def test_sigterm_to_pid_1_reaches_training_and_a_rerun_resumes(aws, tmp_path):
-    """The SDK's basic-script driver starts entry.py; container_init passes it the SIGTERM."""
+def test_sigterm_to_pid_1_reaches_training(aws, tmp_path):
+    """The SDK's basic-script driver starts entry.py; container_init passes it the SIGTERM (a rerun
+    resumes: the torchrun test below)."""
     sub, box, env = quickstart_container(tmp_path, 1)
     # epoch 0 done (last.ckpt written at its end): stop during epoch 1
     first, status, took = stop_container(box.argv, env, "[bincount] validation epoch=0 ")
@@ -164,13 +165,6 @@ def test_sigterm_to_pid_1_reaches_training_and_a_rerun_resumes(aws, tmp_path):
     step = int(stopped.group(2))
     saved = newest_checkpoint(box.root / "checkpoints" / sub.job_name)
     assert torch.load(saved, map_location="cpu", weights_only=False)["global_step"] == step > 0
-
-    rerun = subprocess.run(NAMESPACE + box.argv, env=env, capture_output=True, text=True, timeout=600)
-    second = rerun.stdout + rerun.stderr
-    assert rerun.returncode == 0, second[-3000:]
-    assert f"[bincount] train start epoch={stopped.group(1)} global_step={step}" in second, second[-3000:]
-    assert f"ckpt_path={saved}" in second
-    assert (box.root / "output" / "data" / "train_metrics.json").is_file()  # the run finished (test=false: no export)
 
 
 @pytest.mark.slow

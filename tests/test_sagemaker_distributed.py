@@ -6,6 +6,7 @@ no disk, as on SageMaker."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 import time
@@ -82,22 +83,6 @@ def assert_one_model(roots: list[Path], logs: list[str], fake_root: Path) -> Non
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_one_instance_two_processes(aws, tmp_path, fake_abid):
-    root, _ = fake_abid
-    sub = launch.main([*JOB, "sagemaker.processes_per_instance=2"])
-    box = lay_out_container(sub, tmp_path / "algo-1", host="algo-1", hosts=["algo-1"], channels={"train": root},
-                            master_port=free_port())
-    proc = start(box)
-    [log] = finish([proc])
-    assert proc.returncode == 0, log[-4000:]
-    assert "Successfully installed bincount-" in log  # the job's wheel, into the image (sm_train.sh's pip)
-    assert "--nnodes=1" in log and "--nproc_per_node=2" in log  # the SDK's torchrun driver started them
-    assert "world_size=2 (1 instance(s) x 2)" in log
-    assert_one_model([box.root], [log], root)
-
-
-@pytest.mark.slow
-@pytest.mark.integration
 def test_two_instances_that_share_no_disk(aws, tmp_path, fake_abid):
     root, _ = fake_abid
     sub = launch.main([*JOB, "sagemaker.instance_count=2"])
@@ -112,5 +97,10 @@ def test_two_instances_that_share_no_disk(aws, tmp_path, fake_abid):
         assert "Successfully installed bincount-" in log  # each instance installs the job's wheel
     assert "--nnodes=2" in logs[1] and "--node_rank=1" in logs[1]
     assert "world_size=2 (2 instance(s) x 1)" in logs[0]
+    # every rank ends with the same metrics: torchmetrics synced them across the instances
+    finals = [dict(kv.split("=") for kv in re.search(rf"\[bincount\] rank {rank}/2 world_size=2 (.*)", log).group(1).split())
+              for rank, log in enumerate(logs)]
+    for key in ("val/acc", "val/acc_best", "val/mae", "test/acc", "test/mae", "test/rmse"):
+        assert finals[0][key] == finals[1][key], key
     assert not list((boxes[1].root / "checkpoints").rglob("*.ckpt"))  # the second instance never had the file
     assert_one_model([b.root for b in boxes], logs, root)

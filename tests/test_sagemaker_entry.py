@@ -1,12 +1,10 @@
 """The container side of a SageMaker training job (sagemaker_launch/entry.py), run for real in a
-temporary /opt/ml layout: hyperparameters -> overrides, folders, export, torchrun DDP, spot resume."""
+temporary /opt/ml layout: hyperparameters -> overrides, folders, export (DDP and spot resume through
+SageMaker's own drivers: test_sagemaker_container.py, test_sagemaker_distributed.py)."""
 
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,8 +16,7 @@ from sagemaker_launch import entry
 from sagemaker_launch.entry import ContainerEnv, container_overrides, distributed_overrides, newest_checkpoint
 from sagemaker_launch.hyperparameters import (decode_hyperparameters, encode_override, encode_overrides, parse_argv,
                                               read_hyperparameters)
-from tests.fakes import FAST, free_port
-from tests.fakes import make_fake_abid
+from tests.fakes import FAST
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = REPO / "sagemaker_launch" / "entry.py"
@@ -150,71 +147,3 @@ def test_single_process_job_trains_and_exports(tmp_path, fake_abid, monkeypatch)
     assert "last.ckpt" in ckpts and not (out / "checkpoints").exists()
     config = json.loads((model / "model_config.json").read_text())
     assert config["arch"] == "resnet18" and config["num_classes"] == 5
-
-
-def run_entry(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
-                          cwd=REPO, **kw)
-
-
-@pytest.mark.slow
-@pytest.mark.integration
-def test_torchrun_two_processes_one_model_synced_metrics(tmp_path, fake_abid):
-    root, _ = fake_abid
-    env = opt_ml(tmp_path, root)
-    hps = {**FAST_HPS, "trainer__max_epochs": "2"}
-    proc = run_entry([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                      f"--master_port={free_port()}",
-                      str(ENTRY), *as_argv(hps)], env, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert "world_size=2 (1 instance(s) x 2)" in log and "trainer.devices=2 trainer.num_nodes=1 trainer.strategy=ddp" in log
-    finals = dict(re.findall(r"\[bincount\] rank (\d)/2 world_size=2 (.*)", log))
-    assert sorted(finals) == ["0", "1"]
-    per_rank = [dict(kv.split("=") for kv in finals[r].split()) for r in ("0", "1")]
-    for key in ("val/acc", "val/acc_best", "val/mae", "test/acc", "test/mae", "test/rmse"):
-        assert per_rank[0][key] == per_rank[1][key], key  # torchmetrics values synced across ranks
-    model = tmp_path / "model"
-    assert sorted(p.name for p in model.iterdir()) == ["code", "model.pt", "model_config.json"]
-    assert log.count("model exported to") == 1
-    print("\n".join(line for line in log.splitlines() if "world_size" in line or "rank 0/2" in line or "rank 1/2" in line))
-
-
-@pytest.mark.slow
-@pytest.mark.integration
-def test_sigterm_writes_a_checkpoint_and_a_rerun_resumes(tmp_path):
-    data = tmp_path / "abid"
-    make_fake_abid(data, n=120, bad=False)  # ~70 training photos: ~18 steps per epoch at batch 4
-    env = opt_ml(tmp_path / "opt_ml", data, job="spot-job")
-    hps = {**FAST_HPS, "data__batch_size": "4", "test": "false"}
-    proc = subprocess.Popen([sys.executable, str(ENTRY), *as_argv({**hps, "trainer__max_epochs": "50"})],
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **env}, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ckpts = tmp_path / "opt_ml" / "checkpoints" / "spot-job"
-    lines, started, per_epoch = [], None, None
-    for line in proc.stdout:  # SIGTERM mid-epoch 1
-        lines.append(line)
-        if "[bincount] train start" in line:
-            started = time.monotonic()
-        if match := re.search(r"\[bincount\] validation epoch=0 global_step=(\d+)", line):
-            per_epoch, took = int(match.group(1)), time.monotonic() - started
-            deadline = time.monotonic() + 120
-            while not (ckpts / "last.ckpt").exists() and time.monotonic() < deadline:
-                time.sleep(0.05)  # written at the end of epoch 0: epoch 1 starts right after
-            time.sleep(0.4 * took)
-            proc.send_signal(signal.SIGTERM)
-            break
-    lines.append(proc.communicate(timeout=300)[0])
-    first = "".join(lines)
-    assert "SIGTERM received: every rank stops" in first and "SIGTERMException was raised" in first, first[-3000:]
-    saved = newest_checkpoint(ckpts)
-    step = torch.load(saved, map_location="cpu", weights_only=False)["global_step"]
-    assert per_epoch < step < 2 * per_epoch, (step, per_epoch)  # written on SIGTERM, mid-epoch 1
-
-    rerun = run_entry([sys.executable, str(ENTRY), *as_argv({**hps, "trainer__max_epochs": "3"})], env, timeout=600)
-    second = rerun.stdout + rerun.stderr
-    assert rerun.returncode == 0, second[-3000:]
-    assert f"ckpt_path={saved}" in second
-    assert f"[bincount] train start epoch=1 global_step={step}" in second  # the step count continues
-    final = torch.load(newest_checkpoint(ckpts), map_location="cpu", weights_only=False)["global_step"]
-    assert final > step

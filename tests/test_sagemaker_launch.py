@@ -338,7 +338,7 @@ def run_multirun(argv: list[str], sweep_dir: Path) -> subprocess.CompletedProces
 def test_hydra_multirun_with_the_sagemaker_launcher(aws, tmp_path):
     from hydra_plugins.bincount_sagemaker_launcher import sagemaker_launcher
 
-    submit, dry = documented_commands(sagemaker_launcher)
+    submit, _ = documented_commands(sagemaker_launcher)
     run_multirun(submit, tmp_path / "sweep")
     reqs = aws.calls("CreateTrainingJob")
     names = [r["TrainingJobName"] for r in reqs]
@@ -353,13 +353,6 @@ def test_hydra_multirun_with_the_sagemaker_launcher(aws, tmp_path):
         assert req["OutputDataConfig"]["S3OutputPath"] == f"s3://{BUCKET}/{req['TrainingJobName'].rsplit('-', 1)[0]}"
     assert (tmp_path / "sweep" / "multirun.yaml").is_file()
 
-    # the second documented command: a dry run (sagemaker.dry_run=true) sends nothing
-    aws.reset()
-    run = run_multirun(dry, tmp_path / "dry")
-    assert aws.requests() == []
-    printed = re.findall(r"DRY RUN: CreateTrainingJob (\S+) \(not sent\)", run.stdout)
-    assert [n.rsplit("-", 1)[0].split("-", 2)[2] for n in printed] == ["0", "1"]
-    assert printed[0].split("-")[1] != sweep  # a new sweep, its own prefixes
 
 
 def test_sagemaker_launcher_checkpoint_uris_are_per_job_and_sweep(aws, tmp_path):
