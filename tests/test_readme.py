@@ -454,5 +454,7 @@ def test_every_documented_command_parses(where, command, tmp_path, monkeypatch, 
 def test_the_quickstart_is_two_commands():
     """The first code block: set up + the quickstart run, then the tests (.ci/run depends on them)."""
     first = shell_commands(re.search(r"```bash\n.*?```", README.read_text(), flags=re.S).group(0))
-    assert first[-2:] == ["python train.py +experiment=quickstart data.root=../shared/abid", "python -m pytest -q -n auto"]
-    assert "pip install -q -e '.[dev]'" in (REPO / ".ci/run").read_text().replace('"', "'")
+    assert first[-2:] == ["python train.py +experiment=quickstart data.root=../shared/abid",
+                          "python -m pytest -q -n auto -m 'not slow'"]
+    ci = (REPO / ".ci/run").read_text().replace('"', "'")
+    assert "uv pip install -q -e '.[dev]'" in ci and "python -m pytest -q -n auto -m 'not slow'" in ci

@@ -118,11 +118,12 @@ def test_resume_errors_say_what_is_wrong_before_training(train_cfg, tmp_path):
 @pytest.mark.slow
 def test_a_one_cycle_run_cannot_be_extended_and_says_so(train_cfg, tmp_path):
     out = tmp_path / "run"
-    train(train_cfg("model/scheduler=onecycle", "trainer.max_epochs=1", "test=false", out=out))
-    with pytest.raises(ValueError, match="planned for 3 steps and cannot be extended to this run's 6"):
-        train(train_cfg("model/scheduler=onecycle", "trainer.max_epochs=2", "ckpt_path=last", "test=false", out=out))
+    short = ["model/scheduler=onecycle", "data.batch_size=2", "trainer.limit_val_batches=1", "test=false"]  # 12 steps an epoch
+    train(train_cfg(*short, "trainer.max_epochs=2", out=out))
+    with pytest.raises(ValueError, match="planned for 24 steps and cannot be extended to this run's 36"):
+        train(train_cfg(*short, "trainer.max_epochs=3", "ckpt_path=last", out=out))
     # the same length resumes (nothing left to do, but no error)
-    train(train_cfg("model/scheduler=onecycle", "trainer.max_epochs=1", "ckpt_path=last", "test=false", out=out))
+    train(train_cfg(*short, "trainer.max_epochs=2", "ckpt_path=last", out=out))
 
 
 @pytest.mark.parametrize(("override", "error", "message"), [
