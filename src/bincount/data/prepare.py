@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from multiprocessing.util import register_after_fork
 from pathlib import Path
 
+import torch
 from torchvision.io import encode_jpeg
 from torchvision.transforms.v2 import functional as F
 
@@ -86,10 +87,13 @@ class SampleEncoder:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        die_with_parent(self.parent_pid)  # spawned: multiprocessing runs no after-fork hook
+        self._in_worker()  # spawned: multiprocessing runs no after-fork hook
 
     def _in_worker(self) -> None:
         die_with_parent(self.parent_pid)
+        # one thread a worker, as in a DataLoader worker: the workers share the cores, and a forked
+        # worker that entered OpenMP's thread pool inherited from its parent would hang in it
+        torch.set_num_threads(1)
 
     def __call__(self, position: int) -> dict | None:
         return encode_sample(position, root=self.root, records=self.records, resize=self.resize,
