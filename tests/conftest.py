@@ -1,6 +1,12 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# with -n auto each xdist worker (one a core) computes on one thread, and so do the processes it
+# starts: two workers of two threads each on two cores mostly wait for each other
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 from omegaconf import DictConfig

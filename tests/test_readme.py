@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
 # installation and shell steps: nothing of the project's to parse
-NOT_CHECKED = {("pip",), ("python3", "-m", "venv"), (".",)}
+NOT_CHECKED = {("pip",), ("uv", "pip"), ("python3", "-m", "venv"), (".",)}
 SHELL_BLOCKS = {"bash", "sh", "shell"}
 
 

@@ -145,7 +145,7 @@ def test_bad_values_fail_at_construction_naming_the_key(override, error, message
 @pytest.mark.parametrize(("scheduler", "length", "steps"), [
     ("onecycle", "trainer.max_epochs=2 trainer.limit_train_batches=2", 4),  # warm-up of 0.4 steps: constant lr
     ("onecycle", "trainer.max_epochs=1 trainer.max_steps=1", 1),
-    ("onecycle", "trainer.max_epochs=4", 12),  # 1.2 warm-up steps (10 steps once divided by zero)
+    ("onecycle", "trainer.max_epochs=4 trainer.max_steps=10", 10),  # pct_start x 10 = 1 step: OneCycleLR divides by 0
     ("cosine", "trainer.max_epochs=2 trainer.limit_train_batches=1", 2),
     ("cosine", "trainer.max_epochs=3 trainer.max_steps=2", 2),
     ("none", "trainer.max_epochs=-1 trainer.max_steps=2", 2),
