@@ -142,7 +142,8 @@ def test_the_smoke_run_on_real_abid_photos_from_the_command_line(tmp_path):
     split, calibrates and exports, as the quickstart does."""
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "train.py", "+experiment=smoke", f"data.root={REPO.parent / 'shared' / 'abid'}",
-                           "trainer.max_epochs=1", "callbacks.rich_progress_bar=null", f"hydra.run.dir={run}"],
+                           "trainer.max_epochs=1", "data.cache_images=false", "callbacks.rich_progress_bar=null",
+                           f"hydra.run.dir={run}"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "model" / "model.pt").is_file() and (run / "model" / "model_config.json").is_file()
