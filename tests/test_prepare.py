@@ -16,7 +16,7 @@ from bincount.cli import main as bincount_cli
 from bincount.data.abid import build_index
 from bincount.data.cli import main as data_cli
 from bincount.data.decode import decode_rgb_bytes
-from bincount.data.prepare import prepare
+from bincount.data.prepare import STAGING_PREFIX, prepare
 from bincount.data.s3 import S3Error, upload_tree
 from bincount.data.shards import MANIFEST, read_manifest
 from bincount.data.splits import block_split
@@ -188,31 +188,61 @@ def alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.slow
-def test_killed_prepare_takes_its_workers_along_and_a_rerun_leaves_a_clean_folder(tmp_path):
-    root = tmp_path / "abid"
-    make_fake_abid(root, n=60, bad=False)
-    out = tmp_path / "shards"
-    (tmp_path / "tmp").mkdir()  # litdata's item list of the killed run stays behind in TMPDIR: keep it here
+def files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder``, by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def kill_prepare_while_writing(root: Path, out: Path, tmp_path: Path, split: str, *extra: str) -> set[int]:
+    """Start ``bincount data prepare`` into ``out``, SIGKILL it once its workers write ``split``'s
+    chunks (in its staging folder beside ``out``); returns its worker processes' pids."""
     proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "data", "prepare", "--in", str(root), "--out",
                              str(out), "--workers", "2", "--chunk-bytes", "8KB", "--block-size", "2", "--no-eda",
-                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             "--no-progress", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     deadline = time.monotonic() + 180
-    while not list(out.glob("train/chunk-*.bin")):  # litdata's workers (spawned) are writing chunks
+    while not list(out.parent.glob(f"{STAGING_PREFIX}*/{split}/chunk-*.bin")):  # litdata's workers write chunks
         assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "prepare wrote no chunk"
+        assert time.monotonic() < deadline, f"prepare wrote no {split} chunk"
         time.sleep(0.05)
     workers = children(proc.pid)
     proc.kill()
     proc.wait()
+    return workers
+
+
+@pytest.mark.slow
+def test_a_killed_prepare_leaves_the_old_data_set_whole_and_takes_its_workers_along(tmp_path):
+    root = tmp_path / "abid"
+    make_fake_abid(root, n=60, bad=False)
+    out = tmp_path / "shards"
+    (tmp_path / "tmp").mkdir()  # litdata's item list of a killed run stays behind in TMPDIR: keep it here
+
+    workers = kill_prepare_while_writing(root, out, tmp_path, "train")
     assert workers, "prepare had no worker processes"
     deadline = time.monotonic() + 60
     while left := {pid for pid in workers if alive(pid)}:
         assert time.monotonic() < deadline, f"processes {left} outlived the killed prepare"
         time.sleep(0.1)
-    assert not (out / MANIFEST).exists()
+    assert not list(out.iterdir())  # no data set, not a partial one
 
-    manifest = prepare(root, str(out), block_size=2, eda=False, **FAST)
+    prepare(root, str(out), max_count=3, block_size=2, eda=False, **FAST)
+    old = files(out)
+    for split in ("train", "val"):  # --overwrite killed at two moments: the old data set stays, byte for byte
+        kill_prepare_while_writing(root, out, tmp_path, split, "--overwrite", "--max-count", "5")
+        assert files(out) == old, split
+
+    manifest = prepare(root, str(out), max_count=5, block_size=2, eda=False, overwrite=True, **FAST)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test", "train", "val"]
+    assert read_manifest(str(out))["max_count"] == 5
     assert sum(len(s["image_ids"]) for s in manifest["splits"].values()) == 60
+    assert not list(tmp_path.glob(f"{STAGING_PREFIX}*"))  # the killed runs' staging folders are gone
+
+
+def test_a_folder_that_is_not_a_data_set_is_refused(abid_folder, tmp_path):
+    root, _ = abid_folder
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me\n")
+    with pytest.raises(ValueError, match="holds files but no manifest.json"):
+        prepare(root, str(tmp_path / "notes"), eda=False, overwrite=True, **SPLIT, **FAST)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me\n"

@@ -16,11 +16,13 @@ Every photo is decoded once here; one that fails is reported in the manifest and
 With ``--resize N`` photos whose shorter side exceeds ``N`` pixels are scaled down to it and
 re-encoded (JPEG quality ``--quality``); others keep their original bytes. For an S3 output the
 chunks are built in a local staging folder and uploaded with boto3 (manifest last), so a
-failed upload is an error rather than a half-written dataset that looks complete.
+failed upload is an error rather than a half-written dataset that looks complete. For a local
+folder they are built in a staging folder beside it and renamed into place when complete, so a
+killed run, with ``--overwrite`` too, leaves the old data set whole or none: never splits of two runs.
 
 The optimize worker processes die with the process that started them, even when it is killed
 with SIGKILL (Linux's parent-death signal), and a rerun after such a kill removes what the killed
-run left: its rejects folder, its S3 staging folder, partial chunks (litdata overwrites them).
+run left: its rejects folder and its staging folder.
 """
 
 from __future__ import annotations
@@ -207,6 +209,22 @@ def _remove_dead_runs_staging(parent: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put the finished folder ``new`` at ``target`` by renames (``new`` is on ``target``'s file system).
+
+    An existing ``target`` is first renamed aside under a staging name, then removed: killed at any
+    moment, ``target`` is the old folder or the new one, whole, or absent (between the two renames,
+    when the old one is whole under its staging name until the next run removes it).
+    """
+    if not target.exists():
+        os.rename(new, target)
+        return
+    aside = target.with_name(f"{STAGING_PREFIX}{os.getpid()}-replaced-{target.name}")
+    os.rename(target, aside)
+    os.rename(new, target)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _shard_stats(split_dir: Path) -> dict:
     index = json.loads((split_dir / "index.json").read_text())
     chunks = index["chunks"]
@@ -286,16 +304,23 @@ def prepare(
     manifest_uri = join_uri(out, MANIFEST)
     if not overwrite and exists(manifest_uri, endpoint_url=endpoint_url, client=client):
         raise FileExistsError(f"{manifest_uri} exists: prepare into a new version (e.g. .../v2) or pass --overwrite")
+    if not remote and Path(out).is_dir() and any(Path(out).iterdir()) and not (Path(out) / MANIFEST).is_file():
+        raise ValueError(f"--out {out} holds files but no {MANIFEST} (not a prepared data set): give a new or "
+                         "empty folder")
 
     records, index_report = build_index(in_dir, min_count=min_count, max_count=max_count, label_list=label_list)
     splits = block_split(records, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                          block_size=block_size)
+    # built in a staging folder, then uploaded (S3) or renamed into place (a local folder, staged
+    # beside it on the same file system): a killed run leaves the old data set whole or none at all
     if remote:
-        _remove_dead_runs_staging(Path(staging_dir or tempfile.gettempdir()))
-        stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=staging_dir))
+        staging_parent = Path(staging_dir or tempfile.gettempdir())
+        staging_parent.mkdir(parents=True, exist_ok=True)
     else:
-        stage = Path(out)
-        stage.mkdir(parents=True, exist_ok=True)
+        Path(out).mkdir(parents=True, exist_ok=True)  # empty until the finished data set replaces it
+        staging_parent = Path(out).resolve().parent
+    _remove_dead_runs_staging(staging_parent)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=staging_parent))
     try:
         kept: dict[str, list[BinRecord]] = {}
         rejected: dict[str, str] = {}
@@ -327,13 +352,16 @@ def prepare(
         write_json_atomic(stage / MANIFEST, manifest)  # complete or absent, even on a full disk
         if remote:
             upload_tree(stage, out, endpoint_url=endpoint_url, client=client, progress=progress, last=[MANIFEST])
+        else:
+            _replace_folder(stage, Path(out))
     except OSError as err:
-        if err.filename is None and err.errno in WRITE_ERRNOS:  # a failed write() names no file
-            raise OSError(err.errno, err.strerror, str(stage)) from err
+        # a failed write() names no file; a local run's staging folder is no name the user knows
+        unnamed = err.filename is None and err.errno in WRITE_ERRNOS
+        if unnamed or (not remote and str(err.filename or "").startswith(str(stage))):
+            raise OSError(err.errno, err.strerror, str(stage) if remote else out) from err
         raise
     finally:
-        if remote:
-            shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)  # gone already when a local run succeeded
     log.info("prepared %s in %.1f s: %s; rejected %d", out, time.perf_counter() - start,
              ", ".join(f"{k} {len(v)}" for k, v in kept.items()), len(rejected))
     return manifest
