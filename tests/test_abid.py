@@ -105,3 +105,9 @@ def test_block_split_is_stratified():
     share = lambda recs, k: sum(r.expected_quantity == k for r in recs) / len(recs)  # noqa: E731
     for k in range(1, 6):
         assert abs(share(split["test"], k) - share(records, k)) < 0.05
+
+
+def test_too_few_id_blocks_say_which_setting_makes_more():
+    with pytest.raises(ValueError, match=r"100 photos in blocks of 20 ids make 5 id blocks, too few for a 7-fold split: "
+                                         r"use smaller blocks \(data\.block_size=, or --block-size"):
+        block_split(_records(100), val_fraction=0.15, test_fraction=0.15, seed=0, block_size=20)

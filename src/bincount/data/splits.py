@@ -37,7 +37,7 @@ def block_split(
     The split depends only on the records and ``seed``.
 
     Raises:
-        ValueError: If a fraction is not in (0, 0.5].
+        ValueError: If a fraction is not in (0, 0.5], or the ids make fewer blocks than the split has folds.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -49,7 +49,9 @@ def block_split(
     y = [r.expected_quantity for r in records]
     n_folds = max(3, round(1 / min(val_fraction, test_fraction)))
     if len(set(groups)) < n_folds:
-        raise ValueError(f"{len(set(groups))} id blocks are too few for a {n_folds}-fold split")
+        raise ValueError(f"{len(records)} photos in blocks of {block_size} ids make {len(set(groups))} id blocks, too few "
+                         f"for a {n_folds}-fold split: use smaller blocks (data.block_size=, or --block-size for "
+                         "bincount data prepare)")
     folds = list(StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(y, y, groups))
     test_idx = set(folds[0][1].tolist())
     val_idx = set(folds[1][1].tolist())
