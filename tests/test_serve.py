@@ -742,3 +742,15 @@ def test_bincount_serve_command(bundle):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(("uri", "reason"), [("s3://Bad_Bucket!/bin.jpg", 'Invalid bucket name "Bad_Bucket!"'),
+                                             ("s3://bins/", "Invalid length for parameter Key")])
+def test_an_s3_uri_that_botocore_refuses_is_a_400_in_one_line(uri, reason, monkeypatch):
+    from bincount.serve.fetch import read_s3_object
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # refused before any request is sent
+    with pytest.raises(RequestError) as raised:
+        read_s3_object(uri, max_bytes=1 << 20)
+    assert raised.value.status_code == 400 and "\n" not in str(raised.value.message)
+    assert str(raised.value.message).startswith(f"s3_uri {uri!r}: {reason}")

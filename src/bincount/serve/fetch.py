@@ -41,10 +41,11 @@ def read_s3_object(uri: str, *, max_bytes: int) -> bytes:
         max_bytes: Largest object accepted, bytes.
 
     Raises:
-        RequestError: (400) Bad URI, missing object or bucket, access denied, or over ``max_bytes``.
+        RequestError: (400) Bad URI (botocore's own checks of the bucket name and key included),
+            missing object or bucket, access denied, or over ``max_bytes``.
         UpstreamError: (502) S3 cannot be reached.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
     from bincount.data.s3 import explain, split_s3_uri
 
@@ -60,5 +61,7 @@ def read_s3_object(uri: str, *, max_bytes: int) -> bytes:
             return body.read()
     except ClientError as err:
         raise RequestError(str(explain(err, uri=uri))) from None
+    except ParamValidationError as err:  # refused before sending: the request's fault, not S3's
+        raise RequestError(f"s3_uri {uri!r}: " + " ".join(str(err).replace("Parameter validation failed:", "").split())) from None
     except BotoCoreError as err:
         raise UpstreamError(str(explain(err, uri=uri))) from None
