@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tests.golden.training import ATOL, GOLDEN, RTOL
+from tests.golden import ATOL, GOLDEN, RTOL
 
 REPO = Path(__file__).resolve().parents[1]
 

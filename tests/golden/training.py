@@ -11,7 +11,7 @@ A ResNet's training amplifies the last bit of a float within a few steps (a ReLU
 decides on a near tie), and the CPU's kernels differ in those bits from one instruction set,
 cache size or thread count to another. So this run is computed on one thread, by ATen's kernels
 built for the instructions every x86-64 CPU has and MKL's matrix products in its code path that
-gives the same results on Intel and AMD CPUs (:data:`REPRODUCIBLE`, set before torch is imported),
+gives the same results on Intel and AMD CPUs (``tests.golden.REPRODUCIBLE``, set before torch is imported),
 without oneDNN and NNPACK, whose kernels adapt to the CPU: slower than usual, the same numbers on
 every x86-64 machine. Run it as its own process.
 """
@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import os
 
-# one thread; ATen's kernels without AVX; MKL's matrix products in the code path whose results are
-# the same on Intel and AMD CPUs (MKL's conditional numerical reproducibility)
-REPRODUCIBLE = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default",
-                "MKL_CBWR": "COMPATIBLE"}
-os.environ.update(REPRODUCIBLE)
+from tests.golden import GOLDEN, REPRODUCIBLE
+
+os.environ.update(REPRODUCIBLE)  # this process only: run it as its own (python -m tests.golden.training)
 
 import argparse  # noqa: E402  (the environment above must come before torch)
 import csv  # noqa: E402
@@ -38,11 +36,6 @@ from bincount.config import compose  # noqa: E402
 from bincount.train import train  # noqa: E402
 from tests.fakes import FAST, make_fake_abid, set_output_dir  # noqa: E402
 
-GOLDEN = Path(__file__).with_name("training.json")
-# what tests/test_golden_training.py allows: the run above is meant to be bit for bit the same on
-# every x86-64 CPU; what training changes (augmentation, loss, schedule, optimizer, data order) moves the losses
-# by 1e-3 to 1e-1 from the second step on
-RTOL, ATOL = 1e-5, 1e-6
 OVERRIDES = [
     "+experiment=quickstart", *FAST, "data.cache_images=false", "trainer.max_epochs=5",
     "trainer.precision=32-true", "trainer.log_every_n_steps=1", "test=false", "logger.tensorboard=null",
