@@ -16,6 +16,7 @@ the machine meanwhile: every figure is a wall time.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -39,7 +40,7 @@ def clone(ref: str, where: Path) -> Path:
 
 def timed(command: str, cwd: Path, log: Path, timeout: float) -> tuple[float, str]:
     """Run ``command`` in bash; its wall time in seconds and its output (also written to ``log``)."""
-    env = {k: v for k, v in __import__("os").environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     start = time.monotonic()
     proc = subprocess.run(["bash", "-c", command], cwd=cwd, env={**env, "CI": "true"}, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)

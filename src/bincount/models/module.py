@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import lightning as L
@@ -305,10 +306,11 @@ class BinCountModule(L.LightningModule):
                     f"the checkpoint's step schedule (one-cycle) was planned for {self.planned_steps} steps and cannot "
                     f"be extended to this run's {total} (trainer.max_epochs changed?): resume with the run's own "
                     "trainer.max_epochs, or start a new run")
-            pct_start = getattr(self.scheduler_factory, "keywords", {}).get("pct_start", 0.3)
-            if self.planned_steps is None and pct_start * total < 2:
+            # the warm-up share as the scheduler will see it: the config's value, else the class default
+            warmup = inspect.signature(self.scheduler_factory).parameters.get("pct_start")
+            if self.planned_steps is None and warmup is not None and warmup.default * total < 2:
                 rank_zero_info(f"model.scheduler: {total} steps leave no room for one-cycle's warm-up "
-                               f"(pct_start={pct_start} x {total} < 2 steps): training at a constant "
+                               f"(pct_start={warmup.default} x {total} < 2 steps): training at a constant "
                                f"lr={optimizer.param_groups[0]['lr']:g}")
                 return optimizer
             scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=total)
