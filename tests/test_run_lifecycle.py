@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 
 import hydra
+import lightning as L
 import pytest
 import torch
 from hydra.errors import InstantiationException
 
 from bincount.config import compose
 from bincount.evaluate import evaluate
+from bincount.models.card import ModelCard
 from bincount.train import train
 from tests.fakes import FAST, make_fake_abid, set_output_dir
 
@@ -167,3 +169,45 @@ def test_a_shortened_run_trains(scheduler, length, steps, train_cfg, tmp_path, c
 def test_a_run_its_schedule_cannot_fit_names_the_key(scheduler, length, message, train_cfg):
     with pytest.raises(ValueError, match=message):
         train(train_cfg(f"model/scheduler={scheduler}", *length.split(), "test=false"))
+
+
+class SigtermAtTest(L.Callback):
+    """Sends this process SIGTERM when the test's first batch is done."""
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def sigterm_between_the_model_files(monkeypatch) -> None:
+    """SIGTERM once ``model.pt`` is written and before ``model_config.json`` is (the card's JSON)."""
+    to_dict = ModelCard.to_dict
+
+    def to_dict_after_sigterm(card):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return to_dict(card)
+
+    monkeypatch.setattr(ModelCard, "to_dict", to_dict_after_sigterm)
+
+
+@pytest.mark.parametrize("phase", ["test", "export"])
+def test_a_stop_after_training_exports_nothing_exits_nonzero_and_the_resume_exports(phase, train_cfg, tmp_path,
+                                                                                    monkeypatch, caplog):
+    out = tmp_path / "run"
+    stop = [f"+callbacks.sigterm={{_target_: {__name__}.SigtermAtTest}}"] if phase == "test" else []
+    cfg = train_cfg("trainer.limit_val_batches=1", *stop, out=out)
+    if phase == "export":
+        sigterm_between_the_model_files(monkeypatch)
+    with caplog.at_level("INFO"), pytest.raises(SystemExit) as stopped:
+        train(cfg)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert sorted(p.name for p in out.iterdir() if "model" in p.name) == []  # no model/, no staging folder
+    line = next(r.getMessage() for r in caplog.records if "after training" in r.getMessage())
+    assert re.match(r"stopped by SIGTERM after training \(step 3\), .* model/ not written\. "
+                    r"Resume with:\n  .*ckpt_path=\S*last(\.ckpt)?$", line), line
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+
+    monkeypatch.undo()
+    metrics = train(train_cfg("trainer.limit_val_batches=1", "ckpt_path=last", out=out))  # no more training: test, export
+    assert "test/mae" in metrics
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["model.pt", "model_config.json"]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3

@@ -1,10 +1,12 @@
-"""Files that are complete or absent: written through a temporary file and a rename."""
+"""Files and folders that are complete or absent: written under a temporary name, then renamed."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,3 +60,71 @@ def write_json_atomic(path: Path, data) -> None:
     """
     with atomic_write(path) as f:
         f.write(json.dumps(data, indent=1) + "\n")
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the finished folder ``new`` at ``target`` by renames (``new`` is on ``target``'s file system).
+
+    An existing ``target`` is first renamed aside (``<new>-replaced``), then removed: killed at any
+    moment, ``target`` is the old folder or the new one, whole, or absent (between the two renames,
+    when the old one is whole under the aside name until it is cleaned up).
+
+    Raises:
+        OSError: If a rename fails.
+    """
+    if not target.exists():
+        os.rename(new, target)
+        return
+    aside = new.with_name(f"{new.name}-replaced")
+    os.rename(target, aside)
+    os.rename(new, target)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def is_running(pid: int) -> bool:
+    """Whether process ``pid`` exists (also when it belongs to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """A staging folder beside ``path``, renamed to ``path`` when the block ends without an error.
+
+    ``path`` (an existing folder is replaced) is untouched until the block has written the whole
+    folder; on any failure, a stop signal's exception included, the staging folder is removed.
+    A process killed outright leaves its staging folder (``.<name>.<pid>.part``), which the next
+    writer of ``path`` removes.
+
+    Yields:
+        The empty staging folder to write into.
+
+    Raises:
+        OSError: If the folder cannot be written; a write error that names no file, or a file in
+            the staging folder, is raised again naming ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*{PART_SUFFIX}*"):
+        match = re.fullmatch(rf"\.{re.escape(path.name)}\.(\d+){re.escape(PART_SUFFIX)}(-replaced)?", stale.name)
+        if match and (int(match.group(1)) == os.getpid() or not is_running(int(match.group(1)))):
+            shutil.rmtree(stale, ignore_errors=True)
+    stage = path.with_name(f".{path.name}.{os.getpid()}{PART_SUFFIX}")
+    stage.mkdir()
+    try:
+        yield stage
+        replace_folder(stage, path)
+    except OSError as err:
+        shutil.rmtree(stage, ignore_errors=True)
+        if (err.filename and str(err.filename).startswith(str(stage))) or (err.filename is None
+                                                                             and err.errno in WRITE_ERRNOS):
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise

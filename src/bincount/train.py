@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import shlex
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -82,22 +84,67 @@ def resume_command(out_dir: Path) -> str:
     return shlex.join(["python", "train.py", *keep, f"hydra.run.dir={out_dir}", "ckpt_path=last"])
 
 
+class StoppedRun(SystemExit):
+    """A run stopped by SIGTERM or SIGINT before it finished: exits with status 128 + the signal.
+
+    Attributes:
+        message: The line printed for it (where it stopped, what was kept), without the resume command.
+    """
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(128 + signum)
+        self.message = message
+
+
+class StopSignal(BaseException):
+    """Raised by :func:`stop_signals_raise`'s handler; a ``BaseException``, as ``KeyboardInterrupt``
+    is, so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """Until the block ends, SIGTERM and SIGINT raise :class:`StopSignal` in the main thread.
+
+    For the phases after training (test, calibration, export), where Lightning's own SIGTERM
+    handler only records the signal and the default action would kill the process part-way
+    through writing the outputs. The previous handlers are put back when the block ends.
+    """
+    def raise_stop(signum, frame) -> None:
+        raise StopSignal(signum)
+
+    previous = {signum: signal.signal(signum, raise_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def stop(signum: int, message: str, out_dir: Path) -> StoppedRun:
+    """Print ``message`` and the command that resumes the run (global rank 0); the exception to raise."""
+    rank_zero_info(f"{message}. Resume with:\n  {resume_command(out_dir)}")
+    return StoppedRun(signum, message)
+
+
 def fit(trainer: L.Trainer, model: BinCountModule, datamodule, ckpt_path: str | None, out_dir: Path) -> None:
     """``trainer.fit``; a run stopped by SIGTERM or Ctrl-C (after ``last.ckpt`` is written at the
     current step) exits with status 143 or 130 and says how to resume, never 0 as if finished.
 
     Raises:
-        SystemExit: With 143 (SIGTERM) or 130 (SIGINT) when the run was stopped.
+        StoppedRun: With 143 (SIGTERM) or 130 (SIGINT) when the run was stopped.
     """
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SystemExit as stop:  # Lightning's SIGTERMException (exit code None: 0) or its exit(1) after Ctrl-C
+    except SystemExit as stopped:  # Lightning's SIGTERMException or its exit(1) after Ctrl-C
         if not trainer.interrupted:
             raise
-        by_sigterm = isinstance(stop, SIGTERMException)
-        rank_zero_info(f"training stopped by {'SIGTERM' if by_sigterm else 'SIGINT'} at epoch {trainer.current_epoch}, "
-                       f"step {trainer.global_step}; nothing tested or exported. Resume with:\n  {resume_command(out_dir)}")
-        raise SystemExit(128 + (signal.SIGTERM if by_sigterm else signal.SIGINT)) from None
+        signum = signal.SIGTERM if isinstance(stopped, SIGTERMException) else signal.SIGINT
+        raise stop(signum, f"training stopped by {signum.name} at epoch {trainer.current_epoch}, step "
+                           f"{trainer.global_step}; last.ckpt saved, nothing tested or exported", out_dir) from None
 
 
 def select_weights(trainer: L.Trainer, model: BinCountModule) -> str:
@@ -193,15 +240,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     fit(trainer, model, datamodule, ckpt_path, out_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    if not cfg.get("test", True):
-        log_outputs(trainer, out_dir)
-        return metrics
-
-    best = select_weights(trainer, model)
-    trainer.test(model, datamodule=datamodule)
-    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-    finish(trainer, model, datamodule, out_dir, best)
-    log_outputs(trainer, out_dir)  # logger=mlflow: the report and model/ as artifacts (rank 0)
+    with stop_signals_raise():
+        try:
+            if cfg.get("test", True):
+                best = select_weights(trainer, model)
+                trainer.test(model, datamodule=datamodule)
+                metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+                finish(trainer, model, datamodule, out_dir, best)
+            log_outputs(trainer, out_dir)  # logger=mlflow: the report and model/ as artifacts (rank 0)
+        except StopSignal as signalled:
+            raise stop(signalled.signum, f"stopped by {signal.Signals(signalled.signum).name} after training (step "
+                                         f"{trainer.global_step}), before the test, "
+                                         "calibration and export were done; model/ not written", out_dir) from None
     return metrics
 
 

@@ -14,6 +14,7 @@ from bincount.data.abid import BinRecord, build_index
 from bincount.data.dataset import BinImageDataset, collate_skip_none
 from bincount.data.splits import block_split, per_image_split
 from bincount.data.transforms import CountingPresetEval, CountingPresetTrain
+from bincount.data.workers import init_loader_worker
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,10 @@ class CountingDataModule(L.LightningDataModule):
         return self.train_preset if split == "train" else self.eval_preset
 
     def loader_kwargs(self) -> dict:
-        """Keyword arguments every split's loader gets: batch size, workers, :func:`collate_skip_none`."""
+        """Keyword arguments every split's loader gets: batch size, workers (that leave stop signals to
+        the main process: :func:`~bincount.data.workers.init_loader_worker`), :func:`collate_skip_none`."""
         return {"batch_size": self.hparams.batch_size, "num_workers": self.hparams.num_workers,
-                "collate_fn": collate_skip_none}
+                "collate_fn": collate_skip_none, "worker_init_fn": init_loader_worker}
 
     def _loader(self, name: str):
         raise NotImplementedError(f"{type(self).__name__} builds no loader for the {name} split")

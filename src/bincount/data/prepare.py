@@ -44,14 +44,14 @@ import torch
 from torchvision.io import encode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from bincount.atomic import WRITE_ERRNOS, write_json_atomic
+from bincount.atomic import WRITE_ERRNOS, is_running, replace_folder, write_json_atomic
 from bincount.data.abid import IMAGE_DIR, BinRecord, build_index
 from bincount.data.decode import decode_rgb_bytes
 from bincount.data.eda import write_eda
 from bincount.data.s3 import check_bucket, exists, is_s3_uri, join_uri, make_client, upload_tree
 from bincount.data.shards import MANIFEST, SPLIT_NAMES, make_manifest, make_sample
 from bincount.data.splits import block_split
-from bincount.data.workers import die_with_parent, is_running
+from bincount.data.workers import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -209,22 +209,6 @@ def _remove_dead_runs_staging(parent: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _replace_folder(new: Path, target: Path) -> None:
-    """Put the finished folder ``new`` at ``target`` by renames (``new`` is on ``target``'s file system).
-
-    An existing ``target`` is first renamed aside under a staging name, then removed: killed at any
-    moment, ``target`` is the old folder or the new one, whole, or absent (between the two renames,
-    when the old one is whole under its staging name until the next run removes it).
-    """
-    if not target.exists():
-        os.rename(new, target)
-        return
-    aside = target.with_name(f"{STAGING_PREFIX}{os.getpid()}-replaced-{target.name}")
-    os.rename(target, aside)
-    os.rename(new, target)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def _shard_stats(split_dir: Path) -> dict:
     index = json.loads((split_dir / "index.json").read_text())
     chunks = index["chunks"]
@@ -353,7 +337,7 @@ def prepare(
         if remote:
             upload_tree(stage, out, endpoint_url=endpoint_url, client=client, progress=progress, last=[MANIFEST])
         else:
-            _replace_folder(stage, Path(out))
+            replace_folder(stage, Path(out))
     except OSError as err:
         # a failed write() names no file; a local run's staging folder is no name the user knows
         unnamed = err.filename is None and err.errno in WRITE_ERRNOS

@@ -1,7 +1,10 @@
-"""Worker processes that die with the process that started them, even one killed with SIGKILL.
+"""Worker processes that stop with the process that started them, and only through it.
 
 ``bincount data prepare`` arms its ``litdata.optimize`` workers with :func:`die_with_parent`
 (Linux's parent-death signal), so a killed prepare leaves no worker writing chunks behind.
+DataLoader workers start with :func:`init_loader_worker`: a stop sent to the whole process group
+(``timeout``, Ctrl-C in a terminal, systemd, a batch scheduler) is left to the main process,
+which stops the run and then its workers.
 """
 
 from __future__ import annotations
@@ -10,6 +13,10 @@ import ctypes
 import os
 import signal
 import sys
+
+from lightning.fabric.utilities.seed import pl_worker_init_function
+
+from bincount.atomic import is_running
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -41,12 +48,20 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def is_running(pid: int) -> bool:
-    """Whether process ``pid`` exists (also when it belongs to another user)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+def init_loader_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of every DataLoader: ignore SIGTERM and SIGINT, then seed as Lightning does.
+
+    A signal sent to the process group reaches the workers too; torch's worker SIGTERM handler
+    exits at once, and the main process then fails with ``DataLoader worker (pid N) is killed by
+    signal: Terminated`` instead of stopping the run (``last.ckpt`` and the resume line). Ignoring
+    the signal leaves the stop to the main process, which ends its workers itself. Seeding: with
+    ``seed_everything(workers=True)`` (``PL_SEED_WORKERS=1``), Lightning's own
+    ``pl_worker_init_function``, which it only adds to loaders that have no ``worker_init_fn``.
+
+    Args:
+        worker_id: The worker's index in its DataLoader.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id)

@@ -6,13 +6,15 @@ the bare backbone's ``state_dict`` and its :class:`~bincount.models.card.ModelCa
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from bincount.atomic import atomic_write
+from bincount.atomic import atomic_folder
 from bincount.models.backbones import build_backbone
 from bincount.models.card import CardError, ModelCard
 
@@ -21,7 +23,11 @@ CONFIG_FILE = "model_config.json"
 
 
 def save_model_dir(net: nn.Module, out_dir: str | Path, card: ModelCard) -> Path:
-    """Write the bare backbone's ``state_dict`` and its card to ``out_dir``, each file atomically.
+    """Write the bare backbone's ``state_dict`` and its card into the folder ``out_dir``, atomically.
+
+    The folder is built beside ``out_dir`` and renamed into place when both files are written
+    (:func:`bincount.atomic.atomic_folder`): stopped or failing at any moment, ``out_dir`` is the
+    previous model, whole, or the new one, or absent; never a ``model.pt`` without its card.
 
     Args:
         net: The torchvision backbone (``BinCountModule.net``), ``(N, 3, S, S)`` ->
@@ -33,15 +39,15 @@ def save_model_dir(net: nn.Module, out_dir: str | Path, card: ModelCard) -> Path
         ``out_dir``.
 
     Raises:
-        OSError: If a file cannot be written; an existing file stays whole.
+        OSError: If the folder cannot be written (a full disk, a read-only folder), naming ``out_dir``.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    with atomic_write(out_dir / MODEL_FILE, "wb") as f:
-        torch.save(state, f)
-    with atomic_write(out_dir / CONFIG_FILE) as f:
-        f.write(json.dumps(card.to_dict(), indent=2) + "\n")
+    weights = io.BytesIO()  # serialised in memory: a full disk is then an OSError, not torch's zip-writer RuntimeError
+    torch.save(state, weights)
+    with atomic_folder(out_dir) as stage:
+        (stage / MODEL_FILE).write_bytes(weights.getbuffer())
+        (stage / CONFIG_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
     return out_dir
 
 
@@ -84,6 +90,7 @@ def load_model_dir(model_dir: str | Path, map_location: str | torch.device = "cp
         FileNotFoundError: If a file is missing.
         ValueError: If ``model_config.json`` is malformed (see :func:`read_model_card`) or names an
             architecture torchvision lacks.
+        ValueError: If ``model.pt`` is not a readable weights file (cut short, or not one at all).
         RuntimeError: If ``model.pt`` does not match the card's architecture and class count.
     """
     card = read_model_card(model_dir)
@@ -91,6 +98,12 @@ def load_model_dir(model_dir: str | Path, map_location: str | torch.device = "cp
         net = build_backbone(card.arch, card.num_classes)
     except ValueError as err:
         raise ValueError(f"{Path(model_dir) / CONFIG_FILE}: arch: {err}") from None
-    state = torch.load(Path(model_dir) / MODEL_FILE, map_location=map_location, weights_only=True)
+    path = Path(model_dir) / MODEL_FILE
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path} is not a readable weights file ({reason}): re-export the model "
+                         "(python train.py ... ckpt_path=last) or restore the file") from None
     net.load_state_dict(state)
     return net.eval(), card
