@@ -31,6 +31,11 @@ and the container's places, read from the environment when :func:`main` runs:
 
 Global rank 0 copies the exported ``model/`` (model.pt, model_config.json) to ``$SM_MODEL_DIR``
 with ``code/`` for SageMaker's PyTorch serving image (:func:`sagemaker_launch.export.export_model`).
+
+A job stopped by SIGTERM (``StopTrainingJob``, a spot reclaim, the stopping condition) at any
+phase exits non-zero with ``$SM_MODEL_DIR`` empty, and writes where it stopped to SageMaker's
+failure file (``/opt/ml/output/failure``, the job's ``FailureReason``) before the SDK's driver
+would write its ``CalledProcessError`` traceback there (the driver keeps a file that exists).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +66,7 @@ class ContainerEnv:
         checkpoint_dir: ``$SM_CHECKPOINT_DIR/$TRAINING_JOB_NAME`` (synced with the checkpoint S3 URI).
         train_channel: ``$SM_CHANNEL_TRAIN`` or ``None``.
         scratch_dir: ``$SM_INPUT_DIR/scratch``: caches that must not land in an archive.
+        failure_file: ``$SM_OUTPUT_FAILURE`` (``/opt/ml/output/failure``): the job's ``FailureReason``.
         job_name: ``$TRAINING_JOB_NAME`` (``local`` outside SageMaker).
         rank: Global rank (``$RANK``), 0 without torchrun.
         world_size: Processes in the job (``$WORLD_SIZE``), 1 without torchrun.
@@ -71,6 +78,7 @@ class ContainerEnv:
     checkpoint_dir: Path
     train_channel: Path | None
     scratch_dir: Path
+    failure_file: Path
     job_name: str
     rank: int
     world_size: int
@@ -88,6 +96,8 @@ class ContainerEnv:
             checkpoint_dir=Path(environ.get("SM_CHECKPOINT_DIR", "/opt/ml/checkpoints")) / job_name,
             train_channel=Path(channel) if channel else None,
             scratch_dir=Path(environ.get("SM_INPUT_DIR", "/opt/ml/input")) / "scratch",
+            failure_file=Path(environ.get("SM_OUTPUT_FAILURE",
+                                          Path(environ.get("SM_OUTPUT_DIR", "/opt/ml/output")) / "failure")),
             job_name=job_name,
             rank=int(environ.get("RANK", 0)),
             world_size=world_size,
@@ -195,6 +205,41 @@ def drop_trial_checkpoints(env: ContainerEnv, user: list[str]) -> bool:
     return True
 
 
+def write_failure(env: ContainerEnv, message: str) -> None:
+    """Write ``message`` to SageMaker's failure file unless one exists (the first reason stays, as
+    the SDK's drivers and sagemaker-training keep it)."""
+    try:
+        env.failure_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(env.failure_file, "x") as f:
+            f.write(message + "\n")
+    except FileExistsError:
+        pass
+
+
+def export_or_stop(env: ContainerEnv, run_model_dir: Path) -> None:
+    """:func:`~sagemaker_launch.export.export_model` into ``$SM_MODEL_DIR``, complete or not at all.
+
+    SageMaker uploads whatever ``$SM_MODEL_DIR`` holds, also for a stopped job: a SIGTERM or SIGINT
+    during the copy, or an error, empties it before the process exits.
+
+    Raises:
+        StoppedRun: With 143 or 130 when a signal stopped the export.
+        OSError: If the copy fails.
+    """
+    from bincount.train import StoppedRun, StopSignal, stop_signals_raise
+
+    try:
+        with stop_signals_raise():
+            export_model(run_model_dir, env.model_dir)
+    except BaseException as err:
+        for path in env.model_dir.iterdir() if env.model_dir.is_dir() else []:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if isinstance(err, StopSignal):
+            raise StoppedRun(err.signum, f"stopped by {signal.Signals(err.signum).name} while copying the model to "
+                                         f"{env.model_dir}; the job's model.tar.gz is empty") from None
+        raise
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the job: decode the hyperparameters, compose, train, export (rank 0).
 
@@ -207,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     Raises:
         ValueError: See :func:`sagemaker_launch.hyperparameters.parse_argv` and :func:`distributed_overrides`.
+        bincount.train.StoppedRun: A stop at any phase (exit status 128 + the signal); its line,
+            and that the checkpoints are kept, go to the failure file (:func:`write_failure`).
     """
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -225,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     from bincount.callbacks import PREFIX, format_metrics
     from bincount.config import compose
-    from bincount.train import train
+    from bincount.train import StoppedRun, train
 
     data_keys = set(compose("train", user).data.keys())
     overrides = user + container_overrides(env, user, data_keys)
@@ -233,14 +280,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                    f"({env.world_size // env.local_world_size} instance(s) x {env.local_world_size})")
     rank_zero_info(f"{PREFIX} overrides: {' '.join(overrides)}")
     cfg = compose("train", overrides)
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+        if env.rank == 0 and cfg.get("test", True):
+            export_or_stop(env, env.output_data_dir / "model")
+    except StoppedRun as stopped:
+        write_failure(env, f"{stopped.message}; checkpoints in {cfg.callbacks.model_checkpoint.dirpath} (synced with "
+                           "the job's checkpoint S3 URI): a restarted spot job resumes from the newest")
+        raise
 
     synced = {k: v for k, v in metrics.items() if "loss" not in k}  # torchmetrics values, synced by DDP
     log.info("%s rank %d/%d world_size=%d %s", PREFIX, env.rank, env.world_size, env.world_size, format_metrics(synced))
     if env.rank == 0:
         (env.output_data_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         if cfg.get("test", True):
-            export_model(env.output_data_dir / "model", env.model_dir)
             rank_zero_info(f"{PREFIX} model exported to {env.model_dir}")
             if is_tuning_trial() and drop_trial_checkpoints(env, user):
                 rank_zero_info(f"{PREFIX} tuning trial done: deleted {env.checkpoint_dir} (later trials won't "

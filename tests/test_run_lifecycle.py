@@ -74,24 +74,28 @@ class ProcessOutput:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_a_local_run_nonzero_with_a_checkpoint_and_the_resume_command(tmp_path):
+def test_sigterm_to_the_process_group_stops_a_local_run_nonzero_with_a_checkpoint_and_the_resume_command(tmp_path):
+    """As ``timeout``, systemd or a batch scheduler stop a run: SIGTERM to the whole process group,
+    its DataLoader workers included (a worker killed first used to end the run in a traceback)."""
     data = tmp_path / "abid"
     make_fake_abid(data, n=120, bad=False)  # ~70 training photos: ~18 steps per epoch at batch 4
     run = tmp_path / "run"
-    args = [f"data.root={data}", *FAST, "data.batch_size=4", "trainer.max_epochs=50", "callbacks.rich_model_summary=null",
-            "+callbacks.metric_lines={_target_: bincount.callbacks.MetricLines}", f"hydra.run.dir={run}"]
+    args = [f"data.root={data}", *FAST, "data.batch_size=4", "data.num_workers=2", "trainer.max_epochs=50",
+            "callbacks.rich_model_summary=null", "+callbacks.metric_lines={_target_: bincount.callbacks.MetricLines}",
+            f"hydra.run.dir={run}"]
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output = ProcessOutput(proc)
     try:
         # the first validation has run: epoch 1 is under way
         assert output.wait_for("[bincount] validation epoch=0", timeout=300), output.text()[-3000:]
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=300)
     finally:
         proc.kill()  # a no-op once it has exited
     log = output.text(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert "Traceback" not in log and "killed by signal" not in log, log[-3000:]
     assert not (run / "model").exists() and not (run / "metrics.json").exists()  # nothing pretends to be finished
     step = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
     per_epoch = int(re.search(r"validation epoch=0 global_step=(\d+)", log).group(1))

@@ -165,6 +165,11 @@ def test_sigterm_to_pid_1_reaches_training(aws, tmp_path):
     step = int(stopped.group(2))
     saved = newest_checkpoint(box.root / "checkpoints" / sub.job_name)
     assert torch.load(saved, map_location="cpu", weights_only=False)["global_step"] == step > 0
+    # the job's FailureReason: the stop, not the driver's CalledProcessError traceback; no model.tar.gz content
+    reason = (box.root / "output" / "failure").read_text()
+    assert reason.startswith(f"training stopped by SIGTERM at epoch {stopped.group(1)}, step {step}; last.ckpt saved"), reason
+    assert "Traceback" not in reason and "a restarted spot job resumes" in reason, reason
+    assert not any((box.root / "model").iterdir())
 
 
 @pytest.mark.slow

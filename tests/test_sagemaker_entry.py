@@ -5,13 +5,16 @@ SageMaker's own drivers: test_sagemaker_container.py, test_sagemaker_distributed
 import json
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import sagemaker_launch.export
 from bincount.config import compose
+from bincount.train import StoppedRun
 from sagemaker_launch import entry
 from sagemaker_launch.entry import ContainerEnv, container_overrides, distributed_overrides, newest_checkpoint
 from sagemaker_launch.hyperparameters import (decode_hyperparameters, encode_override, encode_overrides, parse_argv,
@@ -147,3 +150,22 @@ def test_single_process_job_trains_and_exports(tmp_path, fake_abid, monkeypatch)
     assert "last.ckpt" in ckpts and not (out / "checkpoints").exists()
     config = json.loads((model / "model_config.json").read_text())
     assert config["arch"] == "resnet18" and config["num_classes"] == 5
+
+
+def test_a_stop_while_copying_the_model_leaves_the_model_dir_empty(tmp_path, monkeypatch):
+    run_model = tmp_path / "run" / "model"
+    run_model.mkdir(parents=True)
+    (run_model / "model.pt").write_bytes(b"weights")
+    (run_model / "model_config.json").write_text("{}")
+    env = ContainerEnv.from_environ({"SM_MODEL_DIR": str(tmp_path / "opt_ml_model")})
+
+    def requirements_after_sigterm() -> str:  # called once model.pt and code/bincount are copied
+        os.kill(os.getpid(), signal.SIGTERM)
+        return "pillow\n"
+
+    monkeypatch.setattr(sagemaker_launch.export, "serving_requirements", requirements_after_sigterm)
+    with pytest.raises(StoppedRun) as stopped:
+        entry.export_or_stop(env, run_model)
+    assert stopped.value.code == 128 + signal.SIGTERM and "model.tar.gz is empty" in stopped.value.message
+    assert list(env.model_dir.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

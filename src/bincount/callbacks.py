@@ -105,7 +105,8 @@ class StopOnSigterm(L.Callback):
         if stop:
             log.info("[rank: %d] SIGTERM received: every rank stops after step %d", trainer.global_rank,
                      trainer.global_step)
-            raise SIGTERMException
+            # the message reaches ModelCheckpoint's "An SIGTERMException was raised with message: ..." line
+            raise SIGTERMException(f"SIGTERM received, training stopped after step {trainer.global_step}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
