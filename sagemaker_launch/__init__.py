@@ -36,7 +36,7 @@ def run(main: Callable[[], object]) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from bincount.cli import error_line
+    from bincount.errors import error_line
     from sagemaker_launch.source import WheelBuildError
 
     try:

@@ -21,6 +21,7 @@ from tests.fakes import MIN_COUNT, free_port, make_fake_abid, make_model_dir, wr
 from tests.moto_server import BUCKET, aws, moto_server  # noqa: F401  (fixtures)
 
 CLI = [sys.executable, "-m", "bincount.cli"]
+REPO = Path(__file__).resolve().parents[1]
 OLD_CSV = "source,image_id\nkept.jpg,kept\n"
 
 
@@ -219,6 +220,19 @@ def test_a_malformed_model_config_names_the_file(predict_inputs, tmp_path, capsy
         assert main(["predict", "--model-dir", str(broken), str(photos), "--out", str(tmp_path / "p.csv")]) == 2
         assert_one_error_line(2, capsys.readouterr().err, str(broken / "model_config.json"), fragment)
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_truncated_model_file_is_one_error_line_in_predict_and_eval(predict_inputs, tmp_path, capsys):
+    photos, model_dir = predict_inputs
+    cut = tmp_path / "model"
+    cut.mkdir()
+    (cut / "model_config.json").write_text((model_dir / "model_config.json").read_text())
+    (cut / "model.pt").write_bytes((model_dir / "model.pt").read_bytes()[:4096])  # a copy stopped part-way
+    assert main(["predict", "--model-dir", str(cut), str(photos), "--out", str(tmp_path / "p.csv")]) == 2
+    assert_one_error_line(2, capsys.readouterr().err, str(cut / "model.pt"), "is not a readable weights file")
+    proc = subprocess.run([sys.executable, "eval.py", f"model_dir={cut}", f"data.root={photos}",
+                           f"hydra.run.dir={tmp_path / 'eval'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert_one_error_line(proc.returncode, proc.stderr, str(cut / "model.pt"), "is not a readable weights file")
 
 
 def test_serve_without_a_model_fails_at_start(tmp_path):

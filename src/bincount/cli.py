@@ -9,7 +9,7 @@ Usage:
 
 Each ``add_*_command(subparsers)`` adds its parser and sets ``func(args) -> int`` (the exit
 code); implementations are imported when their command runs, so ``bincount --help`` stays fast.
-Expected failures print one ``error:`` line (:func:`error_line`) and exit 2: bad input, S3 errors and
+Expected failures print one ``error:`` line (:func:`bincount.errors.error_line`) and exit 2: bad input, S3 errors and
 operating-system errors (a read-only or full disk, a folder where a file belongs); Ctrl-C exits 130.
 """
 
@@ -21,24 +21,7 @@ import sys
 from pathlib import Path
 
 from bincount.data.cli import add_data_command
-
-
-def error_line(err: BaseException) -> str:
-    """The one line the CLI prints for an expected failure.
-
-    An operating-system error reads ``error: <file>: <what the system said>`` (``"[Errno 30]"`` and
-    quotes left out); any other error ``error: <its message>``.
-
-    Args:
-        err: The exception.
-
-    Returns:
-        The line, without a newline.
-    """
-    if isinstance(err, OSError) and err.strerror:
-        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
-        return f"error: {where}: {err.strerror}" if where else f"error: {err.strerror}"
-    return f"error: {err}"
+from bincount.errors import error_line
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
 from bincount.config import config_dir
+from bincount.errors import one_error_line
 from bincount.models.export import load_model_dir
 from bincount.models.module import BinCountModule
 from bincount.trainer import checked_checkpoint, instantiate_trainer, report_test
@@ -73,8 +74,9 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+@one_error_line
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point."""
+    """Hydra entry point; an expected failure is one ``error:`` line and exit status 2."""
     evaluate(cfg)
 
 

@@ -18,7 +18,8 @@ runs (``bincount runs`` reads the tag names without either).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,6 +118,28 @@ def sweep_parent(client, experiment_id: str, sweep: Sweep) -> str:
     return client.create_run(experiment_id, tags={SWEEP_DIR_TAG: sweep.dir, MLFLOW_RUN_NAME: name}).info.run_id
 
 
+@contextmanager
+def fail_fast(timeout_s: int = 10) -> Iterator[None]:
+    """Within the block, MLflow's HTTP requests are tried once, for at most ``timeout_s`` seconds.
+
+    MLflow retries a request 7 times with exponential back-off and a 120 s timeout
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``): minutes before a wrong
+    or unreachable tracking URI is reported. Values the user set are kept; later requests (a
+    training's metrics) get MLflow's retries back.
+    """
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
+
+    quick = {MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: "0", MLFLOW_HTTP_REQUEST_TIMEOUT.name: str(timeout_s)}
+    previous = {name: os.environ.get(name) for name in quick}
+    os.environ.update({name: value for name, value in quick.items() if previous[name] is None})
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+
+
 def start(trainer: L.Trainer, cfg: DictConfig, out_dir: Path, *, sweep: Sweep | None = None,
           environ: Mapping[str, str] | None = None) -> str | None:
     """Create the MLflow run (tags, sweep parent) and log ``cfg`` as its params; before ``trainer.fit``.
@@ -151,7 +174,8 @@ def start(trainer: L.Trainer, cfg: DictConfig, out_dir: Path, *, sweep: Sweep | 
 
         tags[MLFLOW_RUN_NAME] = run_name(out_dir, sweep)
     logger.tags = {**(logger.tags or {}), **tags}
-    client, run_id = logger.experiment, logger.run_id  # the run is created here, with those tags
+    with fail_fast():  # the first request: an unreachable server fails now, not after minutes of retries
+        client, run_id = logger.experiment, logger.run_id  # the run is created here, with those tags
     if sweep is not None:
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bincount.config import config_dir
 from bincount.data.datamodule import ABIDDataModule
+from bincount.errors import one_error_line
 from bincount.models.calibration import calibrate, held_out_report
 from bincount.models.card import Calibration, EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
@@ -248,6 +249,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
                 finish(trainer, model, datamodule, out_dir, best)
             log_outputs(trainer, out_dir)  # logger=mlflow: the report and model/ as artifacts (rank 0)
+        except OSError:  # a full disk, a read-only folder: training is safe in last.ckpt
+            rank_zero_info(f"training finished, but its outputs could not be written (below); once that is fixed, "
+                           f"test and export without training again:\n  {resume_command(out_dir)}")
+            raise
         except StopSignal as signalled:
             raise stop(signalled.signum, f"stopped by {signal.Signals(signalled.signum).name} after training (step "
                                          f"{trainer.global_step}), before the test, "
@@ -256,8 +261,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@one_error_line
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
+    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers. An expected failure (a
+    missing folder, a bad value, a full disk, an unreachable MLflow server) is one ``error:`` line
+    and exit status 2."""
     metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric"))
 

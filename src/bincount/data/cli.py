@@ -125,8 +125,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 def _guarded(run):
     def guarded(args: argparse.Namespace) -> int:
-        from bincount.cli import error_line
         from bincount.data.s3 import S3Error
+        from bincount.errors import error_line
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         try:

@@ -27,6 +27,7 @@ run left: its rejects folder and its staging folder.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import multiprocessing
@@ -305,6 +306,10 @@ def prepare(
         staging_parent = Path(out).resolve().parent
     _remove_dead_runs_staging(staging_parent)
     stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=staging_parent))
+    from litdata.utilities.format import _convert_bytes_to_int  # litdata's own reading of "64MB"
+
+    workers = num_workers or os.cpu_count() or 1
+    workers_chunk_bytes = workers * (chunk_bytes if isinstance(chunk_bytes, int) else _convert_bytes_to_int(chunk_bytes))
     try:
         kept: dict[str, list[BinRecord]] = {}
         rejected: dict[str, str] = {}
@@ -312,7 +317,7 @@ def prepare(
         for name in SPLIT_NAMES:
             split_rejects = _optimize_split(
                 in_dir, splits[name], stage / name, resize=resize, quality=quality, chunk_bytes=chunk_bytes,
-                num_workers=num_workers or os.cpu_count() or 1, start_method=start_method,
+                num_workers=workers, start_method=start_method,
             )
             for image_id, reason in split_rejects.items():
                 log.warning("rejected %s: %s", image_id, reason)
@@ -320,6 +325,9 @@ def prepare(
             kept[name] = [r for r in splits[name] if r.image_id not in split_rejects]
             shards[name] = _shard_stats(stage / name)
             if shards[name]["photos"] != len(kept[name]):
+                # a worker that lost its chunk to a full disk is not always reported by litdata
+                if shutil.disk_usage(stage).free < workers_chunk_bytes:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(stage / name))
                 raise RuntimeError(f"{name}: {shards[name]['photos']} samples in the chunks, "
                                    f"{len(kept[name])} photos expected")
         manifest = make_manifest(
