@@ -19,6 +19,7 @@ import pytest
 import torch
 from hydra.errors import InstantiationException
 
+import bincount.train
 from bincount.config import compose
 from bincount.evaluate import evaluate
 from bincount.models.card import ModelCard
@@ -193,12 +194,24 @@ def sigterm_between_the_model_files(monkeypatch) -> None:
     monkeypatch.setattr(ModelCard, "to_dict", to_dict_after_sigterm)
 
 
-@pytest.mark.parametrize("phase", ["test", "export"])
+def sigterm_at_calibration(monkeypatch) -> None:
+    calibrate = bincount.train.calibrate
+
+    def calibrate_after_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(bincount.train, "calibrate", calibrate_after_sigterm)
+
+
+@pytest.mark.parametrize("phase", ["test", "calibration", "export"])
 def test_a_stop_after_training_exports_nothing_exits_nonzero_and_the_resume_exports(phase, train_cfg, tmp_path,
                                                                                     monkeypatch, caplog):
     out = tmp_path / "run"
     stop = [f"+callbacks.sigterm={{_target_: {__name__}.SigtermAtTest}}"] if phase == "test" else []
     cfg = train_cfg("trainer.limit_val_batches=1", *stop, out=out)
+    if phase == "calibration":
+        sigterm_at_calibration(monkeypatch)
     if phase == "export":
         sigterm_between_the_model_files(monkeypatch)
     with caplog.at_level("INFO"), pytest.raises(SystemExit) as stopped:

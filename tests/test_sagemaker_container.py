@@ -107,15 +107,16 @@ def namespace_init(unshare: subprocess.Popen, timeout: float = 30) -> int:
     return int(pids[0])
 
 
-def quickstart_container(tmp_path: Path, processes: int):
-    """A small quickstart job on fake photos, laid out; its environment (one thread per process)."""
+def quickstart_container(tmp_path: Path, processes: int, *length: str):
+    """A small quickstart job on fake photos, laid out; its environment (one thread per process).
+    ``length``: overrides in place of ``test=false trainer.max_epochs=3``."""
     data = tmp_path / "abid"
     make_fake_abid(data, n=60, bad=False)  # ~36 training photos: 9 steps per epoch at batch 4 on one process
     sub = launch.main(["+experiment=quickstart", "sagemaker=cpu", "sagemaker.inputs.train=s3://b/abid",
                        f"sagemaker.processes_per_instance={processes}",
                        *(o for o in FAST if not o.startswith(("data.batch_size", "data.num_workers"))),
                        "data.batch_size=4", "data.num_workers=1", "callbacks.rich_model_summary=null",
-                       "test=false", "trainer.max_epochs=3", "--dry-run"])
+                       *(length or ("test=false", "trainer.max_epochs=3")), "--dry-run"])
     box = lay_out_container(sub, tmp_path / "algo-1", host="algo-1", hosts=["algo-1"], channels={"train": data})
     # one instance: the SDK's torchrun driver passes no --master-port, so torchrun reads PET_MASTER_PORT
     return sub, box, {**box.env, "OMP_NUM_THREADS": "1", "PET_MASTER_PORT": str(free_port())}
@@ -195,3 +196,22 @@ def test_sigterm_to_pid_1_stops_both_torchrun_workers_at_one_step_and_a_rerun_re
     second = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, second[-3000:]
     assert f"[bincount] train start epoch={stopped.group(1)} global_step={stopped.group(2)}" in second, second[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (PID namespace)")
+def test_sigterm_to_pid_1_after_training_leaves_no_model_and_a_rerun_exports(aws, tmp_path):
+    """Two torchrun workers, stopped once the test is done (rank 0 calibrating and exporting): the
+    job fails with the stop as its reason and an empty model.tar.gz; a rerun tests and exports."""
+    sub, box, env = quickstart_container(tmp_path, 2, "trainer.max_epochs=1")
+    out, status, took = stop_container(box.argv, env, "[bincount] test ")
+    assert status != 0 and took < 120, (status, took, out[-3000:])
+    assert "stopped by SIGTERM after training" in out, out[-3000:]
+    assert (box.root / "output" / "failure").read_text().startswith("stopped by SIGTERM after training"), out[-3000:]
+    assert not any((box.root / "model").iterdir())
+
+    rerun = subprocess.run(NAMESPACE + box.argv, env=env, capture_output=True, text=True, timeout=600)
+    second = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, second[-3000:]
+    assert sorted(p.name for p in (box.root / "model").iterdir()) == ["code", "model.pt", "model_config.json"]
