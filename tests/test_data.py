@@ -32,11 +32,11 @@ def test_decoders_agree(fake_abid):
 @pytest.mark.parametrize("decoder", ["torchvision", "pil"])
 def test_file_and_bytes_decode_a_known_photo_to_its_pixels(tmp_path, decoder):
     path = tmp_path / "red.jpg"
-    Image.new("RGB", (12, 5), (200, 10, 30)).save(path, format="JPEG", quality=95)
+    Image.new("RGB", (48, 32), (200, 10, 30)).save(path, format="JPEG", quality=95)
     image = decode_rgb_file(path, decoder)
-    assert image.shape == (3, 5, 12) and image.dtype == torch.uint8  # (channels, height, width)
+    assert image.shape == (3, 32, 48) and image.dtype == torch.uint8  # (channels, height, width)
     assert torch.equal(image, decode_rgb_bytes(path.read_bytes(), decoder))
-    expected = torch.tensor([200, 10, 30]).view(3, 1, 1).expand(3, 5, 12)
+    expected = torch.tensor([200, 10, 30]).view(3, 1, 1).expand(3, 32, 48)
     assert (image.int() - expected).abs().max() <= 3  # JPEG rounding of a flat colour
 
 
@@ -52,6 +52,14 @@ def test_decode_errors_name_the_file_and_the_reason_not_the_build_path(tmp_path)
     assert str(from_bytes.value).startswith("cannot decode JPEG (") and ".cpp" not in str(from_bytes.value)
     with pytest.raises(ValueError, match="^cannot decode image"):
         decode_rgb_bytes(b"not a photo", "pil")
+
+
+@pytest.mark.parametrize("decoder", ["torchvision", "pil"])
+def test_a_photo_too_small_to_show_a_bin_is_refused(tmp_path, decoder):
+    path = tmp_path / "pixel.jpg"
+    Image.new("RGB", (1, 1), (90, 90, 90)).save(path, format="JPEG")
+    with pytest.raises(ValueError, match=rf"^{path}: photo is 1x1 pixels; a bin photo is at least 32 pixels"):
+        decode_rgb_file(path, decoder)
 
 
 def test_photo_that_fails_to_decode_is_skipped_not_fatal(tmp_path, caplog):

@@ -80,14 +80,14 @@ def test_prepare_writes_the_training_core_split_as_shards_and_rejects_corrupt_ph
 def test_resize_shrinks_large_photos_only(tmp_path):
     root = tmp_path / "abid"
     make_fake_abid(root, n=25, bad=False)
-    Image.new("RGB", (40, 30), (200, 10, 10)).save(root / "bin-images" / "00002.jpg")  # already small
-    manifest = prepare(root, str(tmp_path / "out"), resize=32, quality=80, eda=False, **SPLIT, **FAST)
+    Image.new("RGB", (44, 36), (200, 10, 10)).save(root / "bin-images" / "00002.jpg")  # already small
+    manifest = prepare(root, str(tmp_path / "out"), resize=40, quality=80, eda=False, **SPLIT, **FAST)
     shapes = {}
     for name, entry in manifest["splits"].items():
         for image_id, sample in read_split(str(tmp_path / "out" / name)).items():
             shapes[image_id] = tuple(decode_rgb_bytes(sample["image"]).shape)
-    assert shapes.pop("00002") == (3, 30, 40)
-    assert set(shapes.values()) == {(3, 32, 32)}
+    assert shapes.pop("00002") == (3, 36, 44)
+    assert set(shapes.values()) == {(3, 40, 40)}
     assert not (tmp_path / "out" / "eda").exists()
 
 

@@ -184,7 +184,7 @@ def test_litdata_http_endpoint_workaround_is_still_needed(s3_shards, s3_env, tmp
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_train_one_short_epoch_from_s3_shards(s3_shards, s3_env, tmp_path):
+def test_train_one_short_epoch_from_s3_shards(s3_shards, s3_env, tmp_path, caplog):
     from bincount.train import train
 
     uri, manifest = s3_shards
@@ -193,8 +193,11 @@ def test_train_one_short_epoch_from_s3_shards(s3_shards, s3_env, tmp_path):
         "data.batch_size=8", "data.num_workers=0", "trainer.accelerator=cpu", "trainer.max_epochs=1",
         "callbacks.rich_progress_bar=null", "callbacks.rich_model_summary=null",
     ])
-    metrics = train(set_output_dir(cfg, tmp_path / "run"))
+    with caplog.at_level("INFO"):
+        metrics = train(set_output_dir(cfg, tmp_path / "run"))
     assert {"train/loss", "val/acc", "test/acc"} <= metrics.keys()
+    # litdata's default cache budget is resolved (and logged) once, not by each split's dataset
+    assert sum("max_cache_size is unset" in r.getMessage() for r in caplog.records) == 1
     predicted = (tmp_path / "run" / "predictions.csv").read_text().splitlines()[1:]
     assert sorted(line.split(",")[0] for line in predicted) == sorted(manifest["splits"]["test"]["image_ids"])
     assert (tmp_path / "run" / "model" / "model_config.json").is_file()

@@ -19,6 +19,19 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 DECODERS = ("torchvision", "pil")
+# the shorter side of the smallest photo taken for a bin: ABID's are hundreds of pixels on a side,
+# and a few-pixel image (a thumbnail, a tracking pixel) upscaled to the model's input shows no items
+MIN_SIDE = 32
+
+
+def check_photo_size(width: int, height: int) -> None:
+    """Refuse a photo too small to show a bin's items.
+
+    Raises:
+        ValueError: If ``width`` or ``height`` is under :data:`MIN_SIDE` pixels.
+    """
+    if min(width, height) < MIN_SIDE:
+        raise ValueError(f"photo is {width}x{height} pixels; a bin photo is at least {MIN_SIDE} pixels on each side")
 
 
 def decoder_reason(err: Exception) -> str:
@@ -34,6 +47,12 @@ def decoder_reason(err: Exception) -> str:
 
 def _decode(source: bytes | bytearray | memoryview | Path, decoder: str) -> torch.Tensor:
     """Decode ``source`` (encoded bytes, or the file holding them) to ``uint8`` RGB ``(3, H, W)``."""
+    image = _decode_pixels(source, decoder)
+    check_photo_size(image.shape[-1], image.shape[-2])
+    return image
+
+
+def _decode_pixels(source: bytes | bytearray | memoryview | Path, decoder: str) -> torch.Tensor:
     if decoder == "torchvision":  # libjpeg-turbo
         try:
             raw = read_file(str(source)) if isinstance(source, Path) else torch.frombuffer(
@@ -60,7 +79,8 @@ def decode_rgb_bytes(data: bytes | bytearray | memoryview, decoder: str = "torch
 
     Raises:
         ValueError: If the bytes are not a decodable image or ``decoder`` is unknown; the message
-            is ``"cannot decode JPEG (<reason>)"`` / ``"cannot decode image (<reason>)"``.
+            is ``"cannot decode JPEG (<reason>)"`` / ``"cannot decode image (<reason>)"``. If the
+            photo is under :data:`MIN_SIDE` pixels on a side (:func:`check_photo_size`).
     """
     return _decode(data, decoder)
 
@@ -76,8 +96,8 @@ def decode_rgb_file(path: str | Path, decoder: str = "torchvision") -> torch.Ten
         decoder: See :func:`decode_rgb_bytes`.
 
     Raises:
-        ValueError: If the file cannot be read or decoded, or ``decoder`` is unknown; the message
-            starts with ``path``.
+        ValueError: If the file cannot be read or decoded, is too small (:func:`check_photo_size`),
+            or ``decoder`` is unknown; the message starts with ``path``.
     """
     try:
         return _decode(Path(path), decoder)

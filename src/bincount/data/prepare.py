@@ -47,7 +47,7 @@ from torchvision.transforms.v2 import functional as F
 
 from bincount.atomic import WRITE_ERRNOS, is_running, replace_folder, write_json_atomic
 from bincount.data.abid import IMAGE_DIR, BinRecord, build_index
-from bincount.data.decode import decode_rgb_bytes
+from bincount.data.decode import MIN_SIDE, decode_rgb_bytes
 from bincount.data.eda import write_eda
 from bincount.data.s3 import check_bucket, exists, is_s3_uri, join_uri, make_client, upload_tree
 from bincount.data.shards import MANIFEST, SPLIT_NAMES, make_manifest, make_sample
@@ -274,7 +274,9 @@ def prepare(
     Raises:
         FileExistsError: If ``out`` already holds a manifest and ``overwrite`` is false.
         FileNotFoundError: If ``in_dir`` is not an ABID folder.
-        ValueError: If no photo is left, the split settings are invalid or ``out`` is a file.
+        ValueError: If no photo is left, the split settings are invalid, ``out`` is a file or a
+            folder that is not a prepared data set, or ``resize`` is under
+            :data:`bincount.data.decode.MIN_SIDE`.
         S3Error: If the bucket is missing, access is refused or the endpoint is unreachable.
         OSError: If the output or staging folder cannot be written (read-only, full disk).
     """
@@ -283,6 +285,9 @@ def prepare(
     remote = is_s3_uri(out)
     if not remote and Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {out} is a file: give a folder or an s3:// prefix")
+    if resize is not None and resize < MIN_SIDE:
+        raise ValueError(f"--resize {resize}: photos under {MIN_SIDE} pixels on a side are refused when read; "
+                         f"give at least {MIN_SIDE}")
     client = make_client(endpoint_url=endpoint_url) if remote else None
     if remote:
         check_bucket(out, endpoint_url=endpoint_url, client=client)

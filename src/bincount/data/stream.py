@@ -163,6 +163,13 @@ class ABIDStreamDataModule(CountingDataModule):
             # deletes a folder another process is creating when two build datasets at once
             cache_dir = str(Path(hp.cache_dir) / f"rank{self._global_rank()}")
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        max_cache_size = hp.max_cache_size
+        if max_cache_size is None:
+            # litdata's default budget, resolved once here: every dataset in every worker would
+            # otherwise resolve it again and log "max_cache_size is unset" each time
+            from litdata.utilities.format import _resolve_max_cache_size
+
+            max_cache_size = _resolve_max_cache_size(None, cache_dir or self.root)
         for name in SPLIT_NAMES:
             entry = self.manifest["splits"][name]
             self.splits[name] = split_records(self.manifest, name)
@@ -176,7 +183,7 @@ class ABIDStreamDataModule(CountingDataModule):
                 cache_dir=cache_dir,  # litdata keeps a subfolder per input URI and index version
                 shuffle=train and hp.shuffle,
                 seed=hp.seed,
-                max_cache_size=hp.max_cache_size,
+                max_cache_size=max_cache_size,
                 max_pre_download=hp.max_pre_download,
                 storage_options=storage_options,
                 transform=ShardSample(entry["image_ids"], min_count=hp.min_count, transform=self.preset(name),
