@@ -4,6 +4,7 @@ Usage:
     python -m sagemaker_launch.deploy model_data=s3://BUCKET/bincount/JOB/output/model.tar.gz endpoint=bincount-prod
     python -m sagemaker_launch.deploy job=bincount-20261122010956 instance_type=ml.g4dn.xlarge
     python -m sagemaker_launch.deploy package_group=bincount-counting endpoint=bincount-prod
+    python -m sagemaker_launch.deploy job=bincount-20261122010956 endpoint=bincount-prod --dry-run
     python -m sagemaker_launch.deploy invoke endpoint=bincount-prod photo.jpg s3://BUCKET/bin.jpg expected_quantity=3
     python -m sagemaker_launch.deploy delete endpoint=bincount-prod
 
@@ -21,6 +22,12 @@ files inline as base64, or S3 URIs the endpoint reads) in JSON requests, as many
 request as fit InvokeEndpoint's 6 MiB body limit and the handler's photo limit, and prints a
 count (and, with ``expected_quantity``, a verdict) per photo, in the photos' order; ``delete``
 removes the endpoint and every endpoint config and model deployed under its name.
+
+A training job is deployed only if it completed and its ``model.tar.gz`` holds ``model.pt`` and the
+model card; a model package only on an instance type it lists, on the image it holds for that type
+(CPU or GPU): :func:`sagemaker_launch.models.model_source`. ``--dry-run`` checks the CreateModel,
+CreateEndpointConfig and CreateEndpoint requests against SageMaker's service model and prints them,
+sending nothing (nothing is looked up either: a job's model and a group's package are placeholders).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from omegaconf import DictConfig
 from bincount.config import compose
 from sagemaker_launch import cost, models
 from sagemaker_launch.payload import max_request_bytes, request_body, split_requests
-from sagemaker_launch.session import console_url
+from sagemaker_launch.session import DryRun, RequestHook, console_url, describe_request, role_for
 
 log = logging.getLogger("sagemaker_launch")
 
@@ -47,17 +54,22 @@ COMMANDS = ("create", "invoke", "delete")
 
 
 def parse_argv(argv: list[str]) -> tuple[str, list[str], list[str]]:
-    """``[command] key=value... [photo...]`` -> ``(command, overrides, photos)``; ``-h``/``--help`` prints
-    the module docstring and exits 0.
+    """``[command] key=value... [photo...]`` -> ``(command, overrides, photos)``, ``--dry-run`` as the
+    override ``dry_run=true``; ``-h``/``--help`` prints the module docstring and exits 0.
 
     Raises:
-        ValueError: Photos given to a command other than ``invoke``, or a local photo that doesn't exist.
+        ValueError: Photos given to a command other than ``invoke``, a local photo that doesn't
+            exist, or ``--dry-run`` with ``invoke`` or ``delete``.
     """
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip())
         raise SystemExit(0)
     command = argv[0] if argv and argv[0] in COMMANDS else "create"
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
+    if "--dry-run" in rest:
+        if command != "create":
+            raise ValueError(f"--dry-run is for deploying (create), not {command}")
+        rest = [*(a for a in rest if a != "--dry-run"), "dry_run=true"]
     photos = [a for a in rest if a.startswith("s3://") or "=" not in a]
     overrides = [a for a in rest if a not in photos]
     if photos and command != "invoke":
@@ -126,7 +138,8 @@ class Deployment:
         status: The endpoint's status when :func:`create_endpoint` returned.
         model: The new model's name (also the new endpoint config's).
         previous_config: The endpoint config the endpoint served before this update
-            (``None``: the endpoint was created).
+            (``None``: the endpoint was created, or a dry run).
+        requests: In a dry run, the Create* requests that were not sent, by operation.
     """
 
     name: str
@@ -135,11 +148,13 @@ class Deployment:
     status: str
     model: str = ""
     previous_config: str | None = None
+    requests: dict[str, dict[str, Any]] | None = None
 
 
 def create_endpoint(cfg: DictConfig) -> Deployment:
     """Create a model and an endpoint config, then create endpoint ``cfg.endpoint`` on them or
-    update it to them if it exists; wait for InService if ``cfg.wait``.
+    update it to them if it exists; wait for InService if ``cfg.wait``. With ``cfg.dry_run``, check
+    and keep the CreateModel, CreateEndpointConfig and CreateEndpoint requests instead, sending nothing.
 
     Args:
         cfg: ``conf/deploy.yaml``.
@@ -148,28 +163,44 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
         What was deployed.
 
     Raises:
-        ValueError: No role (``role=`` or ``$SAGEMAKER_ROLE``), an existing endpoint that is not
-            InService (it cannot be updated), or see :func:`sagemaker_launch.models.model_source` and
-            :func:`endpoint_name`.
+        ValueError: No role (``role=`` or ``$SAGEMAKER_ROLE``; a dry run shows a placeholder), an
+            existing endpoint that is not InService (it cannot be updated), or see
+            :func:`sagemaker_launch.models.model_source` and :func:`endpoint_name`; in a dry run, a
+            request SageMaker's service model refuses.
     """
     from sagemaker.core.common_utils import name_from_base
     from sagemaker.core.resources import Endpoint, EndpointConfig
     from sagemaker.core.shapes import ProductionVariant
 
     name = endpoint_name(cfg)
-    models.require_role(cfg)
+    dry_run = bool(cfg.dry_run)
+    cfg.role = role_for(cfg, dry_run) if dry_run else models.require_role(cfg)
     session = models.boto_session(cfg)
-    source = models.model_source(cfg, session, SOURCES)
+    hook = RequestHook(session, dry_run=dry_run)
+    source = models.model_source(cfg, session, SOURCES, dry_run=dry_run)
     model_data, image = source.model_data, source.image
-    endpoint = find_endpoint(name, session, cfg.region)
+    endpoint = None if dry_run else find_endpoint(name, session, cfg.region)
     if endpoint is not None and endpoint.endpoint_status != "InService":
         raise ValueError(f"endpoint {name} is {endpoint.endpoint_status}: it can be updated only when InService "
                          f"(wait for it, or delete it: python -m sagemaker_launch.deploy delete endpoint={name})")
     resource = name_from_base(name)  # unique: the endpoint's current model and config are still in use
-    models.create_model(resource, cfg, session, source, cfg.environment)
-    EndpointConfig.create(endpoint_config_name=resource, session=session, region=cfg.region, production_variants=[
-        ProductionVariant(variant_name="AllTraffic", model_name=resource, instance_type=cfg.instance_type,
-                          initial_instance_count=int(cfg.instance_count))])
+    variants = [ProductionVariant(variant_name="AllTraffic", model_name=resource, instance_type=cfg.instance_type,
+                                  initial_instance_count=int(cfg.instance_count))]
+    try:  # in a dry run each Create* stops at its DryRun, and the hook keeps its request
+        models.create_model(resource, cfg, session, source, cfg.environment)
+    except DryRun:
+        pass
+    try:
+        EndpointConfig.create(endpoint_config_name=resource, session=session, region=cfg.region,
+                              production_variants=variants)
+    except DryRun:
+        pass
+    if dry_run:
+        try:
+            Endpoint.create(endpoint_name=name, endpoint_config_name=resource, session=session, region=cfg.region)
+        except DryRun:
+            return Deployment(name, model_data, image, "", resource, None,
+                              {op: sent[-1] for op, sent in hook.sent.items()})
     previous = None
     if endpoint is None:
         endpoint = Endpoint.create(endpoint_name=name, endpoint_config_name=resource, session=session,
@@ -294,7 +325,18 @@ def main(argv: list[str] | None = None):
         return invoke_endpoint(cfg, photos)
     if command == "delete":
         return delete_endpoint(cfg)
-    return create_endpoint(cfg)
+    made = create_endpoint(cfg)
+    if made.requests is not None:
+        for operation, request in made.requests.items():
+            print(f"DRY RUN: {operation} (not sent)\n{describe_request(request, [])}")
+        print(f"endpoint {made.name} is created, or updated to the new config (UpdateEndpoint) if it exists")
+        try:
+            line = cost.estimate(cfg.instance_type, cfg.instance_count, 1, table="hosting")
+            print(f"{cfg.instance_count} x {cfg.instance_type} cost about {line.on_demand_usd:.3f} USD per hour "
+                  "until deleted")
+        except KeyError:
+            pass
+    return made
 
 
 if __name__ == "__main__":

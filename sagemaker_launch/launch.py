@@ -38,6 +38,7 @@ What the launcher adds to the job:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shlex
 import sys
@@ -51,7 +52,8 @@ from omegaconf import DictConfig
 from bincount.config import compose
 from sagemaker_launch.plan import (CHECKPOINT_DIR, TrainingJobPlan, cost_text, metric_definitions, plan_training_job,
                                    precision_text)
-from sagemaker_launch.session import DryRun, console_url, describe_request, make_session, role_for
+from sagemaker_launch.session import (DryRun, console_url, describe_request, make_session, role_check_skipped,
+                                      role_for)
 from sagemaker_launch.source import CONTAINER_INIT_SCRIPT, ENTRY_SCRIPT, stage_source
 
 log = logging.getLogger("sagemaker_launch")
@@ -94,7 +96,7 @@ def channels(sm: DictConfig) -> list:
 
 
 def make_model_trainer(plan: TrainingJobPlan, session, source_dir: Path, *, role: str | None,
-                       checkpoint_s3_uri: str | None = None):
+                       checkpoint_s3_uri: str | None = None, dry_run: bool = False):
     """A fresh ``ModelTrainer`` for one job (it writes the job's checkpoint URI back into itself).
 
     Args:
@@ -104,6 +106,8 @@ def make_model_trainer(plan: TrainingJobPlan, session, source_dir: Path, *, role
         role: Execution role ARN or name (``None``: the caller's role).
         checkpoint_s3_uri: Overrides ``sagemaker.checkpoint_s3_uri``; with spot and neither set,
             the SDK picks ``s3://BUCKET/BASE/JOB/checkpoints`` per job.
+        dry_run: The session is a dry run's: the SDK's IAM check of ``role`` is skipped
+            (:func:`sagemaker_launch.session.role_check_skipped`).
     """
     from sagemaker.core.training.configs import (CheckpointConfig, Compute, MetricDefinition, SourceCode,
                                                  StoppingCondition, Tag)
@@ -112,23 +116,25 @@ def make_model_trainer(plan: TrainingJobPlan, session, source_dir: Path, *, role
 
     sm = plan.sagemaker
     uri = checkpoint_s3_uri or sm.checkpoint_s3_uri
-    trainer = ModelTrainer(
-        sagemaker_session=session,
-        role=role,
-        base_job_name=sm.base_job_name,
-        training_image=plan.image_uri,
-        source_code=SourceCode(source_dir=str(source_dir), entry_script=ENTRY_SCRIPT, requirements="requirements.txt"),
-        distributed=Torchrun(process_count_per_node=plan.processes) if plan.distributed else None,
-        compute=Compute(instance_type=sm.instance_type, instance_count=int(sm.instance_count),
-                        volume_size_in_gb=int(sm.volume_size_gb), enable_managed_spot_training=bool(sm.spot)),
-        stopping_condition=StoppingCondition(
-            max_runtime_in_seconds=int(sm.max_run_hours * 3600),
-            max_wait_time_in_seconds=int(sm.max_wait_hours * 3600) if sm.spot else None),
-        checkpoint_config=CheckpointConfig(s3_uri=uri, local_path=CHECKPOINT_DIR) if (sm.spot or uri) else None,
-        environment=plan.environment,
-        hyperparameters=dict(plan.hyperparameters),
-        tags=[Tag(key=str(k), value=str(v)) for k, v in (sm.tags or {}).items()] or None,
-    )
+    with role_check_skipped() if dry_run else contextlib.nullcontext():
+        trainer = ModelTrainer(
+            sagemaker_session=session,
+            role=role,
+            base_job_name=sm.base_job_name,
+            training_image=plan.image_uri,
+            source_code=SourceCode(source_dir=str(source_dir), entry_script=ENTRY_SCRIPT,
+                                   requirements="requirements.txt"),
+            distributed=Torchrun(process_count_per_node=plan.processes) if plan.distributed else None,
+            compute=Compute(instance_type=sm.instance_type, instance_count=int(sm.instance_count),
+                            volume_size_in_gb=int(sm.volume_size_gb), enable_managed_spot_training=bool(sm.spot)),
+            stopping_condition=StoppingCondition(
+                max_runtime_in_seconds=int(sm.max_run_hours * 3600),
+                max_wait_time_in_seconds=int(sm.max_wait_hours * 3600) if sm.spot else None),
+            checkpoint_config=CheckpointConfig(s3_uri=uri, local_path=CHECKPOINT_DIR) if (sm.spot or uri) else None,
+            environment=plan.environment,
+            hyperparameters=dict(plan.hyperparameters),
+            tags=[Tag(key=str(k), value=str(v)) for k, v in (sm.tags or {}).items()] or None,
+        )
     return trainer.with_metric_definitions([MetricDefinition(name=m["Name"], regex=m["Regex"])
                                             for m in metric_definitions()])
 
@@ -176,7 +182,7 @@ def submit_training_job(plan: TrainingJobPlan, *, dry_run: bool = False, wait: b
         hook.extra["CreateTrainingJob"] = {"ProfilerConfig": profiler_config(plan, session)}
     with tempfile.TemporaryDirectory(prefix="bincount-source-") as tmp:
         source = stage_source(Path(tmp) / "source", plan.extras)
-        trainer = make_model_trainer(plan, session, source, role=role_for(sm, dry_run))
+        trainer = make_model_trainer(plan, session, source, role=role_for(sm, dry_run), dry_run=dry_run)
         try:
             trainer.train(input_data_config=channels(sm) or None, wait=False, logs=False)
         except DryRun as stop:

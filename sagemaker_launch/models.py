@@ -6,13 +6,21 @@ approved package.
 A ``model.tar.gz`` is what a training job's entry wrote to ``$SM_MODEL_DIR``
 (:mod:`sagemaker_launch.export`): ``model.pt``, ``model_config.json`` and ``code/`` with
 ``inference.py``, which the AWS PyTorch inference image's toolkit runs (``SAGEMAKER_PROGRAM``).
-A model package (:mod:`sagemaker_launch.registry`) carries its own image, model data and environment.
+A model package (:mod:`sagemaker_launch.registry`) carries its own images, model data and environment:
+one inference specification per serving image, each listing the instance types it serves on.
+
+Before a model is made from a training job or a ``model.tar.gz``, :func:`model_source` checks that the
+job completed and that the archive holds ``model.pt`` and the model card, ``model_config.json``
+(:func:`check_model_archive`): a job stopped during test, calibration or export leaves a partial model.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import tarfile
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 from omegaconf import DictConfig
@@ -33,22 +41,95 @@ def boto_session(cfg: DictConfig):
     return boto3.Session(region_name=cfg.region)
 
 
-def inference_image(cfg: DictConfig) -> str:
+def inference_image(cfg: DictConfig, instance_type: str | None = None) -> str:
     """``image_uri``, else the AWS PyTorch inference image of ``framework_version``/``py_version`` for
-    ``instance_type`` (CPU or GPU), in ``region`` (the keys of ``conf/serving_image/``)."""
+    ``instance_type`` (default ``cfg.instance_type``; CPU or GPU), in ``region`` (the keys of
+    ``conf/serving_image/``)."""
     if cfg.image_uri:
         return str(cfg.image_uri)
     from sagemaker.core import image_uris
 
     return image_uris.retrieve("pytorch", cfg.region, version=str(cfg.framework_version), py_version=cfg.py_version,
-                               instance_type=cfg.instance_type, image_scope="inference")
+                               instance_type=instance_type or cfg.instance_type, image_scope="inference")
+
+
+def image_device(image: str) -> str | None:
+    """``"cpu"`` or ``"gpu"`` as an image's tag says (the AWS framework images' ``2.6.0-gpu-py312``),
+    else ``None`` (a tag that doesn't say)."""
+    tag = image.rpartition("/")[2].partition(":")[2]
+    match = re.search(r"(?:^|[-.])(cpu|gpu)(?:[-.]|$)", tag)
+    return match.group(1) if match else None
+
+
+def instance_device(instance_type: str) -> str | None:
+    """``"gpu"`` for an instance type with NVIDIA GPUs (``ml.g*``, ``ml.p*``), ``"cpu"`` for one without,
+    ``None`` where that can't be told (:func:`sagemaker_launch.cost.has_gpus`)."""
+    from sagemaker_launch import cost
+
+    try:
+        return "gpu" if cost.has_gpus(instance_type) else "cpu"
+    except KeyError:
+        return None
+
+
+# a training job whose model.tar.gz is whole: SageMaker uploads the model folder of a stopped job too
+COMPLETED = "Completed"
 
 
 def job_model_data(job: str, session, region: str) -> str:
-    """The ``model.tar.gz`` training job ``job`` wrote (DescribeTrainingJob's ``S3ModelArtifacts``)."""
+    """The ``model.tar.gz`` training job ``job`` wrote (DescribeTrainingJob's ``S3ModelArtifacts``),
+    if the job completed.
+
+    Raises:
+        ValueError: If its ``TrainingJobStatus`` is not ``Completed`` (named, with the job's
+            ``FailureReason`` if it has one).
+    """
     from sagemaker.core.resources import TrainingJob
 
-    return TrainingJob.get(training_job_name=job, session=session, region=region).model_artifacts.s3_model_artifacts
+    described = TrainingJob.get(training_job_name=job, session=session, region=region)
+    status = str(described.training_job_status)
+    if status != COMPLETED:
+        reason = described.failure_reason if isinstance(described.failure_reason, str) else ""
+        advice = ("wait until it is Completed" if status in ("InProgress", "Stopping")
+                  else "its model may be partial: train it again")
+        raise ValueError(f"training job {job} is {status}{f' ({reason})' if reason else ''}: only a Completed job's "
+                         f"model is served or registered; {advice}")
+    return described.model_artifacts.s3_model_artifacts
+
+
+def check_model_archive(model_data: str, session) -> None:
+    """Check that ``model_data`` (``s3://.../model.tar.gz``) holds ``model.pt`` and the model card
+    ``model_config.json`` (:mod:`bincount.models.export`), reading the archive's member names as it
+    streams from S3 and stopping once both are seen. A URI that is not ``s3://`` is not checked.
+
+    Raises:
+        ValueError: No such object, not a tar archive, or either file missing (named).
+    """
+    from botocore.exceptions import ClientError
+
+    from bincount.models.export import CONFIG_FILE, MODEL_FILE
+
+    if not model_data.startswith("s3://"):
+        return
+    bucket, _, key = model_data.removeprefix("s3://").partition("/")
+    try:
+        body = session.client("s3").get_object(Bucket=bucket, Key=key)["Body"]
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NoSuchBucket"):
+            raise
+        raise ValueError(f"{model_data} not found") from None
+    missing = {MODEL_FILE, CONFIG_FILE}
+    try:
+        with body, tarfile.open(fileobj=body, mode="r|*") as tar:
+            for member in tar:
+                missing.discard(str(PurePosixPath(*[p for p in PurePosixPath(member.name).parts if p != "."] or ".")))
+                if not missing:
+                    return
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ValueError(f"{model_data} is not a readable model.tar.gz ({err})") from None
+    names = " and ".join(f"the model card {n}" if n == CONFIG_FILE else n for n in sorted(missing))
+    raise ValueError(f"{model_data} lacks {names}: not a complete model (a training job stopped before its export "
+                     "finished leaves one)")
 
 
 @dataclass(frozen=True)
@@ -56,15 +137,18 @@ class ModelSource:
     """What a SageMaker model is made of.
 
     Attributes:
-        model_data: The ``model.tar.gz`` S3 URI (``""`` for a model package named by ARN only).
+        model_data: The ``model.tar.gz`` S3 URI (``""`` for a model package not looked up: a dry run).
         image: The serving image (``""`` likewise).
         model_package: A model package's ARN: the model is made from it (its own image, model data
             and environment), else ``None``: from ``model_data`` on ``image``.
+        inference_specification: The package's additional inference specification the model runs
+            (its ``Name``), or ``None``: its ``InferenceSpecification``.
     """
 
     model_data: str
     image: str
     model_package: str | None = None
+    inference_specification: str | None = None
 
 
 def source_key(cfg: DictConfig, sources: tuple[str, ...]) -> str:
@@ -79,31 +163,79 @@ def source_key(cfg: DictConfig, sources: tuple[str, ...]) -> str:
     return given[0]
 
 
-def model_source(cfg: DictConfig, session, sources: tuple[str, ...], *, dry_run: bool = False) -> ModelSource:
-    """Resolve the one of ``sources`` that ``cfg`` sets (:func:`source_key`).
+def package_source(package: dict[str, Any], instance_type: str, use: str) -> ModelSource:
+    """The inference specification of model package ``package`` (DescribeModelPackage) that serves
+    on ``instance_type``, as a :class:`ModelSource`.
 
-    ``job``: its ``model.tar.gz``; ``package_group``: the group's latest approved package
-    (:func:`sagemaker_launch.registry.deployable_package`); both on the serving image, or the package's.
-    In a dry run nothing is asked, so a job's ``model.tar.gz`` and a group's package are placeholders.
+    A specification listing instance types for ``use`` serves on those; one listing none (a package
+    registered by other means) serves where its image's device (:func:`image_device`: CPU or GPU)
+    is the instance type's (:func:`instance_device`), or either device can't be told.
+
+    Args:
+        package: DescribeModelPackage's answer.
+        instance_type: The endpoint's or transform job's instance type.
+        use: :data:`sagemaker_launch.registry.REALTIME` (an endpoint) or
+            :data:`~sagemaker_launch.registry.TRANSFORM` (a transform job).
 
     Raises:
-        ValueError: See :func:`source_key`; a group without an approved package.
+        ValueError: No specification serves on ``instance_type``: the line names the types the package
+            lists (or the image's device) and how to deploy anyway.
+    """
+    arn = package["ModelPackageArn"]
+    specs = [(None, package["InferenceSpecification"]),
+             *((s["Name"], s) for s in package.get("AdditionalInferenceSpecifications") or [])]
+    listed = [t for _, spec in specs for t in spec.get(use) or []]
+    want = instance_device(instance_type)
+    for name, spec in specs:
+        container = spec["Containers"][0]
+        types = spec.get(use) or []
+        device = image_device(container["Image"])
+        if instance_type in types or not types and (device is None or want is None or device == want):
+            return ModelSource(container.get("ModelDataUrl", ""), container["Image"], arn, name)
+    fix = f"or register the model again with instance_type={instance_type} (python -m sagemaker_launch.register)"
+    if listed:
+        kind = "endpoints" if use == registry.REALTIME else "transform jobs"
+        raise ValueError(f"model package {arn} does not serve on {instance_type}: it lists {', '.join(listed)} for "
+                         f"{kind}; give instance_type={listed[0]} (or another listed type), {fix}")
+    image = package["InferenceSpecification"]["Containers"][0]["Image"]
+    raise ValueError(f"model package {arn} runs the {image_device(image).upper()} image {image}, and {instance_type} "
+                     f"is a {want.upper()} instance: give a {image_device(image).upper()} instance_type, {fix}")
+
+
+def model_source(cfg: DictConfig, session, sources: tuple[str, ...], *, dry_run: bool = False,
+                 use: str = registry.REALTIME) -> ModelSource:
+    """Resolve the one of ``sources`` that ``cfg`` sets (:func:`source_key`).
+
+    ``job``: its ``model.tar.gz``, if the job completed (:func:`job_model_data`); ``model_data`` and
+    ``job`` on the serving image, once :func:`check_model_archive` found the model and its card in the
+    archive. ``model_package`` and ``package_group`` (the group's latest approved package,
+    :func:`sagemaker_launch.registry.latest_approved`): the package's inference specification for
+    ``cfg.instance_type`` and ``use`` (:func:`package_source`). In a dry run nothing is asked, so a
+    job's ``model.tar.gz`` and a group's package are placeholders and nothing is checked.
+
+    Raises:
+        ValueError: See :func:`source_key`, :func:`job_model_data`, :func:`check_model_archive` and
+            :func:`package_source`; a group without an approved package.
     """
     key = source_key(cfg, sources)
     value = str(cfg[key])
+    if key in ("model_package", "package_group") and dry_run:
+        if key == "model_package":
+            return ModelSource("", "", value)
+        log.warning("dry run: the latest approved package of %s is not looked up; the request shows a placeholder",
+                    value)
+        return ModelSource("", "", f"arn:aws:sagemaker:{cfg.region}:000000000000:model-package/{value}/LATEST")
     if key == "model_package":
-        return ModelSource("", "", value)
+        package = session.client("sagemaker").describe_model_package(ModelPackageName=value)
+        return package_source(package, str(cfg.instance_type), use)
     if key == "package_group":
-        if dry_run:
-            log.warning("dry run: the latest approved package of %s is not looked up; the request shows a placeholder",
-                        value)
-            return ModelSource("", "", f"arn:aws:sagemaker:{cfg.region}:000000000000:model-package/{value}/LATEST")
-        arn, image, model_data = registry.deployable_package(session, value)
-        return ModelSource(model_data, image, arn)
+        return package_source(registry.approved_package(session, value), str(cfg.instance_type), use)
     if key == "job" and dry_run:
         log.warning("dry run: training job %s's model.tar.gz is not looked up; the request shows a placeholder", value)
         return ModelSource(f"s3://TRAINING-JOB-OUTPUT/{value}/output/model.tar.gz", inference_image(cfg))
     model_data = job_model_data(value, session, cfg.region) if key == "job" else value
+    if not dry_run:
+        check_model_archive(model_data, session)
     return ModelSource(model_data, inference_image(cfg))
 
 
@@ -119,7 +251,9 @@ def serving_container(cfg: DictConfig, source: ModelSource, environment=None):
 
     extra = {str(k): str(v) for k, v in (environment or {}).items()}
     if source.model_package:
-        return ContainerDefinition(model_package_name=source.model_package, environment=extra or None)
+        spec = source.inference_specification
+        chosen = {"inference_specification_name": spec} if spec else {}
+        return ContainerDefinition(model_package_name=source.model_package, environment=extra or None, **chosen)
     return ContainerDefinition(image=source.image, model_data_url=source.model_data, environment={
         "SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
         "SAGEMAKER_REGION": str(cfg.region), "SAGEMAKER_CONTAINER_LOG_LEVEL": "20", **extra})

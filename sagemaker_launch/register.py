@@ -22,9 +22,19 @@ photos' sorted ``image_id,expected_quantity`` lines (``predictions.csv``), so tw
 MAEs are compared only on the same photos. The package's model card (``ModelCard``) has the
 same metrics in two groups, the split, and the counting task.
 
+The package serves on ``instance_type`` and ``supported_instance_types``, each on the image
+``conf/serving_image`` picks for it: the image of ``instance_type`` is the package's own inference
+specification, the other device's (CPU or GPU) an additional one, so ``deploy package_group=GROUP
+instance_type=ml.g4dn.xlarge`` runs the GPU image (:func:`sagemaker_launch.registry.inference_specifications`).
+
+Only a completed training job, or a ``model.tar.gz`` holding ``model.pt`` and the model card
+``model_config.json``, is registered (:func:`sagemaker_launch.models.model_source`).
+
 ``approve_if_better=true`` approves the new package only if its MAE is lower than that of the
 group's latest approved package on the same ``eval_set`` (or the group has no approved package),
 and prints one line with the decision and both MAEs (:func:`sagemaker_launch.registry.decide`).
+``--dry-run`` checks the CreateModelPackage request against SageMaker's service model and prints it,
+sending nothing (a training job's model and metrics are then placeholders: nothing is read).
 """
 
 from __future__ import annotations
@@ -46,11 +56,13 @@ import bincount
 from bincount.config import compose
 from bincount.models.card import ModelCard
 from sagemaker_launch import models, registry
+from sagemaker_launch.session import DryRun, RequestHook, describe_request
 
 log = logging.getLogger("sagemaker_launch")
 
 # the run folder's files a registration reads (a job's output.tar.gz holds the whole run folder)
 REPORT_FILES = ("metrics.json", "predictions.csv", "config.yaml", "model/model_config.json")
+GROUP_DESCRIPTION = "bincount: models counting the objects in Amazon Bin Image Dataset photos"
 
 
 @dataclass(frozen=True)
@@ -184,26 +196,63 @@ class Registration:
     """What :func:`register` did.
 
     Attributes:
-        arn: The new model package's ARN.
+        arn: The new model package's ARN (``""`` in a dry run).
         properties: Its ``CustomerMetadataProperties``.
-        decision: The approve-if-better decision, or ``None`` (not asked: pending manual approval).
+        decision: The approve-if-better decision, or ``None`` (not asked: pending manual approval; a dry run).
+        request: In a dry run, the CreateModelPackage request that was not sent.
     """
 
     arn: str
     properties: dict[str, str]
     decision: registry.Decision | None = None
+    request: dict | None = None
+
+
+def served_images(cfg: DictConfig, source: models.ModelSource) -> list[tuple[dict, list[str]]]:
+    """What the package serves on: ``(container, instance types)`` per serving image, ``cfg.instance_type``'s
+    first, for ``cfg.instance_type`` and ``cfg.supported_instance_types``
+    (:func:`sagemaker_launch.models.inference_image` of each; with ``image_uri``, the types whose
+    device, CPU or GPU, is the image's).
+
+    Raises:
+        ValueError: ``image_uri``'s device is not ``instance_type``'s.
+    """
+    by_image: dict[str, list[str]] = {}
+    for instance_type in dict.fromkeys([str(cfg.instance_type), *map(str, cfg.supported_instance_types or [])]):
+        image = models.inference_image(cfg, instance_type)
+        device, want = models.image_device(image), models.instance_device(instance_type)
+        if device and want and device != want:
+            if instance_type == cfg.instance_type:
+                raise ValueError(f"image_uri={image} is a {device.upper()} image, and instance_type={instance_type} "
+                                 f"is a {want.upper()} instance: give a {device.upper()} instance_type")
+            log.info("%s left out of the package: a %s instance, and image_uri is a %s image", instance_type,
+                     want.upper(), device.upper())
+            continue
+        by_image.setdefault(image, []).append(instance_type)
+    return [(models.package_container(cfg, models.ModelSource(source.model_data, image), cfg.environment), types)
+            for image, types in by_image.items()]
+
+
+def placeholder_evaluation(job: str) -> Evaluation:
+    """A dry run's stand-in for training job ``job``'s held-out evaluation (its ``output.tar.gz`` is not read)."""
+    log.warning("dry run: training job %s's metrics are not read; the request shows placeholders (0)", job)
+    return Evaluation({k: 0 for k in ("acc", "obo_acc", "mae", "rmse", "n")}, "sha256:" + "0" * 64)
 
 
 def register(cfg: DictConfig) -> Registration:
     """Create the group if missing and a model package in it; approve it if ``cfg.approve_if_better``
-    and the rule allows (:func:`sagemaker_launch.registry.decide`).
+    and the rule allows (:func:`sagemaker_launch.registry.decide`). With ``cfg.dry_run``, check and keep
+    the CreateModelPackage request instead, sending nothing.
 
     Args:
         cfg: ``conf/register.yaml``.
 
     Raises:
         ValueError: No ``group``; neither ``job`` alone nor ``model_dir`` with ``model_data``; a job
-            without ``output.tar.gz``; or a run folder whose ``metrics.json`` is not a test report.
+            that did not complete, or a ``model.tar.gz`` without ``model.pt`` or the model card
+            (:func:`sagemaker_launch.models.model_source`); a job without ``output.tar.gz``; a run
+            folder whose ``metrics.json`` is not a test report; an instance type the package can't
+            serve on (:func:`served_images`); in a dry run, a request SageMaker's service model refuses.
         FileNotFoundError: A run folder without ``metrics.json`` or ``predictions.csv``.
 
     Returns:
@@ -214,26 +263,35 @@ def register(cfg: DictConfig) -> Registration:
     if not (cfg.job and not cfg.model_dir and not cfg.model_data or cfg.model_dir and cfg.model_data and not cfg.job):
         raise ValueError("give job=<training job name>, or model_dir=<the run's model folder> with "
                          "model_data=s3://.../model.tar.gz (the same model, uploaded)")
+    dry_run = bool(cfg.dry_run)
     session = models.boto_session(cfg)
-    served = models.model_source(cfg, session, ("model_data", "job"))
-    model_data = served.model_data
+    RequestHook(session, dry_run=dry_run)  # in a dry run: Create* checked and kept, nothing sent
+    source = models.model_source(cfg, session, ("model_data", "job"), dry_run=dry_run)
+    model_data = source.model_data
     with tempfile.TemporaryDirectory() as tmp:
-        if cfg.job:
+        if cfg.job and dry_run:
+            run_dir, evaluation = None, placeholder_evaluation(str(cfg.job))
+        elif cfg.job:
             run_dir = fetch_job_run(model_data.rsplit("/", 1)[0] + "/output.tar.gz", session, Path(tmp))
+            evaluation = read_run(run_dir)
         else:
             run_dir = Path(cfg.model_dir).resolve().parent
-        evaluation = read_run(run_dir)
-    source = f"training job {cfg.job}" if cfg.job else f"local run {run_dir}"
+            evaluation = read_run(run_dir)
+    source_text = f"training job {cfg.job}" if cfg.job else f"local run {run_dir}"
     properties = metadata_properties(evaluation)
+    served = served_images(cfg, source)
     sm = session.client("sagemaker")
-    registry.ensure_group(sm, cfg.group, "bincount: models counting the objects in Amazon Bin Image Dataset photos")
-    container = models.package_container(cfg, served, cfg.environment)
+    if not dry_run:
+        registry.ensure_group(sm, cfg.group, GROUP_DESCRIPTION)
     m = evaluation.metrics
-    description = cfg.description or (f"{source}: test MAE {m['mae']:.4f}, acc {m['acc']:.4f} on {m['n']} photos")
-    current = registry.latest_approved(sm, cfg.group) if cfg.approve_if_better else None
-    arn = registry.create_package(sm, cfg.group, container, instance_type=cfg.instance_type, properties=properties,
-                                  card_content=card_content(evaluation, model_data, source), description=description,
-                                  generated_by=source[:1024])
+    description = cfg.description or (f"{source_text}: test MAE {m['mae']:.4f}, acc {m['acc']:.4f} on {m['n']} photos")
+    current = registry.latest_approved(sm, cfg.group) if cfg.approve_if_better and not dry_run else None
+    try:
+        arn = registry.create_package(sm, cfg.group, served, properties=properties,
+                                      card_content=card_content(evaluation, model_data, source_text),
+                                      description=description, generated_by=source_text[:1024])
+    except DryRun as stop:
+        return Registration("", properties, None, stop.params)
     print(f"registered {arn} ({registry.PENDING}): MAE {m['mae']:.6g} on {m['n']} test photos "
           f"({evaluation.eval_set[:19]})")
     if not cfg.approve_if_better:
@@ -247,7 +305,8 @@ def register(cfg: DictConfig) -> Registration:
 
 def parse_argv(argv: list[str]) -> list[str]:
     """``key=value`` overrides of ``conf/register.yaml``, with ``--approve-if-better`` as
-    ``approve_if_better=true``; ``-h``/``--help`` prints the module docstring and exits 0.
+    ``approve_if_better=true`` and ``--dry-run`` as ``dry_run=true``; ``-h``/``--help`` prints the
+    module docstring and exits 0.
 
     Raises:
         SystemExit: 2 (argparse's one error line) for an argument that is neither a flag nor ``key=value``.
@@ -257,16 +316,26 @@ def parse_argv(argv: list[str]) -> list[str]:
                                      description="Hydra overrides of conf/register.yaml, plus:")
     parser.add_argument("--approve-if-better", action="store_true",
                         help="approve the new package only if its test MAE beats the approved one's (approve_if_better=true)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check and print the CreateModelPackage request, send nothing (dry_run=true)")
     flags, overrides = parser.parse_known_args(argv)
     if bad := [a for a in overrides if "=" not in a]:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (arguments are key=value overrides)")
-    return [*overrides, "approve_if_better=true"] if flags.approve_if_better else overrides
+    return [*overrides, *(["approve_if_better=true"] if flags.approve_if_better else []),
+            *(["dry_run=true"] if flags.dry_run else [])]
 
 
 def main(argv: list[str] | None = None) -> Registration:
-    """Compose ``conf/register.yaml`` with the arguments and :func:`register`."""
+    """Compose ``conf/register.yaml`` with the arguments and :func:`register`; a dry run prints the request."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return register(compose("register", parse_argv(list(sys.argv[1:] if argv is None else argv))))
+    cfg = compose("register", parse_argv(list(sys.argv[1:] if argv is None else argv)))
+    made = register(cfg)
+    if cfg.dry_run:
+        print(f"DRY RUN: CreateModelPackage in group {cfg.group} (not sent; the group is created if missing)\n"
+              f"{describe_request(made.request, [])}")
+        if cfg.approve_if_better:
+            print("approve_if_better: not decided in a dry run (the group's approved package is not looked up)")
+    return made
 
 
 if __name__ == "__main__":

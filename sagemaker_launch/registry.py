@@ -1,6 +1,13 @@
 """The SageMaker Model Registry side of ``register`` and ``deploy``/``transform package_group=``: model package
 groups, model packages (versions) with their held-out metrics, approval, and the latest approved one.
 
+A package serves on the instance types it lists, each on the image that fits it: its
+``InferenceSpecification`` holds the image of the instance type it was registered for, and its
+``AdditionalInferenceSpecifications`` one more per other image (named ``cpu`` or ``gpu``), each
+listing its instance types for endpoints (``SupportedRealtimeInferenceInstanceTypes``) and transform
+jobs (``SupportedTransformInstanceTypes``); a model made from the package names the specification for
+its instance type (``InferenceSpecificationName``: :func:`sagemaker_launch.models.package_source`).
+
 A package's ``CustomerMetadataProperties`` carry the numbers the approval rule compares
 (:data:`METRIC_KEYS` and ``eval_set``, the evaluation set's identifier); its ``ModelCard`` carries
 the same and more for people (see :mod:`sagemaker_launch.register`). Every call is a boto3
@@ -19,6 +26,8 @@ PENDING, APPROVED = "PendingManualApproval", "Approved"
 # the held-out metrics a package records (metrics.json's keys), as CustomerMetadataProperties
 METRIC_KEYS = ("acc", "obo_acc", "mae", "rmse", "n", "temperature", "ece_before", "ece_after")
 EVAL_SET = "eval_set"
+# an inference specification's instance types: for endpoints, for transform jobs (the lists' names)
+REALTIME, TRANSFORM = "SupportedRealtimeInferenceInstanceTypes", "SupportedTransformInstanceTypes"
 
 
 def ensure_group(sm, group: str, description: str) -> bool:
@@ -59,15 +68,9 @@ def latest_approved(sm, group: str) -> dict[str, Any] | None:
     return sm.describe_model_package(ModelPackageName=summaries[0]["ModelPackageArn"])
 
 
-def deployable_package(session, group: str) -> tuple[str, str, str]:
-    """The latest approved package of ``group``, for ``package_group=`` (:func:`sagemaker_launch.models.model_source`).
-
-    Args:
-        session: A ``boto3.Session``.
-        group: The model package group.
-
-    Returns:
-        ``(package ARN, image, model.tar.gz S3 URI)`` (its first container's).
+def approved_package(session, group: str) -> dict[str, Any]:
+    """DescribeModelPackage of the latest approved package of ``group``, for ``package_group=``
+    (:func:`sagemaker_launch.models.model_source`).
 
     Raises:
         ValueError: If the group has no approved package.
@@ -76,20 +79,60 @@ def deployable_package(session, group: str) -> tuple[str, str, str]:
     if package is None:
         raise ValueError(f"model package group {group} has no approved package: approve one (python -m "
                          f"sagemaker_launch.register ... group={group} approve_if_better=true, or in the console)")
-    container = package["InferenceSpecification"]["Containers"][0]
-    return package["ModelPackageArn"], container["Image"], container.get("ModelDataUrl", "")
+    return package
 
 
-def create_package(sm, group: str, container: dict[str, Any], *, instance_type: str, properties: dict[str, str],
+def inference_specifications(sm, served: list[tuple[dict[str, Any], list[str]]]) -> dict[str, Any]:
+    """``InferenceSpecification`` and ``AdditionalInferenceSpecifications`` of a package serving
+    ``served``: one per container (``Image``, ``ModelDataUrl``, ``Environment``), the first the
+    package's own, each with the instance types it serves on, split into those SageMaker offers for
+    endpoints and for transform jobs (the service model's ``ProductionVariantInstanceType`` and
+    ``TransformInstanceType``). The additional ones are named by their image's device (``cpu``, ``gpu``).
+
+    Args:
+        sm: A boto3 SageMaker client (its service model).
+        served: ``(container, instance types)`` pairs.
+
+    Returns:
+        ``CreateModelPackage`` fields.
+
+    Raises:
+        ValueError: An instance type SageMaker offers for neither.
+    """
+    from bincount.serve.protocol import CONTENT_TYPES, JSON
+    from sagemaker_launch.models import image_device
+
+    offered = {use: set(sm.meta.service_model.shape_for(shape).enum)
+               for use, shape in ((REALTIME, "ProductionVariantInstanceType"), (TRANSFORM, "TransformInstanceType"))}
+    specs, names = [], set()
+    for i, (container, types) in enumerate(served):
+        if unknown := [t for t in types if not any(t in o for o in offered.values())]:
+            raise ValueError(f"{', '.join(unknown)}: not an instance type SageMaker offers for endpoints or "
+                             "transform jobs")
+        name = image_device(container["Image"]) or "image"
+        if name in names:
+            name = f"{name}{i + 1}"
+        names.add(name)
+        spec = {"Name": name, "Containers": [container], "SupportedContentTypes": list(CONTENT_TYPES),
+                "SupportedResponseMIMETypes": [JSON]}
+        spec.update({use: [t for t in types if t in offered[use]] for use in (REALTIME, TRANSFORM)
+                     if any(t in offered[use] for t in types)})
+        specs.append(spec)
+    primary = {k: v for k, v in specs[0].items() if k != "Name"}
+    additional = {"AdditionalInferenceSpecifications": specs[1:]} if specs[1:] else {}
+    return {"InferenceSpecification": primary, **additional}
+
+
+def create_package(sm, group: str, served: list[tuple[dict[str, Any], list[str]]], *, properties: dict[str, str],
                    card_content: str, description: str, generated_by: str) -> str:
     """Create a model package (a new version of ``group``), pending manual approval.
 
     Args:
         sm: A boto3 SageMaker client.
         group: The model package group (must exist: :func:`ensure_group`).
-        container: ``Image``, ``ModelDataUrl`` and ``Environment`` of the serving container,
-            as ``deploy`` would create its model.
-        instance_type: The instance type the package is registered for (real-time inference).
+        served: ``(container, instance types)``: ``Image``, ``ModelDataUrl`` and ``Environment`` of a
+            serving container, as ``deploy`` would create its model, and the instance types it serves
+            on; the first is the package's ``InferenceSpecification`` (:func:`inference_specifications`).
         properties: ``CustomerMetadataProperties`` (at most 50; keys and values of letters,
             digits and ``_.:/=+-@``).
         card_content: The model card's ``ModelCardContent`` JSON.
@@ -98,15 +141,14 @@ def create_package(sm, group: str, container: dict[str, Any], *, instance_type: 
 
     Returns:
         The new package's ARN.
-    """
-    from bincount.serve.protocol import CONTENT_TYPES, JSON
 
+    Raises:
+        ValueError: See :func:`inference_specifications`.
+    """
     response = sm.create_model_package(
         ModelPackageGroupName=group,
         ModelPackageDescription=description[:1024],
-        InferenceSpecification={"Containers": [container],
-                                "SupportedContentTypes": list(CONTENT_TYPES), "SupportedResponseMIMETypes": [JSON],
-                                "SupportedRealtimeInferenceInstanceTypes": [instance_type]},
+        **inference_specifications(sm, served),
         ModelApprovalStatus=PENDING,
         MetadataProperties={"GeneratedBy": generated_by},
         CustomerMetadataProperties=properties,

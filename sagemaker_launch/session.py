@@ -8,10 +8,12 @@ parameter for, keeps every ``Create*`` request as sent, and in a dry run checks 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import logging
+import os
 import re
 from collections import defaultdict
 from typing import Any, Callable
@@ -211,6 +213,22 @@ def make_session(sm: DictConfig, *, dry_run: bool = False, extra: dict[str, dict
         config.setdefault("SageMaker", {}).setdefault("PythonSDK", {}).setdefault("Modules", {})["TelemetryOptOut"] = True
         return DryRunSession(boto_session=boto_session, default_bucket=sm.bucket, sagemaker_config=config), hook
     return Session(boto_session=boto_session, default_bucket=sm.bucket), hook
+
+
+@contextlib.contextmanager
+def role_check_skipped():
+    """Turn the SDK's check of the execution role off inside the block (its own switch,
+    ``SAGEMAKER_VALIDATE_ROLE=false``; restored after). For dry runs: their session refuses every IAM
+    call, so the check could only warn that it cannot verify the role ("access denied")."""
+    saved = os.environ.get("SAGEMAKER_VALIDATE_ROLE")
+    os.environ["SAGEMAKER_VALIDATE_ROLE"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["SAGEMAKER_VALIDATE_ROLE"]
+        else:
+            os.environ["SAGEMAKER_VALIDATE_ROLE"] = saved
 
 
 def role_for(sm: DictConfig, dry_run: bool) -> str | None:

@@ -30,6 +30,10 @@ requests at a time of at most ``max_payload_mb`` MB each (SageMaker allows at mo
 ``BINCOUNT_MAX_IMAGE_BYTES`` is set to the same size. ``--dry-run`` checks both requests against
 SageMaker's service model and prints them, sending nothing; ``--wait`` waits for the job to end.
 The model stays after the job (a model costs nothing; ``aws sagemaker delete-model`` removes it).
+
+A training job runs only if it completed and its ``model.tar.gz`` holds ``model.pt`` and the model
+card; a model package only on an instance type it lists for transform jobs, on the image it holds for
+that type (CPU or GPU): :func:`sagemaker_launch.models.model_source`.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from bincount.config import compose
-from sagemaker_launch import cost, models
+from sagemaker_launch import cost, models, registry
 from sagemaker_launch.session import DryRun, RequestHook, console_url, describe_request, role_for
 
 log = logging.getLogger("sagemaker_launch")
@@ -143,7 +147,7 @@ def create_transform(cfg: DictConfig, *, dry_run: bool = False, wait: bool = Fal
     session = models.boto_session(cfg)
     hook = RequestHook(session, dry_run=dry_run)
     name = name_from_base(str(cfg.base_job_name))
-    source = models.model_source(cfg, session, SOURCES, dry_run=dry_run)
+    source = models.model_source(cfg, session, SOURCES, dry_run=dry_run, use=registry.TRANSFORM)
     try:
         models.create_model(name, cfg, session, source)
     except DryRun:

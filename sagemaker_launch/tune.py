@@ -188,7 +188,7 @@ def submit_tuning_job(cfg: DictConfig, overrides: list[str], *, dry_run: bool = 
             checkpoints = sm.checkpoint_s3_uri or f"s3://{session.default_bucket()}/{sm.base_job_name}/{name}/checkpoints"
         source = stage_source(Path(tmp) / "source", plan.extras)
         trainer = make_model_trainer(plan, session, source, role=role_for(sm, dry_run),
-                                     checkpoint_s3_uri=checkpoints)
+                                     checkpoint_s3_uri=checkpoints, dry_run=dry_run)
         tuner = HyperparameterTuner(
             model_trainer=trainer, objective_metric_name=str(cfg.optimized_metric), hyperparameter_ranges=ranges,
             metric_definitions=metric_definitions(), strategy="Bayesian",

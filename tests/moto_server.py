@@ -79,11 +79,18 @@ class MotoServer:
 
 
 # moto 5.2 has no SageMaker UpdateEndpoint; this adds it, doing what AWS has done once the update
-# is InService: the endpoint serves the new config's variants. Everything else is moto's own.
+# is InService: the endpoint serves the new config's variants. Likewise StopTrainingJob (moto's jobs are
+# Completed at once): the job is Stopped, as AWS leaves it once the stop is done. And moto checks a model
+# package's instance types against lists older than SageMaker's service model, and its UpdateModelPackage
+# drops a package's AdditionalInferenceSpecifications when the update adds none; this checks the types against
+# the model's enums, and keeps the specifications (as AWS does). Everything else is moto's own.
 MOTO_WITH_UPDATE_ENDPOINT = """
 import sys
+import botocore.session
 from moto.core.responses import ActionResult
 from moto.core.utils import utcnow
+from moto.sagemaker.exceptions import ValidationError
+from moto.sagemaker.models import ModelPackage
 from moto.sagemaker.responses import SageMakerResponse
 from moto.server import main
 
@@ -100,7 +107,37 @@ def update_endpoint(self):
     return ActionResult({"EndpointArn": endpoint.arn})
 
 
+def stop_training_job(self):
+    job = self.sagemaker_backend.training_jobs[self._get_param("TrainingJobName")]
+    job.training_job_status = job.secondary_status = "Stopped"
+    return ActionResult({})
+
+
+SERVICE = botocore.session.get_session().get_service_model("sagemaker")
+
+
+def enum_check(field, shape):
+    def check(instance_types):
+        if unknown := [t for t in instance_types if t not in SERVICE.shape_for(shape).enum]:
+            raise ValidationError(message=f"Value {unknown} at '{field}' failed to satisfy constraint: enum {shape}")
+    return staticmethod(check)
+
+
+add_specifications = ModelPackage.add_additional_inference_specifications
+
+
+def keep_specifications(self, to_add):
+    if to_add is not None:
+        add_specifications(self, to_add)
+
+
 SageMakerResponse.update_endpoint = update_endpoint
+ModelPackage.add_additional_inference_specifications = keep_specifications
+SageMakerResponse.stop_training_job = stop_training_job
+ModelPackage.validate_supported_transform_instance_types = enum_check(
+    "SupportedTransformInstanceTypes", "TransformInstanceType")
+ModelPackage.validate_supported_realtime_inference_instance_types = enum_check(
+    "SupportedRealtimeInferenceInstanceTypes", "ProductionVariantInstanceType")
 main(sys.argv[1:])
 """
 

@@ -271,3 +271,24 @@ def test_deploy_arguments_fail_early(aws, tmp_path):
     with pytest.raises(ValueError, match=r"big.jpg: its request alone is 6291519 bytes .* over the limit of 6291456"):
         deploy.main(["invoke", "endpoint=x", str(small), str(big)])  # before the small photo is sent
     assert aws.requests() == []
+
+
+def test_the_dry_run_checks_and_prints_the_three_requests_and_sends_nothing(aws, monkeypatch, capsys):
+    monkeypatch.delenv("SAGEMAKER_ROLE")  # a newcomer's first try: no role, no training job looked up
+    made = deploy.main(["job=bincount-20261203024536", "endpoint=bincount-test", "instance_type=ml.g4dn.xlarge",
+                        "--dry-run"])
+    assert aws.requests() == []
+    assert list(made.requests) == ["CreateModel", "CreateEndpointConfig", "CreateEndpoint"]
+    model, config, endpoint = made.requests.values()
+    assert "-gpu-" in model["PrimaryContainer"]["Image"] and model["ModelName"] == made.model
+    assert config["ProductionVariants"][0]["InstanceType"] == "ml.g4dn.xlarge"
+    assert endpoint == {"EndpointName": "bincount-test", "EndpointConfigName": made.model}
+    out = capsys.readouterr().out
+    assert "DRY RUN: CreateEndpointConfig (not sent)" in out and '"InitialInstanceCount": 1' in out
+    assert "0.736 USD per hour" in out
+    with pytest.raises(ValueError, match="(?s)SageMaker would refuse this CreateEndpointConfig.*ml.m5.huge"):
+        deploy.main(["model_data=s3://b/model.tar.gz", "endpoint=bincount-test", "instance_type=ml.m5.huge",
+                     "--dry-run"])
+    with pytest.raises(ValueError, match="--dry-run is for deploying"):
+        deploy.main(["delete", "endpoint=bincount-test", "--dry-run"])
+    assert aws.requests() == []

@@ -46,6 +46,17 @@ def test_dry_run_prints_the_request_and_cost_and_sends_nothing(aws, capsys):
     assert re.search(r"ml\.g5\.xlarge\s+2\s+8\.0\s+16\.0\s+1\.408\s+22\.53\s+6\.76", out)
 
 
+def test_a_dry_run_does_not_warn_that_the_role_cannot_be_verified(aws, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.delenv("SAGEMAKER_VALIDATE_ROLE")  # the SDK checks the role, as for a newcomer
+    caplog.set_level(logging.INFO)
+    launch.main(["+experiment=quickstart", "sagemaker=cpu", f"sagemaker.inputs.train={TRAIN_S3}", "--dry-run"])
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("sagemaker.core.helper.iam_role_resolver")
+                and ("access denied" in r.getMessage() or r.levelno >= logging.WARNING)]
+    assert "SAGEMAKER_VALIDATE_ROLE" not in os.environ  # the check is off in the dry run only
+
+
 @pytest.mark.parametrize(("instance_type", "extra", "precision", "why"), [
     ("ml.g5.xlarge", [], "bf16-mixed", "ml.g5.xlarge computes in bfloat16"),  # A10G
     ("ml.g4dn.xlarge", [], "16-mixed", "no native bfloat16"),  # T4

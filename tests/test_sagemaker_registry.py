@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sagemaker_launch import deploy, models, register, transform
-from tests.fakes import write_run_report
+from tests.fakes import model_archive, write_run_report
 from tests.moto_server import BUCKET, ROLE, aws, moto_server, with_moto_fixes  # noqa: F401  (fixtures)
 
 GROUP = "bincount-counting"
@@ -39,10 +39,17 @@ def sm(aws, monkeypatch):
     return boto3.client("sagemaker")
 
 
+def put_object(key: str, body: bytes) -> str:
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=BUCKET, Key=key, Body=body)
+    return f"s3://{BUCKET}/{key}"
+
+
 def register_run(runs, name: str, *extra: str):
     run_dir, _ = runs[name]
-    return register.main([f"model_dir={run_dir / 'model'}", f"model_data=s3://{BUCKET}/runs/{name}/model.tar.gz",
-                          f"group={GROUP}", *extra])
+    model_data = put_object(f"runs/{name}/model.tar.gz", model_archive())  # the same model, uploaded
+    return register.main([f"model_dir={run_dir / 'model'}", f"model_data={model_data}", f"group={GROUP}", *extra])
 
 
 def summaries(sm) -> dict[int, dict]:
@@ -65,8 +72,10 @@ def expected_eval_set(first_id: int, n: int = 20) -> str:
     return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def create_training_job(sm, name: str) -> None:
-    """A (completed) job in moto, with the layout SageMaker's has: ``<output path>/<job>/output/model.tar.gz``."""
+def create_training_job(sm, name: str, model: bytes | None = None) -> None:
+    """A (completed) job in moto, with the layout SageMaker's has: ``<output path>/<job>/output/model.tar.gz``,
+    holding ``model`` (default: a complete export's files)."""
+    put_object(f"bincount/{name}/output/model.tar.gz", model_archive() if model is None else model)
     sm.create_training_job(
         TrainingJobName=name, RoleArn=ROLE, OutputDataConfig={"S3OutputPath": f"s3://{BUCKET}/bincount"},
         AlgorithmSpecification={"TrainingImage": "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.6.0-"
@@ -107,9 +116,20 @@ def test_register_a_training_job_with_its_held_out_metrics(sm, aws, runs, capsys
     assert container == {k: model["PrimaryContainer"][k] for k in ("Image", "ModelDataUrl", "Environment")}
     assert container["ModelDataUrl"] == f"s3://{BUCKET}/bincount/{job}/output/model.tar.gz"
     assert container["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
-    assert first["InferenceSpecification"]["SupportedRealtimeInferenceInstanceTypes"] == ["ml.m5.large"]
-    second = describe(sm, 2)["InferenceSpecification"]
-    assert "-gpu-" in second["Containers"][0]["Image"] and "-cpu-" in container["Image"]
+    # one package serves on CPU and GPU instances, each type on its image (conf/register.yaml's types)
+    cpu_types, gpu_types = ["ml.m5.large", "ml.m5.xlarge", "ml.c5.xlarge"], ["ml.g4dn.xlarge", "ml.g5.xlarge"]
+    assert {k: v for k, v in first["InferenceSpecification"].items() if k.startswith("Supported") and "Types" in k
+            and "Instance" in k} == {"SupportedRealtimeInferenceInstanceTypes": cpu_types,
+                                     "SupportedTransformInstanceTypes": cpu_types}
+    [gpu] = first["AdditionalInferenceSpecifications"]
+    assert gpu["Name"] == "gpu" and gpu["SupportedRealtimeInferenceInstanceTypes"] == gpu_types
+    assert gpu["Containers"] == [{**container, "Image": container["Image"].replace("-cpu-", "-gpu-")}]
+    second = describe(sm, 2)  # registered for a GPU instance: the GPU image is the package's own
+    assert "-gpu-" in second["InferenceSpecification"]["Containers"][0]["Image"] and "-cpu-" in container["Image"]
+    assert second["InferenceSpecification"]["SupportedRealtimeInferenceInstanceTypes"] == ["ml.g4dn.xlarge",
+                                                                                           "ml.g5.xlarge"]
+    assert [(s["Name"], s["SupportedTransformInstanceTypes"]) for s in second["AdditionalInferenceSpecifications"]
+            ] == [("cpu", ["ml.m5.large", "ml.m5.xlarge", "ml.c5.xlarge"])]
 
     # moto keeps no ModelCard: what SageMaker received is in the request
     [request, _] = aws.calls("CreateModelPackage")
@@ -177,7 +197,7 @@ def test_deploy_from_a_group_serves_its_latest_approved_package(sm, aws, runs):
 
 def test_register_arguments_and_missing_reports_fail_with_one_clear_error(sm, aws, runs, tmp_path, capsys):
     run_dir, _ = runs["base"]
-    model_data = f"model_data=s3://{BUCKET}/m.tar.gz"
+    model_data = f"model_data={put_object('m.tar.gz', model_archive())}"
     with pytest.raises(ValueError, match="register needs group="):
         register.main([f"model_dir={run_dir / 'model'}", model_data])
     for args in ([f"model_dir={run_dir / 'model'}"], ["job=j", f"model_dir={run_dir / 'model'}", model_data],
@@ -215,3 +235,88 @@ def test_the_evaluation_set_is_the_photos_and_their_counts_in_any_order(tmp_path
     a, shuffled, relabelled = (register.eval_set_id(tmp_path / f"{n}.csv") for n in ("a", "shuffled", "relabelled"))
     assert a == shuffled != relabelled
     assert a == "sha256:" + hashlib.sha256(b"00001,3\n00002,2\n00003,1").hexdigest()
+
+
+def test_a_job_that_did_not_complete_or_a_model_without_its_card_is_refused_by_every_command(sm, aws, runs):
+    io_ = [f"input=s3://{BUCKET}/in/", f"output=s3://{BUCKET}/out/"]
+    commands = {"deploy": lambda source: deploy.main([source, "endpoint=bincount-test"]),
+                "register": lambda source: register.main([source, f"group={GROUP}"]),
+                "transform": lambda source: transform.main([source.replace("job=", "model="), *io_])}
+    create_training_job(sm, "stopped")  # its model.tar.gz is whole: the status alone refuses it
+    sm.stop_training_job(TrainingJobName="stopped")
+    create_training_job(sm, "no-card", model_archive("model.pt", "code/inference.py"))
+    no_weights = put_object("runs/no-weights/model.tar.gz", model_archive("model_config.json", "code/inference.py"))
+    for name, command in commands.items():
+        with pytest.raises(ValueError, match="^training job stopped is Stopped: only a Completed job's model is "
+                                             "served or registered; its model may be partial: train it again$"):
+            command("job=stopped")
+        with pytest.raises(ValueError, match=rf"^s3://{BUCKET}/bincount/no-card/output/model.tar.gz lacks the model "
+                                             r"card model_config.json: not a complete model"):
+            command("job=no-card")
+        if name != "register":  # register reads model_data with a local model_dir (below)
+            with pytest.raises(ValueError, match=rf"^{no_weights} lacks model.pt: not a complete model"):
+                command(f"model_data={no_weights}")
+    run_dir, _ = runs["base"]
+    with pytest.raises(ValueError, match=rf"^{no_weights} lacks model.pt"):
+        register.main([f"model_dir={run_dir / 'model'}", f"model_data={no_weights}", f"group={GROUP}"])
+    made = [r["target"] for r in aws.requests() if r["target"].startswith("SageMaker.Create")]
+    assert made == ["SageMaker.CreateTrainingJob"] * 2  # the test's own: nothing else was created
+
+
+def create_package(sm, image: str, **lists) -> str:
+    """A package registered by other means: one inference specification, on ``image``."""
+    from sagemaker_launch import registry
+
+    registry.ensure_group(sm, GROUP, "test")
+    return sm.create_model_package(ModelPackageGroupName=GROUP, ModelApprovalStatus=APPROVED, InferenceSpecification={
+        "Containers": [{"Image": image, "ModelDataUrl": f"s3://{BUCKET}/m.tar.gz"}],
+        "SupportedContentTypes": ["image/jpeg"], "SupportedResponseMIMETypes": ["application/json"], **lists,
+    })["ModelPackageArn"]
+
+
+def test_a_package_serves_on_the_image_of_the_instance_type_or_is_refused(sm, aws, runs):
+    register_run(runs, "base", "approve_if_better=true")
+    [arn] = [p["ModelPackageArn"] for p in summaries(sm).values()]
+    gpu = deploy.main([f"package_group={GROUP}", "endpoint=bincount-test", "instance_type=ml.g4dn.xlarge"])
+    job = transform.main([f"package_group={GROUP}", f"input=s3://{BUCKET}/in/", f"output=s3://{BUCKET}/out/",
+                          "instance_type=ml.g5.xlarge"])
+    cpu = transform.main([f"model={arn}", f"input=s3://{BUCKET}/in/", f"output=s3://{BUCKET}/out/",
+                          "instance_type=ml.c5.xlarge"])
+    models_made = {m["ModelName"]: m["PrimaryContainer"] for m in aws.calls("CreateModel")}
+    assert models_made[gpu.model] == models_made[job.job_name] == {"ModelPackageName": arn,
+                                                                   "InferenceSpecificationName": "gpu"}
+    assert models_made[cpu.job_name] == {"ModelPackageName": arn}  # the package's own specification: CPU
+    assert "-gpu-" in gpu.image_uri and gpu.model_data == f"s3://{BUCKET}/runs/base/model.tar.gz"
+    assert sm.describe_model(ModelName=gpu.model)["PrimaryContainer"]["InferenceSpecificationName"] == "gpu"
+
+    aws.post("/moto-api/recorder/reset-recording")
+    with pytest.raises(ValueError, match=rf"^model package {arn} does not serve on ml.c5.2xlarge: it lists "
+                                         r"ml.m5.large, ml.m5.xlarge, ml.c5.xlarge, ml.g4dn.xlarge, ml.g5.xlarge for "
+                                         r"endpoints; give instance_type=ml.m5.large .* register the model again with "
+                                         r"instance_type=ml.c5.2xlarge"):
+        deploy.main([f"package_group={GROUP}", "endpoint=bincount-test", "instance_type=ml.c5.2xlarge"])
+    # a package that lists no instance types: its image's device must be the instance's
+    other = create_package(sm, "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312")
+    with pytest.raises(ValueError, match=rf"^model package {other} runs the CPU image .*, and ml.g4dn.xlarge is a GPU "
+                                         "instance: give a CPU instance_type, or register the model again"):
+        transform.main([f"model={other}", f"input=s3://{BUCKET}/in/", f"output=s3://{BUCKET}/out/",
+                        "instance_type=ml.g4dn.xlarge"])
+    assert [r for r in aws.requests() if r["target"] in ("SageMaker.CreateModel", "SageMaker.CreateTransformJob",
+                                                         "SageMaker.CreateEndpointConfig")] == []
+
+
+def test_the_register_dry_run_checks_and_prints_the_package_and_sends_nothing(aws, runs, capsys):
+    model_data = put_object("runs/base/model.tar.gz", model_archive())
+    aws.post("/moto-api/recorder/reset-recording")
+    run_dir, metrics = runs["base"]
+    local = register.main([f"model_dir={run_dir / 'model'}", f"model_data={model_data}", f"group={GROUP}",
+                           "--approve-if-better", "--dry-run"])
+    job = register.main(["job=bincount-20261203024536", f"group={GROUP}", "--dry-run"])  # nothing looked up
+    assert aws.requests() == []
+    assert local.arn == "" and local.request["CustomerMetadataProperties"]["mae"] == repr(metrics["mae"])
+    assert [s["Name"] for s in local.request["AdditionalInferenceSpecifications"]] == ["gpu"]
+    assert job.request["InferenceSpecification"]["Containers"][0]["ModelDataUrl"].endswith(
+        "/bincount-20261203024536/output/model.tar.gz")
+    out = capsys.readouterr().out
+    assert out.count(f"DRY RUN: CreateModelPackage in group {GROUP} (not sent") == 2
+    assert "approve_if_better: not decided in a dry run" in out

@@ -11,9 +11,10 @@ from hydra.errors import ConfigCompositionException
 from bincount.config import compose
 from bincount.serve.settings import Limits
 from sagemaker_launch import models, session, transform
+from tests.fakes import model_archive
 from tests.moto_server import BUCKET, REGION, ROLE, aws, moto_server, with_moto_fixes  # noqa: F401  (fixtures)
 
-PACKAGE = "arn:aws:sagemaker:us-east-1:123456789012:model-package/bincount/3"
+PACKAGE = "arn:aws:sagemaker:us-east-1:123456789012:model-package/bincount/1"
 ABID_IMAGES = Path("/work/shared/abid/bin-images")
 SERVICE = botocore.session.get_session().get_service_model("sagemaker")
 
@@ -33,6 +34,10 @@ def sagemaker(aws, monkeypatch):
 
 
 def test_a_training_jobs_model_counts_a_prefix_on_several_instances(aws, sagemaker, capsys):
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="bincount/bincount-20261203024536/output/model.tar.gz",
+                                  Body=model_archive())
     sagemaker.create_training_job(  # what a `launch` left: its model.tar.gz is output/<job>/output/model.tar.gz
         TrainingJobName="bincount-20261203024536", RoleArn=ROLE,
         AlgorithmSpecification={"TrainingImage": "pytorch-training:2.6.0", "TrainingInputMode": "File"},
@@ -72,6 +77,13 @@ def test_a_training_jobs_model_counts_a_prefix_on_several_instances(aws, sagemak
 
 
 def test_a_model_package_becomes_the_jobs_model(aws, sagemaker):
+    sagemaker.create_model_package_group(ModelPackageGroupName="bincount")
+    assert sagemaker.create_model_package(ModelPackageGroupName="bincount", InferenceSpecification={
+        "Containers": [{"Image": "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312",
+                        "ModelDataUrl": f"s3://{BUCKET}/m.tar.gz"}], "SupportedContentTypes": ["image/jpeg"],
+        "SupportedResponseMIMETypes": ["application/json"], "SupportedTransformInstanceTypes": ["ml.m5.large"],
+    })["ModelPackageArn"] == PACKAGE
+    aws.post("/moto-api/recorder/reset-recording")
     made = transform.main([f"model={PACKAGE}", f"input=s3://{BUCKET}/bin-images/",
                            f"output=s3://{BUCKET}/counts", "max_payload_mb=20"])
     [model] = aws.calls("CreateModel")
