@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel, Field, StrictFloat, StrictInt, ValidationError
@@ -166,6 +168,17 @@ def read_answer(location: str) -> bytes:
     return Path(location).read_bytes()
 
 
+@contextmanager
+def cancel_on_error(pool: ThreadPoolExecutor) -> Iterator[None]:
+    """On an error, Ctrl-C or a stop in the block, cancel ``pool``'s reads not yet started (the
+    pool's own exit would wait for every one of them)."""
+    try:
+        yield
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+
+
 def collect(outputs: str, input_prefix: str, out: str | Path, *, model_dir: str | Path,
             labels: str | Path | None = None, review_threshold: float | None = None, progress: bool = True) -> dict:
     """Write one CSV row per photo under ``input_prefix`` from its answer under ``outputs``.
@@ -206,7 +219,8 @@ def collect(outputs: str, input_prefix: str, out: str | Path, *, model_dir: str 
     verdicts: Counter[str] = Counter()
     failed = 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out, newline="") as f, progress_bar(progress) as bar, ThreadPoolExecutor(READERS) as pool:
+    with atomic_write(out, newline="") as f, progress_bar(progress) as bar, ThreadPoolExecutor(READERS) as pool, \
+            cancel_on_error(pool):
         writer = csv.DictWriter(f, csv_columns(card))
         writer.writeheader()
         task = bar.add_task("collecting", total=len(photos))

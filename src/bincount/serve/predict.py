@@ -14,14 +14,17 @@ Each row: ``source,image_id,count,confidence,prob_<count>...,expected_quantity,v
 that cannot be read or decoded gets a row with only ``error`` filled; the run goes on.
 
 The CSV is written to a temporary file beside ``--out`` and renamed over it once complete: an
-existing file stays intact until then, and an interrupted or failed run leaves no partial file
-under the final name.
+existing file stays intact until then, and an interrupted, stopped (SIGTERM under
+:func:`bincount.stop.stop_on_sigterm`, as ``bincount predict`` runs it) or failed run leaves no
+partial file, under the final name or beside it.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import os
+import signal
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +43,7 @@ from bincount.serve.images import decode_image_bytes
 from bincount.serve.model import CountingModel, forward
 from bincount.serve.settings import Limits
 from bincount.serve.verdict import make_predictions
+from bincount.stop import stops_held
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +196,17 @@ def collate_photos(batch: list[tuple[torch.Tensor | None, int, str]]) -> dict:
     }
 
 
+def exit_on_sigterm(worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: SIGTERM makes the worker exit at once, with status 0.
+
+    A stop sent to the whole process group (``timeout``, a scheduler, Ctrl-C's SIGINT aside)
+    reaches the workers as well as ``predict``. Killed by the signal, a worker would make the
+    DataLoader raise ``DataLoader worker ... is killed by signal`` over ``predict``'s own stop;
+    exiting with status 0 leaves the stop to ``predict``, which then shuts the DataLoader down.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
 def check_csv_path(out: str | Path) -> Path:
     """``out`` as a path a CSV can be written to (its folder may not exist yet).
 
@@ -244,7 +259,7 @@ def predict(model_dir: str | Path, inputs: Sequence[str], out: str | Path, *, la
     sources = find_photos(inputs)
     expected = read_labels_csv(Path(labels)) if labels else {}
     loader = DataLoader(PhotoDataset(sources, model.preset, model.limits), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=collate_photos)
+                        num_workers=num_workers, collate_fn=collate_photos, worker_init_fn=exit_on_sigterm)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out, newline="") as f, progress_bar(progress) as bar:  # an existing --out stays whole until this one is
         failed, verdicts = _write_rows(f, loader, sources, expected, model, bar)
@@ -259,7 +274,9 @@ def _write_rows(f, loader: DataLoader, sources: Sequence[str], expected: dict[st
     writer = csv.DictWriter(f, csv_columns(model.card))
     writer.writeheader()
     task = bar.add_task("counting", total=len(sources))
-    for batch in loader:
+    with stops_held():  # a stop while the DataLoader's workers start is raised once they are up
+        batches = iter(loader)
+    for batch in batches:
         rows = {i: error_row(sources[i], err) for i, err in batch["failed"]}
         failed += len(rows)
         if batch["images"] is not None:

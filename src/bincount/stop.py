@@ -1,0 +1,96 @@
+"""SIGTERM as a stop: an exception in the main thread, so that every ``finally`` runs.
+
+Python's default SIGTERM action ends the process at once: no ``finally`` runs and a file being
+written through :func:`bincount.atomic.atomic_write` is left behind as ``<file>.<pid>.part``.
+Under :func:`stop_on_sigterm` a SIGTERM raises :class:`Stopped` instead, as Ctrl-C raises
+``KeyboardInterrupt``. :func:`stops_held` marks code a stop must not cut in two (starting worker
+processes): a SIGTERM there is raised when it ends.
+
+Usage:
+    with stop_on_sigterm():
+        predict(...)  # a SIGTERM: Stopped; the temporary CSV is removed on the way out
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class Stopped(BaseException):
+    """Raised in the main thread by a SIGTERM under :func:`stop_on_sigterm`.
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is: no ``except Exception`` swallows it.
+    """
+
+
+class _Stop:
+    """The SIGTERM handler of :func:`stop_on_sigterm`."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.held = 0  # depth of stops_held blocks
+        self.pending = False  # a SIGTERM arrived while held
+
+    def __call__(self, signum, frame) -> None:
+        if os.getpid() != self.pid:  # a forked child before it sets its own handler: its parent stops it
+            return
+        if self.held:
+            self.pending = True
+            return
+        raise Stopped
+
+
+_active: _Stop | None = None
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """While in the block, SIGTERM raises :class:`Stopped` in the main thread instead of ending the
+    process at once; the previous handler is put back after. Outside the main thread (where
+    Python cannot set signal handlers) it does nothing.
+
+    Raises:
+        Stopped: When the process receives SIGTERM in the block.
+    """
+    global _active
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    outer, _active = _active, _Stop()
+    previous = signal.signal(signal.SIGTERM, _active)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _active = outer
+
+
+@contextmanager
+def stops_held() -> Iterator[None]:
+    """A SIGTERM in the block is raised as :class:`Stopped` when the block ends, not in it.
+
+    For code that an exception must not interrupt half-way: forking worker processes (an
+    exception raised in a fork's callbacks is printed and lost, and the run goes on) or building
+    the object that later shuts them down. An error the block raises after a SIGTERM (a worker
+    killed by the same stop) gives way to :class:`Stopped`. Without :func:`stop_on_sigterm`
+    around it, it does nothing.
+
+    Raises:
+        Stopped: When the process received SIGTERM in the block.
+    """
+    stop = _active
+    if stop is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stop.held += 1
+    try:
+        yield
+    finally:
+        stop.held -= 1
+        if not stop.held and stop.pending:
+            stop.pending = False
+            raise Stopped  # the stop wins over an error it caused
