@@ -186,7 +186,7 @@ def _run_transform_collect(args: argparse.Namespace) -> int:
         return 2
     verdicts = ", ".join(f"{n} {v}" for v, n in sorted(summary["verdicts"].items()))
     unmatched = f"; {summary['unmatched']} answers of no photo there, left out" if summary["unmatched"] else ""
-    print(f"{summary['photos']} photos -> {summary['out']} ({summary['failed']} without an answer"
+    print(f"{summary['photos']} photos -> {summary['out']} ({summary['failed']} without a count"
           f"{'; ' + verdicts if verdicts else ''}{unmatched})", file=sys.stderr)
     return 0
 
