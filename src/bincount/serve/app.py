@@ -4,13 +4,14 @@
 (503 before, or if loading failed); ``POST /invocations`` runs
 :func:`~bincount.serve.inference.input_fn`, :func:`~bincount.serve.inference.predict_fn` and
 :func:`~bincount.serve.inference.output_fn`: the handler functions the SageMaker PyTorch image
-runs (through :func:`~bincount.serve.inference.transform_fn`), given the request's headers and the server's :class:`~bincount.serve.settings.Settings` in
-their ``context``. This module only adapts HTTP to them. Client mistakes (the handler's
-:class:`~bincount.serve.errors.RequestError`) get their 4xx with ``{"error": "<what was wrong>"}``
-(200 under Batch Transform, :func:`~bincount.serve.inference.error_answer`).
-Every answer says where its time went in a ``Server-Timing`` header (W3C Server Timing), in
-milliseconds: ``decode`` (``input_fn`` on this request), ``batch`` (``predict_fn`` on the batch
-it shared, ``desc`` its size) and ``total`` (in the handler, from headers read to answer ready).
+runs (through :func:`~bincount.serve.inference.transform_fn`), given the request's headers and
+the server's :class:`~bincount.serve.settings.Settings` in their ``context``. This module only
+adapts HTTP to them. Client mistakes (the handler's :class:`~bincount.serve.errors.RequestError`)
+get their 4xx with ``{"error": "<what was wrong>"}`` (200 under Batch Transform,
+:func:`~bincount.serve.inference.error_answer`). Every answer says where its time went in a
+``Server-Timing`` header (W3C Server Timing), in milliseconds: ``decode`` (``input_fn`` on this
+request), ``batch`` (``predict_fn`` on the batch it shared, ``desc`` its size) and ``total`` (in
+the handler, from headers read to answer ready).
 
 Concurrent requests share forward passes: the photos of requests that queue up while the
 network is busy go through ``predict_fn`` together in the next batch
