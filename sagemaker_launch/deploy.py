@@ -16,8 +16,8 @@ named ``<endpoint>-<timestamp>``, then creates endpoint ``endpoint`` on them, or
 endpoint exists, points it at them with UpdateEndpoint (SageMaker swaps the instances without
 downtime; the previous model and config stay until ``delete``). ``model.tar.gz`` is what a
 training job's entry wrote to ``$SM_MODEL_DIR``: ``model.pt``, ``model_config.json`` and
-``code/`` with ``inference.py`` (:mod:`bincount.serve.inference`'s
-``model_fn``/``input_fn``/``predict_fn``/``output_fn``). ``invoke`` sends the photos (local
+``code/`` with ``inference.py`` (:mod:`bincount.serve.inference`'s ``model_fn`` and
+``transform_fn``). ``invoke`` sends the photos (local
 files inline as base64, or S3 URIs the endpoint reads) in JSON requests, as many photos per
 request as fit InvokeEndpoint's 6 MiB body limit and the handler's photo limit, and prints a
 count (and, with ``expected_quantity``, a verdict) per photo, in the photos' order; ``delete``

@@ -226,15 +226,16 @@ def export_or_stop(env: ContainerEnv, run_model_dir: Path) -> None:
         StoppedRun: With 143 or 130 when a signal stopped the export.
         OSError: If the copy fails.
     """
-    from bincount.train import StoppedRun, StopSignal, stop_signals_raise
+    from bincount.stop import Stopped, stop_on_sigterm
+    from bincount.train import StoppedRun
 
     try:
-        with stop_signals_raise():
+        with stop_on_sigterm(sigint=True):
             export_model(run_model_dir, env.model_dir)
     except BaseException as err:
         for path in env.model_dir.iterdir() if env.model_dir.is_dir() else []:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        if isinstance(err, StopSignal):
+        if isinstance(err, Stopped):
             raise StoppedRun(err.signum, f"stopped by {signal.Signals(err.signum).name} while copying the model to "
                                          f"{env.model_dir}; the job's model.tar.gz is empty") from None
         raise

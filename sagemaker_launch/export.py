@@ -21,7 +21,7 @@ IMAGE_PACKAGES = {"torch", "torchvision"}
 SERVING_PACKAGES = {"pillow", "pydantic"}
 INFERENCE_SHIM = '''"""SageMaker PyTorch serving entry (written by sagemaker_launch/export.py): bincount's handler."""
 
-from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn  # noqa: F401
+from bincount.serve.inference import model_fn, transform_fn  # noqa: F401
 '''
 
 
@@ -50,7 +50,7 @@ def export_model(run_model_dir: Path, model_dir: Path) -> Path:
 
     ``model_dir`` (SageMaker packs it into model.tar.gz) then holds ``model.pt``,
     ``model_config.json`` and ``code/``: ``inference.py`` (re-exports
-    :mod:`bincount.serve.inference`'s ``model_fn``/``input_fn``/``predict_fn``/``output_fn``),
+    :mod:`bincount.serve.inference`'s ``model_fn`` and ``transform_fn``),
     ``bincount/`` (this package, without conf/) and ``requirements.txt``.
 
     Args:

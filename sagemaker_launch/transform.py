@@ -20,8 +20,10 @@ one); then a transform job on it (CreateTransformJob) that sends every object un
 :mod:`bincount.serve.inference` as one request: the whole object is one record (``SplitType``
 None, ``BatchStrategy`` SingleRecord), with ``Content-Type`` ``content_type`` and ``Accept``
 ``application/json``. The handler answers ``{"predictions": [{"count": ..., "probabilities": [...],
-"confidence": ...}]}`` and Batch Transform writes it to ``<output><key under input>.out``, which is
-how ``bincount transform collect`` (:mod:`bincount.serve.collect`) joins every answer with its
+"confidence": ...}]}``, or for a photo it cannot read ``{"error": "<why>"}`` with status 200
+(``BINCOUNT_BATCH_TRANSFORM=true`` in the job's environment: a 4xx would mark the whole job
+Failed), and Batch Transform writes it to ``<output><key under input>.out``, which is how
+``bincount transform collect`` (:mod:`bincount.serve.collect`) joins every answer with its
 photo into one CSV.
 
 ``instance_count`` instances share the objects out; each gets up to ``max_concurrent_transforms``
@@ -96,9 +98,10 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def job_environment(cfg: DictConfig) -> dict[str, str]:
-    """The transform job's container environment: the handler's photo limit at ``max_payload_mb`` MiB,
-    then ``cfg.environment`` (which may override it)."""
-    return {"BINCOUNT_MAX_IMAGE_BYTES": str(int(cfg.max_payload_mb) * 2**20),
+    """The transform job's container environment: the handler's photo limit at ``max_payload_mb`` MiB
+    and its Batch Transform answers (``BINCOUNT_BATCH_TRANSFORM``: a photo it cannot count is answered
+    200 with ``{"error": ...}``, so the job goes on), then ``cfg.environment`` (which may override them)."""
+    return {"BINCOUNT_MAX_IMAGE_BYTES": str(int(cfg.max_payload_mb) * 2**20), "BINCOUNT_BATCH_TRANSFORM": "true",
             **{str(k): str(v) for k, v in (cfg.environment or {}).items()}}
 
 

@@ -107,6 +107,9 @@ def test_a_read_only_output_is_one_error_line(command, predict_inputs, fake_abid
     }[command]
     code, stderr, files = run_mounted(ro_bind(ro), [*CLI, *argv], listing=ro)
     assert_one_error_line(code, stderr, str(ro), "Read-only file system")
+    if command == "predict":  # the user's file, not the temporary one beside it
+        assert_one_error_line(code, stderr, f"error: {ro / 'p.csv'}: Read-only file system")
+    assert ".part" not in stderr, stderr
     assert files == {"p.csv": OLD_CSV}
 
 

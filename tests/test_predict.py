@@ -3,6 +3,7 @@
 import base64
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -168,26 +169,34 @@ def test_predict_over_an_s3_prefix_and_s3_uri_instances(photos, s3_env, tmp_path
     assert "missing.jpg does not exist" in caught.value.message
 
 
-def test_an_interrupted_predict_keeps_the_previous_csv_whole(photos, tmp_path):
+@pytest.mark.parametrize(("stop", "when", "num_workers", "code", "line"), [
+    (signal.SIGINT, flags.CREATE, 0, 130, "error: interrupted"),  # Ctrl-C
+    # kill, timeout, a scheduler, sent to the process group: the DataLoader workers get it too, while they
+    # start (just after the temporary CSV appears) or once rows are being written
+    (signal.SIGTERM, flags.CREATE, 2, 143, "error: stopped by SIGTERM"),
+    (signal.SIGTERM, flags.MODIFY, 2, 143, "error: stopped by SIGTERM"),
+], ids=["SIGINT", "SIGTERM as workers start", "SIGTERM while writing"])
+def test_an_interrupted_predict_keeps_the_previous_csv_whole(stop, when, num_workers, code, line, photos, tmp_path):
     root, _, model_dir = photos
     out = tmp_path / "p.csv"
     out.write_text("source,image_id\nfrom-the-last-run.jpg,1\n")
     before = out.read_bytes()
     inputs = [str(root / "photos")] * 100  # 1000 photos, one per batch: long enough to interrupt
     with INotify() as inotify:
-        inotify.add_watch(tmp_path, flags.CREATE)
+        inotify.add_watch(tmp_path, flags.CREATE | flags.MODIFY)
         proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "predict", "--model-dir", str(model_dir),
-                                 *inputs, "--out", str(out), "--batch-size", "1", "--num-workers", "0",
-                                 "--no-progress"], stderr=subprocess.PIPE, text=True)
-        created: list[str] = []
-        while not any(name.endswith(".part") for name in created):  # the temporary CSV beside p.csv
+                                 *inputs, "--out", str(out), "--batch-size", "1", "--num-workers", str(num_workers),
+                                 "--no-progress"], stderr=subprocess.PIPE, text=True, start_new_session=True)
+        seen = False
+        while not seen:  # the temporary CSV beside p.csv made, or its first rows written
             events = inotify.read(timeout=120_000)
             assert events, f"predict did not start writing: {proc.poll()=}"
-            created += [event.name for event in events]
+            seen = any(event.name.endswith(".part") and event.mask & when for event in events)
     assert proc.poll() is None, proc.stderr.read()
     assert out.read_bytes() == before, "the previous CSV must stay whole while the new one is written"
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, stop)  # to predict and its DataLoader workers, as a terminal or `timeout` sends it
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "error: interrupted", stderr
+    assert proc.returncode == code and stderr.strip().splitlines()[-1] == line, stderr
+    assert "Traceback" not in stderr, stderr
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"], "no partial file is left"

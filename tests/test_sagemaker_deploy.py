@@ -34,8 +34,7 @@ sys.path.insert(0, str(code))  # as the serving image does: code/ first
 import inference, bincount
 assert Path(bincount.__file__).is_relative_to(code), bincount.__file__
 model = inference.model_fn(sys.argv[1])
-request = inference.input_fn(sys.argv[2], "application/json")
-body, content_type = inference.output_fn(inference.predict_fn(request, model), "application/json")
+body, content_type = inference.transform_fn(model, sys.argv[2], "application/json", "application/json")
 print(json.dumps({"content_type": content_type, "answer": json.loads(body)}))
 """
 

@@ -754,3 +754,39 @@ def test_an_s3_uri_that_botocore_refuses_is_a_400_in_one_line(uri, reason, monke
         read_s3_object(uri, max_bytes=1 << 20)
     assert raised.value.status_code == 400 and "\n" not in str(raised.value.message)
     assert str(raised.value.message).startswith(f"s3_uri {uri!r}: {reason}")
+
+
+def test_under_batch_transform_a_bad_photo_is_answered_200_with_its_reason(bundle, monkeypatch):
+    """``bincount serve`` (the bring-your-own container) answers a Batch Transform job as the serving
+    image's handler does (tests/test_transform_collect.py): a 4xx would mark the whole job Failed."""
+    monkeypatch.setenv("BINCOUNT_BATCH_TRANSFORM", "true")
+    with running(create_app(bundle.model_dir, device="cpu")) as url:
+        r = httpx.post(f"{url}/invocations", content=truncated(bundle.photos[0], drop=100),
+                       headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"error": "corrupt or truncated JPEG image (Image is incomplete or truncated)"}
+
+
+def test_s3_uris_outside_the_allowed_prefixes_are_refused_before_s3_is_asked(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens: S3 asked is a 502
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setattr("bincount.serve.fetch._s3_clients", {})
+
+    def answer(uri: str) -> tuple[int, str]:
+        with pytest.raises(RequestError) as caught:
+            input_fn(json.dumps({"instances": [{"s3_uri": uri}]}), "application/json")
+        return caught.value.status_code, caught.value.message
+
+    assert answer("s3://any-bucket/x.jpg")[0] == 502  # unset: any object the server's identity can read
+    monkeypatch.setenv("BINCOUNT_ALLOWED_S3_PREFIXES", "bins-a, s3://bins-b/bin-images/")
+    for uri in ["s3://bins-c/x.jpg", "s3://bins-ab/x.jpg", "s3://bins-b/bin-images-old/x.jpg", "s3://bins-b/x.jpg",
+                "s3://bins-b/bin-images/../secret/x.jpg"]:
+        assert answer(uri) == (403, f"instances[0]: s3_uri {uri!r} is outside the S3 prefixes this server may read")
+    for uri in ["s3://bins-a/any/x.jpg", "s3://bins-b/bin-images/sub/x.jpg"]:
+        assert answer(uri)[0] == 502, uri  # allowed: asked of S3
+    assert answer("s3://bins-a/")[0] == 400  # malformed (empty key): still the request's fault
+    monkeypatch.setenv("BINCOUNT_ALLOWED_S3_PREFIXES", "https://bins-a/")
+    with pytest.raises(ValueError, match="BINCOUNT_ALLOWED_S3_PREFIXES: 'https://bins-a/' is not a bucket"):
+        input_fn(json.dumps({"instances": [{"s3_uri": "s3://bins-a/x.jpg"}]}), "application/json")

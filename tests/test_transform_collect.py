@@ -1,7 +1,7 @@
 """The container side of a Batch Transform job and ``bincount transform collect``: SageMaker's inference
 toolkit answers each photo alone, as the job's request says to send it, the answers are written as
 Batch Transform writes them (``<output><path under input>.out``), and collecting them gives
-``bincount predict``'s CSV for the same photos, row for row."""
+``bincount predict``'s CSV for the same photos, row for row, an unreadable photo's error row included."""
 
 import csv
 import json
@@ -26,16 +26,20 @@ def read_rows(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory) -> dict:
-    """Photos (``bin-images/``, one in a subfolder), their model, labels, and the job's answers in ``counts/``.
+    """Photos (``bin-images/``, one in a subfolder, one truncated), their model, labels, and the job's
+    answers in ``counts/``.
 
     The answers come from the toolkit running model.tar.gz's own code with the headers and
-    environment of the CreateTransformJob request that ``transform`` builds.
+    environment of the CreateTransformJob request that ``transform`` builds. Every photo is
+    answered 200 (a 4xx would mark the whole job Failed), the truncated one with why it has no count.
     """
     root = tmp_path_factory.mktemp("transform")
     photos = [root / "bin-images" / f"{i:05d}.jpg" for i in range(1, 7)] + [root / "bin-images" / "b" / "00007.jpg"]
     for i, photo in enumerate(photos):
         write_bin_photo(photo, MIN_COUNT + i % (MAX_COUNT - MIN_COUNT + 1), seed=i)
     model = make_model_dir(root / "model", photos)
+    photos.append(root / "bin-images" / "00008.jpg")
+    photos[-1].write_bytes(photos[0].read_bytes()[:-100])
     opt_ml_model = unpacked_model_tar_gz(model, root / "tar")
     request = transform.main(["model_data=s3://b/model.tar.gz", "input=s3://b/bin-images/", "output=s3://b/counts/",
                               "--dry-run"]).requests["CreateTransformJob"]
@@ -43,6 +47,7 @@ def job(tmp_path_factory) -> dict:
     answers = serve(opt_ml_model, root, [(headers, p.read_bytes()) for p in photos], request["Environment"])
     for photo, answer in zip(photos, answers):
         assert (answer["status"], answer["content_type"]) == (200, "application/json"), answer
+        assert "Traceback" not in answer["body"], answer
         out = root / "counts" / f"{photo.relative_to(root / 'bin-images')}.out"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(answer["body"])
@@ -62,7 +67,8 @@ def collect(job: dict, out: Path, *extra: str, outputs: Path | str | None = None
 def test_collect_gives_predicts_csv_for_the_same_photos(job, labelled, tmp_path, capsys):
     labels = ["--labels", str(job["labels"])] if labelled else []
     assert collect(job, tmp_path / "collected.csv", *labels) == 0
-    assert "7 photos" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "8 photos" in err and "1 without a count" in err
     predict(job["model"], [str(job["root"] / "bin-images")], tmp_path / "predicted.csv",
             labels=job["labels"] if labelled else None, batch_size=1, num_workers=0, progress=False)
     collected, predicted = read_rows(tmp_path / "collected.csv"), read_rows(tmp_path / "predicted.csv")
@@ -70,7 +76,11 @@ def test_collect_gives_predicts_csv_for_the_same_photos(job, labelled, tmp_path,
     assert [r["source"] for r in collected] == sorted(map(str, job["photos"]))
     for got, want in zip(collected, predicted, strict=True):
         assert got == want
-    assert len({r["count"] for r in collected}) > 1 and all(r["error"] == "" for r in collected)
+    assert len({r["count"] for r in collected}) > 2
+    # the truncated photo: predict's error row, the handler's one-line reason (the rows are equal above)
+    [refused] = [r for r in collected if r["error"]]
+    assert refused["image_id"] == "00008" and refused["count"] == ""
+    assert refused["error"] == "corrupt or truncated JPEG image (Image is incomplete or truncated)"
     verdicts = {r["image_id"]: r["verdict"] for r in collected}
     if labelled:
         assert verdicts["00003"] == "review" and verdicts["00001"] in ("match", "mismatch", "review")
@@ -86,7 +96,7 @@ def test_a_photo_without_an_answer_gets_an_error_row_and_a_malformed_answer_stop
     shutil.copy(outputs / "00001.jpg.out", outputs / "old" / "00001.jpg.out")  # the answer to no photo here
     assert collect(job, tmp_path / "c.csv", outputs=outputs) == 0
     err = capsys.readouterr().err
-    assert "7 photos" in err and "1 without an answer" in err and "1 answers of no photo there" in err
+    assert "8 photos" in err and "2 without a count" in err and "1 answers of no photo there" in err
     rows = {r["image_id"]: r for r in read_rows(tmp_path / "c.csv")}
     assert rows["00002"]["count"] == "" and rows["00002"]["error"].startswith(
         f"no answer: {outputs}/00002.jpg.out is missing")
@@ -122,7 +132,7 @@ def test_answers_that_belong_to_no_photo_are_a_clear_error(job, tmp_path, capsys
         photo.rename(photo.with_name("x" + photo.name))
     assert collect(job, tmp_path / "c.csv", input_prefix=elsewhere / "bin-images") == 2
     err = capsys.readouterr().err
-    assert f"none of the 7 .out files under {job['root'] / 'counts'} answers a photo under" in err
+    assert f"none of the 8 .out files under {job['root'] / 'counts'} answers a photo under" in err
     assert re.search(r"the answer to \S+/elsewhere/bin-images/(\S+) is \S+/counts/\1\.out$", err.strip()), err
     assert not (tmp_path / "c.csv").exists()
 
@@ -141,5 +151,5 @@ def test_collect_from_s3_gives_predicts_csv_for_the_prefix(job, s3_env, tmp_path
     predict(job["model"], [inputs + "/"], tmp_path / "predicted.csv", labels=job["labels"], batch_size=1,
             num_workers=0, progress=False)
     collected, predicted = read_rows(tmp_path / "collected.csv"), read_rows(tmp_path / "predicted.csv")
-    assert collected == predicted and len(collected) == 7
+    assert collected == predicted and len(collected) == 8
     assert collected[-1]["source"] == f"{inputs}/b/00007.jpg" and collected[-1]["verdict"] != ""

@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
@@ -21,9 +21,10 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success rename it to ``path``.
 
-    ``path`` is untouched until the new file is complete. On any failure the temporary file is
-    removed, and a write error that names no file (or names the temporary one) is raised again
-    naming ``path``, so the user reads the file they asked for.
+    ``path`` is untouched until the new file is complete. On any failure, an exception raised by
+    a signal handler included, the temporary file is removed (if it was made), and a write error
+    that names no file (or names the temporary one) is raised again naming ``path``, so the user
+    reads the file they asked for.
 
     Args:
         path: The file to write.
@@ -43,13 +44,20 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[I
             yield f
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         if err.filename == str(tmp) or (err.filename is None and err.errno in WRITE_ERRNOS):
             raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def _remove(tmp: Path) -> None:
+    """Remove a temporary file after a failure; one that could not be made (a read-only folder) or
+    removed is left to the error being raised, which says more."""
+    with suppress(OSError):
+        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, data) -> None:

@@ -11,17 +11,21 @@ Each ``add_*_command(subparsers)`` adds its parser and sets ``func(args) -> int`
 code); implementations are imported when their command runs, so ``bincount --help`` stays fast.
 Expected failures print one ``error:`` line (:func:`bincount.errors.error_line`) and exit 2: bad input, S3 errors and
 operating-system errors (a read-only or full disk, a folder where a file belongs); Ctrl-C exits 130.
+``predict`` and ``transform collect`` stopped by SIGTERM (``kill``, ``timeout``, a scheduler) stop
+as after Ctrl-C, leaving no temporary file, and exit 143 with ``error: stopped by SIGTERM``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
 from bincount.data.cli import add_data_command
 from bincount.errors import error_line
+from bincount.stop import Stopped, stop_on_sigterm
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -113,9 +117,10 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     try:
         settings = _settings(args)
-        summary = predict(args.model_dir, args.inputs, args.out, labels=args.labels, batch_size=args.batch_size,
-                          num_workers=args.num_workers, review_threshold=settings.review_threshold,
-                          limits=settings.limits, device=settings.device, progress=not args.no_progress)
+        with stop_on_sigterm():
+            summary = predict(args.model_dir, args.inputs, args.out, labels=args.labels, batch_size=args.batch_size,
+                              num_workers=args.num_workers, review_threshold=settings.review_threshold,
+                              limits=settings.limits, device=settings.device, progress=not args.no_progress)
     except (OSError, ValueError, S3Error) as err:  # LabelError is a ValueError; so is a malformed variable
         print(error_line(err), file=sys.stderr)
         return 2
@@ -156,14 +161,15 @@ def _run_transform_collect(args: argparse.Namespace) -> int:
 
     try:
         threshold = Settings.from_env().override(review_threshold=args.review_threshold).review_threshold
-        summary = collect(args.outputs, args.input_prefix, args.out, model_dir=args.model_dir, labels=args.labels,
-                          review_threshold=threshold, progress=not args.no_progress)
+        with stop_on_sigterm():
+            summary = collect(args.outputs, args.input_prefix, args.out, model_dir=args.model_dir,
+                              labels=args.labels, review_threshold=threshold, progress=not args.no_progress)
     except (OSError, ValueError, S3Error) as err:  # a malformed .out is a ValueError naming the file
         print(error_line(err), file=sys.stderr)
         return 2
     verdicts = ", ".join(f"{n} {v}" for v, n in sorted(summary["verdicts"].items()))
     unmatched = f"; {summary['unmatched']} answers of no photo there, left out" if summary["unmatched"] else ""
-    print(f"{summary['photos']} photos -> {summary['out']} ({summary['failed']} without an answer"
+    print(f"{summary['photos']} photos -> {summary['out']} ({summary['failed']} without a count"
           f"{'; ' + verdicts if verdicts else ''}{unmatched})", file=sys.stderr)
     return 0
 
@@ -229,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Stopped:
+        print("error: stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 import shlex
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -27,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from bincount.config import config_dir
 from bincount.data.datamodule import ABIDDataModule
 from bincount.errors import one_error_line
+from bincount.stop import Stopped, stop_on_sigterm
 from bincount.models.calibration import calibrate, held_out_report
 from bincount.models.card import Calibration, EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
@@ -95,34 +94,6 @@ class StoppedRun(SystemExit):
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(128 + signum)
         self.message = message
-
-
-class StopSignal(BaseException):
-    """Raised by :func:`stop_signals_raise`'s handler; a ``BaseException``, as ``KeyboardInterrupt``
-    is, so that no ``except Exception`` on the way swallows it."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextmanager
-def stop_signals_raise() -> Iterator[None]:
-    """Until the block ends, SIGTERM and SIGINT raise :class:`StopSignal` in the main thread.
-
-    For the phases after training (test, calibration, export), where Lightning's own SIGTERM
-    handler only records the signal and the default action would kill the process part-way
-    through writing the outputs. The previous handlers are put back when the block ends.
-    """
-    def raise_stop(signum, frame) -> None:
-        raise StopSignal(signum)
-
-    previous = {signum: signal.signal(signum, raise_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def stop(signum: int, message: str, out_dir: Path) -> StoppedRun:
@@ -241,7 +212,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     fit(trainer, model, datamodule, ckpt_path, out_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    with stop_signals_raise():
+    # after training, Lightning's SIGTERM handler only records the signal and the default action
+    # would end the process part-way through writing the outputs
+    with stop_on_sigterm(sigint=True):
         try:
             if cfg.get("test", True):
                 best = select_weights(trainer, model)
@@ -253,7 +226,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             rank_zero_info(f"training finished, but its outputs could not be written (below); once that is fixed, "
                            f"test and export without training again:\n  {resume_command(out_dir)}")
             raise
-        except StopSignal as signalled:
+        except Stopped as signalled:
             raise stop(signalled.signum, f"stopped by {signal.Signals(signalled.signum).name} after training (step "
                                          f"{trainer.global_step}), before the test, "
                                          "calibration and export were done; model/ not written", out_dir) from None

@@ -14,8 +14,6 @@ import os
 import signal
 import sys
 
-from lightning.fabric.utilities.seed import pl_worker_init_function
-
 from bincount.atomic import is_running
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -64,4 +62,6 @@ def init_loader_worker(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
         pl_worker_init_function(worker_id)

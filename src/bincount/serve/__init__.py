@@ -8,6 +8,6 @@ The handler's parts: :mod:`.settings` (limits, review threshold, environment), :
 pass), :mod:`.verdict` (answers) and :mod:`.errors` (status codes). The app adds :mod:`.batching`.
 """
 
-from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn
+from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn, transform_fn
 
-__all__ = ["input_fn", "model_fn", "output_fn", "predict_fn"]
+__all__ = ["input_fn", "model_fn", "output_fn", "predict_fn", "transform_fn"]

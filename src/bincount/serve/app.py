@@ -4,12 +4,14 @@
 (503 before, or if loading failed); ``POST /invocations`` runs
 :func:`~bincount.serve.inference.input_fn`, :func:`~bincount.serve.inference.predict_fn` and
 :func:`~bincount.serve.inference.output_fn`: the handler functions the SageMaker PyTorch image
-runs, given the request's headers and the server's :class:`~bincount.serve.settings.Settings` in
-their ``context``. This module only adapts HTTP to them. Client mistakes (the handler's
-:class:`~bincount.serve.errors.RequestError`) get their 4xx with ``{"error": "<what was wrong>"}``.
-Every answer says where its time went in a ``Server-Timing`` header (W3C Server Timing), in
-milliseconds: ``decode`` (``input_fn`` on this request), ``batch`` (``predict_fn`` on the batch
-it shared, ``desc`` its size) and ``total`` (in the handler, from headers read to answer ready).
+runs (through :func:`~bincount.serve.inference.transform_fn`), given the request's headers and
+the server's :class:`~bincount.serve.settings.Settings` in their ``context``. This module only
+adapts HTTP to them. Client mistakes (the handler's :class:`~bincount.serve.errors.RequestError`)
+get their 4xx with ``{"error": "<what was wrong>"}`` (200 under Batch Transform,
+:func:`~bincount.serve.inference.error_answer`). Every answer says where its time went in a
+``Server-Timing`` header (W3C Server Timing), in milliseconds: ``decode`` (``input_fn`` on this
+request), ``batch`` (``predict_fn`` on the batch it shared, ``desc`` its size) and ``total`` (in
+the handler, from headers read to answer ready).
 
 Concurrent requests share forward passes: the photos of requests that queue up while the
 network is busy go through ``predict_fn`` together in the next batch
@@ -44,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 from bincount.serve.batching import Batcher
 from bincount.serve.errors import RequestError
 from bincount.serve.images import read_image_header
-from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn
+from bincount.serve.inference import error_answer, input_fn, model_fn, output_fn, predict_fn
 from bincount.serve.model import CountingModel
 from bincount.serve.protocol import IMAGE_CONTENT_TYPES, check_accept, check_content_type
 from bincount.serve.request import CountRequest
@@ -170,7 +172,8 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, err: RequestError) -> JSONResponse:
-        return JSONResponse({"error": err.message}, status_code=err.status_code)
+        status, body = error_answer(err, settings)
+        return JSONResponse(body, status_code=status)
 
     @app.get("/ping")
     async def ping() -> JSONResponse:

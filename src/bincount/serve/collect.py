@@ -15,19 +15,23 @@ and writes one row per photo with ``predict``'s columns and formatting
 (:func:`~bincount.serve.predict.prediction_row`). The model folder gives the probability
 columns' counts, and, with ``--labels``, the count range and review threshold of the verdicts
 (:func:`~bincount.serve.verdict.verdict`), which the job cannot give: Batch Transform sends no
-per-photo header. A photo without a ``.out`` (the job failed on it, or has not reached it) gets a
-row with only ``error`` filled; a ``.out`` that is not such an answer stops the run with one
-error naming the file.
+per-photo header. A photo the handler could not count (its ``.out`` is ``{"error": "<why>"}``,
+:func:`~bincount.serve.inference.error_answer`) gets a row with only ``error`` filled, the
+handler's reason, as ``bincount predict`` writes it; so does a photo without a ``.out`` (the job
+failed on it, or has not reached it). A ``.out`` that is neither stops the run with one error
+naming the file.
 """
 
 from __future__ import annotations
 
 import csv
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
-from pydantic import BaseModel, Field, StrictFloat, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from bincount.atomic import atomic_write
 from bincount.data.abid import read_labels_csv
@@ -69,8 +73,17 @@ class Answer(BaseModel):
     predictions: list[Prediction] = Field(min_length=1, max_length=1)
 
 
+class Refusal(BaseModel):
+    """The handler's answer to a photo it cannot count, under Batch Transform: ``{"error": "<why>"}``
+    (:func:`~bincount.serve.inference.error_answer`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: StrictStr
+
+
 def parse_answer(data: bytes, where: str, card: ModelCard) -> dict:
-    """The prediction of one ``.out`` file.
+    """The prediction, or the handler's refusal, of one ``.out`` file.
 
     Args:
         data: The file's bytes.
@@ -78,11 +91,16 @@ def parse_answer(data: bytes, where: str, card: ModelCard) -> dict:
         card: The model's card: the answer must have its ``C`` probabilities and a count in its range.
 
     Returns:
-        ``{"count": int, "probabilities": [C floats], "confidence": float}``.
+        ``{"count": int, "probabilities": [C floats], "confidence": float}``, or
+        ``{"error": "<why the handler could not count the photo>"}`` (one line).
 
     Raises:
         ValueError: One line naming ``where`` and what is wrong.
     """
+    try:
+        return {"error": " ".join(Refusal.model_validate_json(data).error.split())}
+    except ValidationError:
+        pass  # not a refusal: it must be an answer
     try:
         prediction = Answer.model_validate_json(data).predictions[0]
     except ValidationError as err:
@@ -166,6 +184,17 @@ def read_answer(location: str) -> bytes:
     return Path(location).read_bytes()
 
 
+@contextmanager
+def cancel_on_error(pool: ThreadPoolExecutor) -> Iterator[None]:
+    """On an error, Ctrl-C or a stop in the block, cancel ``pool``'s reads not yet started (the
+    pool's own exit would wait for every one of them)."""
+    try:
+        yield
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+
+
 def collect(outputs: str, input_prefix: str, out: str | Path, *, model_dir: str | Path,
             labels: str | Path | None = None, review_threshold: float | None = None, progress: bool = True) -> dict:
     """Write one CSV row per photo under ``input_prefix`` from its answer under ``outputs``.
@@ -180,7 +209,8 @@ def collect(outputs: str, input_prefix: str, out: str | Path, *, model_dir: str 
         progress: Show a rich progress bar.
 
     Returns:
-        ``{"photos": rows written, "failed": photos without an answer, "verdicts": {verdict: n},
+        ``{"photos": rows written, "failed": photos without a count (no answer, or the handler's
+        error), "verdicts": {verdict: n},
         "unmatched": answers of no photo under input_prefix, "out": path}``.
 
     Raises:
@@ -206,7 +236,8 @@ def collect(outputs: str, input_prefix: str, out: str | Path, *, model_dir: str 
     verdicts: Counter[str] = Counter()
     failed = 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out, newline="") as f, progress_bar(progress) as bar, ThreadPoolExecutor(READERS) as pool:
+    with atomic_write(out, newline="") as f, progress_bar(progress) as bar, ThreadPoolExecutor(READERS) as pool, \
+            cancel_on_error(pool):
         writer = csv.DictWriter(f, csv_columns(card))
         writer.writeheader()
         task = bar.add_task("collecting", total=len(photos))
@@ -216,8 +247,10 @@ def collect(outputs: str, input_prefix: str, out: str | Path, *, model_dir: str 
                 failed += 1
                 writer.writerow(error_row(source, f"no answer: {under(outputs, path + OUT_SUFFIX)} is missing "
                                                   "(the transform job failed on this photo or has not finished)"))
+            elif "error" in (prediction := parse_answer(next(read), answers[path], card)):
+                failed += 1  # the handler could not count it (Batch Transform answers it so, not with a 4xx)
+                writer.writerow(error_row(source, prediction["error"]))
             else:
-                prediction = parse_answer(next(read), answers[path], card)
                 if (quantity := expected.get(image_id(source))) is not None:
                     prediction["expected_quantity"] = quantity
                     prediction["verdict"] = verdict(prediction["count"], prediction["confidence"], quantity,

@@ -33,6 +33,31 @@ def s3_client():
         return _s3_clients[os.getpid()]
 
 
+def check_s3_allowed(uri: str, allowed: tuple[tuple[str, str], ...] | None) -> None:
+    """Refuse an ``s3_uri`` outside the S3 prefixes the operator allows, before anything is sent to S3.
+
+    Args:
+        uri: ``s3://bucket/key`` as the request named it.
+        allowed: ``(bucket, key prefix)`` pairs
+            (:attr:`~bincount.serve.settings.Limits.allowed_s3_prefixes`); ``None``: allow any.
+
+    Raises:
+        RequestError: (400) ``uri`` is not an S3 URI; (403) it names an object under none of
+            ``allowed``, or its key has a ``.`` or ``..`` segment (while ``allowed`` is set).
+    """
+    from bincount.data.s3 import split_s3_uri
+
+    if allowed is None:
+        return
+    try:
+        bucket, key = split_s3_uri(uri)  # the bucket and key read_s3_object would read
+    except ValueError as err:
+        raise RequestError(str(err)) from None
+    if any(part in (".", "..") for part in key.split("/")) or not any(
+            bucket == allowed_bucket and key.startswith(prefix) for allowed_bucket, prefix in allowed):
+        raise RequestError(f"s3_uri {uri!r} is outside the S3 prefixes this server may read", 403)
+
+
 def read_s3_object(uri: str, *, max_bytes: int) -> bytes:
     """The bytes of one S3 object.
 

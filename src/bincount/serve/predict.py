@@ -14,8 +14,9 @@ Each row: ``source,image_id,count,confidence,prob_<count>...,expected_quantity,v
 that cannot be read or decoded gets a row with only ``error`` filled; the run goes on.
 
 The CSV is written to a temporary file beside ``--out`` and renamed over it once complete: an
-existing file stays intact until then, and an interrupted or failed run leaves no partial file
-under the final name.
+existing file stays intact until then, and an interrupted, stopped (SIGTERM under
+:func:`bincount.stop.stop_on_sigterm`, as ``bincount predict`` runs it) or failed run leaves no
+partial file, under the final name or beside it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from bincount.serve.images import decode_image_bytes
 from bincount.serve.model import CountingModel, forward
 from bincount.serve.settings import Limits
 from bincount.serve.verdict import make_predictions
+from bincount.data.workers import init_loader_worker
+from bincount.stop import stops_held
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +247,7 @@ def predict(model_dir: str | Path, inputs: Sequence[str], out: str | Path, *, la
     sources = find_photos(inputs)
     expected = read_labels_csv(Path(labels)) if labels else {}
     loader = DataLoader(PhotoDataset(sources, model.preset, model.limits), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=collate_photos)
+                        num_workers=num_workers, collate_fn=collate_photos, worker_init_fn=init_loader_worker)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out, newline="") as f, progress_bar(progress) as bar:  # an existing --out stays whole until this one is
         failed, verdicts = _write_rows(f, loader, sources, expected, model, bar)
@@ -259,7 +262,9 @@ def _write_rows(f, loader: DataLoader, sources: Sequence[str], expected: dict[st
     writer = csv.DictWriter(f, csv_columns(model.card))
     writer.writeheader()
     task = bar.add_task("counting", total=len(sources))
-    for batch in loader:
+    with stops_held():  # a stop while the DataLoader's workers start is raised once they are up
+        batches = iter(loader)
+    for batch in batches:
         rows = {i: error_row(sources[i], err) for i, err in batch["failed"]}
         failed += len(rows)
         if batch["images"] is not None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from bincount.serve.errors import RequestError
-from bincount.serve.fetch import read_s3_object
+from bincount.serve.fetch import check_s3_allowed, read_s3_object
 from bincount.serve.images import decode_image_bytes
 from bincount.serve.protocol import IMAGE_CONTENT_TYPES, JSON, check_content_type, parse_custom_attributes
 from bincount.serve.schema import Instance, parse_json_body
@@ -34,10 +34,12 @@ def instance_bytes(instance: Instance, limits: Limits) -> bytes:
 
     Raises:
         RequestError: (400) Over ``limits.max_image_bytes``, invalid base64, or see
-            :func:`~bincount.serve.fetch.read_s3_object`.
+            :func:`~bincount.serve.fetch.read_s3_object`; (403) an ``s3_uri`` outside
+            ``limits.allowed_s3_prefixes`` (:func:`~bincount.serve.fetch.check_s3_allowed`).
         UpstreamError: (502) S3 cannot be reached.
     """
     if instance.s3_uri is not None:
+        check_s3_allowed(instance.s3_uri, limits.allowed_s3_prefixes)
         return read_s3_object(instance.s3_uri, max_bytes=limits.max_image_bytes)
     encoded = instance.image_b64
     if len(encoded) * 3 // 4 > limits.max_image_bytes + 3:  # 4 base64 characters per 3 bytes
@@ -78,7 +80,8 @@ def decode_request(body: bytes | str, content_type: str | None, *, limits: Limit
 
     Raises:
         UnsupportedContentType: (415) Not JPEG, PNG, x-image or JSON.
-        RequestError: (400) See :func:`~bincount.serve.images.decode_image_bytes` and :func:`decode_json`.
+        RequestError: (400) See :func:`~bincount.serve.images.decode_image_bytes` and :func:`decode_json`;
+            (403) an ``s3_uri`` outside ``limits.allowed_s3_prefixes``.
     """
     kind = check_content_type(content_type)
     if kind == JSON:
