@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import signal
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,7 +43,6 @@ from bincount.serve.images import decode_image_bytes
 from bincount.serve.model import CountingModel, forward
 from bincount.serve.settings import Limits
 from bincount.serve.verdict import make_predictions
-from bincount.data.workers import init_loader_worker
 from bincount.stop import stops_held
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,19 @@ def collate_photos(batch: list[tuple[torch.Tensor | None, int, str]]) -> dict:
     }
 
 
+def exit_on_sigterm(worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: SIGTERM makes the worker exit at once, with status 0.
+
+    A stop sent to the whole process group (``timeout``, a scheduler, Ctrl-C's SIGINT aside)
+    reaches the workers as well as ``predict``. Killed by the signal, a worker would make the
+    DataLoader raise ``DataLoader worker ... is killed by signal`` over ``predict``'s own stop;
+    exiting with status 0 leaves the stop to ``predict``, which stops reading at once. (Training's
+    workers ignore the signal instead, :func:`bincount.data.workers.init_loader_worker`: Lightning
+    reads on to the end of the step before it stops, and a worker gone by then is an error.)
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
 def check_csv_path(out: str | Path) -> Path:
     """``out`` as a path a CSV can be written to (its folder may not exist yet).
 
@@ -247,7 +261,7 @@ def predict(model_dir: str | Path, inputs: Sequence[str], out: str | Path, *, la
     sources = find_photos(inputs)
     expected = read_labels_csv(Path(labels)) if labels else {}
     loader = DataLoader(PhotoDataset(sources, model.preset, model.limits), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=collate_photos, worker_init_fn=init_loader_worker)
+                        num_workers=num_workers, collate_fn=collate_photos, worker_init_fn=exit_on_sigterm)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out, newline="") as f, progress_bar(progress) as bar:  # an existing --out stays whole until this one is
         failed, verdicts = _write_rows(f, loader, sources, expected, model, bar)
