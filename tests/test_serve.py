@@ -87,7 +87,7 @@ def model(bundle) -> CountingModel:
     return model_fn(str(bundle.model_dir))
 
 
-def png_bytes(size=(40, 30), mode="RGB") -> bytes:
+def png_bytes(size=(48, 36), mode="RGB") -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size, 128).save(buf, format="PNG")
     return buf.getvalue()
@@ -161,7 +161,7 @@ def test_png_and_x_image(bundle, model, tmp_path):
         assert pred["probabilities"] == pytest.approx(reference.tolist(), abs=1e-5)
     other_modes = [png_bytes(mode="L"), png_bytes(mode="RGBA"), png_bytes(mode="P"), png_bytes(mode="I;16")]
     request = input_fn(json.dumps({"instances": [{"image_b64": b64(x)} for x in other_modes]}), "application/json")
-    assert [(tuple(x.shape), x.dtype) for x in request.images] == [((3, 30, 40), torch.uint8)] * 4
+    assert [(tuple(x.shape), x.dtype) for x in request.images] == [((3, 36, 48), torch.uint8)] * 4
     for data, image in zip(other_modes[:3], request.images):  # 16-bit is scaled, not clipped as Pillow does
         with Image.open(io.BytesIO(data)) as pil:
             assert torch.equal(image, torch.from_numpy(np.asarray(pil.convert("RGB")).copy()).permute(2, 0, 1))
@@ -251,6 +251,8 @@ def two_photos(expected) -> Callable[[Path, Path], bytes]:
         pytest.param(png_declaring(7000, 6000), "image/png", 400, "42000000 pixels; the limit is 40000000",
                      id="over-pixel-limit"),
         pytest.param(png_declaring(50000, 50000), "image/png", 400, "decompression bomb", id="bomb"),
+        pytest.param(png_bytes(size=(1, 1)), "image/png", 400, "photo is 1x1 pixels; a bin photo is at least 32",
+                     id="a-pixel"),
         pytest.param(b"3", "text/plain", 415, "unsupported Content-Type 'text/plain'", id="text-plain"),
         pytest.param(b"3", None, 415, "unsupported Content-Type None", id="no-content-type"),
         pytest.param(b"{not json", "application/json", 400, "malformed JSON", id="malformed-json"),

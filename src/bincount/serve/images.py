@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import to_dtype
 
-from bincount.data.decode import decoder_reason
+from bincount.data.decode import check_photo_size, decoder_reason
 from bincount.serve.errors import RequestError
 from bincount.serve.settings import Limits
 
@@ -33,7 +33,8 @@ def read_image_header(data: bytes, *, limits: Limits, expected_format: str | Non
         ``(format, width, height)``, width and height in pixels.
 
     Raises:
-        RequestError: (400) Empty, over ``limits``, not a JPEG/PNG, or not the declared format.
+        RequestError: (400) Empty, over ``limits``, under :data:`bincount.data.decode.MIN_SIDE`
+            pixels on a side, not a JPEG/PNG, or not the declared format.
     """
     if not data:
         raise RequestError("empty image: send the bytes of a JPEG or PNG photo")
@@ -54,6 +55,10 @@ def read_image_header(data: bytes, *, limits: Limits, expected_format: str | Non
         raise RequestError(f"the body is a {fmt} image but Content-Type says {expected_format}")
     if width * height > limits.max_pixels:
         raise RequestError(f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
+    try:
+        check_photo_size(width, height)
+    except ValueError as err:
+        raise RequestError(str(err)) from None
     return fmt, width, height
 
 
