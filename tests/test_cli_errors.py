@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,31 @@ def test_fit_title():
     assert all(len(line) <= 10 for line in long.splitlines())
     with pytest.raises(ValueError, match="width"):
         fit_title("t", 2)
+
+
+@needs_mount_namespace
+def test_a_full_disk_while_exporting_is_an_os_error_naming_the_model_folder_and_leaves_no_folder(predict_inputs,
+                                                                                                 tmp_path):
+    _, model_dir = predict_inputs  # its model.pt is 45 MB: more than the 1 MiB disk
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    export = ("from bincount.models.export import load_model_dir, save_model_dir; import sys; "
+              f"net, card = load_model_dir({str(model_dir)!r}); save_model_dir(net, {str(disk / 'model')!r}, card)")
+    code, stderr, files = run_mounted(tmpfs(disk, "1m"), [sys.executable, "-c", export], listing=disk)
+    assert code == 1 and stderr.strip().splitlines()[-1] == f"OSError: [Errno 28] No space left on device: " \
+                                                              f"'{disk / 'model'}'", stderr
+    assert files == {}  # no model/, no staging folder
+
+
+def test_train_py_prints_one_error_line_for_a_missing_folder_and_an_unreachable_mlflow(fake_abid, tmp_path):
+    root, _ = fake_abid
+    missing = subprocess.run([sys.executable, "train.py", f"data.root={tmp_path / 'nowhere'}",
+                              f"hydra.run.dir={tmp_path / 'run1'}"], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert_one_error_line(missing.returncode, missing.stderr, f"{tmp_path / 'nowhere'}/bin-images not found")
+    started = time.monotonic()
+    unreachable = subprocess.run([sys.executable, "train.py", f"data.root={root}", "logger=mlflow",
+                                  f"hydra.run.dir={tmp_path / 'run2'}"], cwd=REPO, capture_output=True, text=True,
+                                 timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
+    assert_one_error_line(unreachable.returncode, unreachable.stderr, "Connection refused")
+    assert time.monotonic() - started < 60  # MLflow's own retries took minutes
