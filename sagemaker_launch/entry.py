@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if env.rank == 0 and cfg.get("test", True):
             export_or_stop(env, env.output_data_dir / "model")
     except StoppedRun as stopped:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun signals the other workers when one stops
         write_failure(env, f"{stopped.message}; checkpoints in {cfg.callbacks.model_checkpoint.dirpath} (synced with "
                            "the job's checkpoint S3 URI): a restarted spot job resumes from the newest")
         raise

@@ -41,10 +41,13 @@ class _Stop:
         self.pid = os.getpid()
         self.held = 0  # depth of stops_held blocks
         self.pending: int | None = None  # the signal that arrived while held
+        self.received: int | None = None  # the first signal that arrived in the block
 
     def __call__(self, signum, frame) -> None:
         if os.getpid() != self.pid:  # a forked child before it sets its own handler: its parent stops it
             return
+        if self.received is None:
+            self.received = signum
         if self.held:
             self.pending = signum
             return
@@ -55,7 +58,7 @@ _active: _Stop | None = None
 
 
 @contextmanager
-def stop_on_sigterm(*, sigint: bool = False) -> Iterator[None]:
+def stop_on_sigterm(*, sigint: bool = False) -> Iterator[_Stop]:
     """While in the block, SIGTERM raises :class:`Stopped` in the main thread instead of ending the
     process at once; the previous handler is put back after. Outside the main thread (where
     Python cannot set signal handlers) it does nothing.
@@ -64,18 +67,22 @@ def stop_on_sigterm(*, sigint: bool = False) -> Iterator[None]:
         sigint: SIGINT (Ctrl-C) raises :class:`Stopped` too, instead of ``KeyboardInterrupt``
             (which Lightning catches and turns into an exit of its own).
 
+    Yields:
+        The handler; its ``received`` is the first signal that arrived (``None``: none yet), for
+        code that must tell an error raised while a stop unwinds from one of its own.
+
     Raises:
         Stopped: When the process receives SIGTERM (or SIGINT) in the block.
     """
     global _active
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield _Stop()
         return
     outer, _active = _active, _Stop()
     signums = (signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,)
     previous = {signum: signal.signal(signum, _active) for signum in signums}
     try:
-        yield
+        yield _active
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -19,6 +19,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -96,9 +97,19 @@ class StoppedRun(SystemExit):
         self.message = message
 
 
-def stop(signum: int, message: str, out_dir: Path) -> StoppedRun:
-    """Print ``message`` and the command that resumes the run (global rank 0); the exception to raise."""
-    rank_zero_info(f"{message}. Resume with:\n  {resume_command(out_dir)}")
+def stop(signum: int, message: str, out_dir: Path, trainer: L.Trainer | None = None) -> StoppedRun:
+    """Print ``message`` and the command that resumes the run; the exception to raise.
+
+    Args:
+        trainer: Given when each rank stops on its own (after training, where ranks need not be
+            at the same point): every rank prints, naming itself under several processes. Else
+            the ranks stop together and global rank 0 prints.
+    """
+    text = f"{message}. Resume with:\n  {resume_command(out_dir)}"
+    if trainer is None:
+        rank_zero_info(text)
+    else:
+        log.info(rank_prefixed_message(text, trainer.global_rank) if trainer.world_size > 1 else text)
     return StoppedRun(signum, message)
 
 
@@ -214,7 +225,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     # after training, Lightning's SIGTERM handler only records the signal and the default action
     # would end the process part-way through writing the outputs
-    with stop_on_sigterm(sigint=True):
+    with stop_on_sigterm(sigint=True) as stopping:
         try:
             if cfg.get("test", True):
                 best = select_weights(trainer, model)
@@ -222,14 +233,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
                 finish(trainer, model, datamodule, out_dir, best)
             log_outputs(trainer, out_dir)  # logger=mlflow: the report and model/ as artifacts (rank 0)
-        except OSError:  # a full disk, a read-only folder: training is safe in last.ckpt
-            rank_zero_info(f"training finished, but its outputs could not be written (below); once that is fixed, "
-                           f"test and export without training again:\n  {resume_command(out_dir)}")
+        except BaseException as err:
+            # an error raised while the stop unwinds (Lightning's teardown of an interrupted test, a
+            # collective whose peer has stopped) is the stop too
+            signum = err.signum if isinstance(err, Stopped) else stopping.received
+            if signum is not None:
+                raise stop(signum, f"stopped by {signal.Signals(signum).name} after training (step "
+                                   f"{trainer.global_step}), before the test, calibration and export were done; "
+                                   "model/ not written", out_dir, trainer) from None
+            if isinstance(err, OSError):  # a full disk, a read-only folder: training is safe in last.ckpt
+                rank_zero_info("training finished, but its outputs could not be written (below); once that is "
+                               f"fixed, test and export without training again:\n  {resume_command(out_dir)}")
             raise
-        except Stopped as signalled:
-            raise stop(signalled.signum, f"stopped by {signal.Signals(signalled.signum).name} after training (step "
-                                         f"{trainer.global_step}), before the test, "
-                                         "calibration and export were done; model/ not written", out_dir) from None
     return metrics
 
 
