@@ -81,7 +81,7 @@ def run_profiled(repo: Path, root: str, run_dir: Path, overrides: list[str], log
     cmd = [sys.executable, "train.py", "+experiment=quickstart", f"data.root={root}", f"hydra.run.dir={run_dir}",
            f"+trainer.profiler={profiler}", "+callbacks.metric_lines={_target_: bincount.callbacks.MetricLines}",
            *overrides]
-    env = {**os.environ, "PYTHONPATH": str(repo / "src")}
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "PYTHONUNBUFFERED": "1"}  # lines stamped as printed
     marks: dict[str, float] = {}
     start = time.monotonic()
     with log.open("w") as f, subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="more train.py overrides")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    run_dir = args.out / "run"
+    run_dir = (args.out / "run").resolve()
     wall, marks = run_profiled(args.repo.resolve(), args.root, run_dir, args.overrides, args.out / "train.log")
     fit = profile_rows(run_dir / "fit-profile.txt")
     split = phases(wall, marks, fit)
