@@ -43,7 +43,7 @@ STEP_ACTIONS = {  # phase -> the profiler's action (a name that ends so)
     "forward": "SingleDeviceStrategy.training_step",
     "backward": "SingleDeviceStrategy.backward",
     "data wait": "[_TrainingEpochLoop].train_dataloader_next",
-    "EMA": "EMAWeightAveraging.on_train_batch_end",
+    "EMA": "WeightAveraging.on_train_batch_end",  # EMAWeightAveraging or WeightAveraging
 }
 MARKS = {  # the log line that ends each phase
     "seed": "Seed set to",
