@@ -234,7 +234,10 @@ def export_or_stop(env: ContainerEnv, run_model_dir: Path) -> None:
             export_model(run_model_dir, env.model_dir)
     except BaseException as err:
         for path in env.model_dir.iterdir() if env.model_dir.is_dir() else []:
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         if isinstance(err, Stopped):
             raise StoppedRun(err.signum, f"stopped by {signal.Signals(err.signum).name} while copying the model to "
                                          f"{env.model_dir}; the job's model.tar.gz is empty") from None

@@ -107,11 +107,12 @@ def check_model_archive(model_data: str, session) -> None:
     """
     from botocore.exceptions import ClientError
 
+    from bincount.data.s3 import is_s3_uri, split_s3_uri
     from bincount.models.export import CONFIG_FILE, MODEL_FILE
 
-    if not model_data.startswith("s3://"):
+    if not is_s3_uri(model_data):
         return
-    bucket, _, key = model_data.removeprefix("s3://").partition("/")
+    bucket, key = split_s3_uri(model_data)
     try:
         body = session.client("s3").get_object(Bucket=bucket, Key=key)["Body"]
     except ClientError as err:

@@ -45,12 +45,21 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[I
         os.replace(tmp, path)
     except OSError as err:
         _remove(tmp)
-        if err.filename == str(tmp) or (err.filename is None and err.errno in WRITE_ERRNOS):
-            raise OSError(err.errno, err.strerror, str(path)) from err
-        raise
+        renamed = _naming(err, tmp, path)
+        if renamed is err:
+            raise
+        raise renamed from err
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _naming(err: OSError, tmp: Path, path: Path) -> OSError:
+    """``err`` naming ``path`` where it names ``tmp`` (or a file in it) or, for a failed write, no file."""
+    named = err.filename is not None and (str(err.filename) == str(tmp) or str(err.filename).startswith(f"{tmp}/"))
+    if named or (err.filename is None and err.errno in WRITE_ERRNOS):
+        return OSError(err.errno, err.strerror, str(path))
+    return err
 
 
 def _remove(tmp: Path) -> None:
@@ -129,10 +138,10 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         replace_folder(stage, path)
     except OSError as err:
         shutil.rmtree(stage, ignore_errors=True)
-        if (err.filename and str(err.filename).startswith(str(stage))) or (err.filename is None
-                                                                             and err.errno in WRITE_ERRNOS):
-            raise OSError(err.errno, err.strerror, str(path)) from err
-        raise
+        renamed = _naming(err, stage, path)
+        if renamed is err:
+            raise
+        raise renamed from err
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -235,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Stopped:
-        print("error: stopped by SIGTERM", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except Stopped as stopped:
+        print(f"error: stopped by {signal.Signals(stopped.signum).name}", file=sys.stderr)
+        return 128 + stopped.signum
 
 
 if __name__ == "__main__":

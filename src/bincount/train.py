@@ -19,18 +19,18 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 from omegaconf import DictConfig, OmegaConf
 
 from bincount.config import config_dir
 from bincount.data.datamodule import ABIDDataModule
 from bincount.errors import one_error_line
-from bincount.stop import Stopped, stop_on_sigterm
 from bincount.models.calibration import calibrate, held_out_report
 from bincount.models.card import Calibration, EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
 from bincount.models.module import BinCountModule, gather_by_index
+from bincount.stop import Stopped, stop_on_sigterm
 from bincount.tracking import log_outputs, start
 from bincount.trainer import checked_checkpoint, instantiate_trainer, report_test
 

@@ -309,12 +309,12 @@ def prepare(
     else:
         Path(out).mkdir(parents=True, exist_ok=True)  # empty until the finished data set replaces it
         staging_parent = Path(out).resolve().parent
-    _remove_dead_runs_staging(staging_parent)
-    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=staging_parent))
     from litdata.utilities.format import _convert_bytes_to_int  # litdata's own reading of "64MB"
 
     workers = num_workers or os.cpu_count() or 1
     workers_chunk_bytes = workers * (chunk_bytes if isinstance(chunk_bytes, int) else _convert_bytes_to_int(chunk_bytes))
+    _remove_dead_runs_staging(staging_parent)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=staging_parent))
     try:
         kept: dict[str, list[BinRecord]] = {}
         rejected: dict[str, str] = {}
