@@ -207,6 +207,7 @@ def exit_on_sigterm(worker_id: int) -> None:
     reads on to the end of the step before it stops, and a worker gone by then is an error.)
     """
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by _write_rows while workers start
 
 
 def check_csv_path(out: str | Path) -> Path:
@@ -276,8 +277,15 @@ def _write_rows(f, loader: DataLoader, sources: Sequence[str], expected: dict[st
     writer = csv.DictWriter(f, csv_columns(model.card))
     writer.writeheader()
     task = bar.add_task("counting", total=len(sources))
-    with stops_held():  # a stop while the DataLoader's workers start is raised once they are up
-        batches = iter(loader)
+    # a stop while the DataLoader's workers start is raised once they are up; SIGTERM stays blocked
+    # (and pending) until then, in the workers too (a fork inherits the mask) until exit_on_sigterm
+    # is their handler: one killed before it would end predict in a "worker killed" traceback
+    with stops_held():
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            batches = iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     for batch in batches:
         rows = {i: error_row(sources[i], err) for i, err in batch["failed"]}
         failed += len(rows)
