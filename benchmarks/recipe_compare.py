@@ -37,7 +37,7 @@ import yaml
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # results_io, also when tests load this file by path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import add_out_argument, write_results  # noqa: E402
+from results_io import add_out_argument, git_state, machine, versions, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = Path(__file__).with_name("recipes.yaml")
@@ -89,6 +89,7 @@ def run_one(name: str, overrides: list[str], seed: int, root: str, budget_min: f
     test = json.loads((run_dir / "metrics.json").read_text())
     return {
         "recipe": name, "seed": seed, "budget_min": budget_min, "wall_min": wall / 60,
+        "machine": machine(), "versions": versions(), "git": git_state(),
         "val": val_at_checkpoint(run_dir),
         "test": {k: test[k] for k in ("acc", "obo_acc", "mae", "rmse", "n", "per_class_acc", "decode",
                                       "baseline_majority_count", "baseline_majority_acc", "baseline_majority_mae")},
@@ -191,7 +192,9 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"recipes on the block-split test ids (n={base['n']}), same training budget", fontsize=10)
+    budgets = ", ".join(f"{b:g}" for b in sorted({r["budget_min"] for r in results}))
+    fig.suptitle(f"recipes on the block-split test ids (n={base['n']}); each run trains its recipe's epochs or "
+                 f"stops at its time budget ({budgets} min)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -219,6 +222,11 @@ def write_summary(out: Path, results: list[dict], reference: str) -> None:
     ratios = {f"{name} / {reference} (test MAE)": (name, reference) for name in mae
               if name != reference and reference in runs and runs[name] == runs[reference]}
     budgets = sorted({r["budget_min"] for r in results})
+    # the machine of the runs, where every run recorded the same one (runs before it was kept: not recorded)
+    kept = {json.dumps({k: r.get(k) for k in ("machine", "versions")}, sort_keys=True) for r in results}
+    same = len(kept) == 1 and all(r.get("machine") for r in results)
+    provenance = {"machine": results[-1]["machine"], "versions": results[-1]["versions"],
+                  "git": results[-1]["git"]} if same else {}
     write_results(out, name="recipe_compare", unit="test MAE (objects)", rounds=mae, ratios=ratios,
                   order=[r["recipe"] for r in results],
                   what=f"Counting recipes of benchmarks/recipes.yaml trained with trainer.max_time = the budget "
@@ -226,7 +234,7 @@ def write_summary(out: Path, results: list[dict], reference: str) -> None:
                        f"block-split test ids (n = {results[0]['test']['n']}); a round is a seed. A ratio only "
                        f"where a recipe ran the same seeds at the same budgets as `{reference}`.",
                   config={"reference": reference, "seeds_and_budgets": runs, "budget_min": budgets},
-                  extra={"runs": results})
+                  extra={"runs": results}, provenance=provenance)
 
 
 def main() -> None:

@@ -154,7 +154,7 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 def build_result(*, name: str, what: str, unit: str | Mapping[str, str], rounds: Mapping[str, Sequence[float]],
                  order: Sequence[str] | None = None, ratios: Mapping[str, tuple[str, str]] | None = None,
                  setting: str | None = None, config: Mapping | None = None, extra: Mapping | None = None,
-                 argv: Sequence[str] | None = None) -> dict:
+                 argv: Sequence[str] | None = None, provenance: Mapping | None = None) -> dict:
     """The ``results.json`` document (see :func:`write_results` for the arguments)."""
     ratios = dict(ratios or {})
     for label, (num, den) in ratios.items():
@@ -177,9 +177,8 @@ def build_result(*, name: str, what: str, unit: str | Mapping[str, str], rounds:
                    for label, (num, den) in ratios.items()},
         "config": dict(config or {}),
         "extra": dict(extra or {}),
-        "machine": machine(),
-        "versions": versions(),
-        "git": GIT_AT_START,
+        **({"machine": machine(), "versions": versions(), "git": GIT_AT_START} if provenance is None
+           else {key: provenance.get(key) for key in ("machine", "versions", "git")}),
     }
 
 
@@ -202,18 +201,20 @@ def summary_markdown(result: Mapping) -> str:
         lines.append(f"- {side}: median {_g(s['median'])} {side_unit} over {s['n']} rounds "
                      f"(min {_g(s['min'])}, max {_g(s['max'])})")
     m, v, g = result["machine"], result["versions"], result["git"]
-    commit = (g["commit"] or "unknown")[:12] + (" (dirty tree)" if g["dirty"] else "")
     if len(result["stats"]) > 1 and result.get("order"):
         how = "Every round runs the sides back to back (the order they ran: `order` in results.json)"
     elif len(result["stats"]) > 1:
         how = "Order of the rounds not recorded"
     else:
         how = "One side, no ratio"
-    lines += ["", f"{how}; all values are in results.json.",
-              f"Machine: {m['cpu_model']}, {m['os_cpu_count']} CPUs, torch threads {m['torch_num_threads']}; "
-              f"python {v['python']}, torch {v['torch']}, torchvision {v['torchvision']}, "
-              f"lightning {v['lightning']}; commit {commit}; {result['date_utc']}.",
-              "", "```", result["command"], "```", ""]
+    if m and v and g:
+        commit = (g["commit"] or "unknown")[:12] + (" (dirty tree)" if g["dirty"] else "")
+        where = (f"Machine: {m['cpu_model']}, {m['os_cpu_count']} CPUs, torch threads {m['torch_num_threads']}; "
+                 f"python {v['python']}, torch {v['torch']}, torchvision {v['torchvision']}, "
+                 f"lightning {v['lightning']}; commit {commit}; {result['date_utc']}.")
+    else:
+        where = f"Machine, versions and commit: not recorded with the rounds; written {result['date_utc']}."
+    lines += ["", f"{how}; all values are in results.json.", where, "", "```", result["command"], "```", ""]
     return "\n".join(lines)
 
 
@@ -235,6 +236,9 @@ def write_results(out: Path | str, **kwargs) -> dict:
         config: The settings of the run (sizes, rounds, workers, ...).
         extra: Anything else worth keeping (per-request latencies, a run's metrics, ...).
         argv: The command line (default ``sys.argv``).
+        provenance: ``{"machine", "versions", "git"}`` of the rounds when they were measured by an
+            earlier process (a report rewritten from kept rounds); a value ``None`` is written as
+            not recorded. Default: this process's.
 
     Returns:
         The ``results.json`` document.

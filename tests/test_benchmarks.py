@@ -64,6 +64,15 @@ def test_write_results_fields_medians_and_paired_ratio(tmp_path):
     assert not list((tmp_path / "out").glob("*.part"))
 
 
+def test_a_report_rewritten_from_kept_rounds_says_its_machine_was_not_recorded(tmp_path):
+    """Rounds measured by an earlier process must not be credited to this machine and commit."""
+    results_io.write_results(tmp_path, name="fake", what="Kept rounds.", unit="s", rounds={"a": [1.0]},
+                             provenance={}, argv=["fake.py"])
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["machine"] is None and on_disk["versions"] is None and on_disk["git"] is None
+    assert "Machine, versions and commit: not recorded" in (tmp_path / "summary.md").read_text()
+
+
 def test_paired_ratio_needs_one_value_per_round_on_each_side():
     with pytest.raises(ValueError, match="3 vs 2 rounds"):
         results_io.paired_ratio([1, 2, 3], [1, 2])
