@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import hydra
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -146,7 +147,8 @@ def test_train_stores_calibration_for_serving(trained_run):
     model = BinCountModule.load_from_checkpoint(run / "checkpoints" / config["checkpoint"], map_location="cpu")
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup()
-    val = model.predict_batches(datamodule.val_dataloader())
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    val = model.gather_rows(trainer.predict(model, datamodule.val_dataloader()), "logits")
     assert cal["n"] == len(val["target"]) > 0
     again = calibrate(val["logits"], val["target"], decode=model.hparams.decode)
     assert again.keys() == cal.keys()

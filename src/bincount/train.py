@@ -29,7 +29,7 @@ from bincount.errors import one_error_line
 from bincount.models.calibration import calibrate, held_out_report
 from bincount.models.card import Calibration, EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
-from bincount.models.module import BinCountModule, gather_by_index
+from bincount.models.module import BinCountModule
 from bincount.stop import Stopped, stop_on_sigterm
 from bincount.tracking import log_outputs, start
 from bincount.trainer import checked_checkpoint, instantiate_trainer, report_test
@@ -155,9 +155,7 @@ def finish(trainer: L.Trainer, model: BinCountModule, datamodule: ABIDDataModule
     A collective call: every rank must make it.
     """
     # calibration needs the whole validation split: every rank predicts its share, all are gathered
-    model.to(trainer.strategy.root_device)
-    val = gather_by_index(trainer.strategy, model.predict_batches(datamodule.val_dataloader()))
-    model.cpu()
+    val = model.gather_rows(trainer.predict(model, dataloaders=datamodule.val_dataloader()), "logits")
     if trainer.is_global_zero:
         calibrate_report_export(model, datamodule, val, out_dir, checkpoint)
 
@@ -174,7 +172,7 @@ def calibrate_report_export(model: BinCountModule, datamodule: ABIDDataModule, v
         model: The tested model (weights validation chose, ``test_predictions`` gathered).
         datamodule: The run's data.
         val: Every validation photo's ``logits`` ``(N, num_classes)`` and ``target`` ``(N,)``
-            (:func:`~bincount.models.module.gather_by_index`).
+            (:meth:`~bincount.models.module.BinCountModule.gather_rows`).
         out_dir: The run folder.
         checkpoint: Path of the checkpoint the weights came from, or ``""``.
 

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.nn import functional as F
 from torchmetrics import MaxMetric, MinMetric
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from bincount.models.backbones import build_backbone
 from bincount.models.decoding import DECODE_RULES, TTA_MODES, decode_counts, with_tta
@@ -35,8 +36,8 @@ def gather_by_index(strategy, local: dict[str, torch.Tensor]) -> dict[str, torch
     """Every rank's per-photo rows, on every rank, in dataset order, each photo once.
 
     Under DDP each rank holds its share of a split (DistributedSampler, or litdata's sharding),
-    possibly padded with repeated photos or, with the folder DataModule outside a Trainer loop,
-    the whole split: keeping the first row of each ``index`` gives each photo exactly once.
+    possibly padded with repeated photos: keeping the first row of each ``index`` gives each photo
+    exactly once.
     A collective call: every rank must make it.
 
     Args:
@@ -47,17 +48,8 @@ def gather_by_index(strategy, local: dict[str, torch.Tensor]) -> dict[str, torch
     Returns:
         The same keys with the rows of every rank, on the CPU, sorted by ``index``.
     """
-    if strategy.world_size > 1:
-        device = strategy.root_device  # NCCL gathers on the GPU
-        local = {k: v.to(device) for k, v in local.items()}
-        # all_gather needs equal shapes: pad to the longest share with index -1
-        longest = int(strategy.all_gather(torch.tensor(len(local["index"]), device=device)).max())
-        pad = longest - len(local["index"])
-        local = {k: torch.cat([v, v.new_full((pad, *v.shape[1:]), -1 if k == "index" else 0)])
-                 for k, v in local.items()}
-        gathered = {k: strategy.all_gather(v).flatten(0, 1) for k, v in local.items()}
-        real = gathered["index"] >= 0
-        local = {k: v[real] for k, v in gathered.items()}
+    if strategy.world_size > 1:  # torchmetrics pads the uneven shares to gather them, then trims them
+        local = {k: torch.cat(gather_all_tensors(v.to(strategy.root_device).contiguous())) for k, v in local.items()}
     order = torch.argsort(local["index"], stable=True)
     local = {k: v[order].cpu() for k, v in local.items()}
     keep = torch.ones_like(local["index"], dtype=torch.bool)
@@ -219,52 +211,44 @@ class BinCountModule(L.LightningModule):
         )
 
     def on_test_epoch_end(self) -> None:
-        """Gather every rank's per-photo predictions into ``self.test_predictions``.
-
-        ``index`` ``(N,)`` (dataset index), ``target`` ``(N,)`` (class index), ``probs``
-        ``(N, num_classes)``; duplicates that DDP's sampler pads with are removed.
-        """
-        if self.test_outputs:
-            local = {k: torch.cat([o[k] for o in self.test_outputs]) for k in self.test_outputs[0]}
-        else:
-            local = {
-                "index": torch.empty(0, dtype=torch.long, device=self.device),
-                "target": torch.empty(0, dtype=torch.long, device=self.device),
-                "probs": torch.empty(0, self.num_classes, device=self.device),
-            }
-        self.test_predictions = gather_by_index(self.trainer.strategy, local)
+        """Gather every rank's per-photo predictions into ``self.test_predictions``
+        (:meth:`gather_rows`, with ``probs`` ``(N, num_classes)``)."""
+        self.test_predictions = self.gather_rows(self.test_outputs, "probs")
         self.test_outputs = []
 
-    @torch.no_grad()
-    def predict_batches(self, loader) -> dict[str, torch.Tensor]:
-        """This rank's per-photo logits over ``loader``, in eval mode (with the model's TTA).
-
-        Args:
-            loader: Batches ``(images, targets, indices)``, or ``None`` for a batch whose photos all
-                failed to decode (skipped).
+    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor] | None:
+        """A batch's per-photo logits for ``trainer.predict`` (eval mode, the model's TTA).
 
         Returns:
-            ``index`` ``(N,)``, ``target`` ``(N,)`` and ``logits`` ``(N, num_classes)`` float32, on
-            the model's device.
+            ``index`` ``(N,)``, ``target`` ``(N,)`` and ``logits`` ``(N, num_classes)`` float32, or
+            ``None`` for a batch whose photos all failed to decode.
         """
-        was_training = self.training
-        self.eval()
-        rows: dict[str, list[torch.Tensor]] = {"index": [], "target": [], "logits": []}
-        try:
-            for batch in loader:
-                if batch is None:
-                    continue
-                images, targets, indices = batch
-                rows["logits"].append(self(images.to(self.device)).float())
-                rows["target"].append(targets.to(self.device))
-                rows["index"].append(torch.as_tensor(indices, device=self.device))
-        finally:
-            self.train(was_training)
-        if not rows["index"]:
-            return {"index": torch.empty(0, dtype=torch.long, device=self.device),
-                    "target": torch.empty(0, dtype=torch.long, device=self.device),
-                    "logits": torch.empty(0, self.num_classes, device=self.device)}
-        return {k: torch.cat(v) for k, v in rows.items()}
+        if batch is None:
+            return None
+        images, targets, indices = batch
+        return {"index": torch.as_tensor(indices, device=self.device), "target": targets,
+                "logits": self(images).float()}
+
+    def gather_rows(self, rows: list[dict[str, torch.Tensor] | None], values: str) -> dict[str, torch.Tensor]:
+        """This rank's per-batch rows joined and gathered from every rank (:func:`gather_by_index`).
+
+        A collective call: every rank must make it.
+
+        Args:
+            rows: Batches of ``index`` ``(N,)``, ``target`` ``(N,)`` and ``values`` ``(N, num_classes)``
+                (``None``: a batch whose photos all failed to decode).
+            values: The key of the per-class values (``"probs"``, ``"logits"``).
+
+        Returns:
+            ``index``, ``target`` and ``values`` of every photo once, on the CPU, in dataset order.
+        """
+        rows = [r for r in rows if r is not None]
+        if rows:
+            local = {k: torch.cat([r[k] for r in rows]) for k in ("index", "target", values)}
+        else:
+            local = {"index": torch.empty(0, dtype=torch.long), "target": torch.empty(0, dtype=torch.long),
+                     values: torch.empty(0, self.num_classes)}
+        return gather_by_index(self.trainer.strategy, local)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # a resumed one-cycle schedule keeps its planned length (see configure_optimizers)
