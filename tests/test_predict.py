@@ -16,7 +16,7 @@ from bincount.cli import main
 from bincount.data.s3 import S3Error
 from bincount.serve.errors import RequestError
 from bincount.serve.inference import input_fn, model_fn, predict_fn
-from bincount.serve.predict import find_photos, predict
+from bincount.predict import find_photos, predict
 from tests.conftest_s3 import DATA_BUCKET
 from tests.fakes import MAX_COUNT, MIN_COUNT, THRESHOLD, free_port, make_model_dir, reference_probs, write_bin_photo
 

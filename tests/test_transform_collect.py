@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bincount.cli import main
-from bincount.serve.predict import predict
+from bincount.predict import predict
 from sagemaker_launch import transform
 from tests.conftest_s3 import DATA_BUCKET
 from tests.fakes import MAX_COUNT, MIN_COUNT, make_model_dir, write_bin_photo

@@ -1,6 +1,7 @@
-"""Serving: the SageMaker inference handler (:mod:`.inference`), the HTTP app that runs it (:mod:`.app`),
-batch prediction over files, folders and S3 prefixes (:mod:`.predict`), and the CSV of a SageMaker
-Batch Transform job's answers (:mod:`.collect`).
+"""Serving: the SageMaker inference handler (:mod:`.inference`) and the HTTP app that runs it (:mod:`.app`).
+
+Offline counting is beside it: :mod:`bincount.predict` (photo files, folders and S3 prefixes to
+a CSV) and :mod:`bincount.transform_collect` (a SageMaker Batch Transform job's answers to the same CSV).
 
 The handler's parts: :mod:`.settings` (limits, review threshold, environment), :mod:`.protocol`
 (content types, ``Accept``, custom attributes), :mod:`.schema` (the JSON body), :mod:`.images`

@@ -72,16 +72,6 @@ def list_s3_objects(uri: str, suffixes: tuple[str, ...]) -> list[str]:
     return [f"s3://{bucket}/{key}" for key in sorted(keys) if key.lower().endswith(suffixes)]
 
 
-def list_s3_photos(uri: str) -> list[str]:
-    """The ``s3://`` URIs of the photos (``.jpg``, ``.jpeg``, ``.png``) under an S3 prefix, sorted by key.
-
-    Raises:
-        ValueError: If ``uri`` is not an S3 URI.
-        bincount.data.s3.S3Error: If the prefix cannot be listed; the message says why.
-    """
-    return list_s3_objects(uri, IMAGE_SUFFIXES)
-
-
 def find_photos(inputs: Sequence[str]) -> list[str]:
     """Expand files, folders (searched recursively for ``.jpg``/``.jpeg``/``.png``) and S3 prefixes.
 
@@ -96,7 +86,7 @@ def find_photos(inputs: Sequence[str]) -> list[str]:
     photos: list[str] = []
     for item in inputs:
         if item.startswith("s3://"):
-            found = list_s3_photos(item)
+            found = list_s3_objects(item, IMAGE_SUFFIXES)
         elif Path(item).is_dir():
             found = sorted(str(p) for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         elif Path(item).is_file():
