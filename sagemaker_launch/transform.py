@@ -59,7 +59,7 @@ log = logging.getLogger("sagemaker_launch")
 # documentation; the service model states no maximum, so the dry run's check cannot catch it)
 MAX_PAYLOAD_MB = 100
 SOURCES = ("job", "model_package", "model_data", "package_group")  # exactly one names the model (models.py)
-ACCEPT = "application/json"  # what the handler answers (bincount.serve.protocol)
+ACCEPT = "application/json"  # what the handler answers (bincount.serve.request)
 
 
 def folder(uri: str) -> str:
