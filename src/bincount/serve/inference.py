@@ -22,8 +22,7 @@ Usage:
     # locally (and in serve/Dockerfile), the same functions behind FastAPI
     bincount serve --model-dir outputs/RUN/model --port 8080
 
-Requests (:mod:`bincount.serve.request`): one JPEG or PNG photo,
-or ``{"instances": [{"image_b64": "..."}, {"s3_uri": "s3://bucket/key.jpg"}], "expected_quantity": [3, null]}``.
+Requests: one JPEG or PNG photo, or a JSON body of photos (:mod:`bincount.serve.request`).
 Answer (``application/json``)::
 
     {"predictions": [{"count": 3, "probabilities": [...], "confidence": 0.62,
