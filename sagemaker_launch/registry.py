@@ -99,7 +99,7 @@ def inference_specifications(sm, served: list[tuple[dict[str, Any], list[str]]])
     Raises:
         ValueError: An instance type SageMaker offers for neither.
     """
-    from bincount.serve.protocol import CONTENT_TYPES, JSON
+    from bincount.serve.request import CONTENT_TYPES, JSON
     from sagemaker_launch.models import image_device
 
     offered = {use: set(sm.meta.service_model.shape_for(shape).enum)

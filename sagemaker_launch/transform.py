@@ -23,7 +23,7 @@ None, ``BatchStrategy`` SingleRecord), with ``Content-Type`` ``content_type`` an
 "confidence": ...}]}``, or for a photo it cannot read ``{"error": "<why>"}`` with status 200
 (``BINCOUNT_BATCH_TRANSFORM=true`` in the job's environment: a 4xx would mark the whole job
 Failed), and Batch Transform writes it to ``<output><key under input>.out``, which is how
-``bincount transform collect`` (:mod:`bincount.serve.collect`) joins every answer with its
+``bincount transform collect`` (:mod:`bincount.transform_collect`) joins every answer with its
 photo into one CSV.
 
 ``instance_count`` instances share the objects out; each gets up to ``max_concurrent_transforms``
@@ -59,7 +59,7 @@ log = logging.getLogger("sagemaker_launch")
 # documentation; the service model states no maximum, so the dry run's check cannot catch it)
 MAX_PAYLOAD_MB = 100
 SOURCES = ("job", "model_package", "model_data", "package_group")  # exactly one names the model (models.py)
-ACCEPT = "application/json"  # what the handler answers (bincount.serve.protocol)
+ACCEPT = "application/json"  # what the handler answers (bincount.serve.request)
 
 
 def folder(uri: str) -> str:

@@ -21,7 +21,7 @@ from bincount.data.transforms import CountingPresetEval
 from bincount.models.decoding import FlipTTA, decode_counts, with_tta
 from bincount.models.module import BinCountModule, soft_count_targets
 from bincount.serve.model import CountingModel
-from bincount.serve.verdict import make_predictions
+from bincount.serve.model import make_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,9 @@ from inotify_simple import INotify, flags
 
 from bincount.cli import main
 from bincount.data.s3 import S3Error
+from bincount.predict import find_photos, predict
 from bincount.serve.errors import RequestError
 from bincount.serve.inference import input_fn, model_fn, predict_fn
-from bincount.serve.predict import find_photos, predict
 from tests.conftest_s3 import DATA_BUCKET
 from tests.fakes import MAX_COUNT, MIN_COUNT, THRESHOLD, free_port, make_model_dir, reference_probs, write_bin_photo
 
@@ -130,7 +130,7 @@ def test_unreachable_s3_prefix_is_a_clear_error(photos, tmp_path, monkeypatch, c
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    monkeypatch.setattr("bincount.serve.fetch._s3_clients", {})
+    monkeypatch.setattr("bincount.serve.images._s3_clients", {})
     with pytest.raises(S3Error, match="cannot reach the S3 endpoint"):
         predict(model_dir, ["s3://bucket/bin-images/"], tmp_path / "p.csv", num_workers=0, progress=False)
     assert main(["predict", "--model-dir", str(model_dir), "s3://bucket/bin-images/", "--out",
@@ -141,7 +141,7 @@ def test_unreachable_s3_prefix_is_a_clear_error(photos, tmp_path, monkeypatch, c
 @pytest.mark.integration
 def test_predict_over_an_s3_prefix_and_s3_uri_instances(photos, s3_env, tmp_path, monkeypatch):
     root, good, model_dir = photos
-    monkeypatch.setattr("bincount.serve.fetch._s3_clients", {})
+    monkeypatch.setattr("bincount.serve.images._s3_clients", {})
     client = s3_env.client()
     s3_env.empty_bucket(DATA_BUCKET)
     for path in good[:3]:

@@ -223,7 +223,7 @@ def test_request_limits_agree_with_the_handler_and_the_server():
     import inspect
 
     from bincount.serve.app import create_app
-    from bincount.serve.settings import Limits
+    from bincount.serve.images import Limits
 
     assert compose("deploy", []).max_photos_per_request == Limits().max_instances
     assert payload.max_request_bytes() <= inspect.signature(create_app).parameters["max_body_bytes"].default

@@ -9,7 +9,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from bincount.config import compose
-from bincount.serve.settings import Limits
+from bincount.serve.images import Limits
 from sagemaker_launch import models, session, transform
 from tests.fakes import model_archive
 from tests.moto_server import BUCKET, REGION, ROLE, aws, moto_server, with_moto_fixes  # noqa: F401  (fixtures)

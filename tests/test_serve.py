@@ -32,13 +32,10 @@ from bincount.serve import images as serve_images
 from bincount.serve.app import create_app
 from bincount.serve.batching import Batcher
 from bincount.serve.errors import RequestError
-from bincount.serve.images import decode_image_bytes
+from bincount.serve.images import Limits, decode_image_bytes
 from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn
 from bincount.serve.model import CountingModel
-from bincount.serve.protocol import CUSTOM_ATTRIBUTES, check_accept
-from bincount.serve.request import decode_request
-from bincount.serve.schema import parse_json_body
-from bincount.serve.settings import Limits
+from bincount.serve.request import CUSTOM_ATTRIBUTES, check_accept, decode_request, parse_json_body
 from tests.fakes import (
     MAX_COUNT,
     MIN_COUNT,
@@ -347,7 +344,7 @@ def test_unreachable_s3_is_a_502_that_says_so(bundle, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setattr("bincount.serve.fetch._s3_clients", {})  # a client made with these settings
+    monkeypatch.setattr("bincount.serve.images._s3_clients", {})  # a client made with these settings
     with pytest.raises(RequestError) as caught:
         input_fn(json.dumps({"instances": [{"s3_uri": "s3://bucket/bin-images/00001.jpg"}]}), "application/json")
     assert caught.value.status_code == 502
@@ -749,7 +746,7 @@ def test_bincount_serve_command(bundle):
 @pytest.mark.parametrize(("uri", "reason"), [("s3://Bad_Bucket!/bin.jpg", 'Invalid bucket name "Bad_Bucket!"'),
                                              ("s3://bins/", "Invalid length for parameter Key")])
 def test_an_s3_uri_that_botocore_refuses_is_a_400_in_one_line(uri, reason, monkeypatch):
-    from bincount.serve.fetch import read_s3_object
+    from bincount.serve.images import read_s3_object
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # refused before any request is sent
     with pytest.raises(RequestError) as raised:
@@ -774,7 +771,7 @@ def test_s3_uris_outside_the_allowed_prefixes_are_refused_before_s3_is_asked(mon
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, "test")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setattr("bincount.serve.fetch._s3_clients", {})
+    monkeypatch.setattr("bincount.serve.images._s3_clients", {})
 
     def answer(uri: str) -> tuple[int, str]:
         with pytest.raises(RequestError) as caught:

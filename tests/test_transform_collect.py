@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bincount.cli import main
-from bincount.serve.predict import predict
+from bincount.predict import predict
 from sagemaker_launch import transform
 from tests.conftest_s3 import DATA_BUCKET
 from tests.fakes import MAX_COUNT, MIN_COUNT, make_model_dir, write_bin_photo
@@ -139,7 +139,7 @@ def test_answers_that_belong_to_no_photo_are_a_clear_error(job, tmp_path, capsys
 
 @pytest.mark.integration
 def test_collect_from_s3_gives_predicts_csv_for_the_prefix(job, s3_env, tmp_path, monkeypatch):
-    monkeypatch.setattr("bincount.serve.fetch._s3_clients", {})
+    monkeypatch.setattr("bincount.serve.images._s3_clients", {})
     client = s3_env.client()
     s3_env.empty_bucket(DATA_BUCKET)
     root = job["root"]

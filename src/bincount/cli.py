@@ -45,7 +45,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def _limits(args: argparse.Namespace):
     from dataclasses import replace
 
-    from bincount.serve.settings import Limits
+    from bincount.serve.images import Limits
 
     given = {k: getattr(args, k, None) for k in ("max_image_bytes", "max_pixels", "max_instances")}
     return replace(Limits.from_env(), **{k: v for k, v in given.items() if v is not None})
@@ -53,7 +53,7 @@ def _limits(args: argparse.Namespace):
 
 def _settings(args: argparse.Namespace):
     """The serving settings of the environment (as on an endpoint), overridden by the given flags."""
-    from bincount.serve.settings import Settings
+    from bincount.serve.inference import Settings
 
     return Settings.from_env().override(review_threshold=args.review_threshold, limits=_limits(args),
                                         device=args.device)
@@ -98,7 +98,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def add_predict_command(subparsers) -> None:
-    """``bincount predict``: batch prediction to CSV (:mod:`bincount.serve.predict`)."""
+    """``bincount predict``: batch prediction to CSV (:mod:`bincount.predict`)."""
     parser = subparsers.add_parser("predict", help="count the objects in photo files, folders or S3 prefixes")
     parser.add_argument("inputs", nargs="+", metavar="PATH_OR_S3_PREFIX", help="photo files, folders, s3:// prefixes")
     parser.add_argument("--out", required=True, help="CSV to write")
@@ -113,7 +113,7 @@ def add_predict_command(subparsers) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     from bincount.data.s3 import S3Error
-    from bincount.serve.predict import predict
+    from bincount.predict import predict
 
     try:
         settings = _settings(args)
@@ -131,7 +131,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def add_transform_command(subparsers) -> None:
-    """``bincount transform collect``: a Batch Transform job's answers to one CSV (:mod:`bincount.serve.collect`)."""
+    """``bincount transform collect``: a Batch Transform job's answers to one CSV
+    (:mod:`bincount.transform_collect`)."""
     parser = subparsers.add_parser("transform", help="the answers of a SageMaker Batch Transform job")
     commands = parser.add_subparsers(dest="transform_command", required=True)
     collect = commands.add_parser("collect", help="join every .out answer with its photo into predict's CSV",
@@ -156,8 +157,8 @@ def add_transform_command(subparsers) -> None:
 
 def _run_transform_collect(args: argparse.Namespace) -> int:
     from bincount.data.s3 import S3Error
-    from bincount.serve.collect import collect
-    from bincount.serve.settings import Settings
+    from bincount.serve.inference import Settings
+    from bincount.transform_collect import collect
 
     try:
         threshold = Settings.from_env().override(review_threshold=args.review_threshold).review_threshold

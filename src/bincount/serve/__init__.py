@@ -1,11 +1,13 @@
-"""Serving: the SageMaker inference handler (:mod:`.inference`), the HTTP app that runs it (:mod:`.app`),
-batch prediction over files, folders and S3 prefixes (:mod:`.predict`), and the CSV of a SageMaker
-Batch Transform job's answers (:mod:`.collect`).
+"""Serving: the SageMaker inference handler (:mod:`.inference`) and the HTTP app that runs it (:mod:`.app`).
 
-The handler's parts: :mod:`.settings` (limits, review threshold, environment), :mod:`.protocol`
-(content types, ``Accept``, custom attributes), :mod:`.schema` (the JSON body), :mod:`.images`
-(decoding), :mod:`.fetch` (S3), :mod:`.request` (body -> photos), :mod:`.model` (loading, forward
-pass), :mod:`.verdict` (answers) and :mod:`.errors` (status codes). The app adds :mod:`.batching`.
+Offline counting is beside it: :mod:`bincount.predict` (photo files, folders and S3 prefixes to
+a CSV) and :mod:`bincount.transform_collect` (a SageMaker Batch Transform job's answers to the same CSV).
+
+The handler's parts: :mod:`.request` (the wire format: content types, ``Accept``, custom
+attributes, the JSON body; body -> photos), :mod:`.images` (encoded photo or S3 object -> tensor,
+within the request limits), :mod:`.model` (loading, forward pass, verdicts) and :mod:`.errors`
+(client mistakes and their status codes); :mod:`.inference` also holds the settings. The app adds
+:mod:`.batching`.
 """
 
 from bincount.serve.inference import input_fn, model_fn, output_fn, predict_fn, transform_fn

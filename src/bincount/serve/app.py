@@ -5,7 +5,7 @@
 :func:`~bincount.serve.inference.input_fn`, :func:`~bincount.serve.inference.predict_fn` and
 :func:`~bincount.serve.inference.output_fn`: the handler functions the SageMaker PyTorch image
 runs (through :func:`~bincount.serve.inference.transform_fn`), given the request's headers and
-the server's :class:`~bincount.serve.settings.Settings` in their ``context``. This module only
+the server's :class:`~bincount.serve.inference.Settings` in their ``context``. This module only
 adapts HTTP to them. Client mistakes (the handler's :class:`~bincount.serve.errors.RequestError`)
 get their 4xx with ``{"error": "<what was wrong>"}`` (200 under Batch Transform,
 :func:`~bincount.serve.inference.error_answer`). Every answer says where its time went in a
@@ -33,7 +33,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -45,35 +45,12 @@ from starlette.concurrency import run_in_threadpool
 
 from bincount.serve.batching import Batcher
 from bincount.serve.errors import RequestError
-from bincount.serve.images import read_image_header
-from bincount.serve.inference import error_answer, input_fn, model_fn, output_fn, predict_fn
+from bincount.serve.images import Limits, read_image_header
+from bincount.serve.inference import HandlerContext, Settings, error_answer, input_fn, model_fn, output_fn, predict_fn
 from bincount.serve.model import CountingModel
-from bincount.serve.protocol import IMAGE_CONTENT_TYPES, check_accept, check_content_type
-from bincount.serve.request import CountRequest
-from bincount.serve.settings import Limits, Settings
+from bincount.serve.request import IMAGE_CONTENT_TYPES, CountRequest, check_accept, check_content_type
 
 log = logging.getLogger(__name__)
-
-
-class HandlerContext:
-    """The ``context`` the app passes to the handler functions.
-
-    The part of TorchServe's ``Context`` the handler reads (``request_processor[0]
-    .get_request_properties()``: the request's headers) and the server's settings
-    (:func:`~bincount.serve.settings.settings_of`).
-
-    Args:
-        settings: The server's settings.
-        headers: The request's headers (none for ``model_fn``).
-    """
-
-    def __init__(self, settings: Settings, headers: Mapping[str, str] | None = None) -> None:
-        self.settings = settings
-        self.headers = dict(headers or {})
-        self.request_processor = [self]
-
-    def get_request_properties(self) -> dict[str, str]:
-        return self.headers
 
 
 async def read_body(request: Request, limit: int, *, status: int) -> bytes:
@@ -110,7 +87,7 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
     """The FastAPI app; the model loads in the background once the server starts.
 
     Settings not given here come from the environment, as on a SageMaker endpoint
-    (:meth:`~bincount.serve.settings.Settings.from_env`: ``BINCOUNT_REVIEW_THRESHOLD``,
+    (:meth:`~bincount.serve.inference.Settings.from_env`: ``BINCOUNT_REVIEW_THRESHOLD``,
     ``BINCOUNT_MAX_IMAGE_BYTES``, ``BINCOUNT_MAX_PIXELS``, ``BINCOUNT_MAX_INSTANCES``).
 
     Args:

@@ -3,8 +3,14 @@
 ``bincount serve`` (:mod:`bincount.serve.app`) runs ``model_fn``, ``input_fn``, ``predict_fn``
 and ``output_fn`` behind FastAPI; the SageMaker PyTorch serving image runs ``model_fn`` and
 ``transform_fn``, which calls the other three and answers a client mistake as ``bincount
-serve`` does, so a test of one is a test of both. Settings come from the environment
-(:mod:`bincount.serve.settings`) unless the caller's ``context`` carries some.
+serve`` does, so a test of one is a test of both.
+
+The SageMaker endpoint is configured by its environment, read when the handler runs (never at
+import time): ``BINCOUNT_MAX_IMAGE_BYTES``, ``BINCOUNT_MAX_PIXELS``, ``BINCOUNT_MAX_INSTANCES``,
+``BINCOUNT_ALLOWED_S3_PREFIXES`` (:class:`~bincount.serve.images.Limits`),
+``BINCOUNT_REVIEW_THRESHOLD`` and ``BINCOUNT_BATCH_TRANSFORM`` (:class:`Settings`). ``bincount
+serve`` starts from the same variables and lets its flags override them; it hands the result to
+the handler functions in their ``context`` argument (:func:`settings_of`).
 
 Usage:
     # the SageMaker PyTorch serving image: model.tar.gz = model.pt, model_config.json and code/
@@ -16,8 +22,7 @@ Usage:
     # locally (and in serve/Dockerfile), the same functions behind FastAPI
     bincount serve --model-dir outputs/RUN/model --port 8080
 
-Requests (:mod:`bincount.serve.protocol`, :mod:`bincount.serve.schema`): one JPEG or PNG photo,
-or ``{"instances": [{"image_b64": "..."}, {"s3_uri": "s3://bucket/key.jpg"}], "expected_quantity": [3, null]}``.
+Requests: one JPEG or PNG photo, or a JSON body of photos (:mod:`bincount.serve.request`).
 Answer (``application/json``)::
 
     {"predictions": [{"count": 3, "probabilities": [...], "confidence": 0.62,
@@ -26,7 +31,7 @@ Answer (``application/json``)::
 ``probabilities[i]`` is the calibrated probability of ``min_count + i`` objects; ``count`` is
 decoded from them by the model's rule and ``confidence`` is its probability; ``verdict`` (only
 with an expected quantity) is ``"match"``, ``"mismatch"`` or ``"review"``
-(:func:`bincount.serve.verdict.verdict`).
+(:func:`bincount.serve.model.verdict`).
 
 A client mistake (a photo that cannot be read, a wrong header or body) is answered with its 4xx
 and ``{"error": "<what was wrong>"}``; under Batch Transform (``BINCOUNT_BATCH_TRANSFORM=true``,
@@ -38,16 +43,111 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from bincount.serve.errors import RequestError
-from bincount.serve.model import CountingModel, probabilities
-from bincount.serve.protocol import CUSTOM_ATTRIBUTES, check_accept, request_header
-from bincount.serve.request import CountRequest, decode_request
-from bincount.serve.settings import Settings, settings_of
-from bincount.serve.verdict import make_predictions
+from bincount.serve.images import Limits
+from bincount.serve.model import CountingModel, make_predictions, probabilities
+from bincount.serve.request import CUSTOM_ATTRIBUTES, CountRequest, check_accept, decode_request
 
 DEFAULT_MODEL_DIR = "/opt/ml/model"
+
+
+def _env_float(name: str) -> float | None:
+    value = os.environ.get(name)
+    if not value:  # set but empty: as if unset
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be a number") from None
+
+
+def _env_bool(name: str) -> bool:
+    value = os.environ.get(name, "").strip()
+    if not value:  # unset or empty: off
+        return False
+    try:
+        return TypeAdapter(bool).validate_python(value)  # pydantic's reading: true/false, 1/0, yes/no, on/off
+    except ValidationError:
+        raise ValueError(f"environment variable {name}={value!r} must be true or false") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the handler functions serve.
+
+    Args:
+        limits: Request limits.
+        review_threshold: Overrides the calibrated review threshold of ``model_config.json``
+            (``None``: the calibrated one).
+        device: Where the network runs (``None``: CUDA when available, else CPU).
+        batch_transform: The handler answers a Batch Transform job: a photo it cannot count (a
+            client mistake, 4xx) is answered 200 with ``{"error": "..."}``, so that the job goes
+            on and ``bincount transform collect`` makes it an error row. Off, it is answered
+            with its 4xx, as an endpoint's caller expects.
+    """
+
+    limits: Limits = field(default_factory=Limits)
+    review_threshold: float | None = None
+    device: str | None = None
+    batch_transform: bool = False
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """:meth:`Limits.from_env`, ``BINCOUNT_REVIEW_THRESHOLD`` and ``BINCOUNT_BATCH_TRANSFORM``.
+
+        Raises:
+            ValueError: If a variable is set but malformed.
+        """
+        return cls(limits=Limits.from_env(), review_threshold=_env_float("BINCOUNT_REVIEW_THRESHOLD"),
+                   batch_transform=_env_bool("BINCOUNT_BATCH_TRANSFORM"))
+
+    def override(self, **values: Any) -> Settings:
+        """A copy with the values that are not ``None`` replaced (command-line flags over the environment)."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+
+def settings_of(context: Any) -> Settings:
+    """The settings a handler function runs with: ``context.settings`` when the caller gave some
+    (``bincount serve``), else :meth:`Settings.from_env` (the SageMaker image's context has none).
+    """
+    settings = getattr(context, "settings", None)
+    return settings if isinstance(settings, Settings) else Settings.from_env()
+
+
+def request_header(context: Any, name: str) -> str | None:
+    """A request header from the handler's ``context`` (TorchServe's ``Context``, whose
+    ``request_processor[0].get_request_properties()`` holds the headers); ``None`` without one."""
+    try:
+        headers = context.request_processor[0].get_request_properties()
+    except (AttributeError, IndexError, TypeError):
+        return None
+    return next((v for k, v in headers.items() if k.lower() == name.lower()), None)
+
+
+class HandlerContext:
+    """The ``context`` ``bincount serve`` passes to the handler functions.
+
+    The part of TorchServe's ``Context`` the handler reads (:func:`request_header`) and the
+    server's settings (:func:`settings_of`).
+
+    Args:
+        settings: The server's settings.
+        headers: The request's headers (none for ``model_fn``).
+    """
+
+    def __init__(self, settings: Settings, headers: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self.headers = dict(headers or {})
+        self.request_processor = [self]
+
+    def get_request_properties(self) -> dict[str, str]:
+        return self.headers
 
 
 def model_fn(model_dir: str, context: Any = None) -> CountingModel:
@@ -56,7 +156,7 @@ def model_fn(model_dir: str, context: Any = None) -> CountingModel:
     Args:
         model_dir: Folder with ``model.pt`` and ``model_config.json`` (empty: ``$SM_MODEL_DIR``,
             else ``/opt/ml/model``).
-        context: TorchServe's context, or one with ``settings`` (:func:`~bincount.serve.settings.settings_of`).
+        context: TorchServe's context, or one with ``settings`` (:func:`settings_of`).
 
     Raises:
         FileNotFoundError: If a file of the folder is missing.

@@ -1,4 +1,5 @@
-"""The served model: an exported ``model/`` folder loaded for inference, and its forward pass.
+"""The served model: an exported ``model/`` folder loaded for inference, its forward pass, and
+the answers it gives (count, confidence and verdict).
 
 Needs torch, torchvision and Pillow only (no Hydra, no Lightning); preprocesses with the
 training code's :class:`~bincount.data.transforms.CountingPresetEval`.
@@ -16,9 +17,9 @@ from torch import nn
 
 from bincount.data.transforms import CountingPresetEval
 from bincount.models.card import ModelCard
-from bincount.models.decoding import NEVER, with_tta
+from bincount.models.decoding import NEVER, decode_counts, with_tta
 from bincount.models.export import load_model_dir
-from bincount.serve.settings import Limits
+from bincount.serve.images import Limits
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class CountingModel:
         Args:
             model_dir: Folder with ``model.pt`` and ``model_config.json``.
             review_threshold: Overrides the calibrated threshold in ``model_config.json``.
-            limits: Request limits (default :class:`~bincount.serve.settings.Limits`).
+            limits: Request limits (default :class:`~bincount.serve.images.Limits`).
             device: Default: CUDA when available, else CPU.
 
         Raises:
@@ -117,3 +118,49 @@ def forward(model: CountingModel, batch: torch.Tensor) -> torch.Tensor:
 def probabilities(model: CountingModel, images: Sequence[torch.Tensor]) -> torch.Tensor:
     """Calibrated probabilities ``(N, C)`` of ``uint8`` ``(3, H, W)`` photos (:func:`preprocess`, :func:`forward`)."""
     return forward(model, preprocess(model, images))
+
+
+def verdict(count: int, confidence: float, expected: int, *, card: ModelCard, review_threshold: float) -> str:
+    """``"match"``/``"mismatch"`` when the model is confident enough, else ``"review"``.
+
+    An expected quantity outside ``min_count..max_count`` is always ``"review"``: the model
+    cannot count it, so it cannot confirm or deny it.
+
+    Args:
+        count: The decoded count.
+        confidence: Its calibrated probability, in ``[0, 1]``.
+        expected: The quantity the bin should hold.
+        card: The model's card: gives the count range.
+        review_threshold: Confidences below it are ``"review"`` (:func:`review_threshold_of`).
+
+    Returns:
+        ``"match"``, ``"mismatch"`` or ``"review"``.
+    """
+    if not card.min_count <= expected <= card.max_count or confidence < review_threshold:
+        return "review"
+    return "match" if count == expected else "mismatch"
+
+
+def make_predictions(probs: torch.Tensor, expected: Sequence[int | None], model: CountingModel) -> list[dict]:
+    """One answer per photo from calibrated probabilities.
+
+    Args:
+        probs: ``(N, C)`` calibrated probabilities of ``min_count..max_count`` objects.
+        expected: ``N`` expected quantities, ``None`` where there is nothing to verify.
+        model: Gives the decoding rule, the count range and the review threshold.
+
+    Returns:
+        ``[{"count", "probabilities", "confidence"[, "expected_quantity", "verdict"]}, ...]``;
+        probabilities and confidence rounded to 6 decimals; the last two keys only with an
+        expected quantity.
+    """
+    confidence, index = decode_counts(probs, model.card.decode)
+    out = []
+    for p, c, k, e in zip(probs.tolist(), confidence.tolist(), index.tolist(), expected):
+        pred = {"count": model.min_count + k, "probabilities": [round(x, 6) for x in p], "confidence": round(c, 6)}
+        if e is not None:
+            pred["expected_quantity"] = e
+            pred["verdict"] = verdict(model.min_count + k, c, e, card=model.card,
+                                      review_threshold=model.review_threshold)
+        out.append(pred)
+    return out

@@ -1,19 +1,218 @@
-"""A request body of any supported content type -> decoded photos and their expected quantities."""
+"""The wire format of the endpoint, and a request body -> decoded photos.
+
+Requests: ``image/jpeg``, ``image/png`` or ``application/x-image`` (one photo; an expected
+quantity may come in the ``X-Amzn-SageMaker-Custom-Attributes`` header as ``expected_quantity=3``),
+or ``application/json``, a body :class:`CountRequestBody` validates::
+
+    {"instances": [{"image_b64": "..."}, {"s3_uri": "s3://bucket/key.jpg"}], "expected_quantity": [3, null]}
+
+:func:`parse_json_body` turns pydantic's first validation error into a one-line 400 that names
+the field, e.g. ``instances[1]: must be an object with a string "image_b64" or "s3_uri" (not
+both)`` or ``expected_quantity[0] must be a non-negative integer or null, got "3"``. Answers:
+``application/json``.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 import torch
+from pydantic import BaseModel, Field, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator, \
+    model_validator
 
-from bincount.serve.errors import RequestError
-from bincount.serve.fetch import check_s3_allowed, read_s3_object
-from bincount.serve.images import decode_image_bytes
-from bincount.serve.protocol import IMAGE_CONTENT_TYPES, JSON, check_content_type, parse_custom_attributes
-from bincount.serve.schema import Instance, parse_json_body
-from bincount.serve.settings import Limits
+from bincount.serve.errors import NotAcceptable, RequestError, UnsupportedContentType
+from bincount.serve.images import Limits, check_s3_allowed, decode_image_bytes, read_s3_object
+
+JSON = "application/json"
+IMAGE_CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "application/x-image": None}
+"""Image media type -> the format its body must have (``None``: JPEG or PNG)."""
+CONTENT_TYPES = (*IMAGE_CONTENT_TYPES, JSON)
+ACCEPT_TYPES = (JSON, "application/*", "*/*")
+CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
+BODY_SHAPE = 'JSON body must be an object with an "instances" list'
+INSTANCE_SHAPE = 'must be an object with a string "image_b64" or "s3_uri" (not both)'
+
+
+def check_content_type(content_type: str | None) -> str:
+    """The media type of a request body the handler reads.
+
+    Args:
+        content_type: The ``Content-Type`` header (``"Image/JPEG; charset=x"`` reads as ``"image/jpeg"``).
+
+    Returns:
+        One of :data:`CONTENT_TYPES`.
+
+    Raises:
+        UnsupportedContentType: (415) Not JPEG, PNG, x-image or JSON.
+    """
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    if kind not in CONTENT_TYPES:
+        raise UnsupportedContentType(content_type, CONTENT_TYPES)
+    return kind
+
+
+def check_accept(accept: str | None) -> str:
+    """The content type to answer with.
+
+    Args:
+        accept: The ``Accept`` header (``None``, empty or ``*/*``: JSON).
+
+    Returns:
+        ``"application/json"``.
+
+    Raises:
+        NotAcceptable: (406) If no media range of ``accept`` (with ``q > 0``) covers JSON.
+    """
+    if not accept or not accept.strip():
+        return JSON
+    for media_range in accept.split(","):
+        kind, *params = (p.strip().lower() for p in media_range.split(";"))
+        q = next((p.split("=", 1)[1] for p in params if p.startswith("q=")), "1")
+        try:
+            wanted = float(q) > 0
+        except ValueError:
+            wanted = False
+        if kind in ACCEPT_TYPES and wanted:
+            return JSON
+    raise NotAcceptable(accept, JSON)
+
+
+def parse_custom_attributes(header: str | None) -> int | None:
+    """The expected quantity in ``X-Amzn-SageMaker-Custom-Attributes`` (``expected_quantity=3``).
+
+    Pairs may be separated by ``;`` or ``,``; other keys are ignored.
+
+    Returns:
+        The expected quantity, or ``None`` if the header does not name one.
+
+    Raises:
+        RequestError: (400) If ``expected_quantity`` is not a non-negative integer.
+    """
+    for pair in (header or "").replace(",", ";").split(";"):
+        key, _, value = pair.partition("=")
+        if key.strip() == "expected_quantity":
+            value = value.strip()
+            if not value.isdigit():
+                raise RequestError(f"{CUSTOM_ATTRIBUTES}: expected_quantity must be a non-negative integer, "
+                                   f"got {value!r}")
+            return int(value)
+    return None
+
+
+class Instance(BaseModel):
+    """One photo: its encoded bytes in base64, or the S3 URI of its object (exactly one of them).
+
+    Other keys are ignored.
+    """
+
+    image_b64: StrictStr | None = None
+    s3_uri: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> Instance:
+        if (self.image_b64 is None) == (self.s3_uri is None):
+            raise ValueError(INSTANCE_SHAPE)
+        return self
+
+    def photo_bytes(self, limits: Limits) -> bytes:
+        """The encoded photo: base64-decoded, or fetched from S3.
+
+        Raises:
+            RequestError: (400) Over ``limits.max_image_bytes``, invalid base64, or see
+                :func:`~bincount.serve.images.read_s3_object`; (403) an ``s3_uri`` outside
+                ``limits.allowed_s3_prefixes`` (:func:`~bincount.serve.images.check_s3_allowed`).
+            UpstreamError: (502) S3 cannot be reached.
+        """
+        if self.s3_uri is not None:
+            check_s3_allowed(self.s3_uri, limits.allowed_s3_prefixes)
+            return read_s3_object(self.s3_uri, max_bytes=limits.max_image_bytes)
+        if len(self.image_b64) * 3 // 4 > limits.max_image_bytes + 3:  # 4 base64 characters per 3 bytes
+            raise RequestError(f"image is over the limit of {limits.max_image_bytes} bytes")
+        try:
+            return base64.b64decode(self.image_b64, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise RequestError(f"image_b64 is not valid base64 ({err})") from None
+
+
+class CountRequestBody(BaseModel):
+    """Photos to count and, optionally, the quantity each is expected to hold.
+
+    Validate with ``context={"max_instances": n}`` to limit the number of photos.
+
+    Attributes:
+        instances: 1 to ``max_instances`` photos.
+        expected_quantity: One entry per instance, a non-negative integer or ``None`` (no
+            verification); ``None`` for all of them when absent.
+    """
+
+    instances: list[Instance]
+    expected_quantity: list[Annotated[StrictInt, Field(ge=0)] | None] | None = None
+
+    @field_validator("instances", mode="before")
+    @classmethod
+    def _within_limit(cls, value: Any, info: ValidationInfo) -> Any:
+        # before the photos are validated: a request over the limit is refused as a whole
+        limit = (info.context or {}).get("max_instances")
+        if isinstance(value, list) and limit is not None and not 1 <= len(value) <= limit:
+            raise ValueError(f'"instances" must hold 1 to {limit} photos, got {len(value)}')
+        return value
+
+    @model_validator(mode="after")
+    def _one_expected_per_instance(self) -> CountRequestBody:
+        if self.expected_quantity is not None and len(self.expected_quantity) != len(self.instances):
+            raise ValueError(_expected_length_message(len(self.instances), self.expected_quantity))
+        return self
+
+    def expected(self) -> list[int | None]:
+        """One expected quantity (or ``None``) per instance."""
+        return list(self.expected_quantity) if self.expected_quantity is not None else [None] * len(self.instances)
+
+
+def _expected_length_message(instances: int, expected: Any) -> str:
+    return (f'"expected_quantity" must be a list with one entry (integer or null) per instance ({instances}), '
+            f"got {json.dumps(expected)[:100]}")
+
+
+def _describe(error: dict, doc: Any) -> str:
+    """One line for the first of pydantic's ``ValidationError.errors()`` on ``doc``."""
+    loc, message = error["loc"], error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error" and len(loc) < 2:  # raised by our own validators: complete already
+        return message
+    if not loc or loc == ("instances",):
+        return BODY_SHAPE
+    if loc[0] == "instances":
+        return f"instances[{loc[1]}]: {INSTANCE_SHAPE}"
+    if loc == ("expected_quantity",):
+        return _expected_length_message(len(doc["instances"]), error["input"])
+    return f"expected_quantity[{loc[1]}] must be a non-negative integer or null, got {json.dumps(error['input'])}"
+
+
+def parse_json_body(body: bytes | str, *, max_instances: int) -> CountRequestBody:
+    """Parse and validate a JSON request body.
+
+    Args:
+        body: The raw body (the SageMaker toolkit may hand it over as ``str``).
+        max_instances: Most photos one request may hold.
+
+    Returns:
+        The validated body.
+
+    Raises:
+        RequestError: (400) Malformed JSON, or a structure or value the schema refuses; the
+            message names the field.
+    """
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: absurd nesting
+        raise RequestError(f"malformed JSON: {err}") from None
+    try:
+        return CountRequestBody.model_validate(doc, context={"max_instances": max_instances})
+    except ValidationError as err:
+        raise RequestError(_describe(err.errors(include_url=False)[0], doc)) from None
 
 
 @dataclass
@@ -29,45 +228,6 @@ class CountRequest:
     expected: list[int | None]
 
 
-def instance_bytes(instance: Instance, limits: Limits) -> bytes:
-    """The encoded photo of one JSON instance: base64-decoded, or fetched from S3.
-
-    Raises:
-        RequestError: (400) Over ``limits.max_image_bytes``, invalid base64, or see
-            :func:`~bincount.serve.fetch.read_s3_object`; (403) an ``s3_uri`` outside
-            ``limits.allowed_s3_prefixes`` (:func:`~bincount.serve.fetch.check_s3_allowed`).
-        UpstreamError: (502) S3 cannot be reached.
-    """
-    if instance.s3_uri is not None:
-        check_s3_allowed(instance.s3_uri, limits.allowed_s3_prefixes)
-        return read_s3_object(instance.s3_uri, max_bytes=limits.max_image_bytes)
-    encoded = instance.image_b64
-    if len(encoded) * 3 // 4 > limits.max_image_bytes + 3:  # 4 base64 characters per 3 bytes
-        raise RequestError(f"image is over the limit of {limits.max_image_bytes} bytes")
-    try:
-        return base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise RequestError(f"image_b64 is not valid base64 ({err})") from None
-
-
-def decode_json(body: bytes | str, limits: Limits) -> CountRequest:
-    """Decode ``{"instances": [{"image_b64"|"s3_uri": ...}, ...], "expected_quantity": [...]}``.
-
-    Raises:
-        RequestError: Malformed JSON, a wrong structure or type
-            (:func:`~bincount.serve.schema.parse_json_body`), or a bad photo (the message names
-            the instance).
-    """
-    doc = parse_json_body(body, max_instances=limits.max_instances)
-    images = []
-    for i, instance in enumerate(doc.instances):
-        try:
-            images.append(decode_image_bytes(instance_bytes(instance, limits), limits=limits))
-        except RequestError as err:
-            raise RequestError(f"instances[{i}]: {err.message}", err.status_code) from None
-    return CountRequest(images, doc.expected())
-
-
 def decode_request(body: bytes | str, content_type: str | None, *, limits: Limits,
                    custom_attributes: str | None = None) -> CountRequest:
     """Decode a request body of any supported content type.
@@ -80,12 +240,21 @@ def decode_request(body: bytes | str, content_type: str | None, *, limits: Limit
 
     Raises:
         UnsupportedContentType: (415) Not JPEG, PNG, x-image or JSON.
-        RequestError: (400) See :func:`~bincount.serve.images.decode_image_bytes` and :func:`decode_json`;
-            (403) an ``s3_uri`` outside ``limits.allowed_s3_prefixes``.
+        RequestError: (400) A bad photo (:func:`~bincount.serve.images.decode_image_bytes`; in a
+            JSON body the message names the instance), malformed JSON or a structure or type
+            :func:`parse_json_body` refuses; (403) an ``s3_uri`` outside ``limits.allowed_s3_prefixes``.
+        UpstreamError: (502) A photo's S3 object cannot be fetched because S3 is unreachable.
     """
     kind = check_content_type(content_type)
-    if kind == JSON:
-        return decode_json(body, limits)
-    data = body.encode() if isinstance(body, str) else bytes(body)
-    image = decode_image_bytes(data, limits=limits, expected_format=IMAGE_CONTENT_TYPES[kind])
-    return CountRequest([image], [parse_custom_attributes(custom_attributes)])
+    if kind != JSON:
+        data = body.encode() if isinstance(body, str) else bytes(body)
+        image = decode_image_bytes(data, limits=limits, expected_format=IMAGE_CONTENT_TYPES[kind])
+        return CountRequest([image], [parse_custom_attributes(custom_attributes)])
+    doc = parse_json_body(body, max_instances=limits.max_instances)
+    images = []
+    for i, instance in enumerate(doc.instances):
+        try:
+            images.append(decode_image_bytes(instance.photo_bytes(limits), limits=limits))
+        except RequestError as err:
+            raise RequestError(f"instances[{i}]: {err.message}", err.status_code) from None
+    return CountRequest(images, doc.expected())

@@ -12,9 +12,9 @@ the handler of :mod:`bincount.serve.inference` alone and writes its answer,
 ``<output><path>.out``. :func:`collect` lists the photos under the input prefix as ``bincount
 predict`` does, reads each one's ``.out`` (from S3, or from a local copy of the output prefix),
 and writes one row per photo with ``predict``'s columns and formatting
-(:func:`~bincount.serve.predict.prediction_row`). The model folder gives the probability
+(:func:`~bincount.predict.prediction_row`). The model folder gives the probability
 columns' counts, and, with ``--labels``, the count range and review threshold of the verdicts
-(:func:`~bincount.serve.verdict.verdict`), which the job cannot give: Batch Transform sends no
+(:func:`~bincount.serve.model.verdict`), which the job cannot give: Batch Transform sends no
 per-photo header. A photo the handler could not count (its ``.out`` is ``{"error": "<why>"}``,
 :func:`~bincount.serve.inference.error_answer`) gets a row with only ``error`` filled, the
 handler's reason, as ``bincount predict`` writes it; so does a photo without a ``.out`` (the job
@@ -38,21 +38,20 @@ from bincount.data.abid import read_labels_csv
 from bincount.data.s3 import S3Error
 from bincount.models.card import ModelCard
 from bincount.models.export import read_model_card
-from bincount.serve.errors import RequestError
-from bincount.serve.fetch import read_s3_object
-from bincount.serve.model import review_threshold_of
-from bincount.serve.predict import (
+from bincount.predict import (
+    IMAGE_SUFFIXES,
     check_csv_path,
     csv_columns,
     error_row,
     find_photos,
     image_id,
     list_s3_objects,
-    list_s3_photos,
     prediction_row,
     progress_bar,
 )
-from bincount.serve.verdict import verdict
+from bincount.serve.errors import RequestError
+from bincount.serve.images import read_s3_object
+from bincount.serve.model import review_threshold_of, verdict
 
 OUT_SUFFIX = ".out"  # Batch Transform's: the answer to input object KEY is KEY.out
 MAX_ANSWER_BYTES = 2**20  # an answer is a few hundred bytes; anything this big is not one
@@ -60,7 +59,7 @@ READERS = 16  # .out files read at a time (S3 round trips overlap)
 
 
 class Prediction(BaseModel):
-    """One answer of the handler (:func:`~bincount.serve.verdict.make_predictions`); other keys ignored."""
+    """One answer of the handler (:func:`~bincount.serve.model.make_predictions`); other keys ignored."""
 
     count: StrictInt
     probabilities: list[StrictFloat | StrictInt]
@@ -138,7 +137,7 @@ def input_photos(input_prefix: str) -> dict[str, str]:
     """
     if input_prefix.startswith("s3://"):
         prefix = folder_prefix(input_prefix)
-        photos = list_s3_photos(prefix)
+        photos = list_s3_objects(prefix, IMAGE_SUFFIXES)
         if not photos:
             raise ValueError(f"no photos found in {prefix}")
         return {uri[len(prefix):]: uri for uri in photos}

@@ -38,11 +38,8 @@ from bincount.data.abid import read_labels_csv
 from bincount.data.transforms import CountingPresetEval
 from bincount.models.card import ModelCard
 from bincount.serve.errors import RequestError
-from bincount.serve.fetch import read_s3_object, s3_client
-from bincount.serve.images import decode_image_bytes
-from bincount.serve.model import CountingModel, forward
-from bincount.serve.settings import Limits
-from bincount.serve.verdict import make_predictions
+from bincount.serve.images import Limits, decode_image_bytes, read_s3_object, s3_client
+from bincount.serve.model import CountingModel, forward, make_predictions
 from bincount.stop import stops_held
 
 log = logging.getLogger(__name__)
@@ -72,16 +69,6 @@ def list_s3_objects(uri: str, suffixes: tuple[str, ...]) -> list[str]:
     return [f"s3://{bucket}/{key}" for key in sorted(keys) if key.lower().endswith(suffixes)]
 
 
-def list_s3_photos(uri: str) -> list[str]:
-    """The ``s3://`` URIs of the photos (``.jpg``, ``.jpeg``, ``.png``) under an S3 prefix, sorted by key.
-
-    Raises:
-        ValueError: If ``uri`` is not an S3 URI.
-        bincount.data.s3.S3Error: If the prefix cannot be listed; the message says why.
-    """
-    return list_s3_objects(uri, IMAGE_SUFFIXES)
-
-
 def find_photos(inputs: Sequence[str]) -> list[str]:
     """Expand files, folders (searched recursively for ``.jpg``/``.jpeg``/``.png``) and S3 prefixes.
 
@@ -96,7 +83,7 @@ def find_photos(inputs: Sequence[str]) -> list[str]:
     photos: list[str] = []
     for item in inputs:
         if item.startswith("s3://"):
-            found = list_s3_photos(item)
+            found = list_s3_objects(item, IMAGE_SUFFIXES)
         elif Path(item).is_dir():
             found = sorted(str(p) for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         elif Path(item).is_file():
@@ -132,7 +119,7 @@ def prediction_row(source: str, prediction: dict, card: ModelCard) -> dict[str, 
 
     Args:
         source: The photo's path or ``s3://`` URI.
-        prediction: One answer of :func:`~bincount.serve.verdict.make_predictions` (the handler's
+        prediction: One answer of :func:`~bincount.serve.model.make_predictions` (the handler's
             ``predictions[i]``): ``count``, ``probabilities`` (``C`` values), ``confidence``, and
             with an expected quantity ``expected_quantity`` and ``verdict``.
         card: The model's card (names the probability columns).
@@ -243,7 +230,7 @@ def predict(model_dir: str | Path, inputs: Sequence[str], out: str | Path, *, la
         batch_size: Photos per forward pass.
         num_workers: DataLoader processes reading and decoding photos (0: in this process).
         review_threshold: Overrides the calibrated review threshold.
-        limits: Per-photo limits (default :class:`~bincount.serve.settings.Limits`).
+        limits: Per-photo limits (default :class:`~bincount.serve.images.Limits`).
         device: Default CUDA when available.
         progress: Show a rich progress bar.
 
