@@ -118,7 +118,6 @@ class BinCountModule(L.LightningModule):
         scheduler_interval: SchedulerInterval = "epoch",
     ) -> None:
         super().__init__()
-        # the card's own checks (an exported model must pass them), naming this config's keys
         check_count_range(min_count, max_count, keys=" (data.min_count, data.max_count)")
         for name, value, kind in (("loss", loss, Loss), ("decode", decode, DecodeRule), ("tta", tta, TtaMode),
                                   ("scheduler_interval", scheduler_interval, SchedulerInterval)):
