@@ -116,7 +116,7 @@ def read_run(run_dir: Path) -> Evaluation:
                  f"block_size={d.get('block_size')}, seed={d.get('seed')}, label_list={d.get('label_list')}, "
                  f"counts {d.get('min_count')}..{d.get('max_count')})")
     if (run_dir / "model" / "model_config.json").is_file():
-        card = ModelCard.from_dict(json.loads((run_dir / "model" / "model_config.json").read_text()))
+        card = ModelCard.read(json.loads((run_dir / "model" / "model_config.json").read_text()))
     return Evaluation(metrics, eval_set_id(run_dir / "predictions.csv"), split, data, card)
 
 
