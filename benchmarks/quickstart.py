@@ -100,7 +100,7 @@ def main() -> None:
                "precision": {"chosen": chosen.group(1), "reason": chosen.group(2)} if chosen else "set by an override",
                "cpu_bf16_instructions": cpu_has_bf16(), "train_wall_min": wall / 60,
                "tested_checkpoint": card.checkpoint,
-               "calibration": card.calibration and card.calibration.to_dict(), "eval": evals})
+               "calibration": card.calibration and card.calibration.model_dump(), "eval": evals})
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ photo under an S3 prefix) and ``cost`` (instance-hours x price). The Hydra launc
 
 Their parts: ``plan`` (the job's decisions from the config, nothing sent), ``hyperparameters``
 (Hydra overrides <-> SageMaker hyperparameters, both ways), ``session`` (the boto3/SDK session,
-recorded in dry runs), ``source`` (the wheel and scripts a job runs), ``export`` (``model.tar.gz``
-for the PyTorch serving image), ``models`` (the serving image, and CreateModel from a job, a
-``model.tar.gz`` or a model package, for deploy and transform), ``registry`` (model package groups,
+recorded in dry runs), ``source`` (the wheel and scripts a job runs), ``model_archive`` (``model.tar.gz``
+for the PyTorch serving image), ``serving_models`` (the serving image, and CreateModel from a job, a
+``model.tar.gz`` or a model package, for deploy and transform), ``model_packages`` (model package groups,
 packages, approval, the latest approved package), ``payload`` (invoke bodies that fit the endpoint's
 limit). On the container side, ``container_init.sh`` is PID 1 and ``entry`` decodes the
 hyperparameters and runs ``train(cfg)``.

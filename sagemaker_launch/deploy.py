@@ -25,7 +25,7 @@ removes the endpoint and every endpoint config and model deployed under its name
 
 A training job is deployed only if it completed and its ``model.tar.gz`` holds ``model.pt`` and the
 model card; a model package only on an instance type it lists, on the image it holds for that type
-(CPU or GPU): :func:`sagemaker_launch.models.model_source`. ``--dry-run`` checks the CreateModel,
+(CPU or GPU): :func:`sagemaker_launch.serving_models.model_source`. ``--dry-run`` checks the CreateModel,
 CreateEndpointConfig and CreateEndpoint requests against SageMaker's service model and prints them,
 sending nothing (nothing is looked up either: a job's model and a group's package are placeholders).
 """
@@ -44,7 +44,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from bincount.config import compose
-from sagemaker_launch import cost, models
+from sagemaker_launch import cost, serving_models
 from sagemaker_launch.payload import max_request_bytes, request_body, split_requests
 from sagemaker_launch.session import DryRun, RequestHook, console_url, describe_request, role_for
 
@@ -80,7 +80,7 @@ def parse_argv(argv: list[str]) -> tuple[str, list[str], list[str]]:
     return command, overrides, photos
 
 
-SOURCES = ("model_data", "job", "package_group")  # what deploy takes of models.MODEL_SOURCES
+SOURCES = ("model_data", "job", "package_group")  # what deploy takes of serving_models.MODEL_SOURCES
 
 
 # names of what one deploy makes: sagemaker.core.common_utils.name_from_base's timestamp
@@ -165,7 +165,7 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
     Raises:
         ValueError: No role (``role=`` or ``$SAGEMAKER_ROLE``; a dry run shows a placeholder), an
             existing endpoint that is not InService (it cannot be updated), or see
-            :func:`sagemaker_launch.models.model_source` and :func:`endpoint_name`; in a dry run, a
+            :func:`sagemaker_launch.serving_models.model_source` and :func:`endpoint_name`; in a dry run, a
             request SageMaker's service model refuses.
     """
     from sagemaker.core.common_utils import name_from_base
@@ -174,10 +174,10 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
 
     name = endpoint_name(cfg)
     dry_run = bool(cfg.dry_run)
-    cfg.role = role_for(cfg, dry_run) if dry_run else models.require_role(cfg)
-    session = models.boto_session(cfg)
+    cfg.role = role_for(cfg, dry_run) if dry_run else serving_models.require_role(cfg)
+    session = serving_models.boto_session(cfg)
     hook = RequestHook(session, dry_run=dry_run)
-    source = models.model_source(cfg, session, SOURCES, dry_run=dry_run)
+    source = serving_models.model_source(cfg, session, SOURCES, dry_run=dry_run)
     model_data, image = source.model_data, source.image
     endpoint = None if dry_run else find_endpoint(name, session, cfg.region)
     if endpoint is not None and endpoint.endpoint_status != "InService":
@@ -187,7 +187,7 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
     variants = [ProductionVariant(variant_name="AllTraffic", model_name=resource, instance_type=cfg.instance_type,
                                   initial_instance_count=int(cfg.instance_count))]
     try:  # in a dry run each Create* stops at its DryRun, and the hook keeps its request
-        models.create_model(resource, cfg, session, source, cfg.environment)
+        serving_models.create_model(resource, cfg, session, source, cfg.environment)
     except DryRun:
         pass
     try:
@@ -255,7 +255,7 @@ def invoke_endpoint(cfg: DictConfig, photos: list[str]) -> dict[str, Any]:
     if len(groups) > 1:
         log.info("%d photos in %d requests (InvokeEndpoint takes at most %d bytes, the handler %d photos)",
                  len(photos), len(groups), max_request_bytes(), cfg.max_photos_per_request)
-    session = models.boto_session(cfg)
+    session = serving_models.boto_session(cfg)
     endpoint = Endpoint.get(endpoint_name=cfg.endpoint, session=session, region=cfg.region)
     predictions = []
     for group in groups:
@@ -289,7 +289,7 @@ def delete_endpoint(cfg: DictConfig) -> list[str]:
 
     if not cfg.endpoint:
         raise ValueError("delete needs endpoint=NAME")
-    name, session, region = str(cfg.endpoint), models.boto_session(cfg), cfg.region
+    name, session, region = str(cfg.endpoint), serving_models.boto_session(cfg), cfg.region
     ours = deployed_under(name)
     endpoint = find_endpoint(name, session, region)
     configs = sorted({c.endpoint_config_name for c in EndpointConfig.get_all(name_contains=name, session=session,

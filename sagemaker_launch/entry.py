@@ -30,7 +30,7 @@ and the container's places, read from the environment when :func:`main` runs:
   WORLD_SIZE`` (otherwise each process would train its own model).
 
 Global rank 0 copies the exported ``model/`` (model.pt, model_config.json) to ``$SM_MODEL_DIR``
-with ``code/`` for SageMaker's PyTorch serving image (:func:`sagemaker_launch.export.export_model`).
+with ``code/`` for SageMaker's PyTorch serving image (:func:`sagemaker_launch.model_archive.export_model`).
 
 A job stopped by SIGTERM (``StopTrainingJob``, a spot reclaim, the stopping condition) at any
 phase exits non-zero with ``$SM_MODEL_DIR`` empty, and writes where it stopped to SageMaker's
@@ -49,7 +49,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sagemaker_launch.export import export_model
+from sagemaker_launch.model_archive import export_model
 from sagemaker_launch.hyperparameters import (decode_hyperparameters, is_tuning_trial, override_key, override_value,
                                               parse_argv, read_hyperparameters)
 
@@ -217,7 +217,7 @@ def write_failure(env: ContainerEnv, message: str) -> None:
 
 
 def export_or_stop(env: ContainerEnv, run_model_dir: Path) -> None:
-    """:func:`~sagemaker_launch.export.export_model` into ``$SM_MODEL_DIR``, complete or not at all.
+    """:func:`~sagemaker_launch.model_archive.export_model` into ``$SM_MODEL_DIR``, complete or not at all.
 
     SageMaker uploads whatever ``$SM_MODEL_DIR`` holds, also for a stopped job: a SIGTERM or SIGINT
     during the copy, or an error, empties it before the process exits.

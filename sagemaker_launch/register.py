@@ -9,7 +9,7 @@ Usage:
 ``key=value`` arguments are overrides of ``conf/register.yaml``. Registering creates model
 package group ``group`` if it is missing, then a model package in it, ``PendingManualApproval``:
 the serving container exactly as ``python -m sagemaker_launch.deploy`` would create it
-(:func:`sagemaker_launch.models.serving_container`: the AWS PyTorch inference image of
+(:func:`sagemaker_launch.serving_models.serving_container`: the AWS PyTorch inference image of
 ``conf/serving_image``, the ``model.tar.gz`` of ``job`` or ``model_data``, bincount's handler), so
 ``deploy package_group=GROUP`` (and ``transform package_group=GROUP``) serves it the same way.
 
@@ -25,14 +25,14 @@ same metrics in two groups, the split, and the counting task.
 The package serves on ``instance_type`` and ``supported_instance_types``, each on the image
 ``conf/serving_image`` picks for it: the image of ``instance_type`` is the package's own inference
 specification, the other device's (CPU or GPU) an additional one, so ``deploy package_group=GROUP
-instance_type=ml.g4dn.xlarge`` runs the GPU image (:func:`sagemaker_launch.registry.inference_specifications`).
+instance_type=ml.g4dn.xlarge`` runs the GPU image (:func:`sagemaker_launch.model_packages.inference_specifications`).
 
 Only a completed training job, or a ``model.tar.gz`` holding ``model.pt`` and the model card
-``model_config.json``, is registered (:func:`sagemaker_launch.models.model_source`).
+``model_config.json``, is registered (:func:`sagemaker_launch.serving_models.model_source`).
 
 ``approve_if_better=true`` approves the new package only if its MAE is lower than that of the
 group's latest approved package on the same ``eval_set`` (or the group has no approved package),
-and prints one line with the decision and both MAEs (:func:`sagemaker_launch.registry.decide`).
+and prints one line with the decision and both MAEs (:func:`sagemaker_launch.model_packages.decide`).
 ``--dry-run`` checks the CreateModelPackage request against SageMaker's service model and prints it,
 sending nothing (a training job's model and metrics are then placeholders: nothing is read).
 """
@@ -55,7 +55,7 @@ from omegaconf import DictConfig, OmegaConf
 import bincount
 from bincount.config import compose
 from bincount.models.card import ModelCard
-from sagemaker_launch import models, registry
+from sagemaker_launch import model_packages, serving_models
 from sagemaker_launch.session import DryRun, RequestHook, describe_request
 
 log = logging.getLogger("sagemaker_launch")
@@ -116,7 +116,7 @@ def read_run(run_dir: Path) -> Evaluation:
                  f"block_size={d.get('block_size')}, seed={d.get('seed')}, label_list={d.get('label_list')}, "
                  f"counts {d.get('min_count')}..{d.get('max_count')})")
     if (run_dir / "model" / "model_config.json").is_file():
-        card = ModelCard.from_dict(json.loads((run_dir / "model" / "model_config.json").read_text()))
+        card = ModelCard.read(json.loads((run_dir / "model" / "model_config.json").read_text()))
     return Evaluation(metrics, eval_set_id(run_dir / "predictions.csv"), split, data, card)
 
 
@@ -144,10 +144,10 @@ def fetch_job_run(output_tar_gz: str, session, into: Path) -> Path:
 
 
 def metadata_properties(evaluation: Evaluation) -> dict[str, str]:
-    """``CustomerMetadataProperties``: :data:`~sagemaker_launch.registry.METRIC_KEYS` that the report
+    """``CustomerMetadataProperties``: :data:`~sagemaker_launch.model_packages.METRIC_KEYS` that the report
     has (``repr`` of each number, so it reads back exactly) and ``eval_set``."""
-    out = {k: repr(evaluation.metrics[k]) for k in registry.METRIC_KEYS if evaluation.metrics.get(k) is not None}
-    return {**out, registry.EVAL_SET: evaluation.eval_set, "bincount_version": bincount.__version__}
+    out = {k: repr(evaluation.metrics[k]) for k in model_packages.METRIC_KEYS if evaluation.metrics.get(k) is not None}
+    return {**out, model_packages.EVAL_SET: evaluation.eval_set, "bincount_version": bincount.__version__}
 
 
 def card_content(evaluation: Evaluation, model_data: str, source: str) -> str:
@@ -204,14 +204,14 @@ class Registration:
 
     arn: str
     properties: dict[str, str]
-    decision: registry.Decision | None = None
+    decision: model_packages.Decision | None = None
     request: dict | None = None
 
 
-def served_images(cfg: DictConfig, source: models.ModelSource) -> list[tuple[dict, list[str]]]:
+def served_images(cfg: DictConfig, source: serving_models.ModelSource) -> list[tuple[dict, list[str]]]:
     """What the package serves on: ``(container, instance types)`` per serving image, ``cfg.instance_type``'s
     first, for ``cfg.instance_type`` and ``cfg.supported_instance_types``
-    (:func:`sagemaker_launch.models.inference_image` of each; with ``image_uri``, the types whose
+    (:func:`sagemaker_launch.serving_models.inference_image` of each; with ``image_uri``, the types whose
     device, CPU or GPU, is the image's).
 
     Raises:
@@ -219,8 +219,8 @@ def served_images(cfg: DictConfig, source: models.ModelSource) -> list[tuple[dic
     """
     by_image: dict[str, list[str]] = {}
     for instance_type in dict.fromkeys([str(cfg.instance_type), *map(str, cfg.supported_instance_types or [])]):
-        image = models.inference_image(cfg, instance_type)
-        device, want = models.image_device(image), models.instance_device(instance_type)
+        image = serving_models.inference_image(cfg, instance_type)
+        device, want = serving_models.image_device(image), serving_models.instance_device(instance_type)
         if device and want and device != want:
             if instance_type == cfg.instance_type:
                 raise ValueError(f"image_uri={image} is a {device.upper()} image, and instance_type={instance_type} "
@@ -229,7 +229,8 @@ def served_images(cfg: DictConfig, source: models.ModelSource) -> list[tuple[dic
                      want.upper(), device.upper())
             continue
         by_image.setdefault(image, []).append(instance_type)
-    return [(models.package_container(cfg, models.ModelSource(source.model_data, image), cfg.environment), types)
+    return [(serving_models.package_container(cfg, serving_models.ModelSource(source.model_data, image),
+                                              cfg.environment), types)
             for image, types in by_image.items()]
 
 
@@ -241,7 +242,7 @@ def placeholder_evaluation(job: str) -> Evaluation:
 
 def register(cfg: DictConfig) -> Registration:
     """Create the group if missing and a model package in it; approve it if ``cfg.approve_if_better``
-    and the rule allows (:func:`sagemaker_launch.registry.decide`). With ``cfg.dry_run``, check and keep
+    and the rule allows (:func:`sagemaker_launch.model_packages.decide`). With ``cfg.dry_run``, check and keep
     the CreateModelPackage request instead, sending nothing.
 
     Args:
@@ -250,7 +251,7 @@ def register(cfg: DictConfig) -> Registration:
     Raises:
         ValueError: No ``group``; neither ``job`` alone nor ``model_dir`` with ``model_data``; a job
             that did not complete, or a ``model.tar.gz`` without ``model.pt`` or the model card
-            (:func:`sagemaker_launch.models.model_source`); a job without ``output.tar.gz``; a run
+            (:func:`sagemaker_launch.serving_models.model_source`); a job without ``output.tar.gz``; a run
             folder whose ``metrics.json`` is not a test report; an instance type the package can't
             serve on (:func:`served_images`); in a dry run, a request SageMaker's service model refuses.
         FileNotFoundError: A run folder without ``metrics.json`` or ``predictions.csv``.
@@ -264,9 +265,9 @@ def register(cfg: DictConfig) -> Registration:
         raise ValueError("give job=<training job name>, or model_dir=<the run's model folder> with "
                          "model_data=s3://.../model.tar.gz (the same model, uploaded)")
     dry_run = bool(cfg.dry_run)
-    session = models.boto_session(cfg)
+    session = serving_models.boto_session(cfg)
     RequestHook(session, dry_run=dry_run)  # in a dry run: Create* checked and kept, nothing sent
-    source = models.model_source(cfg, session, ("model_data", "job"), dry_run=dry_run)
+    source = serving_models.model_source(cfg, session, ("model_data", "job"), dry_run=dry_run)
     model_data = source.model_data
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.job and dry_run:
@@ -282,23 +283,23 @@ def register(cfg: DictConfig) -> Registration:
     served = served_images(cfg, source)
     sm = session.client("sagemaker")
     if not dry_run:
-        registry.ensure_group(sm, cfg.group, GROUP_DESCRIPTION)
+        model_packages.ensure_group(sm, cfg.group, GROUP_DESCRIPTION)
     m = evaluation.metrics
     description = cfg.description or (f"{source_text}: test MAE {m['mae']:.4f}, acc {m['acc']:.4f} on {m['n']} photos")
-    current = registry.latest_approved(sm, cfg.group) if cfg.approve_if_better and not dry_run else None
+    current = model_packages.latest_approved(sm, cfg.group) if cfg.approve_if_better and not dry_run else None
     try:
-        arn = registry.create_package(sm, cfg.group, served, properties=properties,
+        arn = model_packages.create_package(sm, cfg.group, served, properties=properties,
                                       card_content=card_content(evaluation, model_data, source_text),
                                       description=description, generated_by=source_text[:1024])
     except DryRun as stop:
         return Registration("", properties, None, stop.params)
-    print(f"registered {arn} ({registry.PENDING}): MAE {m['mae']:.6g} on {m['n']} test photos "
+    print(f"registered {arn} ({model_packages.PENDING}): MAE {m['mae']:.6g} on {m['n']} test photos "
           f"({evaluation.eval_set[:19]})")
     if not cfg.approve_if_better:
         return Registration(arn, properties)
-    decision = registry.decide(properties, current, cfg.group)
+    decision = model_packages.decide(properties, current, cfg.group)
     if decision.approve:
-        registry.approve(sm, arn, properties, decision.line)
+        model_packages.approve(sm, arn, properties, decision.line)
     print(decision.line)
     return Registration(arn, properties, decision)
 

@@ -13,7 +13,7 @@ Usage:
 ``key=value`` arguments are overrides of ``conf/transform.yaml`` (composed with Hydra, so a typo
 fails before anything is created; ``model=`` names a training job, a model package's ARN or
 a ``model.tar.gz`` URI, see :func:`model_override`). The command creates a model named like the job,
-``<base_job_name>-<timestamp>``, as ``deploy`` makes it (:mod:`sagemaker_launch.models`): a training
+``<base_job_name>-<timestamp>``, as ``deploy`` makes it (:mod:`sagemaker_launch.serving_models`): a training
 job's (``job``) or any ``model.tar.gz`` (``model_data``) on the AWS PyTorch inference image of
 ``conf/serving_image``, or a model package (``model_package``, or ``package_group``'s latest approved
 one); then a transform job on it (CreateTransformJob) that sends every object under ``input`` to the handler of
@@ -35,7 +35,7 @@ The model stays after the job (a model costs nothing; ``aws sagemaker delete-mod
 
 A training job runs only if it completed and its ``model.tar.gz`` holds ``model.pt`` and the model
 card; a model package only on an instance type it lists for transform jobs, on the image it holds for
-that type (CPU or GPU): :func:`sagemaker_launch.models.model_source`.
+that type (CPU or GPU): :func:`sagemaker_launch.serving_models.model_source`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from bincount.config import compose
-from sagemaker_launch import cost, models, registry
+from sagemaker_launch import cost, model_packages, serving_models
 from sagemaker_launch.session import DryRun, RequestHook, console_url, describe_request, role_for
 
 log = logging.getLogger("sagemaker_launch")
@@ -58,7 +58,7 @@ log = logging.getLogger("sagemaker_launch")
 # SageMaker's limit for MaxPayloadInMB, and for MaxPayloadInMB x MaxConcurrentTransforms (CreateTransformJob's
 # documentation; the service model states no maximum, so the dry run's check cannot catch it)
 MAX_PAYLOAD_MB = 100
-SOURCES = ("job", "model_package", "model_data", "package_group")  # exactly one names the model (models.py)
+SOURCES = ("job", "model_package", "model_data", "package_group")  # exactly one names the model (serving_models.py)
 ACCEPT = "application/json"  # what the handler answers (bincount.serve.request)
 
 
@@ -82,7 +82,7 @@ def check_config(cfg: DictConfig) -> None:
             instance; ``max_payload_mb`` outside 1..100 or, times ``max_concurrent_transforms``, over
             :data:`MAX_PAYLOAD_MB`.
     """
-    models.source_key(cfg, SOURCES)
+    serving_models.source_key(cfg, SOURCES)
     missing = [k for k in ("input", "output") if not cfg[k]]
     if missing:
         raise ValueError(f"transform needs {', '.join(f'{k}=' for k in missing)} (see conf/transform.yaml)")
@@ -137,7 +137,7 @@ def create_transform(cfg: DictConfig, *, dry_run: bool = False, wait: bool = Fal
         What was created.
 
     Raises:
-        ValueError: See :func:`check_config` and :func:`sagemaker_launch.models.model_source`; no role
+        ValueError: See :func:`check_config` and :func:`sagemaker_launch.serving_models.model_source`; no role
             (outside a dry run); a request SageMaker's service model refuses (in a dry run).
     """
     from sagemaker.core import shapes
@@ -146,13 +146,13 @@ def create_transform(cfg: DictConfig, *, dry_run: bool = False, wait: bool = Fal
     from sagemaker.core.utils.exceptions import FailedStatusError
 
     check_config(cfg)
-    cfg.role = models.require_role(cfg) if not dry_run else role_for(cfg, dry_run)
-    session = models.boto_session(cfg)
+    cfg.role = serving_models.require_role(cfg) if not dry_run else role_for(cfg, dry_run)
+    session = serving_models.boto_session(cfg)
     hook = RequestHook(session, dry_run=dry_run)
     name = name_from_base(str(cfg.base_job_name))
-    source = models.model_source(cfg, session, SOURCES, dry_run=dry_run, use=registry.TRANSFORM)
+    source = serving_models.model_source(cfg, session, SOURCES, dry_run=dry_run, use=model_packages.TRANSFORM)
     try:
-        models.create_model(name, cfg, session, source)
+        serving_models.create_model(name, cfg, session, source)
     except DryRun:
         pass
     try:

@@ -189,9 +189,9 @@ def write_run_report(run_dir: Path, *, wrong: int, n: int = 20, first_id: int = 
     OmegaConf.save({"data": {"root": "s3://bincount-test/abid/subset", "split": "block", "test_fraction": 0.15,
                              "block_size": 20, "seed": 0, "label_list": None, "min_count": MIN_COUNT,
                              "max_count": MAX_COUNT}}, run_dir / "config.yaml")
-    card = ModelCard(arch="resnet18", min_count=MIN_COUNT, max_count=MAX_COUNT, preset=EvalPreset(IMAGE_SIZE))
+    card = ModelCard(arch="resnet18", min_count=MIN_COUNT, max_count=MAX_COUNT, preset=EvalPreset(image_size=IMAGE_SIZE))
     (run_dir / "model").mkdir(exist_ok=True)
-    (run_dir / "model" / "model_config.json").write_text(json.dumps(card.to_dict()))
+    (run_dir / "model" / "model_config.json").write_text(json.dumps(card.model_dump(mode="json")))
     return metrics
 
 

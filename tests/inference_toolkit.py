@@ -22,7 +22,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from sagemaker_launch.export import export_model
+from sagemaker_launch.model_archive import export_model
 
 WORKER = '''
 import base64, json, sys
@@ -86,7 +86,7 @@ print(json.dumps(answers))
 
 def unpacked_model_tar_gz(run_model: Path, tmp: Path) -> Path:
     """/opt/ml/model as the serving image unpacks the ``model.tar.gz`` a training job's entry writes
-    for the exported ``run_model`` folder (:func:`sagemaker_launch.export.export_model`)."""
+    for the exported ``run_model`` folder (:func:`sagemaker_launch.model_archive.export_model`)."""
     export_model(run_model, tmp / "sm_model_dir")
     with tarfile.open(tmp / "model.tar.gz", "w:gz") as tar:
         for path in (tmp / "sm_model_dir").iterdir():

@@ -207,13 +207,14 @@ def test_a_malformed_model_config_names_the_file(predict_inputs, tmp_path, capsy
     (broken / "model.pt").write_bytes((model_dir / "model.pt").read_bytes())
     good = json.loads((model_dir / "model_config.json").read_text())
     bad_fields = (
-        ({"min_count": "1"}, "min_count must be a whole number >= 0, got '1'"),
-        ({"max_count": 1}, "min_count=1, max_count=1: need 0 <= min_count < max_count"),
+        ({"min_count": "1"}, "min_count: Input should be a valid integer, got '1'"),
+        ({"max_count": 1}, "count range 1..1: need whole numbers 0 <= min_count < max_count"),
         ({"num_classes": 4}, "num_classes=4 does not match min_count=1, max_count=5"),
-        ({"preset": {"image_size": 0}}, "preset.image_size must be a whole number >= 1"),
-        ({"preset": {"image_size": 32, "mean": [0.5]}}, "preset.mean must be a list of 3 numbers"),
-        ({"decode": "mode"}, "decode must be one of argmax, median, got 'mode'"),
-        ({"calibration": {"temperature": -1.0, "review_threshold": 0.5}}, "calibration.temperature must be a number > 0"),
+        ({"preset": {"image_size": 0}}, "preset.image_size: Input should be greater than or equal to 1, got 0"),
+        ({"preset": {"image_size": 32, "mean": [0.5]}}, "preset.mean: Tuple should have at least 3 items"),
+        ({"decode": "mode"}, "decode: Input should be 'argmax' or 'median', got 'mode'"),
+        ({"calibration": {"temperature": -1.0, "review_threshold": 0.5}},
+         "calibration.temperature: Input should be greater than 0, got -1.0"),
         ({"calibration": {"temperature": 2.0}}, "lacks calibration.review_threshold"),
         ({"arch": "resnet9000"}, "arch: unknown arch 'resnet9000'"),
     )

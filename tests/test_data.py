@@ -85,7 +85,7 @@ def test_presets_shapes_and_eval_is_deterministic():
     assert torch.equal(ev(img), ev(img))
     assert CountingPresetTrain(image_size=24)(img).shape == (3, 24, 24)
     card_entry = EvalPreset.of(ev)
-    assert card_entry.to_dict() == {"image_size": 24, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert card_entry.model_dump(mode="json") == {"image_size": 24, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     assert torch.equal(card_entry.build()(img), ev(img))
 
 

@@ -92,14 +92,16 @@ def test_export_round_trip(tmp_path):
         load_model_dir(tmp_path / "missing")
 
 
-# model_config.json as a quickstart run writes it (one epoch: an untrained model's calibration)
+# model_config.json as a quickstart run writes it (one epoch: an untrained model's calibration);
+# num_classes, derived, comes last
 RUN_CARD = {
-    "arch": "resnet18", "min_count": 1, "max_count": 5, "num_classes": 5,
+    "arch": "resnet18", "min_count": 1, "max_count": 5,
     "preset": {"image_size": 112, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
     "bincount_version": "0.1.0", "decode": "median", "tta": "none", "checkpoint": "epoch_000.ckpt",
     "calibration": {"temperature": 2150.3848966957294, "review_threshold": 1.0000000000000002,
                     "target_precision": 0.95, "min_support": 30, "ece_before": 0.8148148059844971,
                     "ece_after": 0.04594673961400986, "coverage": 0.0, "precision": None, "n": 270},
+    "num_classes": 5,
 }
 
 
@@ -110,8 +112,9 @@ def test_a_run_card_loads_typed_and_is_written_back_unchanged(tmp_path):
     assert (card.arch, card.min_count, card.max_count, card.num_classes) == ("resnet18", 1, 5, 5)
     assert (card.decode, card.tta, card.checkpoint, card.preset.image_size) == ("median", "none", "epoch_000.ckpt", 112)
     assert card.calibration.review_threshold == NEVER and card.calibration.precision is None
-    assert card.to_dict() == RUN_CARD  # the unknown key is ignored; the rest round-trips exactly
-    assert list(card.to_dict()) == list(RUN_CARD) and list(card.to_dict()["calibration"]) == list(RUN_CARD["calibration"])
+    written = card.model_dump(mode="json")
+    assert written == RUN_CARD  # the unknown key is ignored; the rest round-trips exactly
+    assert list(written) == list(RUN_CARD) and list(written["calibration"]) == list(RUN_CARD["calibration"])
 
     # a card from save_model_dir without decoding, TTA, checkpoint or calibration: their defaults
     bare = {k: RUN_CARD[k] for k in ("arch", "min_count", "max_count", "num_classes", "preset")}

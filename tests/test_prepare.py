@@ -14,7 +14,7 @@ from PIL import Image
 
 from bincount.cli import main as bincount_cli
 from bincount.data.abid import build_index
-from bincount.data.cli import main as data_cli
+from bincount.data.commands import main as data_cli
 from bincount.data.decode import decode_rgb_bytes
 from bincount.data.prepare import STAGING_PREFIX, prepare
 from bincount.data.s3 import S3Error, upload_tree

@@ -186,13 +186,13 @@ class SigtermAtTest(L.Callback):
 
 def sigterm_between_the_model_files(monkeypatch) -> None:
     """SIGTERM once ``model.pt`` is written and before ``model_config.json`` is (the card's JSON)."""
-    to_dict = ModelCard.to_dict
+    model_dump = ModelCard.model_dump
 
-    def to_dict_after_sigterm(card):
+    def model_dump_after_sigterm(card, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
-        return to_dict(card)
+        return model_dump(card, **kwargs)
 
-    monkeypatch.setattr(ModelCard, "to_dict", to_dict_after_sigterm)
+    monkeypatch.setattr(ModelCard, "model_dump", model_dump_after_sigterm)
 
 
 def sigterm_at_calibration(monkeypatch) -> None:

@@ -18,8 +18,8 @@ from bincount.config import compose
 from bincount.models.backbones import build_backbone
 from bincount.models.card import EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
-from sagemaker_launch import deploy, models, payload
-from sagemaker_launch.export import export_model
+from sagemaker_launch import deploy, payload, serving_models
+from sagemaker_launch.model_archive import export_model
 from tests.fakes import write_bin_photo
 from tests.moto_server import BUCKET, ROLE, aws, moto_server, with_moto_fixes  # noqa: F401  (fixtures)
 
@@ -90,7 +90,7 @@ def deployable(aws, model_tar_gz, monkeypatch) -> str:
     """model.tar.gz in moto's S3, as a training job left it; the SDK tolerating moto's answers."""
     import boto3
 
-    monkeypatch.setattr(models, "boto_session", with_moto_fixes(models.boto_session))  # moto's VpcConfig: {}, ...
+    monkeypatch.setattr(serving_models, "boto_session", with_moto_fixes(serving_models.boto_session))  # moto's VpcConfig: {}, ...
     boto3.client("s3").put_object(Bucket=BUCKET, Key="bincount/job-1/output/model.tar.gz", Body=model_tar_gz.read_bytes())
     aws.post("/moto-api/recorder/reset-recording")  # record from here
     return f"s3://{BUCKET}/bincount/job-1/output/model.tar.gz"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import sagemaker_launch.export
+import sagemaker_launch.model_archive
 from bincount.config import compose
 from bincount.train import StoppedRun
 from sagemaker_launch import entry
@@ -163,7 +163,7 @@ def test_a_stop_while_copying_the_model_leaves_the_model_dir_empty(tmp_path, mon
         os.kill(os.getpid(), signal.SIGTERM)
         return "pillow\n"
 
-    monkeypatch.setattr(sagemaker_launch.export, "serving_requirements", requirements_after_sigterm)
+    monkeypatch.setattr(sagemaker_launch.model_archive, "serving_requirements", requirements_after_sigterm)
     with pytest.raises(StoppedRun) as stopped:
         entry.export_or_stop(env, run_model)
     assert stopped.value.code == 128 + signal.SIGTERM and "model.tar.gz is empty" in stopped.value.message

@@ -33,7 +33,7 @@ from packaging.utils import canonicalize_name
 
 from bincount.config import compose
 from sagemaker_launch.entry import ContainerEnv, drop_trial_checkpoints
-from sagemaker_launch.export import serving_requirements
+from sagemaker_launch.model_archive import serving_requirements
 from sagemaker_launch.hyperparameters import (decode_hyperparameters, encode_override, encode_overrides,
                                               is_tuning_trial, parse_argv)
 from sagemaker_launch.plan import plan_training_job

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sagemaker_launch import deploy, models, register, transform
+from sagemaker_launch import deploy, register, serving_models, transform
 from tests.fakes import model_archive, write_run_report
 from tests.moto_server import BUCKET, ROLE, aws, moto_server, with_moto_fixes  # noqa: F401  (fixtures)
 
@@ -35,7 +35,7 @@ def sm(aws, monkeypatch):
     """The SDK sessions of deploy and register on moto (requests checked); a boto3 client to read back with."""
     import boto3
 
-    monkeypatch.setattr(models, "boto_session", with_moto_fixes(models.boto_session))
+    monkeypatch.setattr(serving_models, "boto_session", with_moto_fixes(serving_models.boto_session))
     return boto3.client("sagemaker")
 
 
@@ -265,9 +265,9 @@ def test_a_job_that_did_not_complete_or_a_model_without_its_card_is_refused_by_e
 
 def create_package(sm, image: str, **lists) -> str:
     """A package registered by other means: one inference specification, on ``image``."""
-    from sagemaker_launch import registry
+    from sagemaker_launch import model_packages
 
-    registry.ensure_group(sm, GROUP, "test")
+    model_packages.ensure_group(sm, GROUP, "test")
     return sm.create_model_package(ModelPackageGroupName=GROUP, ModelApprovalStatus=APPROVED, InferenceSpecification={
         "Containers": [{"Image": image, "ModelDataUrl": f"s3://{BUCKET}/m.tar.gz"}],
         "SupportedContentTypes": ["image/jpeg"], "SupportedResponseMIMETypes": ["application/json"], **lists,

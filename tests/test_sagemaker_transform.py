@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 
 from bincount.config import compose
 from bincount.serve.images import Limits
-from sagemaker_launch import models, session, transform
+from sagemaker_launch import serving_models, session, transform
 from tests.fakes import model_archive
 from tests.moto_server import BUCKET, REGION, ROLE, aws, moto_server, with_moto_fixes  # noqa: F401  (fixtures)
 
@@ -29,7 +29,7 @@ def sagemaker(aws, monkeypatch):
     """The transform command's SDK calls tolerating moto's answers; a boto3 SageMaker client."""
     import boto3
 
-    monkeypatch.setattr(models, "boto_session", with_moto_fixes(models.boto_session))  # moto's VpcConfig: {}
+    monkeypatch.setattr(serving_models, "boto_session", with_moto_fixes(serving_models.boto_session))  # moto's VpcConfig: {}
     return boto3.client("sagemaker", region_name=REGION)
 
 

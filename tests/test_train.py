@@ -10,7 +10,13 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from bincount.evaluate import evaluate
+from bincount.data.abid import IMAGE_DIR
+from bincount.data.decode import decode_rgb_file
+from bincount.data.transforms import CountingPresetEval
+from bincount.evaluate import evaluate, load_for_eval
+from bincount.models.backbones import build_backbone
+from bincount.models.card import EvalPreset, ModelCard
+from bincount.models.export import save_model_dir
 from bincount.models.module import BinCountModule
 from bincount.train import train
 from bincount.config import compose
@@ -113,6 +119,21 @@ def test_eval_all_from_checkpoint_and_load_without_hydra(trained_run, tmp_path, 
     neither = compose("eval", [f"data.root={root}"])
     with pytest.raises(ValueError, match="exactly one"):
         evaluate(set_output_dir(neither, tmp_path / "e2"))
+
+
+def test_eval_feeds_the_net_what_the_model_card_says_as_serving_does(fake_abid, tmp_path):
+    """The card's whole preset (size and normalisation), not the data config's, prepares eval.py's photos."""
+    root, _ = fake_abid
+    card = ModelCard(arch="resnet18", min_count=1, max_count=5,
+                     preset=EvalPreset(image_size=24, mean=(0.2, 0.3, 0.4), std=(0.5, 0.6, 0.7)))
+    save_model_dir(build_backbone("resnet18", card.num_classes), tmp_path / "model", card)
+    _, datamodule = load_for_eval(compose("eval", [f"data.root={root}", *FAST, f"model_dir={tmp_path / 'model'}"]))
+    datamodule.setup("test")
+    test = datamodule.datasets["test"]
+    fed, _, index = next(sample for sample in test if sample is not None)
+    photo = decode_rgb_file(root / IMAGE_DIR / f"{test.records[index].image_id}.jpg")
+    assert torch.equal(fed, card.preset.build()(photo))  # what serving and predict feed the net
+    assert not torch.allclose(fed, CountingPresetEval(image_size=24)(photo))  # the default normalisation differs
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ import signal
 import sys
 from pathlib import Path
 
-from bincount.data.cli import add_data_command
+from bincount.data.commands import add_data_command
 from bincount.errors import error_line
 from bincount.stop import Stopped, stop_on_sigterm
 

@@ -15,7 +15,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
 from bincount.config import config_dir
+from bincount.data.datamodule import CountingDataModule
 from bincount.errors import one_error_line
+from bincount.models.card import EvalPreset
 from bincount.models.export import load_model_dir
 from bincount.models.module import BinCountModule
 from bincount.trainer import checked_checkpoint, instantiate_trainer, report_test
@@ -23,11 +25,16 @@ from bincount.trainer import checked_checkpoint, instantiate_trainer, report_tes
 log = logging.getLogger(__name__)
 
 
-def load_for_eval(cfg: DictConfig) -> tuple[BinCountModule, int | None]:
-    """The model named by ``cfg.model_dir`` or ``cfg.ckpt_path``, and its training input size.
+def load_for_eval(cfg: DictConfig) -> tuple[BinCountModule, CountingDataModule]:
+    """The model named by ``cfg.model_dir`` or ``cfg.ckpt_path``, and ``cfg.data`` prepared as it expects.
+
+    The class range and the preprocessing come from the model; ``cfg.data``'s are not used. A model
+    folder's card gives the whole eval preset (input size and normalisation), the one serving and
+    ``bincount predict`` use; a checkpoint records the input size only (trained with the default
+    normalisation), or nothing, and then ``cfg.data.image_size`` is used.
 
     Returns:
-        The model and its input size in pixels (``None`` when a checkpoint does not record it).
+        The model and the data module (not set up).
 
     Raises:
         ValueError: If neither or both are given, or the model folder's ``model_config.json`` is
@@ -41,27 +48,31 @@ def load_for_eval(cfg: DictConfig) -> tuple[BinCountModule, int | None]:
         model = BinCountModule(arch=card.arch, min_count=card.min_count, max_count=card.max_count,
                                decode=card.decode, tta=card.tta)
         model.net.load_state_dict(net.state_dict())
-        return model, card.preset.image_size
-    checkpoint = checked_checkpoint(cfg.ckpt_path)  # memory-mapped: only the hyperparameters are read here
-    model = BinCountModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
-    image_size = checkpoint.get("datamodule_hyper_parameters", {}).get("image_size")
-    return model, image_size
+        preset = card.preset
+    else:
+        checkpoint = checked_checkpoint(cfg.ckpt_path)  # memory-mapped: only the hyperparameters are read here
+        model = BinCountModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
+        image_size = checkpoint.get("datamodule_hyper_parameters", {}).get("image_size")
+        preset = None if image_size is None else EvalPreset(image_size=image_size)
+    from_model = {"min_count": model.hparams.min_count, "max_count": model.hparams.max_count}
+    if preset is not None:
+        from_model["image_size"] = preset.image_size
+    datamodule = hydra.utils.instantiate(cfg.data, **from_model)
+    if preset is not None:
+        datamodule.eval_preset = preset.build()  # before setup(): the test split's photos go through it
+    return model, datamodule
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Test a trained model on ``cfg.data`` and write ``metrics.json``, ``predictions.csv`` and
     ``confusion_matrix.png`` into ``cfg.paths.output_dir``.
 
-    The class range and the input size come from the model; ``cfg.data``'s are not used.
+    The class range and the preprocessing come from the model (see :func:`load_for_eval`).
 
     Returns:
         The report (see :func:`bincount.report.count_report`); ``{}`` on ranks other than global 0.
     """
-    model, image_size = load_for_eval(cfg)
-    from_model = {"min_count": model.hparams.min_count, "max_count": model.hparams.max_count}
-    if image_size is not None:
-        from_model["image_size"] = image_size
-    datamodule = hydra.utils.instantiate(cfg.data, **from_model)
+    model, datamodule = load_for_eval(cfg)
     trainer = instantiate_trainer(cfg)
     trainer.test(model, datamodule=datamodule)
     if not trainer.is_global_zero:

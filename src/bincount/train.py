@@ -187,7 +187,7 @@ def calibrate_report_export(model: BinCountModule, datamodule: ABIDDataModule, v
     card = ModelCard(
         arch=model.hparams.arch, min_count=model.hparams.min_count, max_count=model.hparams.max_count,
         preset=EvalPreset.of(datamodule.eval_preset), decode=decode, tta=model.hparams.tta,
-        checkpoint=Path(checkpoint).name if checkpoint else None, calibration=Calibration.from_dict(calibration),
+        checkpoint=Path(checkpoint).name if checkpoint else None, calibration=Calibration(**calibration),
     )
     save_model_dir(model.net, out_dir / "model", card)
     rank_zero_info(f"run folder: {out_dir}")

@@ -26,7 +26,8 @@ class CountingDataModule(L.LightningDataModule):
 
     ``train()`` relies on this much of any data module: ``root``, ``splits`` (lists of
     :class:`BinRecord` per split, after ``setup()``), ``datasets``, ``eval_preset``,
-    ``num_classes`` and ``hparams.min_count``. A subclass calls ``save_hyperparameters`` with
+    ``num_classes`` and ``hparams.min_count``; evaluation replaces ``eval_preset`` with the model's
+    own before ``setup()``. A subclass calls ``save_hyperparameters`` with
     ``min_count``, ``max_count``, ``batch_size`` and ``num_workers`` among its arguments, fills
     ``splits`` and ``datasets`` in ``setup()`` and builds one split's loader in :meth:`_loader`.
 

@@ -6,78 +6,101 @@ Training writes one :class:`ModelCard` beside the weights; evaluation, ``bincoun
 (class range, input preprocessing, decoding rule, test-time augmentation, calibration) and a
 malformed file fails once, naming the file and the field.
 
-The card is a frozen dataclass whose ``__post_init__`` checks every field, so a card built in
-code and a card read from disk pass the same checks, with messages that name the field.
-
-Keys that are not fields are ignored when reading, so a card written by a newer version with an
-extra field still loads.
+The card is a frozen pydantic model: a card built in code and a card read from disk pass the
+same checks. Reading (:meth:`ModelCard.read`) turns pydantic's errors into one
+:class:`CardError` line naming each field (``calibration.temperature``) and its problem. Keys
+that are not fields are ignored when reading, so a card written by a newer version with an extra
+field still loads. ``model_dump(mode="json")`` is the JSON object of ``model_config.json``.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, computed_field, model_validator
 
 import bincount
 from bincount.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CountingPresetEval
-from bincount.models.decoding import DECODE_RULES, NEVER, TTA_MODES
+from bincount.models.decoding import NEVER, DecodeRule, TtaMode
+
+# strict: a bool, a string or (for whole numbers) a float is refused, never converted
+Whole = Annotated[int, Field(strict=True, ge=0)]
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Positive = Annotated[Number, Field(gt=0.0)]
+Share = Annotated[float, Field(strict=True, ge=0.0, le=1.0)]
+RGB = Field(min_length=3, max_length=3)
+FROZEN = ConfigDict(frozen=True, extra="ignore")
 
 
 class CardError(ValueError):
     """A model card field is missing or has the wrong type or value; the message names the field."""
 
 
-def _whole(data: dict, key: str, *, minimum: int, where: str) -> int:
-    value = data[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise CardError(f"{where}{key} must be a whole number >= {minimum}, got {value!r}")
-    return value
+def check_count_range(min_count: Any, max_count: Any, *, keys: str = "") -> None:
+    """The class range every model and card share: whole numbers ``0 <= min_count < max_count``.
+
+    Args:
+        min_count: Count of class 0.
+        max_count: Count of the last class.
+        keys: Appended to the message (the config keys the values came from).
+
+    Raises:
+        ValueError: If the range is not whole numbers ``0 <= min_count < max_count``.
+    """
+    if not (type(min_count) is int and type(max_count) is int and 0 <= min_count < max_count):
+        raise ValueError(f"count range {min_count}..{max_count}: need whole numbers 0 <= min_count < max_count{keys}")
 
 
-def _number(data: dict, key: str, *, where: str, low: float = -math.inf, high: float = math.inf,
-            low_open: bool = False) -> float:
-    value = data[key]
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok:
-        ok = (low < value if low_open else low <= value) and value <= high
-    if not ok:
-        bound = (f"{'>' if low_open else '>='} {low}" if high == math.inf
-                 else f"in {'(' if low_open else '['}{low}, {high}]")
-        raise CardError(f"{where}{key} must be a number {bound}, got {value!r}")
-    return float(value)
+def check_option(key: str, value: Any, kind: Any) -> None:
+    """Check one constructor argument against its type (a ``Literal`` of the allowed values).
+
+    Args:
+        key: The config key, named in the error (``model.decode``).
+        value: The value given.
+        kind: The type (:data:`~bincount.models.decoding.DecodeRule`, ...).
+
+    Raises:
+        ValueError: ``key=value: <the problem>``.
+    """
+    try:
+        TypeAdapter(kind).validate_python(value)
+    except ValidationError as err:
+        raise ValueError(f"{key}={value!r}: {err.errors()[0]['msg']}") from None
 
 
-def _optional(data: dict, key: str, read, **kwargs):
-    """``read(data, key, ...)``, or ``None`` when the key is absent or null."""
-    return None if data.get(key) is None else read(data, key, **kwargs)
+def card_error(err: ValidationError) -> CardError:
+    """One line naming every field pydantic refused (``calibration.temperature``) and why.
+
+    A list's own error (too short) is left out when one of its items has one: the item says more.
+    """
+    errors = err.errors(include_url=False)
+    inside = {e["loc"][:k] for e in errors for k in range(len(e["loc"]))}  # every location holding an error
+    errors = [e for e in errors if e["loc"] not in inside]
+    missing = [".".join(map(str, e["loc"])) for e in errors if e["type"] == "missing"]
+    problems = [f"lacks {', '.join(missing)}: not a bincount model config"] if missing else []
+    for e in errors:
+        where = ".".join(map(str, e["loc"]))
+        if e["type"] == "value_error":  # a model validator's own message says it all
+            problems.append(str(e["ctx"]["error"]))
+        elif e["type"] != "missing":
+            problems.append(f"{where}: {e['msg']}, got {e['input']!r}")
+    return CardError("; ".join(problems))
 
 
-def _object(data: dict, key: str) -> dict:
-    value = data[key]
-    if not isinstance(value, dict):
-        raise CardError(f"{key} must be a JSON object, got {value!r}")
-    return value
-
-
-def _missing(data: dict, keys: tuple[str, ...], *, where: str = "") -> None:
-    if missing := [k for k in keys if k not in data]:
-        raise CardError(f"lacks {', '.join(where + k for k in missing)}: not a bincount model config")
-
-
-@dataclass(frozen=True)
-class EvalPreset:
+class EvalPreset(BaseModel):
     """The evaluation preprocessing the network was trained with (:class:`CountingPresetEval`).
 
     Args:
-        image_size: Side of the square network input, pixels.
+        image_size: Side of the square network input, pixels (``>= 1``).
         mean: Per-channel (RGB) normalisation mean, on pixel values scaled to ``[0, 1]``.
-        std: Per-channel (RGB) normalisation standard deviation, same scale.
+        std: Per-channel (RGB) normalisation standard deviation, same scale (each ``> 0``).
     """
 
-    image_size: int
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    model_config = FROZEN
+
+    image_size: Annotated[int, Field(strict=True, ge=1)]
+    mean: Annotated[tuple[Number, ...], RGB] = IMAGENET_MEAN
+    std: Annotated[tuple[Positive, ...], RGB] = IMAGENET_STD
 
     def build(self) -> CountingPresetEval:
         """The preset itself: ``uint8`` ``(3, H, W)`` photo -> ``float32`` ``(3, S, S)``."""
@@ -88,32 +111,8 @@ class EvalPreset:
         """The card entry of a preset."""
         return cls(image_size=preset.image_size, mean=tuple(preset.mean), std=tuple(preset.std))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
 
-    @classmethod
-    def from_dict(cls, data: dict) -> EvalPreset:
-        """Check and read the ``preset`` object.
-
-        Raises:
-            CardError: If ``image_size`` is missing or not a positive whole number, or ``mean``
-                or ``std`` is not a list of three numbers.
-        """
-        _missing(data, ("image_size",), where="preset.")
-        channels = {}
-        for key in ("mean", "std"):
-            if key not in data:
-                continue
-            value = data[key]
-            if not (isinstance(value, list) and len(value) == 3
-                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-                raise CardError(f"preset.{key} must be a list of 3 numbers (RGB), got {value!r}")
-            channels[key] = tuple(float(v) for v in value)
-        return cls(image_size=_whole(data, "image_size", minimum=1, where="preset."), **channels)
-
-
-@dataclass(frozen=True)
-class Calibration:
+class Calibration(BaseModel):
     """Temperature scaling and the review threshold, fitted on the validation split
     (:func:`bincount.models.calibration.calibrate`).
 
@@ -133,140 +132,88 @@ class Calibration:
         n: Validation photos used.
     """
 
-    temperature: float
-    review_threshold: float
-    target_precision: float | None = None
-    min_support: int | None = None
-    ece_before: float | None = None
-    ece_after: float | None = None
-    coverage: float | None = None
-    precision: float | None = None
-    n: int | None = None
+    model_config = FROZEN
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "review_threshold": self.review_threshold,
-                "target_precision": self.target_precision, "min_support": self.min_support,
-                "ece_before": self.ece_before, "ece_after": self.ece_after, "coverage": self.coverage,
-                "precision": self.precision, "n": self.n}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Calibration:
-        """Check and read the ``calibration`` object (what :func:`calibrate` returns).
-
-        Raises:
-            CardError: If ``temperature`` or ``review_threshold`` is missing, or a field has the
-                wrong type or is out of range.
-        """
-        w = "calibration."
-        _missing(data, ("temperature", "review_threshold"), where=w)
-        unit = {"where": w, "low": 0.0, "high": 1.0}
-        return cls(
-            temperature=_number(data, "temperature", where=w, low=0.0, low_open=True),
-            review_threshold=_number(data, "review_threshold", where=w, low=0.0, high=NEVER),
-            target_precision=_optional(data, "target_precision", _number, where=w, low=0.0, high=1.0, low_open=True),
-            min_support=_optional(data, "min_support", _whole, minimum=0, where=w),
-            ece_before=_optional(data, "ece_before", _number, **unit),
-            ece_after=_optional(data, "ece_after", _number, **unit),
-            coverage=_optional(data, "coverage", _number, **unit),
-            precision=_optional(data, "precision", _number, **unit),
-            n=_optional(data, "n", _whole, minimum=0, where=w),
-        )
+    temperature: Positive
+    review_threshold: Annotated[float, Field(strict=True, ge=0.0, le=NEVER)]
+    target_precision: Annotated[float, Field(strict=True, gt=0.0, le=1.0)] | None = None
+    min_support: Whole | None = None
+    ece_before: Share | None = None
+    ece_after: Share | None = None
+    coverage: Share | None = None
+    precision: Share | None = None
+    n: Whole | None = None
 
 
-@dataclass(frozen=True)
-class ModelCard:
+class ModelCard(BaseModel):
     """Everything besides the weights that serving, evaluation and batch prediction need.
 
     Written as ``model_config.json`` by :func:`bincount.models.export.save_model_dir`, with
-    ``num_classes`` added (derived, for readers of the file).
+    ``num_classes`` (derived, for readers of the file) as its last key.
 
     Args:
         arch: torchvision model name of the backbone (``resnet18``, ``resnet50``, ...).
         min_count: Count of class 0 (``>= 0``).
         max_count: Count of the last class (``> min_count``).
         preset: The evaluation preprocessing (input size and normalisation).
+        bincount_version: The version of bincount that wrote the card (``None`` if unknown).
         decode: How probabilities become a count: one of
-            :data:`~bincount.models.decoding.DECODE_RULES`.
-        tta: Test-time augmentation: one of :data:`~bincount.models.decoding.TTA_MODES`.
+            :data:`~bincount.models.decoding.DecodeRule`.
+        tta: Test-time augmentation: one of :data:`~bincount.models.decoding.TtaMode`.
         checkpoint: File name of the checkpoint the weights came from (in the run's
             ``checkpoints/``), or ``None`` (the final weights, or not from a training run).
         calibration: Temperature and review threshold, or ``None`` (uncalibrated: temperature
             1, every verdict ``"review"`` unless a threshold is given at serving time).
-        bincount_version: The version of bincount that wrote the card (``None`` if unknown).
+        num_classes: Optional; when given, it must match the class range.
 
     Raises:
-        CardError: If the class range is not ``0 <= min_count < max_count``, or ``decode`` or
-            ``tta`` is not one of its rules.
+        pydantic.ValidationError: If a field is missing or malformed, the class range is not
+            ``0 <= min_count < max_count``, or ``num_classes`` does not match it.
     """
 
-    arch: str
-    min_count: int
-    max_count: int
+    model_config = FROZEN
+
+    arch: Annotated[str, Field(min_length=1)]
+    min_count: Whole
+    max_count: Whole
     preset: EvalPreset
-    decode: str = "argmax"
-    tta: str = "none"
+    bincount_version: str | None = bincount.__version__
+    decode: DecodeRule = "argmax"
+    tta: TtaMode = "none"
     checkpoint: str | None = None
     calibration: Calibration | None = None
-    bincount_version: str | None = bincount.__version__
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.min_count < self.max_count:
-            raise CardError(f"min_count={self.min_count}, max_count={self.max_count}: need 0 <= min_count < max_count")
-        for key, value, allowed in (("decode", self.decode, DECODE_RULES), ("tta", self.tta, TTA_MODES)):
-            if value not in allowed:
-                raise CardError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
-
+    @computed_field
     @property
     def num_classes(self) -> int:
         """Classes ``0..num_classes-1`` are the counts ``min_count..max_count``."""
         return self.max_count - self.min_count + 1
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON object of ``model_config.json``."""
-        return {
-            "arch": self.arch,
-            "min_count": self.min_count,
-            "max_count": self.max_count,
-            "num_classes": self.num_classes,
-            "preset": self.preset.to_dict(),
-            "bincount_version": self.bincount_version,
-            "decode": self.decode,
-            "tta": self.tta,
-            "checkpoint": self.checkpoint,
-            "calibration": None if self.calibration is None else self.calibration.to_dict(),
-        }
+    @model_validator(mode="wrap")
+    @classmethod
+    def _check_classes(cls, data: Any, handler) -> ModelCard:
+        card = handler(data)
+        check_count_range(card.min_count, card.max_count)
+        if isinstance(data, dict) and data.get("num_classes", card.num_classes) != card.num_classes:
+            raise ValueError(f"num_classes={data['num_classes']!r} does not match min_count={card.min_count}, "
+                             f"max_count={card.max_count}")
+        return card
 
     @classmethod
-    def from_dict(cls, data: Any) -> ModelCard:
+    def read(cls, data: Any) -> ModelCard:
         """Check and read a parsed ``model_config.json``.
 
         ``arch``, ``min_count``, ``max_count`` and ``preset`` are required; ``decode``, ``tta``,
-        ``checkpoint``, ``calibration`` and ``bincount_version`` default as in :class:`ModelCard`;
-        ``num_classes``, when present, must match the class range; other keys are ignored.
+        ``checkpoint``, ``calibration`` and ``bincount_version`` default as in :class:`ModelCard`
+        (``bincount_version`` to ``None``: unknown); other keys are ignored.
 
         Raises:
-            CardError: On the first missing or malformed field, naming it.
+            CardError: If ``data`` is not an object, or on missing or malformed fields; one line
+                naming each field.
         """
         if not isinstance(data, dict):
             raise CardError(f"holds a JSON {type(data).__name__}, not an object")
-        _missing(data, ("arch", "min_count", "max_count", "preset"))
-        if not isinstance(data["arch"], str) or not data["arch"]:
-            raise CardError(f"arch must be a torchvision model name, got {data['arch']!r}")
-        for key in ("decode", "tta", "checkpoint", "bincount_version"):
-            if data.get(key) is not None and not isinstance(data[key], str):
-                raise CardError(f"{key} must be a string, got {data[key]!r}")
-        card = cls(
-            arch=data["arch"],
-            min_count=_whole(data, "min_count", minimum=0, where=""),
-            max_count=_whole(data, "max_count", minimum=0, where=""),
-            preset=EvalPreset.from_dict(_object(data, "preset")),
-            decode=data.get("decode", "argmax"),
-            tta=data.get("tta", "none"),
-            checkpoint=data.get("checkpoint"),
-            calibration=None if data.get("calibration") is None else Calibration.from_dict(_object(data, "calibration")),
-            bincount_version=data.get("bincount_version"),
-        )
-        if data.get("num_classes", card.num_classes) != card.num_classes:
-            raise CardError(f"num_classes={data['num_classes']!r} does not match min_count={card.min_count}, "
-                            f"max_count={card.max_count}")
-        return card
+        try:
+            return cls.model_validate({"bincount_version": None, **data})
+        except ValidationError as err:
+            raise card_error(err) from None

@@ -7,12 +7,17 @@ calibration and serving answer the same count for the same photo.
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-DECODE_RULES = ("argmax", "median")
-TTA_MODES = ("none", "flips")
+DecodeRule = Literal["argmax", "median"]
+"""How probabilities become a count (:func:`decode_counts`): the one list of rules."""
+TtaMode = Literal["none", "flips"]
+"""Test-time augmentation (:func:`with_tta`): the one list of modes."""
+DECODE_RULES: tuple[str, ...] = get_args(DecodeRule)
+TTA_MODES: tuple[str, ...] = get_args(TtaMode)
 NEVER = math.nextafter(1.0, 2.0)
 """A review threshold no probability reaches: every verdict is "review"."""
 

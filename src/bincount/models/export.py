@@ -47,7 +47,7 @@ def save_model_dir(net: nn.Module, out_dir: str | Path, card: ModelCard) -> Path
     torch.save(state, weights)
     with atomic_folder(out_dir) as stage:
         (stage / MODEL_FILE).write_bytes(weights.getbuffer())
-        (stage / CONFIG_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+        (stage / CONFIG_FILE).write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
     return out_dir
 
 
@@ -63,7 +63,7 @@ def read_model_card(model_dir: str | Path) -> ModelCard:
     Raises:
         FileNotFoundError: If ``model_dir`` has no ``model_config.json`` or ``model.pt``.
         ValueError: If ``model_config.json`` is not valid JSON, not an object, or has a missing
-            or malformed field (:meth:`ModelCard.from_dict`); one line naming the file and the field.
+            or malformed field (:meth:`ModelCard.read`); one line naming the file and the field.
     """
     model_dir = Path(model_dir)
     for name in (CONFIG_FILE, MODEL_FILE):
@@ -75,7 +75,7 @@ def read_model_card(model_dir: str | Path) -> ModelCard:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}): re-export the model or restore the file") from None
     try:
-        return ModelCard.from_dict(data)
+        return ModelCard.read(data)
     except CardError as err:
         raise ValueError(f"{path}: {err}") from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Literal
 
 import lightning as L
 import torch
@@ -14,10 +15,12 @@ from torchmetrics import MaxMetric, MinMetric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from bincount.models.backbones import build_backbone
-from bincount.models.decoding import DECODE_RULES, TTA_MODES, decode_counts, with_tta
+from bincount.models.card import check_count_range, check_option
+from bincount.models.decoding import DecodeRule, TtaMode, decode_counts, with_tta
 from bincount.models.metrics import count_metrics
 
-LOSSES = ("ce", "soft_ce")
+Loss = Literal["ce", "soft_ce"]
+SchedulerInterval = Literal["epoch", "step"]
 
 
 def soft_count_targets(targets: torch.Tensor, num_classes: int, sigma: float) -> torch.Tensor:
@@ -84,8 +87,9 @@ class BinCountModule(L.LightningModule):
             ``total_steps`` (the trainer's estimate), as ``torch.optim.lr_scheduler.OneCycleLR`` needs.
 
     Raises:
-        ValueError: If ``loss``, ``decode``, ``tta`` or ``scheduler_interval`` is unknown, or
-            ``label_smoothing`` is set with ``loss="soft_ce"``.
+        ValueError: If the count range is not whole numbers ``0 <= min_count < max_count``,
+            ``loss``, ``decode``, ``tta`` or ``scheduler_interval`` is unknown, or
+            ``label_smoothing`` is set with ``loss="soft_ce"``; naming the config key.
     """
 
     def __init__(
@@ -96,23 +100,20 @@ class BinCountModule(L.LightningModule):
         weights: str | None = None,
         weights_path: str | None = None,
         label_smoothing: float = 0.0,
-        loss: str = "ce",
+        loss: Loss = "ce",
         label_sigma: float = 1.0,
-        decode: str = "argmax",
-        tta: str = "none",
+        decode: DecodeRule = "argmax",
+        tta: TtaMode = "none",
         channels_last: bool = True,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
-        scheduler_interval: str = "epoch",
+        scheduler_interval: SchedulerInterval = "epoch",
     ) -> None:
         super().__init__()
-        if not (isinstance(min_count, int) and isinstance(max_count, int) and 0 <= min_count < max_count):
-            raise ValueError(f"count range {min_count}..{max_count}: need whole numbers 0 <= min_count < max_count "
-                             "(data.min_count, data.max_count)")
-        for name, value, allowed in (("loss", loss, LOSSES), ("decode", decode, DECODE_RULES), ("tta", tta, TTA_MODES),
-                                     ("scheduler_interval", scheduler_interval, ("epoch", "step"))):
-            if value not in allowed:
-                raise ValueError(f"model.{name}={value!r}: must be one of {allowed}")
+        check_count_range(min_count, max_count, keys=" (data.min_count, data.max_count)")
+        for name, value, kind in (("loss", loss, Loss), ("decode", decode, DecodeRule), ("tta", tta, TtaMode),
+                                  ("scheduler_interval", scheduler_interval, SchedulerInterval)):
+            check_option(f"model.{name}", value, kind)
         if loss == "soft_ce" and label_smoothing > 0:
             raise ValueError("model.label_smoothing applies to loss=ce; soft_ce already spreads its labels "
                              "(set model.label_sigma instead)")

@@ -19,7 +19,7 @@ Usage:
     echo "/opt/ml/model/code/$(cd pkg/code && ls bincount-*.whl)[serve]" > pkg/code/requirements.txt
     tar -czf model.tar.gz -C pkg .
 
-    # locally (and in serve/Dockerfile), the same functions behind FastAPI
+    # locally (and in Dockerfile), the same functions behind FastAPI
     bincount serve --model-dir outputs/RUN/model --port 8080
 
 Requests: one JPEG or PNG photo, or a JSON body of photos (:mod:`bincount.serve.request`).

@@ -19,7 +19,7 @@ IMAGE_PACKAGES = {"torch", "torchvision"}
 # bincount's dependencies that `import bincount.serve.inference` loads (the test proves the list):
 # Pillow (decoding), pydantic (the JSON request schema; the image lacks it, so endpoints pip-install it)
 SERVING_PACKAGES = {"pillow", "pydantic"}
-INFERENCE_SHIM = '''"""SageMaker PyTorch serving entry (written by sagemaker_launch/export.py): bincount's handler."""
+INFERENCE_SHIM = '''"""SageMaker PyTorch serving entry (written by sagemaker_launch.model_archive): bincount's handler."""
 
 from bincount.serve.inference import model_fn, transform_fn  # noqa: F401
 '''

@@ -4,9 +4,9 @@ and CreateModel from a training job, a ``model.tar.gz``, a model package or a pa
 approved package.
 
 A ``model.tar.gz`` is what a training job's entry wrote to ``$SM_MODEL_DIR``
-(:mod:`sagemaker_launch.export`): ``model.pt``, ``model_config.json`` and ``code/`` with
+(:mod:`sagemaker_launch.model_archive`): ``model.pt``, ``model_config.json`` and ``code/`` with
 ``inference.py``, which the AWS PyTorch inference image's toolkit runs (``SAGEMAKER_PROGRAM``).
-A model package (:mod:`sagemaker_launch.registry`) carries its own images, model data and environment:
+A model package (:mod:`sagemaker_launch.model_packages`) carries its own images, model data and environment:
 one inference specification per serving image, each listing the instance types it serves on.
 
 Before a model is made from a training job or a ``model.tar.gz``, :func:`model_source` checks that the
@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from sagemaker_launch import registry
+from sagemaker_launch import model_packages
 
 log = logging.getLogger("sagemaker_launch")
 
@@ -175,8 +175,8 @@ def package_source(package: dict[str, Any], instance_type: str, use: str) -> Mod
     Args:
         package: DescribeModelPackage's answer.
         instance_type: The endpoint's or transform job's instance type.
-        use: :data:`sagemaker_launch.registry.REALTIME` (an endpoint) or
-            :data:`~sagemaker_launch.registry.TRANSFORM` (a transform job).
+        use: :data:`sagemaker_launch.model_packages.REALTIME` (an endpoint) or
+            :data:`~sagemaker_launch.model_packages.TRANSFORM` (a transform job).
 
     Raises:
         ValueError: No specification serves on ``instance_type``: the line names the types the package
@@ -195,7 +195,7 @@ def package_source(package: dict[str, Any], instance_type: str, use: str) -> Mod
             return ModelSource(container.get("ModelDataUrl", ""), container["Image"], arn, name)
     fix = f"or register the model again with instance_type={instance_type} (python -m sagemaker_launch.register)"
     if listed:
-        kind = "endpoints" if use == registry.REALTIME else "transform jobs"
+        kind = "endpoints" if use == model_packages.REALTIME else "transform jobs"
         raise ValueError(f"model package {arn} does not serve on {instance_type}: it lists {', '.join(listed)} for "
                          f"{kind}; give instance_type={listed[0]} (or another listed type), {fix}")
     image = package["InferenceSpecification"]["Containers"][0]["Image"]
@@ -204,13 +204,13 @@ def package_source(package: dict[str, Any], instance_type: str, use: str) -> Mod
 
 
 def model_source(cfg: DictConfig, session, sources: tuple[str, ...], *, dry_run: bool = False,
-                 use: str = registry.REALTIME) -> ModelSource:
+                 use: str = model_packages.REALTIME) -> ModelSource:
     """Resolve the one of ``sources`` that ``cfg`` sets (:func:`source_key`).
 
     ``job``: its ``model.tar.gz``, if the job completed (:func:`job_model_data`); ``model_data`` and
     ``job`` on the serving image, once :func:`check_model_archive` found the model and its card in the
     archive. ``model_package`` and ``package_group`` (the group's latest approved package,
-    :func:`sagemaker_launch.registry.latest_approved`): the package's inference specification for
+    :func:`sagemaker_launch.model_packages.latest_approved`): the package's inference specification for
     ``cfg.instance_type`` and ``use`` (:func:`package_source`). In a dry run nothing is asked, so a
     job's ``model.tar.gz`` and a group's package are placeholders and nothing is checked.
 
@@ -230,7 +230,7 @@ def model_source(cfg: DictConfig, session, sources: tuple[str, ...], *, dry_run:
         package = session.client("sagemaker").describe_model_package(ModelPackageName=value)
         return package_source(package, str(cfg.instance_type), use)
     if key == "package_group":
-        return package_source(registry.approved_package(session, value), str(cfg.instance_type), use)
+        return package_source(model_packages.approved_package(session, value), str(cfg.instance_type), use)
     if key == "job" and dry_run:
         log.warning("dry run: training job %s's model.tar.gz is not looked up; the request shows a placeholder", value)
         return ModelSource(f"s3://TRAINING-JOB-OUTPUT/{value}/output/model.tar.gz", inference_image(cfg))

@@ -6,7 +6,7 @@ A package serves on the instance types it lists, each on the image that fits it:
 ``AdditionalInferenceSpecifications`` one more per other image (named ``cpu`` or ``gpu``), each
 listing its instance types for endpoints (``SupportedRealtimeInferenceInstanceTypes``) and transform
 jobs (``SupportedTransformInstanceTypes``); a model made from the package names the specification for
-its instance type (``InferenceSpecificationName``: :func:`sagemaker_launch.models.package_source`).
+its instance type (``InferenceSpecificationName``: :func:`sagemaker_launch.serving_models.package_source`).
 
 A package's ``CustomerMetadataProperties`` carry the numbers the approval rule compares
 (:data:`METRIC_KEYS` and ``eval_set``, the evaluation set's identifier); its ``ModelCard`` carries
@@ -70,7 +70,7 @@ def latest_approved(sm, group: str) -> dict[str, Any] | None:
 
 def approved_package(session, group: str) -> dict[str, Any]:
     """DescribeModelPackage of the latest approved package of ``group``, for ``package_group=``
-    (:func:`sagemaker_launch.models.model_source`).
+    (:func:`sagemaker_launch.serving_models.model_source`).
 
     Raises:
         ValueError: If the group has no approved package.
@@ -100,7 +100,7 @@ def inference_specifications(sm, served: list[tuple[dict[str, Any], list[str]]])
         ValueError: An instance type SageMaker offers for neither.
     """
     from bincount.serve.request import CONTENT_TYPES, JSON
-    from sagemaker_launch.models import image_device
+    from sagemaker_launch.serving_models import image_device
 
     offered = {use: set(sm.meta.service_model.shape_for(shape).enum)
                for use, shape in ((REALTIME, "ProductionVariantInstanceType"), (TRANSFORM, "TransformInstanceType"))}

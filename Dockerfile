@@ -1,7 +1,7 @@
 # bincount as a bring-your-own SageMaker inference container: `bincount serve` on port 8080.
 #
 # Build from the repository root (the context needs pyproject.toml, README.md, src/ and conf/):
-#   docker build -f serve/Dockerfile -t bincount-serve .
+#   docker build -t bincount-serve .
 # Try it with a trained model:
 #   docker run --rm -p 8080:8080 -v "$PWD/outputs/RUN/model:/opt/ml/model:ro" bincount-serve
 #   curl -s localhost:8080/ping

@@ -4,7 +4,7 @@ Usage:
     bincount data fetch --list file_list.json --out data/abid
     bincount data fetch --ids 1-5000 --out data/abid --workers 32
     bincount data prepare --in data/abid --out s3://BUCKET/abid/v1 --resize 256
-    python -m bincount.data.cli fetch --ids 1-100 --out data/abid      # the same without the wrapper
+    python -m bincount.data.commands fetch --ids 1-100 --out data/abid      # the same without the wrapper
 
 Only argparse lives here; :mod:`bincount.data.fetch` and :mod:`bincount.data.prepare` are
 imported when their command runs, so ``bincount --help`` stays fast.
@@ -139,7 +139,7 @@ def _guarded(run):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bincount.data.cli fetch|prepare ...``; returns the exit code."""
+    """``python -m bincount.data.commands fetch|prepare ...``; returns the exit code."""
     parser = argparse.ArgumentParser(prog="bincount data", description="Fetch ABID from S3 and prepare shards.")
     commands = parser.add_subparsers(dest="data_command", metavar="{fetch,prepare}", required=True)
     _add_fetch(commands)
