@@ -32,7 +32,6 @@ sending nothing (nothing is looked up either: a job's model and a group's packag
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
@@ -45,7 +44,7 @@ from omegaconf import DictConfig
 
 from bincount.config import compose
 from sagemaker_launch import cost, serving_models
-from sagemaker_launch.payload import max_request_bytes, request_body, split_requests
+from sagemaker_launch.invoke import invoke_endpoint
 from sagemaker_launch.session import DryRun, RequestHook, console_url, describe_request, role_for
 
 log = logging.getLogger("sagemaker_launch")
@@ -224,52 +223,6 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
         endpoint.wait_for_status("InService")
     endpoint.refresh()
     return Deployment(name, model_data, image, str(endpoint.endpoint_status), resource, previous)
-
-
-def invoke_endpoint(cfg: DictConfig, photos: list[str]) -> dict[str, Any]:
-    """Ask endpoint ``cfg.endpoint`` for the count of every photo, in as few JSON requests as fit.
-
-    Each request is the handler's JSON form (:mod:`bincount.serve.inference`),
-    ``{"instances": [{"image_b64": ...} or {"s3_uri": ...}], "expected_quantity": [...]}``, of at
-    most :func:`sagemaker_launch.payload.max_request_bytes` bytes and ``cfg.max_photos_per_request`` photos (see
-    :func:`sagemaker_launch.payload.split_requests`); every photo is checked to fit before the first request is sent.
-
-    Args:
-        cfg: ``conf/deploy.yaml`` (``endpoint``, ``expected_quantity`` for every photo or null,
-            ``max_photos_per_request``).
-        photos: Local JPEG/PNG files, or ``s3://`` URIs the endpoint's role can read.
-
-    Returns:
-        ``{"predictions": [{"count": ..., ...}, ...]}``, one per photo in the photos' order.
-
-    Raises:
-        ValueError: No ``endpoint=``, no photo, or a photo too large for a request.
-        RuntimeError: If the endpoint answers a request with a different number of predictions.
-    """
-    from sagemaker.core.resources import Endpoint
-
-    if not cfg.endpoint or not photos:
-        raise ValueError("invoke needs endpoint=NAME and at least one photo")
-    groups = split_requests(photos, cfg.expected_quantity, max_bytes=max_request_bytes(),
-                            max_photos=int(cfg.max_photos_per_request))
-    if len(groups) > 1:
-        log.info("%d photos in %d requests (InvokeEndpoint takes at most %d bytes, the handler %d photos)",
-                 len(photos), len(groups), max_request_bytes(), cfg.max_photos_per_request)
-    session = serving_models.boto_session(cfg)
-    endpoint = Endpoint.get(endpoint_name=cfg.endpoint, session=session, region=cfg.region)
-    predictions = []
-    for group in groups:
-        out = endpoint.invoke(body=request_body(group, cfg.expected_quantity), content_type="application/json",
-                              accept="application/json", session=session, region=cfg.region)
-        answer = json.loads(out.body.read() if hasattr(out.body, "read") else out.body)
-        got = answer.get("predictions", [])
-        if len(got) != len(group):
-            raise RuntimeError(f"endpoint {cfg.endpoint} answered {len(got)} predictions for {len(group)} photos")
-        for photo, prediction in zip(group, got):
-            verdict = f" ({prediction['verdict']})" if prediction.get("verdict") else ""
-            print(f"{photo}: count {prediction.get('count')}{verdict}  {json.dumps(prediction)}")
-        predictions.extend(got)
-    return {"predictions": predictions}
 
 
 def delete_endpoint(cfg: DictConfig) -> list[str]:

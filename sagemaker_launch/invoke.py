@@ -1,4 +1,4 @@
-"""The JSON bodies ``python -m sagemaker_launch.deploy invoke`` sends to an endpoint, split to fit InvokeEndpoint.
+"""``python -m sagemaker_launch.deploy invoke``: ask an endpoint for counts, in JSON bodies split to fit InvokeEndpoint.
 
 A body is the handler's JSON form (:mod:`bincount.serve.inference`),
 ``{"instances": [{"image_b64": ...} or {"s3_uri": ...}], "expected_quantity": [...]}``;
@@ -11,7 +11,15 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import logging
 from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from sagemaker_launch import serving_models
+
+log = logging.getLogger("sagemaker_launch")
 
 # the JSON request, {"instances": [...], "expected_quantity": [...]}, assembled from encoded
 # pieces so that its size is known exactly before it is built (json.dumps' separators)
@@ -85,3 +93,49 @@ def split_requests(photos: list[str], expected_quantity: int | None = None, *, m
     if group:
         groups.append(group)
     return groups
+
+
+def invoke_endpoint(cfg: DictConfig, photos: list[str]) -> dict[str, Any]:
+    """Ask endpoint ``cfg.endpoint`` for the count of every photo, in as few JSON requests as fit.
+
+    Each request is the handler's JSON form (:mod:`bincount.serve.inference`),
+    ``{"instances": [{"image_b64": ...} or {"s3_uri": ...}], "expected_quantity": [...]}``, of at
+    most :func:`max_request_bytes` bytes and ``cfg.max_photos_per_request`` photos (see
+    :func:`split_requests`); every photo is checked to fit before the first request is sent.
+
+    Args:
+        cfg: ``conf/deploy.yaml`` (``endpoint``, ``expected_quantity`` for every photo or null,
+            ``max_photos_per_request``).
+        photos: Local JPEG/PNG files, or ``s3://`` URIs the endpoint's role can read.
+
+    Returns:
+        ``{"predictions": [{"count": ..., ...}, ...]}``, one per photo in the photos' order.
+
+    Raises:
+        ValueError: No ``endpoint=``, no photo, or a photo too large for a request.
+        RuntimeError: If the endpoint answers a request with a different number of predictions.
+    """
+    from sagemaker.core.resources import Endpoint
+
+    if not cfg.endpoint or not photos:
+        raise ValueError("invoke needs endpoint=NAME and at least one photo")
+    groups = split_requests(photos, cfg.expected_quantity, max_bytes=max_request_bytes(),
+                            max_photos=int(cfg.max_photos_per_request))
+    if len(groups) > 1:
+        log.info("%d photos in %d requests (InvokeEndpoint takes at most %d bytes, the handler %d photos)",
+                 len(photos), len(groups), max_request_bytes(), cfg.max_photos_per_request)
+    session = serving_models.boto_session(cfg)
+    endpoint = Endpoint.get(endpoint_name=cfg.endpoint, session=session, region=cfg.region)
+    predictions = []
+    for group in groups:
+        out = endpoint.invoke(body=request_body(group, cfg.expected_quantity), content_type="application/json",
+                              accept="application/json", session=session, region=cfg.region)
+        answer = json.loads(out.body.read() if hasattr(out.body, "read") else out.body)
+        got = answer.get("predictions", [])
+        if len(got) != len(group):
+            raise RuntimeError(f"endpoint {cfg.endpoint} answered {len(got)} predictions for {len(group)} photos")
+        for photo, prediction in zip(group, got):
+            verdict = f" ({prediction['verdict']})" if prediction.get("verdict") else ""
+            print(f"{photo}: count {prediction.get('count')}{verdict}  {json.dumps(prediction)}")
+        predictions.extend(got)
+    return {"predictions": predictions}

@@ -18,7 +18,7 @@ from bincount.config import compose
 from bincount.models.backbones import build_backbone
 from bincount.models.card import EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
-from sagemaker_launch import deploy, payload, serving_models
+from sagemaker_launch import deploy, invoke, serving_models
 from sagemaker_launch.model_archive import export_model
 from tests.fakes import write_bin_photo
 from tests.moto_server import BUCKET, ROLE, aws, moto_server, with_moto_fixes  # noqa: F401  (fixtures)
@@ -60,7 +60,7 @@ def test_model_tar_gz_serves_with_its_own_code(model_tar_gz, tmp_path):
             "code/bincount/serve/inference.py"} <= set(names)
     photo = tmp_path / "bin.jpg"
     write_bin_photo(photo, 3)
-    body = payload.request_body([str(photo)], expected_quantity=3)  # what `deploy invoke` sends
+    body = invoke.request_body([str(photo)], expected_quantity=3)  # what `deploy invoke` sends
     run = subprocess.run([sys.executable, "-c", SERVE, str(tmp_path / "model"), body], capture_output=True,
                          text=True, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -185,7 +185,7 @@ def test_invoke_splits_photos_into_requests_under_invoke_endpoints_limit(aws, de
     got = deploy.main(["invoke", "endpoint=bincount-test", *map(str, photos)])
     bodies = invocations(aws)
     assert [len(json.loads(b)["instances"]) for b in bodies] == split
-    assert max(len(b) for b in bodies) <= payload.max_request_bytes() == 6 * 2**20
+    assert max(len(b) for b in bodies) <= invoke.max_request_bytes() == 6 * 2**20
     assert all(len(b) + 4 + 21 + 4 * -(-(200_000 + 1000 * (start + n)) // 3) > 6 * 2**20  # the next photo didn't fit
                for b, start, n in zip(bodies[:-1], starts, split))
     sent = [i["image_b64"] for b in bodies for i in json.loads(b)["instances"]]
@@ -200,23 +200,23 @@ def test_split_requests_fills_each_request_to_exactly_the_limit(tmp_path):
         return str(tmp_path / name)
 
     photos = [photo(f"{i}.jpg", 300) for i in range(5)]
-    two = len(payload.request_body(photos[:2], 3))
+    two = len(invoke.request_body(photos[:2], 3))
     assert two == len(json.dumps({"instances": [{"image_b64": "x" * 400}] * 2, "expected_quantity": [3, 3]}))
     for limit, sizes in ((two, [2, 2, 1]), (two - 1, [1, 1, 1, 1, 1]), (10**6, [5])):
-        groups = payload.split_requests(photos, 3, max_bytes=limit, max_photos=64)
+        groups = invoke.split_requests(photos, 3, max_bytes=limit, max_photos=64)
         assert [len(g) for g in groups] == sizes and sum(groups, []) == photos
-        assert all(len(payload.request_body(g, 3)) <= limit for g in groups)
-    assert [len(g) for g in payload.split_requests(photos, None, max_bytes=10**6, max_photos=2)] == [2, 2, 1]
+        assert all(len(invoke.request_body(g, 3)) <= limit for g in groups)
+    assert [len(g) for g in invoke.split_requests(photos, None, max_bytes=10**6, max_photos=2)] == [2, 2, 1]
     s3 = ["s3://b/1.jpg", "s3://b/2.jpg"]
-    assert payload.split_requests(s3 + photos[:1], None, max_bytes=10**6, max_photos=64) == [s3 + photos[:1]]
+    assert invoke.split_requests(s3 + photos[:1], None, max_bytes=10**6, max_photos=64) == [s3 + photos[:1]]
 
-    alone = len(payload.request_body(photos[:1]))
-    assert payload.split_requests(photos[:1], None, max_bytes=alone, max_photos=1) == [photos[:1]]
+    alone = len(invoke.request_body(photos[:1]))
+    assert invoke.split_requests(photos[:1], None, max_bytes=alone, max_photos=1) == [photos[:1]]
     with pytest.raises(ValueError, match=rf"0.jpg: its request alone is {alone} bytes .* over the limit of "
                                          rf"{alone - 1} bytes; upload it to S3"):
-        payload.split_requests(photos, None, max_bytes=alone - 1, max_photos=64)
+        invoke.split_requests(photos, None, max_bytes=alone - 1, max_photos=64)
     with pytest.raises(ValueError, match="max_photos=0"):
-        payload.split_requests(photos, None, max_bytes=10**6, max_photos=0)
+        invoke.split_requests(photos, None, max_bytes=10**6, max_photos=0)
 
 
 def test_request_limits_agree_with_the_handler_and_the_server():
@@ -226,7 +226,7 @@ def test_request_limits_agree_with_the_handler_and_the_server():
     from bincount.serve.images import Limits
 
     assert compose("deploy", []).max_photos_per_request == Limits().max_instances
-    assert payload.max_request_bytes() <= inspect.signature(create_app).parameters["max_body_bytes"].default
+    assert invoke.max_request_bytes() <= inspect.signature(create_app).parameters["max_body_bytes"].default
 
 
 def test_model_and_config_names_keep_the_whole_endpoint_name():
@@ -244,11 +244,11 @@ def test_model_and_config_names_keep_the_whole_endpoint_name():
 def test_split_requests_of_the_largest_abid_photos():
     largest = sorted(ABID_IMAGES.glob("*.jpg"), key=lambda p: p.stat().st_size)[-64:]
     photos = [str(p) for p in largest]
-    groups = payload.split_requests(photos, 3, max_bytes=payload.max_request_bytes(), max_photos=64)
+    groups = invoke.split_requests(photos, 3, max_bytes=invoke.max_request_bytes(), max_photos=64)
     assert len(groups) >= 3 and sum(groups, []) == photos
-    assert all(len(payload.request_body(g, 3)) <= payload.max_request_bytes() for g in groups)
+    assert all(len(invoke.request_body(g, 3)) <= invoke.max_request_bytes() for g in groups)
     # no two consecutive requests could have been one
-    assert all(len(payload.request_body(a + b[:1], 3)) > payload.max_request_bytes() for a, b in zip(groups, groups[1:]))
+    assert all(len(invoke.request_body(a + b[:1], 3)) > invoke.max_request_bytes() for a, b in zip(groups, groups[1:]))
 
 
 def test_deploy_arguments_fail_early(aws, tmp_path):

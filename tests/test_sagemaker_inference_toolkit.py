@@ -13,7 +13,7 @@ from packaging.requirements import Requirement
 from bincount.models.backbones import build_backbone
 from bincount.models.card import EvalPreset, ModelCard
 from bincount.models.export import save_model_dir
-from sagemaker_launch import payload
+from sagemaker_launch import invoke
 from tests.fakes import reference_probs, write_bin_photo
 from tests.inference_toolkit import serve, unpacked_model_tar_gz
 
@@ -36,7 +36,7 @@ def test_the_toolkit_answers_counts_and_the_handlers_status_codes(model_dir, tmp
         ({"Content-Type": "image/jpeg", "Accept": "application/json",
           "X-Amzn-SageMaker-Custom-Attributes": "expected_quantity=3"}, jpeg),
         ({"Content-Type": "application/json"},  # no Accept: the toolkit's default, JSON
-         payload.request_body([str(photo), str(other)], 2).encode()),
+         invoke.request_body([str(photo), str(other)], 2).encode()),
         ({"Content-Type": "text/csv", "Accept": "application/json"}, b"1,2,3\n"),
         ({"Content-Type": "image/jpeg", "Accept": "application/json"}, jpeg[:-100]),
         ({"Content-Type": "image/jpeg", "Accept": "text/csv"}, jpeg),

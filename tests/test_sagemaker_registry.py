@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sagemaker_launch import deploy, register, serving_models, transform
+from sagemaker_launch import deploy, register, run_report, serving_models, transform
 from tests.fakes import model_archive, write_run_report
 from tests.moto_server import BUCKET, ROLE, aws, moto_server, with_moto_fixes  # noqa: F401  (fixtures)
 
@@ -232,7 +232,7 @@ def test_the_evaluation_set_is_the_photos_and_their_counts_in_any_order(tmp_path
     for name, (i, t) in {"a": (ids, target), "shuffled": ([ids[k] for k in order], target[order]),
                          "relabelled": (ids, torch.tensor([0, 2, 2]))}.items():
         write_predictions_csv(tmp_path / f"{name}.csv", i, t, probs, min_count=1)
-    a, shuffled, relabelled = (register.eval_set_id(tmp_path / f"{n}.csv") for n in ("a", "shuffled", "relabelled"))
+    a, shuffled, relabelled = (run_report.eval_set_id(tmp_path / f"{n}.csv") for n in ("a", "shuffled", "relabelled"))
     assert a == shuffled != relabelled
     assert a == "sha256:" + hashlib.sha256(b"00001,3\n00002,2\n00003,1").hexdigest()
 

@@ -134,7 +134,7 @@ def calibrate(logits: torch.Tensor, targets: torch.Tensor, *, target_precision: 
 
     Args:
         logits: ``(N, C)`` the trained model's logits of every validation photo (all ranks'
-            shares gathered: :func:`bincount.models.module.gather_by_index`).
+            shares gathered: :func:`bincount.models.metrics.gather_by_index`).
         targets: ``(N,)`` their class indices.
         target_precision: Wanted precision of "match" verdicts.
         min_support: Fewest validation photos the threshold must answer (see :func:`choose_review_threshold`).

@@ -1,10 +1,12 @@
-"""Counting metrics, built from torchmetrics so they are correct under DDP."""
+"""Counting metrics, built from torchmetrics so they are correct under DDP, and the per-photo
+predictions every rank gathers for the reports and the calibration."""
 
 from __future__ import annotations
 
 import torch
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 
 class OffByOneAccuracy(MeanMetric):
@@ -42,3 +44,28 @@ def per_class_metrics(num_classes: int, **metric_kwargs) -> dict[str, Metric]:
         "per_class_acc": MulticlassAccuracy(num_classes=num_classes, average=None, **metric_kwargs),
         "confusion_matrix": MulticlassConfusionMatrix(num_classes=num_classes, **metric_kwargs),
     }
+
+
+def gather_by_index(strategy, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank's per-photo rows, on every rank, in dataset order, each photo once.
+
+    Under DDP each rank holds its share of a split (DistributedSampler, or litdata's sharding),
+    possibly padded with repeated photos: keeping the first row of each ``index`` gives each photo
+    exactly once.
+    A collective call: every rank must make it.
+
+    Args:
+        strategy: The Trainer's strategy (``trainer.strategy``); one process needs no gathering.
+        local: ``index`` ``(N,)`` dataset indices, and other per-photo tensors with ``N`` rows;
+            ``N`` may differ between ranks (a photo that failed to decode is missing).
+
+    Returns:
+        The same keys with the rows of every rank, on the CPU, sorted by ``index``.
+    """
+    if strategy.world_size > 1:  # torchmetrics pads the uneven shares to gather them, then trims them
+        local = {k: torch.cat(gather_all_tensors(v.to(strategy.root_device).contiguous())) for k, v in local.items()}
+    order = torch.argsort(local["index"], stable=True)
+    local = {k: v[order].cpu() for k, v in local.items()}
+    keep = torch.ones_like(local["index"], dtype=torch.bool)
+    keep[1:] = local["index"][1:] != local["index"][:-1]
+    return {k: v[keep] for k, v in local.items()}

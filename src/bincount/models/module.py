@@ -12,12 +12,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.nn import functional as F
 from torchmetrics import MaxMetric, MinMetric
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 from bincount.models.backbones import build_backbone
 from bincount.models.card import check_count_range, check_option
 from bincount.models.decoding import DecodeRule, TtaMode, decode_counts, with_tta
-from bincount.models.metrics import count_metrics
+from bincount.models.metrics import count_metrics, gather_by_index
 
 Loss = Literal["ce", "soft_ce"]
 SchedulerInterval = Literal["epoch", "step"]
@@ -33,31 +32,6 @@ def soft_count_targets(targets: torch.Tensor, num_classes: int, sigma: float) ->
     k = torch.arange(num_classes, device=targets.device, dtype=torch.float32)
     logits = -((k[None, :] - targets[:, None].float()) ** 2) / (2 * sigma**2)
     return logits.softmax(dim=1)
-
-
-def gather_by_index(strategy, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every rank's per-photo rows, on every rank, in dataset order, each photo once.
-
-    Under DDP each rank holds its share of a split (DistributedSampler, or litdata's sharding),
-    possibly padded with repeated photos: keeping the first row of each ``index`` gives each photo
-    exactly once.
-    A collective call: every rank must make it.
-
-    Args:
-        strategy: The Trainer's strategy (``trainer.strategy``); one process needs no gathering.
-        local: ``index`` ``(N,)`` dataset indices, and other per-photo tensors with ``N`` rows;
-            ``N`` may differ between ranks (a photo that failed to decode is missing).
-
-    Returns:
-        The same keys with the rows of every rank, on the CPU, sorted by ``index``.
-    """
-    if strategy.world_size > 1:  # torchmetrics pads the uneven shares to gather them, then trims them
-        local = {k: torch.cat(gather_all_tensors(v.to(strategy.root_device).contiguous())) for k, v in local.items()}
-    order = torch.argsort(local["index"], stable=True)
-    local = {k: v[order].cpu() for k, v in local.items()}
-    keep = torch.ones_like(local["index"], dtype=torch.bool)
-    keep[1:] = local["index"][1:] != local["index"][:-1]
-    return {k: v[keep] for k, v in local.items()}
 
 
 class BinCountModule(L.LightningModule):
