@@ -2,8 +2,8 @@
 
 Usage:
     # what a job runs (ModelTrainer's driver; torchrun on several GPUs or instances):
-    python sagemaker_launch/entry.py --_add__experiment 0=quickstart --trainer__max_epochs 1=20
-    torchrun --nnodes=1 --nproc_per_node=2 sagemaker_launch/entry.py --_add__experiment 0=quickstart
+    python sagemaker_launch/entry.py --overrides "+experiment=quickstart trainer.max_epochs=20"
+    torchrun --nnodes=1 --nproc_per_node=2 sagemaker_launch/entry.py --overrides +experiment=quickstart
     # without arguments: the hyperparameters of $SM_HPS or $SM_INPUT_CONFIG_DIR/hyperparameters.json
     python sagemaker_launch/entry.py
 

@@ -143,7 +143,7 @@ class TrainingJobPlan:
 
     Attributes:
         overrides: Hydra overrides the container composes ``conf/train.yaml`` with.
-        hyperparameters: ``overrides`` encoded for SageMaker (``__`` for ``.``).
+        hyperparameters: ``overrides`` encoded for SageMaker (``{"overrides": ...}``).
         processes: Processes per instance (torchrun when ``processes * instance_count > 1``).
         image_uri: The training image.
         environment: Container environment.
@@ -188,7 +188,7 @@ def plan_training_job(cfg: DictConfig, overrides: list[str]) -> TrainingJobPlan:
     """Check ``cfg`` (composed from ``overrides``) and decide the job.
 
     Raises:
-        ValueError: See :func:`check_config` and :func:`sagemaker_launch.hyperparameters.encode_override`.
+        ValueError: See :func:`check_config` and :func:`sagemaker_launch.hyperparameters.encode_overrides`.
         KeyError: An instance type the price table doesn't know, without ``processes_per_instance``.
     """
     check_config(cfg, overrides)

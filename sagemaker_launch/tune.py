@@ -16,9 +16,10 @@ objective (read by regex from the ``[bincount] validation`` log lines, Bayesian 
 Tuning jobs bypass ModelTrainer's drivers: the PyTorch image's training toolkit runs
 ``sagemaker_program`` from ``sagemaker_submit_directory``. It drops the Torchrun config, so a
 multi-process trial gets ``sagemaker_torch_distributed_enabled=true`` (torchrun over all GPUs of
-every instance). Tuned values reach the entry as SageMaker sends them (plain numbers); categorical
-values and the static hyperparameters are encoded like a training job's
-(:func:`sagemaker_launch.hyperparameters.encode_value`), so they reach Hydra as typed.
+every instance). Every trial gets the training job's ``overrides`` hyperparameter but the tuned
+keys' (:func:`static_hyperparameters`), and one hyperparameter per tuned key
+(:mod:`sagemaker_launch.hyperparameters`): a plain number, or a categorical value escaped like
+``overrides`` (:func:`sagemaker_launch.hyperparameters.categorical_value`), so it reaches Hydra as typed.
 
 With spot, the trials share one explicit checkpoint URI: a tuning job takes one
 ``CheckpointConfig`` for all its trials, and SageMaker copies everything under that URI into each
@@ -39,7 +40,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from bincount.config import compose
-from sagemaker_launch.hyperparameters import MAX_CATEGORICAL_CHARS, encode_override, encode_value, parse_value
+from sagemaker_launch.hyperparameters import (MAX_CATEGORICAL_CHARS, SEP, categorical_value, encode_overrides,
+                                              tuned_name)
 from sagemaker_launch.launch import Submission, channels, make_model_trainer, parse_argv
 from sagemaker_launch.plan import cost_text, metric_definitions, plan_training_job, precision_text
 from sagemaker_launch.session import DryRun, console_url, describe_request, make_session, role_for
@@ -49,6 +51,17 @@ log = logging.getLogger("sagemaker_launch")
 
 # SageMaker's limit on a tuning job's name
 TUNING_NAME_MAX = 32
+
+
+def parse_value(value: str):
+    """What Hydra reads from the override ``key=<value>`` (its ``Override.value()``).
+
+    Raises:
+        hydra.errors.HydraException: If ``value`` is not Hydra's override syntax.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(f"key={value}").value()
 
 
 def hydra_text(value: Any) -> str:
@@ -91,12 +104,12 @@ def hydra_text(value: Any) -> str:
 
 
 def categorical_values(values: list[Any]) -> list[str]:
-    """A sweep's values as a ``CategoricalParameter``'s, encoded like static hyperparameters.
+    """A sweep's values as a ``CategoricalParameter``'s (:func:`sagemaker_launch.hyperparameters.categorical_value`).
 
     Raises:
         ValueError: If an encoded value exceeds SageMaker's 256 characters.
     """
-    out = [encode_value(hydra_text(v)) for v in values]
+    out = [categorical_value(hydra_text(v)) for v in values]
     for value in out:
         if len(value) > MAX_CATEGORICAL_CHARS:
             raise ValueError(f"categorical value {value[:40]!r}... is {len(value)} characters once encoded; "
@@ -140,7 +153,8 @@ def parameter_range(spec: str):
 
 
 def search_space(cfg: DictConfig) -> dict[str, Any]:
-    """``hydra.sweeper.params`` as SageMaker ranges keyed by encoded hyperparameter name.
+    """``hydra.sweeper.params`` as SageMaker ranges keyed by hyperparameter name
+    (:func:`sagemaker_launch.hyperparameters.tuned_name`).
 
     Raises:
         ValueError: If the config has no search space (pick one: ``hparams_search=...``).
@@ -148,7 +162,18 @@ def search_space(cfg: DictConfig) -> dict[str, Any]:
     params = (cfg.hydra.sweeper.get("params") or {}) if "sweeper" in cfg.hydra else {}
     if not params:
         raise ValueError("no search space: add hparams_search=<name> (conf/hparams_search/*.yaml)")
-    return {encode_override(f"{key}=x")[0]: parameter_range(str(spec)) for key, spec in params.items()}
+    return {tuned_name(str(key)): parameter_range(str(spec)) for key, spec in params.items()}
+
+
+def static_hyperparameters(overrides: list[str], ranges: dict[str, Any]) -> dict[str, str]:
+    """The hyperparameters every trial gets: ``overrides`` but those that set a tuned key (``key=...``),
+    which SageMaker sets per trial under the names of ``ranges`` (:func:`search_space`).
+
+    Raises:
+        ValueError: See :func:`sagemaker_launch.hyperparameters.encode_overrides`.
+    """
+    tuned = {name.replace(SEP, ".") for name in ranges}
+    return encode_overrides([o for o in overrides if o.partition("=")[0] not in tuned])
 
 
 def tuning_job_name(base: str) -> str:
@@ -175,8 +200,7 @@ def submit_tuning_job(cfg: DictConfig, overrides: list[str], *, dry_run: bool = 
     sm = cfg.sagemaker
     ranges = search_space(cfg)
     plan = plan_training_job(cfg, overrides)
-    for name in ranges:  # the tuner sets these per trial
-        plan.hyperparameters.pop(name, None)
+    plan.hyperparameters = static_hyperparameters(plan.overrides, ranges)
     if plan.distributed:
         plan.hyperparameters["sagemaker_torch_distributed_enabled"] = "true"
     direction = str(cfg.hydra.sweeper.get("direction", "minimize"))  # the Optuna sweeper's default

@@ -34,8 +34,8 @@ from packaging.utils import canonicalize_name
 from bincount.config import compose
 from sagemaker_launch.entry import ContainerEnv, drop_trial_checkpoints
 from sagemaker_launch.model_archive import serving_requirements
-from sagemaker_launch.hyperparameters import (decode_hyperparameters, encode_override, encode_overrides,
-                                              is_tuning_trial, parse_argv)
+from sagemaker_launch.hyperparameters import (decode_hyperparameters, encode_overrides, is_tuning_trial, parse_argv,
+                                              tuned_name)
 from sagemaker_launch.plan import plan_training_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,7 +190,7 @@ def test_training_job_drivers_deliver_every_override(job, tmp_path):
 def test_training_toolkit_delivers_every_override(job, tmp_path):
     overrides = JOBS[job]
     got = run_training_toolkit({**encode_overrides(overrides), "_tuning_objective_metric": "val/acc_best"}, tmp_path)
-    assert got["argv"][::2] == sorted(got["argv"][::2])  # the toolkit sorts by name: the positions restore the order
+    assert got["argv"][::2] == sorted(got["argv"][::2])  # the toolkit sorts by name: one value keeps the order
     assert_delivered(got["overrides"], overrides)
 
 
@@ -198,17 +198,15 @@ def test_tuning_trial_gets_static_categorical_and_tuned_values(tmp_path):
     from sagemaker_launch import tune
 
     static = ["+experiment=quickstart", "data.label_list=null", "model.optimizer.lr=0.005", "test=false"]
-    hps = encode_overrides(static)
     ema_999 = EMA.replace("0.995", "0.999")
-    ranges = {encode_override(f"{key}=x")[0]: tune.parameter_range(spec) for key, spec in (
+    ranges = {tuned_name(key): tune.parameter_range(spec) for key, spec in (
         ("model.optimizer.lr", "tag(log, interval(0.0002, 0.01))"),
         ("callbacks.ema", f"choice({EMA}, {ema_999})"),
         ("data.label_list", "choice('my list.txt', \"it's.txt\")"),
         ("data.batch_size", "choice(16, 32)"))}
-    for name in ranges:  # as tune.submit_tuning_job: the tuner sets these per trial
-        hps.pop(name, None)
-    assert ranges["callbacks__ema"].values == [f"={EMA}", f"={ema_999}"]
-    assert ranges["data__label_list"].values == ["=my list.txt", '%="it%27s.txt"']
+    hps = tune.static_hyperparameters(static, ranges)  # as tune.submit_tuning_job: the tuner sets these per trial
+    assert ranges["callbacks__ema"].values == [f"={EMA}".replace(" ", "%20"), f"={ema_999}".replace(" ", "%20")]
+    assert ranges["data__label_list"].values == ["=my%20list.txt", '="it%27s.txt"']
     # one trial as SageMaker starts it: tuned values as plain numbers, categorical ones as listed
     trial = {**hps, "model__optimizer__lr": "0.0012345678901234", "callbacks__ema": ranges["callbacks__ema"].values[1],
              "data__label_list": ranges["data__label_list"].values[1], "data__batch_size": "=32",
@@ -223,41 +221,35 @@ def test_tuning_trial_gets_static_categorical_and_tuned_values(tmp_path):
 
 def test_order_is_explicit():
     ordered = JOBS["ordered"]
-    hps = encode_overrides(ordered)
-    # Hydra applies overrides in order: the toolkit's order (by name) deletes the new lr_monitor,
-    # and the EMA's decay before the EMA doesn't compose
-    assert "lr_monitor" not in compose("train", [o for _, o in sorted(zip(hps, ordered))]).callbacks
+    # Hydra applies overrides in order: the toolkit's order (by name, were each its own hyperparameter)
+    # deletes the new lr_monitor, and the EMA's decay before the EMA doesn't compose
+    assert "lr_monitor" not in compose("train", [ordered[3], ordered[2], ordered[0], ordered[1]]).callbacks
     assert compose("train", ordered).callbacks.lr_monitor.logging_interval == "step"
     with pytest.raises(ConfigCompositionException):
         compose("train", [ordered[1], ordered[0]])
-    assert decode_hyperparameters(dict(sorted(hps.items()))) == ordered
-    # tuned values (no position) come after the job's own overrides
-    assert decode_hyperparameters({"b": 0.5, "a": "=1", **hps}) == [*ordered, "a=1", "b=0.5"]
+    # tuned values come after the job's own overrides, by name
+    assert decode_hyperparameters({"b": 0.5, "a": "=1", **encode_overrides(ordered)}) == [*ordered, "a=1", "b=0.5"]
 
 
 def test_values_that_would_break_the_env_file_are_sent_without_a_quote():
-    hps = encode_overrides([o for job in JOBS.values() for o in job if o.startswith("+data.")])
-    assert not any("'" in value or not value.isprintable() for value in hps.values())
-    assert hps["_add__data__code"] == '0="007"'  # rewritten to double quotes: Hydra reads it the same
-    assert hps["_add__data__apostrophe"] == "2%=%27it\\%27s 100%25%27"  # can't be: percent-escaped
+    [value] = encode_overrides([o for job in JOBS.values() for o in job]).values()
+    assert "'" not in value and value.isprintable() and value.isascii()
+    assert encode_overrides(["+data.code='007'", "+data.apostrophe='it\\'s 100%'"]) == {
+        "overrides": "+data.code=%27007%27 +data.apostrophe=%27it\\%27s%20100%25%27"}
 
 
-@pytest.mark.parametrize(("bad", "match"), [
-    ("hydra/launcher=sagemaker", "can't be a SageMaker hyperparameter name"),
-    ("model@x=1", "can't be a SageMaker hyperparameter name"),
-    ("a_.b=1", "would come back as 'a._b'"),
-    ("data.label_list=" + "x" * 2500, "at most 2500"),
-    ("+" + "a" * 260 + "=1", "at most 256"),
+@pytest.mark.parametrize(("encode", "bad", "match"), [
+    (tuned_name, "hydra/launcher", "can't be a SageMaker hyperparameter name"),
+    (tuned_name, "model@x", "can't be a SageMaker hyperparameter name"),
+    (tuned_name, "overrides", "can't be a SageMaker hyperparameter name"),
+    (tuned_name, "a_.b", "would come back as 'a._b'"),
+    (tuned_name, "a" * 257, "at most 256"),
+    (encode_overrides, ["data.label_list=" + "x" * 2500], "at most 2500"),
 ])
-def test_overrides_sagemaker_cant_carry_are_refused_before_anything_is_sent(bad, match):
+def test_what_sagemaker_cant_carry_is_refused_before_anything_is_sent(encode, bad, match):
     with pytest.raises(ValueError, match=match) as err:
-        encode_overrides([bad])
+        encode(bad)
     assert str(err.value).count("\n") == 0
-
-
-def test_the_same_key_twice_is_refused():
-    with pytest.raises(ValueError, match="sets data__root a second time"):
-        encode_overrides(["data.root=x", "data.root=y"])
 
 
 def test_one_letter_names_from_the_toolkit():

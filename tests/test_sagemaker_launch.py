@@ -320,7 +320,7 @@ def test_search_space_translation():
         "tag(int, interval(1, 8))", "choice(32, 64)", "range(1, 5)", "range(0.1, 0.4, 0.1)", "tag(log, interval(1e-4, 1e-2))"))}
     assert type(space["tag(int, interval(1, 8))"]).__name__ == "IntegerParameter"
     assert space["tag(int, interval(1, 8))"].min_value == 1
-    assert space["choice(32, 64)"].values == ["=32", "=64"]  # encoded like static values (encode_value)
+    assert space["choice(32, 64)"].values == ["=32", "=64"]  # escaped like the static overrides (categorical_value)
     assert type(space["range(1, 5)"]).__name__ == "IntegerParameter" and space["range(1, 5)"].max_value == 4
     assert type(space["range(0.1, 0.4, 0.1)"]).__name__ == "CategoricalParameter"
     assert space["tag(log, interval(1e-4, 1e-2))"].scaling_type == "Logarithmic"
