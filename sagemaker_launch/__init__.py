@@ -12,10 +12,10 @@ Their parts: ``plan`` (the job's decisions from the config, nothing sent), ``hyp
 recorded in dry runs), ``source`` (the wheel and scripts a job runs), ``model_archive`` (``model.tar.gz``
 for the PyTorch serving image), ``serving_models`` (the serving image, and CreateModel from a job, a
 ``model.tar.gz`` or a model package, for deploy and transform), ``model_packages`` (model package groups,
-packages, approval, the latest approved package), ``run_report`` (a run's held-out evaluation, for
-``register``), ``invoke`` (asking an endpoint for counts in bodies that fit its
-limit). On the container side, ``container_init.sh`` is PID 1 and ``entry`` decodes the
-hyperparameters and runs ``train(cfg)``.
+packages, approval, the latest approved package), ``run_report`` (a run's held-out evaluation,
+for ``register``), ``invoke`` (asking an endpoint for counts in bodies that fit its limit). On
+the container side, ``container_init.sh`` is PID 1, ``container`` reads the job's folders and
+ranks, and ``entry`` decodes the hyperparameters and runs ``train(cfg)``.
 """
 
 from __future__ import annotations

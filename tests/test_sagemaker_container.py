@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sagemaker_launch import launch
-from sagemaker_launch.entry import newest_checkpoint
+from sagemaker_launch.container import newest_checkpoint
 from tests.fakes import FAST, free_port
 from tests.fakes import make_fake_abid
 from tests.moto_server import aws, moto_server  # noqa: F401  (fixtures)

@@ -16,7 +16,8 @@ import sagemaker_launch.model_archive
 from bincount.config import compose
 from bincount.train import StoppedRun
 from sagemaker_launch import entry
-from sagemaker_launch.entry import ContainerEnv, container_overrides, distributed_overrides, newest_checkpoint
+from sagemaker_launch.container import ContainerEnv, newest_checkpoint
+from sagemaker_launch.entry import container_overrides, distributed_overrides
 from sagemaker_launch.hyperparameters import decode_hyperparameters, encode_overrides, parse_argv, read_hyperparameters
 from tests.fakes import FAST
 

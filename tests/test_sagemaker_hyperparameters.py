@@ -32,7 +32,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from bincount.config import compose
-from sagemaker_launch.entry import ContainerEnv, drop_trial_checkpoints
+from sagemaker_launch.container import ContainerEnv
+from sagemaker_launch.entry import drop_trial_checkpoints
 from sagemaker_launch.model_archive import serving_requirements
 from sagemaker_launch.hyperparameters import (decode_hyperparameters, encode_overrides, is_tuning_trial, parse_argv,
                                               tuned_name)
