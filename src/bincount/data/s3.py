@@ -210,6 +210,26 @@ def check_bucket(uri: str, *, endpoint_url: str | None = None, client=None) -> N
         raise explain(err, uri=f"s3://{bucket}", endpoint_url=endpoint_url) from None
 
 
+def list_objects(uri: str, *, suffixes: tuple[str, ...] = ("",), endpoint_url: str | None = None,
+                 client=None) -> list[str]:
+    """The ``s3://`` URIs of the objects under the prefix ``uri`` whose keys end with one of
+    ``suffixes`` (any case), sorted by key; ``s3://bucket/a/`` does not match ``a-old/``.
+
+    Raises:
+        ValueError: If ``uri`` is not an S3 URI.
+        S3Error: If the prefix cannot be listed (see :func:`explain`).
+    """
+    bucket, _ = split_s3_uri(uri)
+    prefix = uri[len(f"s3://{bucket}/"):]  # as given, trailing "/" included
+    client = client or make_client(endpoint_url=endpoint_url)
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        keys = [obj["Key"] for page in pages for obj in page.get("Contents", ())]
+    except (ClientError, BotoCoreError) as err:
+        raise explain(err, uri=uri, endpoint_url=endpoint_url) from None
+    return [f"s3://{bucket}/{key}" for key in sorted(keys) if key.lower().endswith(suffixes)]
+
+
 def upload_tree(local_dir: Path, uri: str, *, endpoint_url: str | None = None, client=None,
                 progress: bool = True, last: Sequence[str] = ()) -> int:
     """Upload every file under ``local_dir`` to ``uri`` (same relative keys); ``last`` goes last.
