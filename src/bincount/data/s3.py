@@ -1,9 +1,8 @@
 """S3 access shared by ``bincount data fetch``, ``bincount data prepare`` and the streaming datamodule.
 
 One client factory (anonymous or signed, any S3-compatible endpoint, botocore's own retry modes),
-one place that turns S3 failures into errors a user can act on, a folder upload (chunks before
-their index, a manifest last) and the litdata/obstore workaround for plain-``http`` endpoints
-(local test servers, MinIO, SeaweedFS).
+one place that turns S3 failures into errors a user can act on, a prefix listing and a folder
+upload (chunks before their index, a manifest last).
 
 The endpoint is ``endpoint_url`` when given, else ``AWS_ENDPOINT_URL`` (which boto3 and litdata
 read too), else AWS itself.
@@ -268,45 +267,3 @@ def upload_tree(local_dir: Path, uri: str, *, endpoint_url: str | None = None, c
                     raise explain(cause, uri=f"s3://{bucket}/{key}", endpoint_url=endpoint_url) from None
                 raise
     return total
-
-
-def allow_http_in_litdata(endpoint_url: str | None = None) -> bool:
-    """Let litdata's obstore path talk to a plain-``http`` S3 endpoint.
-
-    litdata 0.2.x builds its obstore ``S3Store`` from the module-level client options
-    ``litdata.streaming.downloader._OBSTORE_CLIENT_OPTIONS`` without ``allow_http``, so every
-    chunk read from an ``http://`` endpoint fails with "builder error / BadScheme". This adds
-    ``allow_http`` there, only when the endpoint is ``http://`` (real S3 is https and needs
-    nothing). It must run in every process that reads chunks; importing this module does it
-    for ``$AWS_ENDPOINT_URL``, and the datamodule calls it for an explicit endpoint.
-
-    Returns:
-        Whether the option was set (``False`` for https or AWS).
-
-    Raises:
-        RuntimeError: If litdata no longer has that option table (an upgrade changed it):
-            the workaround must then be revisited rather than silently not applied.
-    """
-    endpoint = resolve_endpoint(endpoint_url)
-    if not endpoint or not endpoint.startswith("http://"):
-        return False
-    from litdata.streaming import downloader
-
-    options = getattr(downloader, "_OBSTORE_CLIENT_OPTIONS", None)
-    if not isinstance(options, dict):
-        raise RuntimeError(
-            "litdata.streaming.downloader._OBSTORE_CLIENT_OPTIONS is gone (litdata upgrade?): "
-            "bincount.data.s3.allow_http_in_litdata cannot enable http endpoints; revisit it"
-        )
-    options["allow_http"] = "true"
-    return True
-
-
-def _allow_http_from_env() -> None:
-    try:
-        allow_http_in_litdata()
-    except ImportError:  # litdata is optional for fetch-only installs
-        pass
-
-
-_allow_http_from_env()
