@@ -29,8 +29,11 @@ def add_data_command(subparsers) -> None:
     expected failures (bad input, S3 errors, operating-system errors such as a read-only or full
     disk) print one ``error:`` line and return 2.
     """
-    data = subparsers.add_parser("data", help="fetch ABID from S3 and prepare streaming shards")
-    commands = data.add_subparsers(dest="data_command", metavar="{fetch,prepare}", required=True)
+    _add_subcommands(subparsers.add_parser("data", help="fetch ABID from S3 and prepare streaming shards"))
+
+
+def _add_subcommands(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="data_command", metavar="{fetch,prepare}", required=True)
     _add_fetch(commands)
     _add_prepare(commands)
 
@@ -135,9 +138,7 @@ def _log_to_stderr() -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m bincount.data.commands fetch|prepare ...``; returns the exit code."""
     parser = argparse.ArgumentParser(prog="bincount data", description="Fetch ABID from S3 and prepare shards.")
-    commands = parser.add_subparsers(dest="data_command", metavar="{fetch,prepare}", required=True)
-    _add_fetch(commands)
-    _add_prepare(commands)
+    _add_subcommands(parser)
     args = parser.parse_args(argv)
     return run_command(args.func, args)
 

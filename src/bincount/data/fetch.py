@@ -142,12 +142,6 @@ def _dooms_the_run(err: BaseException) -> bool:
     return isinstance(err, (EndpointConnectionError, ConnectTimeoutError, NoCredentialsError))
 
 
-def _raise_first_error(done) -> None:
-    for future in done:
-        if future.exception() is not None:
-            raise future.exception()
-
-
 def _remove_partial_files(out: Path) -> int:
     removed = 0
     for folder, _ in KINDS.values():
@@ -235,11 +229,13 @@ def fetch(
             for kind, image_id in todo:  # a bounded window: 536k photos must not become 1M futures at once
                 if len(pending) >= 4 * workers:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    _raise_first_error(done)
+                    for future in done:
+                        future.result()  # raises the error that stopped a download
                     bar.advance(task, len(done))
                 pending.add(pool.submit(fetcher.get, kind, image_id))
             done, _ = wait(pending)
-            _raise_first_error(done)
+            for future in done:
+                future.result()
             bar.advance(task, len(done))
     except BaseException as err:
         report.error = f"{type(err).__name__}: {err}"
