@@ -13,7 +13,8 @@ import pytest
 from bincount.data.fetch import fetch
 from bincount.data.selection import choose_per_class, parse_id_ranges, select_and_fetch
 from bincount.data.prepare import prepare
-from bincount.data.s3 import S3Error, allow_http_in_litdata, make_client, split_s3_uri
+from bincount.data.s3 import S3Error, make_client, split_s3_uri
+from bincount.data.stream import allow_http_in_litdata
 from tests.conftest_s3 import PRIVATE_BUCKET, PUBLIC_BUCKET
 from tests.fakes import make_fake_abid
 

@@ -21,8 +21,7 @@ from litdata import StreamingDataset
 
 from bincount.config import compose
 from bincount.data.prepare import prepare
-from bincount.data.s3 import allow_http_in_litdata
-from bincount.data.stream import ABIDStreamDataModule, ShardSample
+from bincount.data.stream import ABIDStreamDataModule, ShardSample, allow_http_in_litdata
 from bincount.models.module import BinCountModule
 from tests.conftest import set_output_dir
 from tests.conftest_s3 import DATA_BUCKET, free_ports

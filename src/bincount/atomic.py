@@ -7,7 +7,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
@@ -39,34 +39,27 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[I
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}{PART_SUFFIX}")
-    try:
+    with _removed_on_failure(tmp, path, lambda: tmp.unlink(missing_ok=True)):
         with open(tmp, mode, **open_kwargs) as f:
             yield f
         os.replace(tmp, path)
-    except OSError as err:
-        _remove(tmp)
-        renamed = _naming(err, tmp, path)
-        if renamed is err:
-            raise
-        raise renamed from err
-    except BaseException:
-        _remove(tmp)
+
+
+@contextmanager
+def _removed_on_failure(tmp: Path, path: Path, remove: Callable[[], None]) -> Iterator[None]:
+    """On any failure in the block, ``remove()`` the temporary ``tmp`` (a file that could not be
+    made or removed is left to the error, which says more) and raise an OSError that names
+    ``tmp`` (or a file in it) or, for a failed write, no file, again naming ``path``."""
+    try:
+        yield
+    except BaseException as err:
+        with suppress(OSError):
+            remove()
+        named = isinstance(err, OSError) and err.filename is not None and (
+            str(err.filename) == str(tmp) or str(err.filename).startswith(f"{tmp}/"))
+        if named or (isinstance(err, OSError) and err.filename is None and err.errno in WRITE_ERRNOS):
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
-
-
-def _naming(err: OSError, tmp: Path, path: Path) -> OSError:
-    """``err`` naming ``path`` where it names ``tmp`` (or a file in it) or, for a failed write, no file."""
-    named = err.filename is not None and (str(err.filename) == str(tmp) or str(err.filename).startswith(f"{tmp}/"))
-    if named or (err.filename is None and err.errno in WRITE_ERRNOS):
-        return OSError(err.errno, err.strerror, str(path))
-    return err
-
-
-def _remove(tmp: Path) -> None:
-    """Remove a temporary file after a failure; one that could not be made (a read-only folder) or
-    removed is left to the error being raised, which says more."""
-    with suppress(OSError):
-        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -133,15 +126,6 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(stale, ignore_errors=True)
     stage = path.with_name(f".{path.name}.{os.getpid()}{PART_SUFFIX}")
     stage.mkdir()
-    try:
+    with _removed_on_failure(stage, path, lambda: shutil.rmtree(stage, ignore_errors=True)):
         yield stage
         replace_folder(stage, path)
-    except OSError as err:
-        shutil.rmtree(stage, ignore_errors=True)
-        renamed = _naming(err, stage, path)
-        if renamed is err:
-            raise
-        raise renamed from err
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise

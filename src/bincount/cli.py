@@ -9,8 +9,8 @@ Usage:
 
 Each ``add_*_command(subparsers)`` adds its parser and sets ``func(args) -> int`` (the exit
 code); implementations are imported when their command runs, so ``bincount --help`` stays fast.
-Expected failures print one ``error:`` line (:func:`bincount.errors.error_line`) and exit 2: bad input, S3 errors and
-operating-system errors (a read-only or full disk, a folder where a file belongs); Ctrl-C exits 130.
+Expected failures print one ``error:`` line and exit 2 (:func:`bincount.errors.run_command`): bad input, S3 and
+MLflow errors, operating-system errors (a read-only or full disk, a folder where a file belongs); Ctrl-C exits 130.
 ``predict`` and ``transform collect`` stopped by SIGTERM (``kill``, ``timeout``, a scheduler) stop
 as after Ctrl-C, leaving no temporary file, and exit 143 with ``error: stopped by SIGTERM``.
 """
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from bincount.data.commands import add_data_command
-from bincount.errors import error_line
+from bincount.errors import run_command
 from bincount.stop import Stopped, stop_on_sigterm
 
 
@@ -86,14 +86,11 @@ def add_serve_command(subparsers) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from bincount.serve.app import serve
 
-    try:
-        serve(args.model_dir, host=args.host, port=args.port, log_level=args.log_level, threads=args.threads,
-              review_threshold=args.review_threshold, limits=_limits(args),
-              max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-              inline_decode_pixels=args.inline_decode_pixels, device=args.device)
-    except (OSError, ValueError) as err:  # no usable model folder: fail at start, not 503 forever
-        print(error_line(err), file=sys.stderr)
-        return 2
+    # no usable model folder: an error line at start, not 503 forever
+    serve(args.model_dir, host=args.host, port=args.port, log_level=args.log_level, threads=args.threads,
+          review_threshold=args.review_threshold, limits=_limits(args),
+          max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+          inline_decode_pixels=args.inline_decode_pixels, device=args.device)
     return 0
 
 
@@ -112,18 +109,13 @@ def add_predict_command(subparsers) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from bincount.data.s3 import S3Error
     from bincount.predict import predict
 
-    try:
-        settings = _settings(args)
-        with stop_on_sigterm():
-            summary = predict(args.model_dir, args.inputs, args.out, labels=args.labels, batch_size=args.batch_size,
-                              num_workers=args.num_workers, review_threshold=settings.review_threshold,
-                              limits=settings.limits, device=settings.device, progress=not args.no_progress)
-    except (OSError, ValueError, S3Error) as err:  # LabelError is a ValueError; so is a malformed variable
-        print(error_line(err), file=sys.stderr)
-        return 2
+    settings = _settings(args)
+    with stop_on_sigterm():
+        summary = predict(args.model_dir, args.inputs, args.out, labels=args.labels, batch_size=args.batch_size,
+                          num_workers=args.num_workers, review_threshold=settings.review_threshold,
+                          limits=settings.limits, device=settings.device, progress=not args.no_progress)
     verdicts = ", ".join(f"{n} {v}" for v, n in sorted(summary["verdicts"].items()))
     print(f"{summary['photos']} photos -> {summary['out']} ({summary['failed']} unreadable"
           f"{'; ' + verdicts if verdicts else ''})", file=sys.stderr)
@@ -156,18 +148,13 @@ def add_transform_command(subparsers) -> None:
 
 
 def _run_transform_collect(args: argparse.Namespace) -> int:
-    from bincount.data.s3 import S3Error
     from bincount.serve.inference import Settings
     from bincount.transform_collect import collect
 
-    try:
-        threshold = Settings.from_env().override(review_threshold=args.review_threshold).review_threshold
-        with stop_on_sigterm():
-            summary = collect(args.outputs, args.input_prefix, args.out, model_dir=args.model_dir,
-                              labels=args.labels, review_threshold=threshold, progress=not args.no_progress)
-    except (OSError, ValueError, S3Error) as err:  # a malformed .out is a ValueError naming the file
-        print(error_line(err), file=sys.stderr)
-        return 2
+    threshold = Settings.from_env().override(review_threshold=args.review_threshold).review_threshold
+    with stop_on_sigterm():
+        summary = collect(args.outputs, args.input_prefix, args.out, model_dir=args.model_dir,
+                          labels=args.labels, review_threshold=threshold, progress=not args.no_progress)
     verdicts = ", ".join(f"{n} {v}" for v, n in sorted(summary["verdicts"].items()))
     unmatched = f"; {summary['unmatched']} answers of no photo there, left out" if summary["unmatched"] else ""
     print(f"{summary['photos']} photos -> {summary['out']} ({summary['failed']} without a count"
@@ -196,22 +183,14 @@ def add_runs_command(subparsers) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from mlflow.exceptions import MlflowException
     from bincount.runs import OUTPUT_FILES, compare_runs
 
     if args.tracking_uri:  # process-wide too: sagemaker-mlflow's request headers read it for an ARN
         import mlflow
 
         mlflow.set_tracking_uri(args.tracking_uri)
-    try:
-        comparison = compare_runs(args.out, tracking_uri=args.tracking_uri, experiment=args.experiment,
-                                  filter_string=args.filter_string, max_runs=args.max_runs)
-    except (OSError, ValueError) as err:
-        print(error_line(err), file=sys.stderr)
-        return 2
-    except MlflowException as err:  # unreachable store, malformed filter: MLflow's first line says which
-        print(f"error: {err.message.strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+    comparison = compare_runs(args.out, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                              filter_string=args.filter_string, max_runs=args.max_runs)
     print(f"{len(comparison.rows)} runs -> "
           + ", ".join(str(Path(args.out) / name) for name in OUTPUT_FILES), file=sys.stderr)
     return 0
@@ -232,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the subcommand; returns its exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return run_command(args.func, args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

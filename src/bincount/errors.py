@@ -22,7 +22,8 @@ def error_line(err: BaseException) -> str:
     """The one line a command prints for an expected failure.
 
     An operating-system error reads ``error: <file>: <what the system said>`` (``"[Errno 30]"`` and
-    quotes left out); any other error ``error: <its message>``.
+    quotes left out); an MLflow error its message's first line (the rest is the server's answer);
+    any other error ``error: <its message>``.
 
     Args:
         err: The exception.
@@ -33,6 +34,8 @@ def error_line(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror:
         where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
         return f"error: {where}: {err.strerror}" if where else f"error: {err.strerror}"
+    if type(err).__module__.startswith("mlflow."):
+        return f"error: {str(err).strip().splitlines()[0]}"
     return f"error: {err}"
 
 
@@ -49,6 +52,22 @@ def expected_failure(err: BaseException) -> BaseException | None:
     if isinstance(err, (ValueError, OSError)) or type(err).__module__.startswith(("mlflow.", "bincount.data.s3")):
         return err
     return None
+
+
+def run_command(func: Callable[[T], int], args: T) -> int:
+    """A command's exit code: ``func(args)``, or :data:`EXIT_STATUS` after printing
+    :func:`error_line` to stderr when it raises an expected failure (:func:`expected_failure`).
+
+    Raises:
+        Exception: Any other error (a bug), with its traceback.
+    """
+    try:
+        return func(args)
+    except Exception as err:  # noqa: BLE001 - re-raised unless expected_failure says otherwise
+        if (expected := expected_failure(err)) is None:
+            raise
+        print(error_line(expected), file=sys.stderr)
+        return EXIT_STATUS
 
 
 def one_error_line(main: Callable[..., T]) -> Callable[..., T]:

@@ -148,12 +148,6 @@ def confusion_matrix_figure(confusion: Sequence[Sequence[int]], *, min_count: in
     return fig
 
 
-def plot_confusion_matrix(path: Path, confusion: Sequence[Sequence[int]], *, min_count: int, title: str,
-                          figures: str = "") -> None:
-    """Save :func:`confusion_matrix_figure` as a PNG at ``path``."""
-    confusion_matrix_figure(confusion, min_count=min_count, title=title, figures=figures).savefig(path)
-
-
 def write_report(out_dir: Path, image_ids: Sequence[str], target: torch.Tensor, probs: torch.Tensor,
                  *, min_count: int, title: str, decode: str = "argmax", extra: dict | None = None) -> dict:
     """Write :data:`REPORT_FILES` into ``out_dir``: ``metrics.json`` (:func:`count_report` plus
@@ -163,8 +157,9 @@ def write_report(out_dir: Path, image_ids: Sequence[str], target: torch.Tensor, 
     metrics = {**count_report(target, probs, min_count=min_count, decode=decode), "decode": decode, **(extra or {})}
     metrics_json.write_text(json.dumps(metrics, indent=2) + "\n")
     write_predictions_csv(predictions_csv, image_ids, target, probs, min_count=min_count, decode=decode)
-    plot_confusion_matrix(confusion_png, metrics["confusion_matrix"], min_count=min_count,
-                          title=title, figures=f"n={metrics['n']}, acc={metrics['acc']:.3f}, mae={metrics['mae']:.3f}")
+    figures = f"n={metrics['n']}, acc={metrics['acc']:.3f}, mae={metrics['mae']:.3f}"
+    confusion_matrix_figure(metrics["confusion_matrix"], min_count=min_count, title=title,
+                            figures=figures).savefig(confusion_png)
     return metrics
 
 

@@ -129,15 +129,15 @@ def fail_fast(timeout_s: int = 10) -> Iterator[None]:
     """
     from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
 
-    quick = {MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: "0", MLFLOW_HTTP_REQUEST_TIMEOUT.name: str(timeout_s)}
-    previous = {name: os.environ.get(name) for name in quick}
-    os.environ.update({name: value for name, value in quick.items() if previous[name] is None})
+    quick = {MLFLOW_HTTP_REQUEST_MAX_RETRIES: 0, MLFLOW_HTTP_REQUEST_TIMEOUT: timeout_s}
+    unset = [variable for variable in quick if not variable.defined]
+    for variable in unset:
+        variable.set(quick[variable])
     try:
         yield
     finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
+        for variable in unset:
+            variable.unset()
 
 
 def start(trainer: L.Trainer, cfg: DictConfig, out_dir: Path, *, sweep: Sweep | None = None,

@@ -17,18 +17,23 @@ import logging
 import os
 import sys
 
+from bincount.errors import run_command
+
 PUBLIC_BUCKET = "aft-vbi-pds"  # bincount.data.abid.PUBLIC_BUCKET, without importing it for --help
 
 
 def add_data_command(subparsers) -> None:
     """Add ``data`` with its ``fetch`` and ``prepare`` subcommands to an argparse subparsers object.
 
-    Each leaf sets ``func(args) -> int`` (the exit code); expected failures (bad input, S3
-    errors, operating-system errors such as a read-only or full disk) print one ``error:`` line
-    and return 2.
+    Each leaf sets ``func(args) -> int`` (the exit code), run by :func:`bincount.errors.run_command`:
+    expected failures (bad input, S3 errors, operating-system errors such as a read-only or full
+    disk) print one ``error:`` line and return 2.
     """
-    data = subparsers.add_parser("data", help="fetch ABID from S3 and prepare streaming shards")
-    commands = data.add_subparsers(dest="data_command", metavar="{fetch,prepare}", required=True)
+    _add_subcommands(subparsers.add_parser("data", help="fetch ABID from S3 and prepare streaming shards"))
+
+
+def _add_subcommands(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="data_command", metavar="{fetch,prepare}", required=True)
     _add_fetch(commands)
     _add_prepare(commands)
 
@@ -57,7 +62,7 @@ def _add_fetch(commands) -> None:
     p.add_argument("--max-attempts", type=int, default=8, help="botocore attempts per request (default %(default)s)")
     p.add_argument("--signed", action="store_true", help="sign requests with your credentials (private mirror)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_guarded(_run_fetch))
+    p.set_defaults(func=_run_fetch)
 
 
 def _add_prepare(commands) -> None:
@@ -84,12 +89,14 @@ def _add_prepare(commands) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
     p.add_argument("--no-eda", action="store_true", help="skip the eda/ report")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_guarded(_run_prepare))
+    p.set_defaults(func=_run_prepare)
 
 
 def _run_fetch(args: argparse.Namespace) -> int:
     from bincount.data.fetch import REPORT_NAME
     from bincount.data.selection import select_and_fetch
+
+    _log_to_stderr()
 
     report = select_and_fetch(
         args.out, list_path=args.list_path, id_spec=args.id_spec, all_ids=args.all_ids,
@@ -107,6 +114,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
     # the one error line. The tracker is a process of its own, started later: it reads this variable.
     filters = [os.environ.get("PYTHONWARNINGS"), "ignore::UserWarning:multiprocessing.resource_tracker"]
     os.environ["PYTHONWARNINGS"] = ",".join(filter(None, filters))
+    _log_to_stderr()
     from bincount.data.prepare import prepare
     from bincount.data.s3 import join_uri
     from bincount.data.shards import MANIFEST
@@ -123,29 +131,16 @@ def _run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(run):
-    def guarded(args: argparse.Namespace) -> int:
-        from bincount.data.s3 import S3Error
-        from bincount.errors import error_line
-
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        try:
-            return run(args)
-        except (S3Error, ValueError, OSError) as err:  # LabelError is a ValueError; OSError: disk, permissions
-            print(error_line(err), file=sys.stderr)
-            return 2
-
-    return guarded
+def _log_to_stderr() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m bincount.data.commands fetch|prepare ...``; returns the exit code."""
     parser = argparse.ArgumentParser(prog="bincount data", description="Fetch ABID from S3 and prepare shards.")
-    commands = parser.add_subparsers(dest="data_command", metavar="{fetch,prepare}", required=True)
-    _add_fetch(commands)
-    _add_prepare(commands)
+    _add_subcommands(parser)
     args = parser.parse_args(argv)
-    return args.func(args)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

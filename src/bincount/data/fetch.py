@@ -19,7 +19,6 @@ at once with a clear error, after writing the report of what was done.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import threading
 import time
@@ -37,7 +36,7 @@ from botocore.exceptions import (
 )
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from bincount.atomic import PART_SUFFIX, WRITE_ERRNOS, write_json_atomic
+from bincount.atomic import PART_SUFFIX, atomic_write, write_json_atomic
 from bincount.data.abid import IMAGE_DIR, METADATA_DIR, PUBLIC_BUCKET
 from bincount.data.s3 import explain, is_not_found, make_client, resolve_endpoint
 
@@ -115,14 +114,12 @@ class _Fetcher:
         folder, suffix = KINDS[kind]
         key = f"{folder}/{image_id}{suffix}"
         final = self.path(kind, image_id)
-        tmp = final.with_name(f"{final.name}.{os.getpid()}.{threading.get_ident()}{PART_SUFFIX}")
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-            with open(tmp, "wb") as f:
+            # complete or absent; a write error (a full disk: the run stops) names the file
+            with atomic_write(final, "wb") as f:
                 shutil.copyfileobj(body, f, 1 << 20)  # botocore raises if fewer bytes than Content-Length arrive
-            os.replace(tmp, final)
         except (ClientError, BotoCoreError) as err:
-            tmp.unlink(missing_ok=True)
             if is_not_found(err):
                 with self.lock:
                     self.report.missing[kind].append(image_id)
@@ -133,14 +130,6 @@ class _Fetcher:
             with self.lock:  # a server error or broken transfer left after botocore's retries
                 self.report.failed[kind][image_id] = str(explained)
             return
-        except OSError as err:  # e.g. a full disk: it fails every photo alike, so the run stops
-            tmp.unlink(missing_ok=True)
-            if err.filename is None and err.errno in WRITE_ERRNOS:
-                raise OSError(err.errno, err.strerror, str(final)) from err
-            raise
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         with self.lock:
             self.report.fetched[kind].append(image_id)
             self.report.bytes += final.stat().st_size
@@ -151,12 +140,6 @@ def _dooms_the_run(err: BaseException) -> bool:
     if isinstance(err, ClientError):
         return err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) < 500
     return isinstance(err, (EndpointConnectionError, ConnectTimeoutError, NoCredentialsError))
-
-
-def _raise_first_error(done) -> None:
-    for future in done:
-        if future.exception() is not None:
-            raise future.exception()
 
 
 def _remove_partial_files(out: Path) -> int:
@@ -246,11 +229,13 @@ def fetch(
             for kind, image_id in todo:  # a bounded window: 536k photos must not become 1M futures at once
                 if len(pending) >= 4 * workers:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    _raise_first_error(done)
+                    for future in done:
+                        future.result()  # raises the error that stopped a download
                     bar.advance(task, len(done))
                 pending.add(pool.submit(fetcher.get, kind, image_id))
             done, _ = wait(pending)
-            _raise_first_error(done)
+            for future in done:
+                future.result()
             bar.advance(task, len(done))
     except BaseException as err:
         report.error = f"{type(err).__name__}: {err}"

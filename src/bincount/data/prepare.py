@@ -21,184 +21,32 @@ folder they are built in a staging folder beside it and renamed into place when 
 killed run, with ``--overwrite`` too, leaves the old data set whole or none: never splits of two runs.
 
 The optimize worker processes die with the process that started them, even when it is killed
-with SIGKILL (Linux's parent-death signal), and a rerun after such a kill removes what the killed
-run left: its rejects folder and its staging folder.
+with SIGKILL (:mod:`bincount.data.optimize`), and a rerun after such a kill removes what the
+killed run left: its rejects folder and its staging folder.
 """
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
-import multiprocessing
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from multiprocessing.util import register_after_fork
 from pathlib import Path
 
-import torch
-from torchvision.io import encode_jpeg
-from torchvision.transforms.v2 import functional as F
-
 from bincount.atomic import WRITE_ERRNOS, is_running, replace_folder, write_json_atomic
-from bincount.data.abid import IMAGE_DIR, BinRecord, build_index
-from bincount.data.decode import MIN_SIDE, decode_rgb_bytes
+from bincount.data.abid import BinRecord, build_index
+from bincount.data.decode import MIN_SIDE
 from bincount.data.eda import write_eda
+from bincount.data.optimize import optimize_split
 from bincount.data.s3 import check_bucket, exists, is_s3_uri, join_uri, make_client, upload_tree
-from bincount.data.shards import MANIFEST, SPLIT_NAMES, make_manifest, make_sample
+from bincount.data.shards import MANIFEST, SPLIT_NAMES, make_manifest
 from bincount.data.splits import block_split
-from bincount.data.workers import die_with_parent
 
 log = logging.getLogger(__name__)
 
-REJECTS_DIR = ".rejects"  # in the output while a split is optimized: one <image_id>.txt per rejected photo
 STAGING_PREFIX = "bincount-prepare-"  # + "<pid>-": a rerun removes the folders of runs no longer alive
-
-
-@dataclass(frozen=True)
-class SampleEncoder:
-    """The ``litdata.optimize`` function: :func:`encode_sample` with one split's settings.
-
-    Its worker processes die with the process that made it (:func:`die_with_parent`), armed
-    before a worker runs: a forked worker arms in :mod:`multiprocessing`'s after-fork hook, a
-    spawned one (litdata's default) as it unpickles this object. (A ``forkserver`` worker is
-    not the maker's child and is not covered.)
-
-    Attributes:
-        root: The ABID folder.
-        records: ``(image_id, expected_quantity)`` of the split.
-        resize: See :func:`encode_sample`.
-        quality: See :func:`encode_sample`.
-        reject_dir: See :func:`encode_sample`.
-        parent_pid: The process whose workers these are (default: this one).
-    """
-
-    root: str
-    records: Sequence[tuple[str, int]]
-    resize: int | None
-    quality: int
-    reject_dir: str
-    parent_pid: int = field(default_factory=os.getpid)
-
-    def __post_init__(self) -> None:
-        register_after_fork(self, SampleEncoder._in_worker)
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._in_worker()  # spawned: multiprocessing runs no after-fork hook
-
-    def _in_worker(self) -> None:
-        die_with_parent(self.parent_pid)
-        # one thread a worker, as in a DataLoader worker: the workers share the cores, and a forked
-        # worker that entered OpenMP's thread pool inherited from its parent would hang in it
-        torch.set_num_threads(1)
-
-    def __call__(self, position: int) -> dict | None:
-        return encode_sample(position, root=self.root, records=self.records, resize=self.resize,
-                             quality=self.quality, reject_dir=self.reject_dir)
-
-
-def encode_sample(
-    position: int,
-    *,
-    root: str,
-    records: Sequence[tuple[str, int]],
-    resize: int | None,
-    quality: int,
-    reject_dir: str,
-) -> dict | None:
-    """The ``litdata.optimize`` function: one photo -> one sample, or ``None`` if it does not decode.
-
-    The inputs are positions into ``records`` rather than paths: litdata treats path inputs as
-    files to stage and waits on them, which costs seconds per split.
-
-    Args:
-        position: Index into ``records``.
-        root: The ABID folder.
-        records: ``(image_id, expected_quantity)`` of the split.
-        resize: Scale photos whose shorter side is larger down to this many pixels (``None``: keep).
-        quality: JPEG quality of re-encoded photos.
-        reject_dir: Folder where a rejected photo leaves ``<image_id>.txt`` with the reason (the
-            optimize workers are separate processes; this is how the parent learns of rejects).
-
-    Returns:
-        ``{"image_id": str, "count": int, "image": bytes}`` or ``None``.
-    """
-    image_id, count = records[position]
-    try:
-        data = Path(root, IMAGE_DIR, f"{image_id}.jpg").read_bytes()
-        image = decode_rgb_bytes(data)
-    except (OSError, ValueError) as err:
-        Path(reject_dir, f"{image_id}.txt").write_text(str(err))
-        return None
-    height, width = image.shape[-2:]
-    if resize is not None and min(height, width) > resize:
-        scale = resize / min(height, width)
-        size = [max(resize, round(height * scale)), max(resize, round(width * scale))]
-        data = encode_jpeg(F.resize(image, size, antialias=True), quality=quality).numpy().tobytes()
-    return make_sample(image_id, count, data)
-
-
-def _optimize_split(
-    root: Path,
-    records: Sequence[BinRecord],
-    out_dir: Path,
-    *,
-    resize: int | None,
-    quality: int,
-    chunk_bytes: str | int,
-    num_workers: int,
-    start_method: str | None,
-) -> dict[str, str]:
-    """Write one split's chunks with ``litdata.optimize``; returns the rejected ids and reasons."""
-    import litdata
-
-    reject_dir = out_dir.parent / REJECTS_DIR
-    shutil.rmtree(reject_dir, ignore_errors=True)  # a killed run's
-    reject_dir.mkdir()
-    pairs = [(r.image_id, r.expected_quantity) for r in records]
-    previous = multiprocessing.get_start_method(allow_none=True)
-    try:
-        litdata.optimize(
-            fn=SampleEncoder(str(root), pairs, resize, quality, str(reject_dir)),
-            inputs=list(range(len(pairs))),
-            output_dir=str(out_dir),
-            chunk_bytes=chunk_bytes,
-            num_workers=max(1, min(num_workers, len(pairs))),
-            start_method=start_method,
-            mode="overwrite",
-            verbose=False,
-        )
-        rejected = {p.stem: p.read_text() for p in reject_dir.glob("*.txt")}
-    except RuntimeError as err:
-        if (os_error := _worker_os_error(err, out_dir)) is None:
-            raise
-        raise os_error from err
-    finally:
-        # litdata.optimize switches the whole process to its start method (spawn by default)
-        multiprocessing.set_start_method(previous, force=True)
-        shutil.rmtree(reject_dir, ignore_errors=True)
-    if not (out_dir / "index.json").is_file():
-        raise RuntimeError(f"litdata.optimize wrote no index.json in {out_dir}")
-    return rejected
-
-
-def _worker_os_error(err: RuntimeError, out_dir: Path) -> OSError | None:
-    """The operating-system error (a full or read-only disk) that stopped an optimize worker, if any.
-
-    litdata hands a worker's failure to the caller as a ``RuntimeError`` quoting the worker's
-    traceback; the OSError is found by its ``[Errno N]`` line and named after ``out_dir``.
-    """
-    match = re.search(r"^\w*Error: \[Errno (\d+)\]", str(err), flags=re.MULTILINE)
-    if match is None:
-        return None
-    number = int(match.group(1))
-    return OSError(number, os.strerror(number), str(out_dir))
 
 
 def _remove_dead_runs_staging(parent: Path) -> None:
@@ -208,13 +56,6 @@ def _remove_dead_runs_staging(parent: Path) -> None:
         if match and path.is_dir() and not is_running(int(match.group(1))):
             log.info("removing %s, left by a prepare run that was killed", path)
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _shard_stats(split_dir: Path) -> dict:
-    index = json.loads((split_dir / "index.json").read_text())
-    chunks = index["chunks"]
-    return {"photos": sum(c["chunk_size"] for c in chunks), "chunks": len(chunks),
-            "bytes": sum(c["chunk_bytes"] for c in chunks)}
 
 
 def prepare(
@@ -309,10 +150,7 @@ def prepare(
     else:
         Path(out).mkdir(parents=True, exist_ok=True)  # empty until the finished data set replaces it
         staging_parent = Path(out).resolve().parent
-    from litdata.utilities.format import _convert_bytes_to_int  # litdata's own reading of "64MB"
-
     workers = num_workers or os.cpu_count() or 1
-    workers_chunk_bytes = workers * (chunk_bytes if isinstance(chunk_bytes, int) else _convert_bytes_to_int(chunk_bytes))
     _remove_dead_runs_staging(staging_parent)
     stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=staging_parent))
     try:
@@ -320,7 +158,7 @@ def prepare(
         rejected: dict[str, str] = {}
         shards: dict[str, dict] = {}
         for name in SPLIT_NAMES:
-            split_rejects = _optimize_split(
+            split_rejects, shards[name] = optimize_split(
                 in_dir, splits[name], stage / name, resize=resize, quality=quality, chunk_bytes=chunk_bytes,
                 num_workers=workers, start_method=start_method,
             )
@@ -328,13 +166,6 @@ def prepare(
                 log.warning("rejected %s: %s", image_id, reason)
             rejected |= split_rejects
             kept[name] = [r for r in splits[name] if r.image_id not in split_rejects]
-            shards[name] = _shard_stats(stage / name)
-            if shards[name]["photos"] != len(kept[name]):
-                # a worker that lost its chunk to a full disk is not always reported by litdata
-                if shutil.disk_usage(stage).free < workers_chunk_bytes:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(stage / name))
-                raise RuntimeError(f"{name}: {shards[name]['photos']} samples in the chunks, "
-                                   f"{len(kept[name])} photos expected")
         manifest = make_manifest(
             source=str(in_dir.resolve()), label_list=label_list, min_count=min_count, max_count=max_count,
             split={"method": "block", "val_fraction": val_fraction, "test_fraction": test_fraction,

@@ -1,9 +1,8 @@
 """S3 access shared by ``bincount data fetch``, ``bincount data prepare`` and the streaming datamodule.
 
 One client factory (anonymous or signed, any S3-compatible endpoint, botocore's own retry modes),
-one place that turns S3 failures into errors a user can act on, a folder upload (chunks before
-their index, a manifest last) and the litdata/obstore workaround for plain-``http`` endpoints
-(local test servers, MinIO, SeaweedFS).
+one place that turns S3 failures into errors a user can act on, a prefix listing and a folder
+upload (chunks before their index, a manifest last).
 
 The endpoint is ``endpoint_url`` when given, else ``AWS_ENDPOINT_URL`` (which boto3 and litdata
 read too), else AWS itself.
@@ -210,6 +209,26 @@ def check_bucket(uri: str, *, endpoint_url: str | None = None, client=None) -> N
         raise explain(err, uri=f"s3://{bucket}", endpoint_url=endpoint_url) from None
 
 
+def list_objects(uri: str, *, suffixes: tuple[str, ...] = ("",), endpoint_url: str | None = None,
+                 client=None) -> list[str]:
+    """The ``s3://`` URIs of the objects under the prefix ``uri`` whose keys end with one of
+    ``suffixes`` (any case), sorted by key; ``s3://bucket/a/`` does not match ``a-old/``.
+
+    Raises:
+        ValueError: If ``uri`` is not an S3 URI.
+        S3Error: If the prefix cannot be listed (see :func:`explain`).
+    """
+    bucket, _ = split_s3_uri(uri)
+    prefix = uri[len(f"s3://{bucket}/"):]  # as given, trailing "/" included
+    client = client or make_client(endpoint_url=endpoint_url)
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        keys = [obj["Key"] for page in pages for obj in page.get("Contents", ())]
+    except (ClientError, BotoCoreError) as err:
+        raise explain(err, uri=uri, endpoint_url=endpoint_url) from None
+    return [f"s3://{bucket}/{key}" for key in sorted(keys) if key.lower().endswith(suffixes)]
+
+
 def upload_tree(local_dir: Path, uri: str, *, endpoint_url: str | None = None, client=None,
                 progress: bool = True, last: Sequence[str] = ()) -> int:
     """Upload every file under ``local_dir`` to ``uri`` (same relative keys); ``last`` goes last.
@@ -248,45 +267,3 @@ def upload_tree(local_dir: Path, uri: str, *, endpoint_url: str | None = None, c
                     raise explain(cause, uri=f"s3://{bucket}/{key}", endpoint_url=endpoint_url) from None
                 raise
     return total
-
-
-def allow_http_in_litdata(endpoint_url: str | None = None) -> bool:
-    """Let litdata's obstore path talk to a plain-``http`` S3 endpoint.
-
-    litdata 0.2.x builds its obstore ``S3Store`` from the module-level client options
-    ``litdata.streaming.downloader._OBSTORE_CLIENT_OPTIONS`` without ``allow_http``, so every
-    chunk read from an ``http://`` endpoint fails with "builder error / BadScheme". This adds
-    ``allow_http`` there, only when the endpoint is ``http://`` (real S3 is https and needs
-    nothing). It must run in every process that reads chunks; importing this module does it
-    for ``$AWS_ENDPOINT_URL``, and the datamodule calls it for an explicit endpoint.
-
-    Returns:
-        Whether the option was set (``False`` for https or AWS).
-
-    Raises:
-        RuntimeError: If litdata no longer has that option table (an upgrade changed it):
-            the workaround must then be revisited rather than silently not applied.
-    """
-    endpoint = resolve_endpoint(endpoint_url)
-    if not endpoint or not endpoint.startswith("http://"):
-        return False
-    from litdata.streaming import downloader
-
-    options = getattr(downloader, "_OBSTORE_CLIENT_OPTIONS", None)
-    if not isinstance(options, dict):
-        raise RuntimeError(
-            "litdata.streaming.downloader._OBSTORE_CLIENT_OPTIONS is gone (litdata upgrade?): "
-            "bincount.data.s3.allow_http_in_litdata cannot enable http endpoints; revisit it"
-        )
-    options["allow_http"] = "true"
-    return True
-
-
-def _allow_http_from_env() -> None:
-    try:
-        allow_http_in_litdata()
-    except ImportError:  # litdata is optional for fetch-only installs
-        pass
-
-
-_allow_http_from_env()

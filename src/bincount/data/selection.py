@@ -15,12 +15,10 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from bincount.atomic import atomic_write
 from bincount.data.abid import IMAGE_DIR, METADATA_DIR, PUBLIC_BUCKET, LabelError, read_label_list, read_metadata_count
 from bincount.data.fetch import FetchReport, check_out_dir, fetch
-from bincount.data.s3 import explain, make_client
+from bincount.data.s3 import list_objects, make_client
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +43,6 @@ def parse_id_ranges(spec: str) -> list[str]:
             raise ValueError(f"--ids {spec!r}: {part!r} needs 0 < A <= B")
         ids.extend("%05d" % i for i in range(start, stop + 1))
     return list(dict.fromkeys(ids))
-
-
-def list_bucket_ids(client, bucket: str, *, endpoint_url: str | None = None) -> list[str]:
-    """Every photo id in ``bucket`` (``bin-images/<id>.jpg`` keys), sorted.
-
-    Raises:
-        S3Error: If the bucket cannot be listed.
-    """
-    ids = []
-    try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{IMAGE_DIR}/"):
-            for obj in page.get("Contents", ()):
-                name = obj["Key"].rpartition("/")[2]
-                if name.endswith(".jpg"):
-                    ids.append(name[: -len(".jpg")])
-    except (ClientError, BotoCoreError) as err:
-        raise explain(err, uri=f"s3://{bucket}/{IMAGE_DIR}/", endpoint_url=endpoint_url) from None
-    return sorted(ids)
 
 
 def choose_per_class(
@@ -168,7 +148,8 @@ def select_and_fetch(
         endpoint = fetch_kwargs.get("endpoint_url")
         client = fetch_kwargs.get("client") or make_client(endpoint_url=endpoint,
                                                            anonymous=fetch_kwargs.get("anonymous", True))
-        ids = list_bucket_ids(client, bucket, endpoint_url=endpoint)
+        uris = list_objects(f"s3://{bucket}/{IMAGE_DIR}/", suffixes=(".jpg",), endpoint_url=endpoint, client=client)
+        ids = sorted(uri.rpartition("/")[2].removesuffix(".jpg") for uri in uris)
         log.info("s3://%s lists %d photos", bucket, len(ids))
     if per_class is not None:
         counts = {i: c for i, c in listed.items() if c >= 0}

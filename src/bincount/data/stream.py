@@ -28,10 +28,49 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from bincount.data.datamodule import CountingDataModule
 from bincount.data.decode import decode_rgb_bytes
-from bincount.data.s3 import allow_http_in_litdata, is_s3_uri, join_uri, resolve_endpoint
+from bincount.data.s3 import is_s3_uri, join_uri, resolve_endpoint
 from bincount.data.shards import SPLIT_NAMES, read_manifest, read_sample, split_records
 
 log = logging.getLogger(__name__)
+
+
+def allow_http_in_litdata(endpoint_url: str | None = None) -> bool:
+    """Let litdata's obstore path talk to a plain-``http`` S3 endpoint.
+
+    litdata 0.2.x builds its obstore ``S3Store`` from the module-level client options
+    ``litdata.streaming.downloader._OBSTORE_CLIENT_OPTIONS`` without ``allow_http``, so every
+    chunk read from an ``http://`` endpoint fails with "builder error / BadScheme". This adds
+    ``allow_http`` there, only when the endpoint is ``http://`` (real S3 is https and needs
+    nothing). It must run in every process that reads chunks; importing this module does it
+    for ``$AWS_ENDPOINT_URL``, and the datamodule and its workers call it for an explicit endpoint.
+
+    Returns:
+        Whether the option was set (``False`` for https or AWS).
+
+    Raises:
+        RuntimeError: If litdata no longer has that option table (an upgrade changed it):
+            the workaround must then be revisited rather than silently not applied.
+    """
+    endpoint = resolve_endpoint(endpoint_url)
+    if not endpoint or not endpoint.startswith("http://"):
+        return False
+    from litdata.streaming import downloader
+
+    options = getattr(downloader, "_OBSTORE_CLIENT_OPTIONS", None)
+    if not isinstance(options, dict):
+        raise RuntimeError(
+            "litdata.streaming.downloader._OBSTORE_CLIENT_OPTIONS is gone (litdata upgrade?): "
+            "bincount.data.stream.allow_http_in_litdata cannot enable http endpoints; revisit it"
+        )
+    options["allow_http"] = "true"
+    return True
+
+
+def _allow_http_from_env() -> None:
+    try:
+        allow_http_in_litdata()
+    except ImportError:  # litdata is optional for fetch-only installs
+        pass
 
 
 class ShardSample:
@@ -196,3 +235,6 @@ class ABIDStreamDataModule(CountingDataModule):
         if name not in self.datasets:
             raise ValueError(f"the {name} split of {self.root} is empty")
         return StreamingDataLoader(self.datasets[name], **self.loader_kwargs())
+
+
+_allow_http_from_env()
