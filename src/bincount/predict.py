@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from bincount.atomic import atomic_write
 from bincount.data.abid import read_labels_csv
+from bincount.data.s3 import list_objects
 from bincount.data.transforms import CountingPresetEval
 from bincount.models.card import ModelCard
 from bincount.serve.errors import RequestError
@@ -45,28 +46,6 @@ from bincount.stop import stops_held
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-def list_s3_objects(uri: str, suffixes: tuple[str, ...]) -> list[str]:
-    """The ``s3://`` URIs of the objects under an S3 prefix whose keys end with one of ``suffixes``
-    (any case), sorted by key.
-
-    Raises:
-        ValueError: If ``uri`` is not an S3 URI.
-        bincount.data.s3.S3Error: If the prefix cannot be listed; the message says why.
-    """
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from bincount.data.s3 import explain, split_s3_uri
-
-    bucket, _ = split_s3_uri(uri)
-    prefix = uri[len(f"s3://{bucket}/"):]  # as given: "bin-images/" must not match "bin-images-old/"
-    try:
-        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
-    except (ClientError, BotoCoreError) as err:
-        raise explain(err, uri=uri) from None
-    return [f"s3://{bucket}/{key}" for key in sorted(keys) if key.lower().endswith(suffixes)]
 
 
 def find_photos(inputs: Sequence[str]) -> list[str]:
@@ -83,7 +62,7 @@ def find_photos(inputs: Sequence[str]) -> list[str]:
     photos: list[str] = []
     for item in inputs:
         if item.startswith("s3://"):
-            found = list_s3_objects(item, IMAGE_SUFFIXES)
+            found = list_objects(item, suffixes=IMAGE_SUFFIXES, client=s3_client())
         elif Path(item).is_dir():
             found = sorted(str(p) for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         elif Path(item).is_file():

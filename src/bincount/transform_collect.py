@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 
 from bincount.atomic import atomic_write
 from bincount.data.abid import read_labels_csv
-from bincount.data.s3 import S3Error
+from bincount.data.s3 import S3Error, list_objects
 from bincount.models.card import ModelCard
 from bincount.models.export import read_model_card
 from bincount.predict import (
@@ -45,12 +45,11 @@ from bincount.predict import (
     error_row,
     find_photos,
     image_id,
-    list_s3_objects,
     prediction_row,
     progress_bar,
 )
 from bincount.serve.errors import RequestError
-from bincount.serve.images import read_s3_object
+from bincount.serve.images import read_s3_object, s3_client
 from bincount.serve.model import review_threshold_of, verdict
 
 OUT_SUFFIX = ".out"  # Batch Transform's: the answer to input object KEY is KEY.out
@@ -137,7 +136,7 @@ def input_photos(input_prefix: str) -> dict[str, str]:
     """
     if input_prefix.startswith("s3://"):
         prefix = folder_prefix(input_prefix)
-        photos = list_s3_objects(prefix, IMAGE_SUFFIXES)
+        photos = list_objects(prefix, suffixes=IMAGE_SUFFIXES, client=s3_client())
         if not photos:
             raise ValueError(f"no photos found in {prefix}")
         return {uri[len(prefix):]: uri for uri in photos}
@@ -158,7 +157,7 @@ def answer_files(outputs: str) -> dict[str, str]:
     """
     if outputs.startswith("s3://"):
         prefix = folder_prefix(outputs)
-        return {uri[len(prefix):-len(OUT_SUFFIX)]: uri for uri in list_s3_objects(prefix, (OUT_SUFFIX,))}
+        return {uri[len(prefix):-len(OUT_SUFFIX)]: uri for uri in list_objects(prefix, suffixes=(OUT_SUFFIX,), client=s3_client())}
     if not Path(outputs).is_dir():
         raise FileNotFoundError(f"{outputs}: no such folder")
     return {p.relative_to(outputs).as_posix()[:-len(OUT_SUFFIX)]: str(p)
