@@ -181,7 +181,9 @@ def test_an_interrupted_predict_keeps_the_previous_csv_whole(stop, when, num_wor
     out = tmp_path / "p.csv"
     out.write_text("source,image_id\nfrom-the-last-run.jpg,1\n")
     before = out.read_bytes()
-    inputs = [str(root / "photos")] * 100  # 1000 photos, one per batch: long enough to interrupt
+    # 10,000 photos, one per batch: predict is still counting when the signal comes, even when the machine is
+    # so busy that the test reads the file event seconds late (predict stops at the signal, so the test is quick)
+    inputs = [str(root / "photos")] * 1000
     with INotify() as inotify:
         inotify.add_watch(tmp_path, flags.CREATE | flags.MODIFY)
         proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "predict", "--model-dir", str(model_dir),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,7 +46,9 @@ def read_split(uri: str, **kwargs) -> dict[str, dict]:
 def test_prepare_writes_the_training_core_split_as_shards_and_rejects_corrupt_photos(abid_folder, tmp_path):
     root, made = abid_folder
     out = tmp_path / "shards"
+    ctrl_c = signal.getsignal(signal.SIGINT)
     manifest = prepare(root, str(out), **SPLIT, **FAST)
+    assert signal.getsignal(signal.SIGINT) is ctrl_c  # not litdata's handler, which would exit 0 on Ctrl-C
 
     records, _ = build_index(root, min_count=1, max_count=5)
     expected = block_split(records, **SPLIT)

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.util import register_after_fork
@@ -129,6 +130,7 @@ def optimize_split(
     reject_dir.mkdir()
     pairs = [(r.image_id, r.expected_quantity) for r in records]
     previous = multiprocessing.get_start_method(allow_none=True)
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         litdata.optimize(
             fn=SampleEncoder(str(root), pairs, resize, quality, str(reject_dir)),
@@ -146,8 +148,10 @@ def optimize_split(
             raise
         raise os_error from err
     finally:
-        # litdata.optimize switches the whole process to its start method (spawn by default)
+        # litdata.optimize switches the whole process to its start method (spawn by default) and
+        # leaves its own SIGINT handler behind, which ends the process with os._exit(0)
         multiprocessing.set_start_method(previous, force=True)
+        signal.signal(signal.SIGINT, sigint)
         shutil.rmtree(reject_dir, ignore_errors=True)
     if not (out_dir / "index.json").is_file():
         raise RuntimeError(f"litdata.optimize wrote no index.json in {out_dir}")
