@@ -181,14 +181,15 @@ def test_an_interrupted_predict_keeps_the_previous_csv_whole(stop, when, num_wor
     out = tmp_path / "p.csv"
     out.write_text("source,image_id\nfrom-the-last-run.jpg,1\n")
     before = out.read_bytes()
-    # 10,000 photos, one per batch: predict is still counting when the signal comes, even when the machine is
-    # so busy that the test reads the file event seconds late (predict stops at the signal, so the test is quick)
-    inputs = [str(root / "photos")] * 1000
+    inputs = [str(root / "photos")] * 100  # 1000 photos, one per batch: long enough to interrupt
     with INotify() as inotify:
         inotify.add_watch(tmp_path, flags.CREATE | flags.MODIFY)
         proc = subprocess.Popen([sys.executable, "-m", "bincount.cli", "predict", "--model-dir", str(model_dir),
                                  *inputs, "--out", str(out), "--batch-size", "1", "--num-workers", str(num_workers),
-                                 "--no-progress"], stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                 "--no-progress"], stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                # Ctrl-C's default, as in a terminal: a shell's background job (`cmd &`) ignores
+                                # SIGINT, and its children inherit that
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         seen = False
         while not seen:  # the temporary CSV beside p.csv made, or its first rows written
             events = inotify.read(timeout=120_000)
