@@ -155,7 +155,9 @@ def finish(trainer: L.Trainer, model: BinCountModule, datamodule: ABIDDataModule
     A collective call: every rank must make it.
     """
     # calibration needs the whole validation split: every rank predicts its share, all are gathered
-    val = model.gather_rows(trainer.predict(model, dataloaders=datamodule.val_dataloader()), "logits")
+    # return_predictions: also under a spawning launcher, where Lightning would otherwise return None
+    val = model.gather_rows(trainer.predict(model, dataloaders=datamodule.val_dataloader(), return_predictions=True),
+                            "logits")
     if trainer.is_global_zero:
         calibrate_report_export(model, datamodule, val, out_dir, checkpoint)
 
