@@ -15,7 +15,7 @@ approved model package: :mod:`sagemaker_launch.register`) and an endpoint config
 named ``<endpoint>-<timestamp>``, then creates endpoint ``endpoint`` on them, or, if that
 endpoint exists, points it at them with UpdateEndpoint (SageMaker swaps the instances without
 downtime; the previous model and config stay until ``delete``). ``model.tar.gz`` is what a
-training job's entry wrote to ``$SM_MODEL_DIR``: ``model.pt``, ``model_config.json`` and
+training job's entry wrote to ``$SM_MODEL_DIR``: ``model.onnx``, ``model.pt``, ``model_config.json`` and
 ``code/`` with ``inference.py`` (:mod:`bincount.serve.inference`'s ``model_fn`` and
 ``transform_fn``). ``invoke`` sends the photos (local
 files inline as base64, or S3 URIs the endpoint reads) in JSON requests, as many photos per
@@ -23,7 +23,7 @@ request as fit InvokeEndpoint's 6 MiB body limit and the handler's photo limit, 
 count (and, with ``expected_quantity``, a verdict) per photo, in the photos' order; ``delete``
 removes the endpoint and every endpoint config and model deployed under its name.
 
-A training job is deployed only if it completed and its ``model.tar.gz`` holds ``model.pt`` and the
+A training job is deployed only if it completed and its ``model.tar.gz`` holds ``model.onnx``, ``model.pt`` and the
 model card; a model package only on an instance type it lists, on the image it holds for that type
 (CPU or GPU): :func:`sagemaker_launch.serving_models.model_source`. ``--dry-run`` checks the CreateModel,
 CreateEndpointConfig and CreateEndpoint requests against SageMaker's service model and prints them,

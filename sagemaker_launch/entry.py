@@ -29,7 +29,7 @@ and the container's places, read from the environment when :func:`main` runs:
   LOCAL_WORLD_SIZE``, ``trainer.strategy=ddp``: Lightning requires ``devices * num_nodes ==
   WORLD_SIZE`` (otherwise each process would train its own model).
 
-Global rank 0 copies the exported ``model/`` (model.pt, model_config.json) to ``$SM_MODEL_DIR``
+Global rank 0 copies the exported ``model/`` (model.onnx, model.pt, model_config.json) to ``$SM_MODEL_DIR``
 with ``code/`` for SageMaker's PyTorch serving image (:func:`sagemaker_launch.model_archive.export_model`).
 
 A job stopped by SIGTERM (``StopTrainingJob``, a spot reclaim, the stopping condition) at any

@@ -17,8 +17,9 @@ log = logging.getLogger("sagemaker_launch.entry")
 # serving image packages: pinning them in code/requirements.txt would replace the image's CUDA build
 IMAGE_PACKAGES = {"torch", "torchvision"}
 # bincount's dependencies that `import bincount.serve.inference` loads (the test proves the list):
-# Pillow (decoding), pydantic (the JSON request schema; the image lacks it, so endpoints pip-install it)
-SERVING_PACKAGES = {"pillow", "pydantic"}
+# ONNX Runtime (the forward), Pillow (decoding), pydantic (the JSON request schema); the image lacks
+# ONNX Runtime and pydantic, so endpoints pip-install them
+SERVING_PACKAGES = {"onnxruntime", "pillow", "pydantic"}
 INFERENCE_SHIM = '''"""SageMaker PyTorch serving entry (written by sagemaker_launch.model_archive): bincount's handler."""
 
 from bincount.serve.inference import model_fn, transform_fn  # noqa: F401
@@ -48,7 +49,7 @@ def serving_requirements() -> str:
 def export_model(run_model_dir: Path, model_dir: Path) -> Path:
     """Copy the exported ``model/`` into ``model_dir`` with the serving code.
 
-    ``model_dir`` (SageMaker packs it into model.tar.gz) then holds ``model.pt``,
+    ``model_dir`` (SageMaker packs it into model.tar.gz) then holds ``model.onnx``, ``model.pt``,
     ``model_config.json`` and ``code/``: ``inference.py`` (re-exports
     :mod:`bincount.serve.inference`'s ``model_fn`` and ``transform_fn``),
     ``bincount/`` (this package, without conf/) and ``requirements.txt``.

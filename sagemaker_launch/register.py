@@ -27,7 +27,7 @@ The package serves on ``instance_type`` and ``supported_instance_types``, each o
 specification, the other device's (CPU or GPU) an additional one, so ``deploy package_group=GROUP
 instance_type=ml.g4dn.xlarge`` runs the GPU image (:func:`sagemaker_launch.model_packages.inference_specifications`).
 
-Only a completed training job, or a ``model.tar.gz`` holding ``model.pt`` and the model card
+Only a completed training job, or a ``model.tar.gz`` holding ``model.onnx``, ``model.pt`` and the model card
 ``model_config.json``, is registered (:func:`sagemaker_launch.serving_models.model_source`).
 
 ``approve_if_better=true`` approves the new package only if its MAE is lower than that of the
@@ -166,7 +166,7 @@ def register(cfg: DictConfig) -> Registration:
 
     Raises:
         ValueError: No ``group``; neither ``job`` alone nor ``model_dir`` with ``model_data``; a job
-            that did not complete, or a ``model.tar.gz`` without ``model.pt`` or the model card
+            that did not complete, or a ``model.tar.gz`` without ``model.onnx``, ``model.pt`` or the model card
             (:func:`sagemaker_launch.serving_models.model_source`); a job without ``output.tar.gz``; a run
             folder whose ``metrics.json`` is not a test report; an instance type the package can't
             serve on (:func:`served_images`); in a dry run, a request SageMaker's service model refuses.

@@ -4,13 +4,13 @@ and CreateModel from a training job, a ``model.tar.gz``, a model package or a pa
 approved package.
 
 A ``model.tar.gz`` is what a training job's entry wrote to ``$SM_MODEL_DIR``
-(:mod:`sagemaker_launch.model_archive`): ``model.pt``, ``model_config.json`` and ``code/`` with
+(:mod:`sagemaker_launch.model_archive`): ``model.onnx``, ``model.pt``, ``model_config.json`` and ``code/`` with
 ``inference.py``, which the AWS PyTorch inference image's toolkit runs (``SAGEMAKER_PROGRAM``).
 A model package (:mod:`sagemaker_launch.model_packages`) carries its own images, model data and environment:
 one inference specification per serving image, each listing the instance types it serves on.
 
 Before a model is made from a training job or a ``model.tar.gz``, :func:`model_source` checks that the
-job completed and that the archive holds ``model.pt`` and the model card, ``model_config.json``
+job completed and that the archive holds ``model.onnx``, ``model.pt`` and the model card, ``model_config.json``
 (:func:`check_model_archive`): a job stopped during test, calibration or export leaves a partial model.
 """
 
@@ -98,17 +98,17 @@ def job_model_data(job: str, session, region: str) -> str:
 
 
 def check_model_archive(model_data: str, session) -> None:
-    """Check that ``model_data`` (``s3://.../model.tar.gz``) holds ``model.pt`` and the model card
-    ``model_config.json`` (:mod:`bincount.models.export`), reading the archive's member names as it
-    streams from S3 and stopping once both are seen. A URI that is not ``s3://`` is not checked.
+    """Check that ``model_data`` (``s3://.../model.tar.gz``) holds ``model.onnx``, ``model.pt`` and the
+    model card ``model_config.json`` (:mod:`bincount.models.export`), reading the archive's member names
+    as it streams from S3 and stopping once all three are seen. A URI that is not ``s3://`` is not checked.
 
     Raises:
-        ValueError: No such object, not a tar archive, or either file missing (named).
+        ValueError: No such object, not a tar archive, or a file missing (named).
     """
     from botocore.exceptions import ClientError
 
     from bincount.data.s3 import is_s3_uri, split_s3_uri
-    from bincount.models.export import CONFIG_FILE, MODEL_FILE
+    from bincount.models.export import CONFIG_FILE, MODEL_FILE, ONNX_FILE
 
     if not is_s3_uri(model_data):
         return
@@ -119,7 +119,7 @@ def check_model_archive(model_data: str, session) -> None:
         if err.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NoSuchBucket"):
             raise
         raise ValueError(f"{model_data} not found") from None
-    missing = {MODEL_FILE, CONFIG_FILE}
+    missing = {MODEL_FILE, ONNX_FILE, CONFIG_FILE}
     try:
         with body, tarfile.open(fileobj=body, mode="r|*") as tar:
             for member in tar:

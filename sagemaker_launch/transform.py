@@ -33,7 +33,7 @@ requests at a time of at most ``max_payload_mb`` MB each (SageMaker allows at mo
 SageMaker's service model and prints them, sending nothing; ``--wait`` waits for the job to end.
 The model stays after the job (a model costs nothing; ``aws sagemaker delete-model`` removes it).
 
-A training job runs only if it completed and its ``model.tar.gz`` holds ``model.pt`` and the model
+A training job runs only if it completed and its ``model.tar.gz`` holds ``model.onnx``, ``model.pt`` and the model
 card; a model package only on an instance type it lists for transform jobs, on the image it holds for
 that type (CPU or GPU): :func:`sagemaker_launch.serving_models.model_source`.
 """

@@ -197,13 +197,13 @@ def write_run_report(run_dir: Path, *, wrong: int, n: int = 20, first_id: int = 
 
 def model_archive(*names: str) -> bytes:
     """A ``model.tar.gz`` holding ``names`` (a few bytes each), packed as SageMaker packs ``$SM_MODEL_DIR``;
-    by default what a complete export holds: ``model.pt``, ``model_config.json``, ``code/inference.py``."""
+    by default what a complete export holds: ``model.onnx``, ``model.pt``, ``model_config.json``, ``code/inference.py``."""
     import io
     import tarfile
 
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w:gz") as tar:
-        for name in names or ("model.pt", "model_config.json", "code/inference.py"):
+        for name in names or ("model.onnx", "model.pt", "model_config.json", "code/inference.py"):
             info = tarfile.TarInfo(name)
             info.size = len(data := name.encode())
             tar.addfile(info, io.BytesIO(data))

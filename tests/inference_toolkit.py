@@ -25,7 +25,7 @@ from pathlib import Path
 from sagemaker_launch.model_archive import export_model
 
 WORKER = '''
-import base64, json, sys
+import base64, json, sys, time
 from pathlib import Path
 
 from sagemaker_inference.default_handler_service import DefaultHandlerService
@@ -75,11 +75,14 @@ for request in requests:
     headers = request["headers"]
     # TorchServe: the body's parameter headers, then the request's own
     context.request_processor = [RequestProcessor({"body": {"content-type": headers.get("Content-Type")}, **headers})]
-    [body] = service.handle([{"body": base64.b64decode(request["body"])}], context)
+    data = [{"body": base64.b64decode(request["body"])}]
+    started = time.perf_counter()
+    [body] = service.handle(data, context)
+    ms = 1000 * (time.perf_counter() - started)
     processor = context.request_processor[0]
     answers.append({"status": processor._status_code, "phrase": processor._reason_phrase,
                     "content_type": processor._response_header.get("content-type"),
-                    "body": body if isinstance(body, str) else body.decode()})
+                    "body": body if isinstance(body, str) else body.decode(), "ms": ms})
 print(json.dumps(answers))
 '''
 
@@ -107,7 +110,8 @@ def serve(model_dir: Path, tmp: Path, requests: list[tuple[dict, bytes]],
         environment: The container's own variables (a model's or transform job's ``Environment``).
 
     Returns:
-        Per request: ``status``, ``phrase``, ``content_type`` and ``body`` as the toolkit set them.
+        Per request: ``status``, ``phrase``, ``content_type`` and ``body`` as the toolkit set them,
+        and ``ms``, the time ``handle`` took.
     """
     (tmp / "requests.json").write_text(json.dumps([{"headers": h, "body": base64.b64encode(b).decode()}
                                                    for h, b in requests]))

@@ -204,7 +204,8 @@ def test_a_malformed_model_config_names_the_file(predict_inputs, tmp_path, capsy
     photos, model_dir = predict_inputs
     broken = tmp_path / "model"
     broken.mkdir()
-    (broken / "model.pt").write_bytes((model_dir / "model.pt").read_bytes())
+    for name in ("model.pt", "model.onnx"):
+        (broken / name).write_bytes((model_dir / name).read_bytes())
     good = json.loads((model_dir / "model_config.json").read_text())
     bad_fields = (
         ({"min_count": "1"}, "min_count: Input should be a valid integer, got '1'"),
@@ -232,9 +233,11 @@ def test_a_truncated_model_file_is_one_error_line_in_predict_and_eval(predict_in
     cut = tmp_path / "model"
     cut.mkdir()
     (cut / "model_config.json").write_text((model_dir / "model_config.json").read_text())
-    (cut / "model.pt").write_bytes((model_dir / "model.pt").read_bytes()[:4096])  # a copy stopped part-way
+    for name in ("model.pt", "model.onnx"):  # copies stopped part-way: predict reads model.onnx, eval model.pt
+        (cut / name).write_bytes((model_dir / name).read_bytes()[:4096])
     assert main(["predict", "--model-dir", str(cut), str(photos), "--out", str(tmp_path / "p.csv")]) == 2
-    assert_one_error_line(2, capsys.readouterr().err, str(cut / "model.pt"), "is not a readable weights file")
+    assert_one_error_line(2, capsys.readouterr().err, str(cut / "model.onnx"), "is not a readable ONNX model",
+                          f"re-export it with `bincount export --model-dir {cut}`")
     proc = subprocess.run([sys.executable, "eval.py", f"model_dir={cut}", f"data.root={photos}",
                            f"hydra.run.dir={tmp_path / 'eval'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert_one_error_line(proc.returncode, proc.stderr, str(cut / "model.pt"), "is not a readable weights file")

@@ -20,8 +20,8 @@ from bincount.data.splits import block_split, per_image_split
 from bincount.data.transforms import CountingPresetEval
 from bincount.models.decoding import FlipTTA, decode_counts, with_tta
 from bincount.models.module import BinCountModule, soft_count_targets
-from bincount.serve.model import CountingModel
-from bincount.serve.model import make_predictions
+from bincount.models.export import load_model_dir
+from bincount.serve.model import CountingModel, make_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,7 +139,12 @@ def test_training_with_every_option_exports_what_serving_answers_with(trained_ru
     assert "current_model_state" in ckpt  # EMA: the checkpoint's state_dict is the average
 
     model = CountingModel.load(out / "model", device="cpu")
-    assert isinstance(model.net, FlipTTA)
+    net, _ = load_model_dir(out / "model")
+    x = torch.randn(3, 3, model.preset.image_size, model.preset.image_size)
+    with torch.no_grad():
+        flipped, plain = FlipTTA(net)(x), net(x)
+    [served] = model.session.run(["logits"], {"images": x.numpy()})  # the averaged flips, not the photo alone
+    assert (torch.from_numpy(served) - flipped).abs().max() < 1e-4 < (torch.from_numpy(served) - plain).abs().max()
     probs = torch.tensor([[0.45, 0.0, 0.0, 0.15, 0.40]])
     assert make_predictions(probs, [None], model)[0]["count"] == model.min_count + 3  # the median, not argmax
 

@@ -9,7 +9,7 @@ from bincount.models import backbones
 from bincount.models.backbones import WeightsUnavailableError, build_backbone
 from bincount.models.card import EvalPreset, ModelCard
 from bincount.models.decoding import NEVER
-from bincount.models.export import load_model_dir, read_model_card, save_model_dir
+from bincount.models.export import ONNX_FILE, check_onnx, load_model_dir, read_model_card, save_model_dir
 from bincount.models.module import BinCountModule
 from bincount.report import count_report
 
@@ -90,6 +90,12 @@ def test_export_round_trip(tmp_path):
     assert loaded == card and loaded.num_classes == 6 and loaded.preset.image_size == 32
     with pytest.raises(FileNotFoundError, match="model_config.json"):
         load_model_dir(tmp_path / "missing")
+    # model.onnx is checked against the network it was exported from, and refused for another one
+    other = BinCountModule(arch="resnet18", min_count=0, max_count=5).net.eval()
+    onnx_model = (tmp_path / ONNX_FILE).read_bytes()
+    assert check_onnx(onnx_model, model.net, card) <= 1e-4
+    with pytest.raises(RuntimeError, match="the ONNX export disagrees with the PyTorch forward"):
+        check_onnx(onnx_model, other, card)
 
 
 # model_config.json as a quickstart run writes it (one epoch: an untrained model's calibration);

@@ -214,4 +214,4 @@ def test_sigterm_to_pid_1_after_training_leaves_no_model_and_a_rerun_exports(aws
     rerun = subprocess.run(NAMESPACE + box.argv, env=env, capture_output=True, text=True, timeout=600)
     second = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, second[-3000:]
-    assert sorted(p.name for p in (box.root / "model").iterdir()) == ["code", "model.pt", "model_config.json"]
+    assert sorted(p.name for p in (box.root / "model").iterdir()) == ["code", "model.onnx", "model.pt", "model_config.json"]

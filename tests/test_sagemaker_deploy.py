@@ -56,7 +56,7 @@ def test_model_tar_gz_serves_with_its_own_code(model_tar_gz, tmp_path):
     with tarfile.open(model_tar_gz) as tar:
         names = tar.getnames()
         tar.extractall(tmp_path / "model", filter="data")
-    assert {"model.pt", "model_config.json", "code/inference.py", "code/requirements.txt",
+    assert {"model.onnx", "model.pt", "model_config.json", "code/inference.py", "code/requirements.txt",
             "code/bincount/serve/inference.py"} <= set(names)
     photo = tmp_path / "bin.jpg"
     write_bin_photo(photo, 3)

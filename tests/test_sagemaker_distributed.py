@@ -72,7 +72,7 @@ def assert_one_model(roots: list[Path], logs: list[str], fake_root: Path) -> Non
     exported = [r for r in roots if (r / "model" / "model.pt").is_file()]
     assert exported == roots[:1], [sorted(p.name for p in (r / "model").iterdir()) for r in roots]
     model = roots[0] / "model"
-    assert sorted(p.name for p in model.iterdir()) == ["code", "model.pt", "model_config.json"]
+    assert sorted(p.name for p in model.iterdir()) == ["code", "model.onnx", "model.pt", "model_config.json"]
     config = json.loads((model / "model_config.json").read_text())
     assert config["calibration"]["n"] == val_photos(fake_root)  # the whole validation split, not one rank's share
     report = json.loads((roots[0] / "output" / "data" / "metrics.json").read_text())

@@ -126,7 +126,7 @@ def test_single_process_job_trains_and_exports(tmp_path, fake_abid, monkeypatch)
 
     assert {"val/acc", "val/acc_best", "test/acc"} <= metrics.keys()
     model, out = tmp_path / "model", tmp_path / "output" / "data"
-    assert sorted(p.name for p in model.iterdir()) == ["code", "model.pt", "model_config.json"]
+    assert sorted(p.name for p in model.iterdir()) == ["code", "model.onnx", "model.pt", "model_config.json"]
     assert (model / "code" / "inference.py").read_text().count("from bincount.serve.inference import") == 1
     assert (model / "code" / "bincount" / "models" / "export.py").is_file()
     assert not (model / "code" / "bincount" / "conf").exists()

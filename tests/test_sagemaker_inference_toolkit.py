@@ -5,10 +5,13 @@ bodies are the ones an endpoint sends.
 
 import importlib.metadata
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from bincount.models.backbones import build_backbone
 from bincount.models.card import EvalPreset, ModelCard
@@ -71,11 +74,18 @@ def test_the_toolkit_answers_counts_and_the_handlers_status_codes(model_dir, tmp
 
 
 def test_the_endpoint_installs_what_the_handler_imports_beyond_the_image(model_dir):
-    """The serving image has torch and torchvision but not pydantic (the JSON request schema):
-    ``code/requirements.txt`` must make the endpoint install it, at bincount's own version range."""
-    listed = {Requirement(line).name: Requirement(line).specifier
+    """``code/requirements.txt`` lists exactly bincount's own requirements that importing the
+    handler loads (ONNX Runtime, pydantic, Pillow), at bincount's version ranges; torch and
+    torchvision stay the serving image's."""
+    listed = {canonicalize_name(Requirement(line).name): Requirement(line).specifier
               for line in (model_dir / "code" / "requirements.txt").read_text().splitlines()
               if line and not line.startswith("#")}
-    declared = {Requirement(r).name: Requirement(r).specifier for r in importlib.metadata.requires("bincount")}
-    assert listed["pydantic"] == declared["pydantic"] and listed["pillow"] == declared["pillow"]
-    assert not {"torch", "torchvision"} & listed.keys()  # the image's CUDA builds stay
+    declared = {canonicalize_name(r.name): r.specifier
+                for r in map(Requirement, importlib.metadata.requires("bincount")) if r.marker is None}
+    loads = ("import sys, importlib.metadata as md; import bincount.serve.inference; names = md.packages_distributions(); "
+             "print(*{d for m in list(sys.modules) for d in names.get(m.partition('.')[0], [])})")
+    imported = {canonicalize_name(name) for name in
+                subprocess.run([sys.executable, "-c", loads], capture_output=True, text=True, check=True).stdout.split()}
+    assert listed.keys() == (imported & declared.keys()) - {"torch", "torchvision"}
+    assert {"onnxruntime", "pydantic", "pillow"} <= listed.keys()
+    assert all(listed[name] == declared[name] for name in listed)

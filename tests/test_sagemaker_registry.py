@@ -244,8 +244,8 @@ def test_a_job_that_did_not_complete_or_a_model_without_its_card_is_refused_by_e
                 "transform": lambda source: transform.main([source.replace("job=", "model="), *io_])}
     create_training_job(sm, "stopped")  # its model.tar.gz is whole: the status alone refuses it
     sm.stop_training_job(TrainingJobName="stopped")
-    create_training_job(sm, "no-card", model_archive("model.pt", "code/inference.py"))
-    no_weights = put_object("runs/no-weights/model.tar.gz", model_archive("model_config.json", "code/inference.py"))
+    create_training_job(sm, "no-card", model_archive("model.onnx", "model.pt", "code/inference.py"))
+    no_weights = put_object("runs/no-weights/model.tar.gz", model_archive("model.onnx", "model_config.json", "code/inference.py"))
     for name, command in commands.items():
         with pytest.raises(ValueError, match="^training job stopped is Stopped: only a Completed job's model is "
                                              "served or registered; its model may be partial: train it again$"):

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import queue
+import shutil
 import socket
 import struct
 import subprocess
@@ -25,8 +26,10 @@ import torch
 import uvicorn
 from PIL import Image
 
+from bincount import cli
 from bincount.data.decode import decoder_reason
 from bincount.models.decoding import NEVER
+from bincount.models.export import ONNX_FILE
 from bincount.serve import app as serve_app
 from bincount.serve import images as serve_images
 from bincount.serve.app import create_app
@@ -692,6 +695,20 @@ def test_ping_is_503_while_the_model_cannot_load(tmp_path):
         assert r.status_code == 503 and r.json()["status"] == "error" and "model_config.json" in r.json()["error"]
         r = httpx.post(f"{url}/invocations", content=b"x", headers={"Content-Type": "image/jpeg"})
         assert r.status_code == 503 and "not loaded" in r.json()["error"]
+
+
+def test_a_model_exported_without_model_onnx_fails_in_one_line_until_bincount_export(bundle, tmp_path, capsys):
+    old = tmp_path / "model"
+    shutil.copytree(bundle.model_dir, old)
+    (old / ONNX_FILE).unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        model_fn(str(old))
+    assert str(err.value) == (f"{old / ONNX_FILE} not found: the model was exported without it; re-export it with "
+                              f"`bincount export --model-dir {old}`")
+    assert cli.main(["export", "--model-dir", str(old)]) == 0
+    assert capsys.readouterr().err == f"{old / ONNX_FILE} written\n"
+    [pred] = predict_fn(input_fn(bundle.photos[0].read_bytes(), "image/jpeg"), model_fn(str(old)))
+    assert pred["probabilities"] == pytest.approx(bundle.probs[0].tolist(), abs=1e-5)
 
 
 def wait_for_lines(stream, *needles: str, timeout: float = 90) -> list[str]:

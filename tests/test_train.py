@@ -16,8 +16,10 @@ from bincount.data.transforms import CountingPresetEval
 from bincount.evaluate import evaluate, load_for_eval
 from bincount.models.backbones import build_backbone
 from bincount.models.card import EvalPreset, ModelCard
-from bincount.models.export import save_model_dir
+from bincount.models.decoding import decode_counts, with_tta
+from bincount.models.export import load_model_dir, save_model_dir
 from bincount.models.module import BinCountModule
+from bincount.serve.model import CountingModel, forward, preprocess
 from bincount.train import train
 from bincount.config import compose
 from tests.fakes import FAST, set_output_dir
@@ -178,3 +180,14 @@ def test_the_smoke_run_on_real_abid_photos_from_the_command_line(tmp_path):
     counts = Counter(int(r["expected_quantity"]) for r in rows)
     assert counts[report["baseline_majority_count"]] == max(counts.values())
     assert report["baseline_majority_acc"] == pytest.approx(max(counts.values()) / len(rows))
+
+    # serving's forward (ONNX Runtime, model.onnx) answers the test photos as the PyTorch model does
+    model = CountingModel.load(run / "model", device="cpu")
+    net, card = load_model_dir(run / "model")
+    photos = [decode_rgb_file(REPO.parent / "shared" / "abid" / IMAGE_DIR / f"{r['image_id']}.jpg") for r in rows]
+    x = preprocess(model, photos)
+    with torch.no_grad():
+        expected = (with_tta(net, card.tta)(x) / model.temperature).softmax(dim=1)
+    served = forward(model, x)
+    assert torch.equal(decode_counts(served, card.decode)[1], decode_counts(expected, card.decode)[1])
+    assert (served - expected).abs().max() <= 1e-4

@@ -6,6 +6,7 @@ Usage:
     bincount transform collect s3://BUCKET/counts/ --input-prefix s3://BUCKET/bin-images/ --model-dir model/ \
         --out counts.csv
     bincount runs compare --experiment bincount --out comparison/
+    bincount export --model-dir outputs/RUN/model
 
 Each ``add_*_command(subparsers)`` adds its parser and sets ``func(args) -> int`` (the exit
 code); implementations are imported when their command runs, so ``bincount --help`` stays fast.
@@ -39,7 +40,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="largest photo, width x height, checked before decoding (default: "
                              "$BINCOUNT_MAX_PIXELS or 40 million)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:N (default: cuda when onnxruntime has it; onnxruntime-gpu does)")
 
 
 def _limits(args: argparse.Namespace):
@@ -78,7 +80,7 @@ def add_serve_command(subparsers) -> None:
                         help="a photo of up to this many pixels is decoded in the forward thread; a larger one "
                              "beside it, so that it cannot delay other requests (0: always beside)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of the forward pass (default: one per core)")
+                        help="threads of the forward pass and preprocessing (default: one per core)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=_run_serve)
 
@@ -162,6 +164,26 @@ def _run_transform_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_command(subparsers) -> None:
+    """``bincount export``: rewrite a model folder's served network from its weights
+    (:func:`bincount.models.export.save_model_dir`)."""
+    parser = subparsers.add_parser(
+        "export", help="rewrite a model/ folder's model.onnx from its model.pt and model_config.json",
+        description="Export the network as served (model.onnx) from the folder's weights and card, check it against "
+                    "the PyTorch forward, and replace the folder atomically: for a model/ exported without model.onnx.")
+    parser.add_argument("--model-dir", required=True, help="the exported model/ folder")
+    parser.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from bincount.models.export import ONNX_FILE, load_model_dir, save_model_dir
+
+    net, card = load_model_dir(args.model_dir)
+    save_model_dir(net, args.model_dir, card)
+    print(f"{Path(args.model_dir) / ONNX_FILE} written", file=sys.stderr)
+    return 0
+
+
 def add_runs_command(subparsers) -> None:
     """``bincount runs compare``: tracked MLflow runs side by side (:mod:`bincount.runs`)."""
     runs = subparsers.add_parser("runs", help="compare tracked training runs (MLflow, logger=mlflow)")
@@ -196,7 +218,8 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (add_serve_command, add_predict_command, add_transform_command, add_data_command, add_runs_command)
+COMMANDS = (add_serve_command, add_predict_command, add_transform_command, add_data_command, add_runs_command,
+            add_export_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

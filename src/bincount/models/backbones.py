@@ -40,6 +40,17 @@ def _load_pretrained(arch: str, weights: str, weights_path: str | None) -> nn.Mo
     return net
 
 
+def check_arch(arch: str) -> str:
+    """``arch`` if torchvision has a classification model of that name.
+
+    Raises:
+        ValueError: If it has none.
+    """
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown arch {arch!r}; torchvision classification models are e.g. resnet18, resnet50")
+    return arch
+
+
 def build_backbone(
     arch: str,
     num_classes: int,
@@ -62,8 +73,7 @@ def build_backbone(
         ValueError: Unknown ``arch``/``weights``, or an architecture without an ``fc`` head.
         WeightsUnavailableError: ``weights`` cannot be downloaded and is not cached.
     """
-    if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"unknown arch {arch!r}; torchvision classification models are e.g. resnet18, resnet50")
+    check_arch(arch)
     if weights is None:
         if weights_path is not None:
             raise ValueError("model.weights_path needs model.weights (the name of the weights in that file)")

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, computed_field, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, computed_field,
+                      model_validator)
 
 import bincount
 from bincount.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CountingPresetEval
+from bincount.models.backbones import check_arch
 from bincount.models.decoding import NEVER, DecodeRule, TtaMode
 
 # strict: a bool, a string or (for whole numbers) a float is refused, never converted
@@ -80,8 +82,8 @@ def card_error(err: ValidationError) -> CardError:
     problems = [f"lacks {', '.join(missing)}: not a bincount model config"] if missing else []
     for e in errors:
         where = ".".join(map(str, e["loc"]))
-        if e["type"] == "value_error":  # a model validator's own message says it all
-            problems.append(str(e["ctx"]["error"]))
+        if e["type"] == "value_error":  # a validator's own message says it all
+            problems.append(f"{where}: {e['ctx']['error']}" if where else str(e["ctx"]["error"]))
         elif e["type"] != "missing":
             problems.append(f"{where}: {e['msg']}, got {e['input']!r}")
     return CardError("; ".join(problems))
@@ -152,7 +154,8 @@ class ModelCard(BaseModel):
     ``num_classes`` (derived, for readers of the file) as its last key.
 
     Args:
-        arch: torchvision model name of the backbone (``resnet18``, ``resnet50``, ...).
+        arch: torchvision model name of the backbone (``resnet18``, ``resnet50``, ...; checked against
+            torchvision's classification models).
         min_count: Count of class 0 (``>= 0``).
         max_count: Count of the last class (``> min_count``).
         preset: The evaluation preprocessing (input size and normalisation).
@@ -173,7 +176,7 @@ class ModelCard(BaseModel):
 
     model_config = FROZEN
 
-    arch: Annotated[str, Field(min_length=1)]
+    arch: Annotated[str, AfterValidator(check_arch)]
     min_count: Whole
     max_count: Whole
     preset: EvalPreset

@@ -62,7 +62,7 @@ class FlipTTA(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         views = torch.cat([images, images.flip(-1), images.flip(-2), images.flip(-1, -2)])
-        return self.net(views).unflatten(0, (4, len(images))).mean(dim=0)
+        return self.net(views).unflatten(0, (4, -1)).mean(dim=0)  # -1, not len(): a dynamic batch in ONNX
 
 
 def with_tta(net: nn.Module, tta: str) -> nn.Module:

@@ -1,15 +1,20 @@
-"""The exported model folder (SageMaker's ``model_dir``): ``model.pt`` + ``model_config.json``.
+"""The exported model folder (SageMaker's ``model_dir``): ``model.pt``, ``model.onnx`` and ``model_config.json``.
 
-Everything serving needs, loadable with torch and torchvision alone (no Hydra, no Lightning):
-the bare backbone's ``state_dict`` and its :class:`~bincount.models.card.ModelCard`.
+Everything evaluation and serving need, without Hydra or Lightning: the bare backbone's
+``state_dict`` (``model.pt``, loaded with torch and torchvision), the network as served
+(``model.onnx``: the backbone with the card's test-time augmentation, run by ONNX Runtime) and
+its :class:`~bincount.models.card.ModelCard`.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import pickle
 from pathlib import Path
+
+import onnxruntime as ort
 
 import torch
 from torch import nn
@@ -17,17 +22,69 @@ from torch import nn
 from bincount.atomic import atomic_folder
 from bincount.models.backbones import build_backbone
 from bincount.models.card import CardError, ModelCard
+from bincount.models.decoding import with_tta
 
 MODEL_FILE = "model.pt"
+ONNX_FILE = "model.onnx"
 CONFIG_FILE = "model_config.json"
+ONNX_TOLERANCE = 1e-4
+"""Largest difference of a calibrated probability between ``model.onnx`` and the PyTorch forward."""
+
+
+def export_onnx(net: nn.Module, card: ModelCard) -> bytes:
+    """The network as served, as ONNX: ``net`` with the card's test-time augmentation, in eval mode
+    on the CPU, exported by ``torch.onnx.export`` (the ``torch.export`` exporter) with a dynamic batch.
+
+    Args:
+        net: The backbone, ``(N, 3, S, S)`` -> ``(N, card.num_classes)`` logits (any device; not modified).
+        card: Gives the test-time augmentation and the input size ``S``.
+
+    Returns:
+        The ONNX model: input ``images`` ``(N, 3, S, S)`` float32, output ``logits`` ``(N, C)`` float32.
+    """
+    served = with_tta(copy.deepcopy(net).cpu().float(), card.tta).eval()
+    size = card.preset.image_size
+    program = torch.onnx.export(served, (torch.zeros(2, 3, size, size),), input_names=["images"],
+                                output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                dynamo=True, verbose=False)
+    return program.model_proto.SerializeToString()
+
+
+def check_onnx(onnx_model: bytes, net: nn.Module, card: ModelCard, *, tolerance: float = ONNX_TOLERANCE) -> float:
+    """Check that ONNX Runtime's forward of ``onnx_model`` gives ``net``'s calibrated probabilities.
+
+    Both run a fixed random batch of 3 inputs ``(3, 3, S, S)`` on the CPU, ``net`` with the card's
+    test-time augmentation; the logits are divided by the card's temperature before the softmax.
+
+    Returns:
+        The largest absolute difference of a probability.
+
+    Raises:
+        RuntimeError: If it exceeds ``tolerance``.
+    """
+    served = with_tta(copy.deepcopy(net).cpu().float(), card.tta).eval()
+    size = card.preset.image_size
+    probe = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    temperature = 1.0 if card.calibration is None else card.calibration.temperature
+    with torch.inference_mode():
+        expected = (served(probe) / temperature).softmax(dim=1)
+    session = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
+    logits = torch.from_numpy(session.run(["logits"], {"images": probe.numpy()})[0])
+    difference = float(((logits / temperature).softmax(dim=1) - expected).abs().max())
+    if not difference <= tolerance:
+        raise RuntimeError(f"the ONNX export disagrees with the PyTorch forward (a probability differs by "
+                           f"{difference:.3g} > {tolerance:g}): the model cannot be served")
+    return difference
 
 
 def save_model_dir(net: nn.Module, out_dir: str | Path, card: ModelCard) -> Path:
-    """Write the bare backbone's ``state_dict`` and its card into the folder ``out_dir``, atomically.
+    """Write the bare backbone's ``state_dict``, the network as served and its card into the folder ``out_dir``, atomically.
 
-    The folder is built beside ``out_dir`` and renamed into place when both files are written
-    (:func:`bincount.atomic.atomic_folder`): stopped or failing at any moment, ``out_dir`` is the
-    previous model, whole, or the new one, or absent; never a ``model.pt`` without its card.
+    ``model.onnx`` (:func:`export_onnx`) is written only once :func:`check_onnx` has found it to
+    answer as ``net`` does. The folder is built beside ``out_dir`` and renamed into place when
+    every file is written (:func:`bincount.atomic.atomic_folder`): stopped or failing at any
+    moment, ``out_dir`` is the previous model, whole, or the new one, or absent; never a
+    ``model.pt`` without its card.
 
     Args:
         net: The torchvision backbone (``BinCountModule.net``), ``(N, 3, S, S)`` ->
@@ -40,13 +97,17 @@ def save_model_dir(net: nn.Module, out_dir: str | Path, card: ModelCard) -> Path
 
     Raises:
         OSError: If the folder cannot be written (a full disk, a read-only folder), naming ``out_dir``.
+        RuntimeError: If the ONNX export disagrees with ``net`` (:func:`check_onnx`).
     """
     out_dir = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     weights = io.BytesIO()  # serialised in memory: a full disk is then an OSError, not torch's zip-writer RuntimeError
     torch.save(state, weights)
+    onnx_model = export_onnx(net, card)
+    check_onnx(onnx_model, net, card)
     with atomic_folder(out_dir) as stage:
         (stage / MODEL_FILE).write_bytes(weights.getbuffer())
+        (stage / ONNX_FILE).write_bytes(onnx_model)
         (stage / CONFIG_FILE).write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
     return out_dir
 

@@ -102,7 +102,8 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
             decoded in the forward thread, which saves two thread hand-offs; a larger one
             (milliseconds to decode) in a thread pool, so that it does not delay other
             requests' batches.
-        device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
+        device: ``"cpu"``, ``"cuda"``...; default CUDA when onnxruntime has it
+            (:func:`~bincount.serve.model.inference_session`).
 
     Returns:
         The app; ``app.state.model`` is ``None`` until loaded, ``app.state.load_error`` says why
@@ -210,8 +211,8 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8080, l
         host: Interface to bind (``0.0.0.0`` in a container).
         port: TCP port (SageMaker: 8080).
         log_level: uvicorn log level.
-        threads: torch intra-op threads of the forward pass (default: torch's, one per core). On
-            a small machine fewer threads leave cores for decoding and HTTP.
+        threads: intra-op threads of the forward pass (ONNX Runtime) and of preprocessing (torch);
+            default: one per core. On a small machine fewer threads leave cores for decoding and HTTP.
         **app_kwargs: See :func:`create_app`.
 
     Raises:

@@ -13,7 +13,7 @@ serve`` starts from the same variables and lets its flags override them; it hand
 the handler functions in their ``context`` argument (:func:`settings_of`).
 
 Usage:
-    # the SageMaker PyTorch serving image: model.tar.gz = model.pt, model_config.json and code/
+    # the SageMaker PyTorch serving image: model.tar.gz = model.onnx, model.pt, model_config.json and code/
     mkdir -p pkg/code && cp outputs/RUN/model/* pkg/ && cp dist/bincount-*.whl pkg/code/
     echo 'from bincount.serve.inference import model_fn, transform_fn' > pkg/code/inference.py
     echo "/opt/ml/model/code/$(cd pkg/code && ls bincount-*.whl)[serve]" > pkg/code/requirements.txt
@@ -85,7 +85,7 @@ class Settings:
         limits: Request limits.
         review_threshold: Overrides the calibrated review threshold of ``model_config.json``
             (``None``: the calibrated one).
-        device: Where the network runs (``None``: CUDA when available, else CPU).
+        device: Where the network runs (``None``: CUDA when onnxruntime has it, else CPU).
         batch_transform: The handler answers a Batch Transform job: a photo it cannot count (a
             client mistake, 4xx) is answered 200 with ``{"error": "..."}``, so that the job goes
             on and ``bincount transform collect`` makes it an error row. Off, it is answered
@@ -154,7 +154,7 @@ def model_fn(model_dir: str, context: Any = None) -> CountingModel:
     """Load the exported model.
 
     Args:
-        model_dir: Folder with ``model.pt`` and ``model_config.json`` (empty: ``$SM_MODEL_DIR``,
+        model_dir: Folder with ``model.onnx``, ``model.pt`` and ``model_config.json`` (empty: ``$SM_MODEL_DIR``,
             else ``/opt/ml/model``).
         context: TorchServe's context, or one with ``settings`` (:func:`settings_of`).
 

@@ -1,8 +1,11 @@
 """The served model: an exported ``model/`` folder loaded for inference, its forward pass, and
 the answers it gives (count, confidence and verdict).
 
-Needs torch, torchvision and Pillow only (no Hydra, no Lightning); preprocesses with the
-training code's :class:`~bincount.data.transforms.CountingPresetEval`.
+The forward pass is ONNX Runtime's, on ``model.onnx`` (the network with its test-time
+augmentation, written and checked against the PyTorch forward at export:
+:func:`bincount.models.export.save_model_dir`); preprocessing is the training code's
+:class:`~bincount.data.transforms.CountingPresetEval`. Needs onnxruntime, torch, torchvision
+and Pillow (no Hydra, no Lightning).
 """
 
 from __future__ import annotations
@@ -12,16 +15,58 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnxruntime as ort
 import torch
-from torch import nn
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf
 
 from bincount.data.transforms import CountingPresetEval
 from bincount.models.card import ModelCard
-from bincount.models.decoding import NEVER, decode_counts, with_tta
-from bincount.models.export import load_model_dir
+from bincount.models.decoding import NEVER, decode_counts
+from bincount.models.export import ONNX_FILE, read_model_card
 from bincount.serve.images import Limits
 
 log = logging.getLogger(__name__)
+CUDA = "CUDAExecutionProvider"
+
+
+def inference_session(path: str | Path, device: str | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session of ``path`` on ``device``, with torch's intra-op thread count.
+
+    Args:
+        path: ``model.onnx``.
+        device: ``"cpu"`` or ``"cuda"``/``"cuda:N"`` (needs the onnxruntime-gpu package); default:
+            CUDA when this onnxruntime has it, else CPU.
+
+    Raises:
+        FileNotFoundError: If ``path`` is missing (a model exported before serving ran on ONNX
+            Runtime: the message says how to re-export it).
+        ValueError: If ``path`` is not a readable ONNX model (cut short, or not one at all), or
+            ``device`` is unknown or this onnxruntime cannot run on it.
+    """
+    path = Path(path)
+    re_export = f"re-export it with `bincount export --model-dir {path.parent}`"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the model was exported without it; {re_export}")
+    if device is None and CUDA not in ort.get_available_providers() and torch.cuda.is_available():
+        log.warning("this machine has a GPU but onnxruntime has no CUDA provider: counting on the CPU "
+                    "(pip install onnxruntime-gpu to count on the GPU)")
+    device = device or ("cuda" if CUDA in ort.get_available_providers() else "cpu")
+    if device == "cpu":
+        providers: list = ["CPUExecutionProvider"]
+    elif device.split(":")[0] == "cuda":
+        if CUDA not in ort.get_available_providers():
+            raise ValueError(f"device {device!r}: this onnxruntime has no CUDA provider "
+                             "(pip install onnxruntime-gpu, or pass --device cpu)")
+        providers = [(CUDA, {"device_id": int(device.partition(":")[2] or 0)}), "CPUExecutionProvider"]
+    else:
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the one thread setting (bincount serve --threads)
+    try:
+        return ort.InferenceSession(path, options, providers=providers)
+    except (InvalidProtobuf, InvalidArgument, InvalidGraph, Fail) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path} is not a readable ONNX model ({reason}): {re_export}") from None
 
 
 @dataclass
@@ -29,23 +74,21 @@ class CountingModel:
     """What :func:`~bincount.serve.inference.model_fn` returns: the network and everything needed to answer with it.
 
     Args:
-        net: Backbone in eval mode (with the card's test-time augmentation), ``(N, 3, S, S)`` ->
-            ``(N, C)`` logits.
+        session: ONNX Runtime's session of ``model.onnx``: input ``images`` ``(N, 3, S, S)`` float32
+            -> output ``logits`` ``(N, C)`` (with the card's test-time augmentation).
         card: The model's ``model_config.json``.
         preset: The eval preprocessing the network was trained with.
         temperature: Logits are divided by it before the softmax (1.0: uncalibrated).
         review_threshold: Verdicts below this calibrated confidence are ``"review"``.
         limits: Request limits.
-        device: Where ``net`` runs.
     """
 
-    net: nn.Module
+    session: ort.InferenceSession
     card: ModelCard
     preset: CountingPresetEval
     temperature: float
     review_threshold: float
     limits: Limits = field(default_factory=Limits)
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def min_count(self) -> int:
@@ -57,31 +100,28 @@ class CountingModel:
 
     @classmethod
     def load(cls, model_dir: str | Path, *, review_threshold: float | None = None, limits: Limits | None = None,
-             device: str | torch.device | None = None) -> CountingModel:
-        """Load an exported ``model/`` folder (``torch.load(weights_only=True)``) and warm it up.
+             device: str | None = None) -> CountingModel:
+        """Load an exported ``model/`` folder (its card and ``model.onnx``) and warm it up.
 
         Args:
-            model_dir: Folder with ``model.pt`` and ``model_config.json``.
+            model_dir: Folder with ``model.onnx``, ``model.pt`` and ``model_config.json``.
             review_threshold: Overrides the calibrated threshold in ``model_config.json``.
             limits: Request limits (default :class:`~bincount.serve.images.Limits`).
-            device: Default: CUDA when available, else CPU.
+            device: Where the network runs (:func:`inference_session`).
 
         Raises:
             FileNotFoundError: If a file of the folder is missing.
-            ValueError: If ``model_config.json`` is malformed (one line naming the file and the field).
-            RuntimeError: If ``model.pt`` does not match the card.
+            ValueError: If ``model_config.json`` is malformed (one line naming the file and the
+                field), or ``device`` cannot be used.
         """
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        net, card = load_model_dir(model_dir, map_location=device)
-        net = with_tta(net, card.tta)
+        card = read_model_card(model_dir)
         model = cls(
-            net=net.to(device, memory_format=torch.channels_last).eval(),  # as in training; ~25% faster on CPU
+            session=inference_session(Path(model_dir) / ONNX_FILE, device),
             card=card,
             preset=card.preset.build(),
             temperature=1.0 if card.calibration is None else card.calibration.temperature,
             review_threshold=review_threshold_of(card, review_threshold, where=model_dir),
             limits=limits or Limits(),
-            device=device,
         )
         size = model.preset.image_size
         forward(model, torch.zeros(1, 3, size, size))  # first call allocates; keep that out of the first request
@@ -108,11 +148,10 @@ def preprocess(model: CountingModel, images: Sequence[torch.Tensor]) -> torch.Te
     return torch.stack([model.preset(img) for img in images])
 
 
-@torch.inference_mode()
 def forward(model: CountingModel, batch: torch.Tensor) -> torch.Tensor:
-    """Calibrated probabilities ``(N, C)`` (CPU, float32) of a preprocessed batch ``(N, 3, S, S)``."""
-    logits = model.net(batch.to(model.device, memory_format=torch.channels_last, non_blocking=True))
-    return (logits.float() / model.temperature).softmax(dim=1).cpu()
+    """Calibrated probabilities ``(N, C)`` (CPU, float32) of a preprocessed batch ``(N, 3, S, S)`` (CPU, float32)."""
+    [logits] = model.session.run(["logits"], {"images": batch.contiguous().numpy()})
+    return (torch.from_numpy(logits) / model.temperature).softmax(dim=1)
 
 
 def probabilities(model: CountingModel, images: Sequence[torch.Tensor]) -> torch.Tensor:
