@@ -22,7 +22,13 @@ IMAGE_PACKAGES = {"torch", "torchvision"}
 SERVING_PACKAGES = {"onnxruntime", "pillow", "pydantic"}
 INFERENCE_SHIM = '''"""SageMaker PyTorch serving entry (written by sagemaker_launch.model_archive): bincount's handler."""
 
+import torch
+
 from bincount.serve.inference import model_fn, transform_fn  # noqa: F401
+
+# preprocessing, a photo at a time, in one thread: torch's waiting threads would slow ONNX Runtime's
+# forward (as `bincount serve` does)
+torch.set_num_threads(1)
 '''
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import queue
+import re
 import shutil
 import socket
 import struct
@@ -705,6 +706,8 @@ def test_a_model_exported_without_model_onnx_fails_in_one_line_until_bincount_ex
         model_fn(str(old))
     assert str(err.value) == (f"{old / ONNX_FILE} not found: the model was exported without it; re-export it with "
                               f"`bincount export --model-dir {old}`")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(err.value))):  # bincount serve: at start, not 503
+        serve_app.serve(old, port=free_port())
     assert cli.main(["export", "--model-dir", str(old)]) == 0
     assert capsys.readouterr().err == f"{old / ONNX_FILE} written\n"
     [pred] = predict_fn(input_fn(bundle.photos[0].read_bytes(), "image/jpeg"), model_fn(str(old)))

@@ -80,7 +80,7 @@ def add_serve_command(subparsers) -> None:
                         help="a photo of up to this many pixels is decoded in the forward thread; a larger one "
                              "beside it, so that it cannot delay other requests (0: always beside)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="threads of the forward pass and preprocessing (default: one per core)")
+                        help="threads of the forward pass (default: ONNX Runtime's, one per physical core)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=_run_serve)
 

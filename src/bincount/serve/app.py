@@ -47,7 +47,7 @@ from bincount.serve.batching import Batcher
 from bincount.serve.errors import RequestError
 from bincount.serve.images import Limits, read_image_header
 from bincount.serve.inference import HandlerContext, Settings, error_answer, input_fn, model_fn, output_fn, predict_fn
-from bincount.serve.model import CountingModel
+from bincount.serve.model import CountingModel, onnx_file
 from bincount.serve.request import IMAGE_CONTENT_TYPES, CountRequest, check_accept, check_content_type
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,8 @@ def predict_rows(model: CountingModel, rows: Sequence[tuple[torch.Tensor, int | 
 
 def create_app(model_dir: str | Path, *, review_threshold: float | None = None, limits: Limits | None = None,
                max_body_bytes: int = 32 * 2**20, max_batch_size: int = 16, max_wait_ms: float = 0.0,
-               inline_decode_pixels: int = 4_000_000, device: str | None = None) -> FastAPI:
+               inline_decode_pixels: int = 4_000_000, device: str | None = None,
+               threads: int | None = None) -> FastAPI:
     """The FastAPI app; the model loads in the background once the server starts.
 
     Settings not given here come from the environment, as on a SageMaker endpoint
@@ -104,6 +105,8 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
             requests' batches.
         device: ``"cpu"``, ``"cuda"``...; default CUDA when onnxruntime has it
             (:func:`~bincount.serve.model.inference_session`).
+        threads: Intra-op threads of the forward pass (default: ONNX Runtime's, one per physical
+            core). On a small machine fewer threads leave cores for decoding and HTTP.
 
     Returns:
         The app; ``app.state.model`` is ``None`` until loaded, ``app.state.load_error`` says why
@@ -113,7 +116,8 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
     Raises:
         ValueError: If a ``BINCOUNT_*`` variable is malformed.
     """
-    settings = Settings.from_env().override(review_threshold=review_threshold, limits=limits, device=device)
+    settings = Settings.from_env().override(review_threshold=review_threshold, limits=limits, device=device,
+                                            threads=threads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -198,11 +202,11 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
 
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info",
-          threads: int | None = None, **app_kwargs) -> None:
+          **app_kwargs) -> None:
     """Run :func:`create_app` under uvicorn (one process: batching needs one model per process).
 
-    A model folder that is missing, or lacks ``model.pt`` or a well-formed ``model_config.json``,
-    fails here, before the server starts (on SageMaker the container then exits with the error
+    A model folder that is missing, or lacks ``model.onnx``, ``model.pt`` or a well-formed
+    ``model_config.json``, fails here, before the server starts (on SageMaker the container then exits with the error
     in its log instead of answering ``/ping`` with 503 until the endpoint times out). The
     weights load in the background once the server is up; if they cannot, ``/ping`` says why.
 
@@ -211,12 +215,10 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8080, l
         host: Interface to bind (``0.0.0.0`` in a container).
         port: TCP port (SageMaker: 8080).
         log_level: uvicorn log level.
-        threads: intra-op threads of the forward pass (ONNX Runtime) and of preprocessing (torch);
-            default: one per core. On a small machine fewer threads leave cores for decoding and HTTP.
         **app_kwargs: See :func:`create_app`.
 
     Raises:
-        FileNotFoundError: If ``model_dir`` lacks ``model.pt`` or ``model_config.json``.
+        FileNotFoundError: If ``model_dir`` lacks ``model.onnx``, ``model.pt`` or ``model_config.json``.
         ValueError: If ``model_config.json`` or a ``BINCOUNT_*`` variable is malformed.
     """
     import uvicorn
@@ -224,7 +226,7 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8080, l
     from bincount.models.export import read_model_card
 
     read_model_card(model_dir)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    onnx_file(model_dir)
+    torch.set_num_threads(1)  # preprocessing, a photo at a time: torch's waiting threads would slow ONNX Runtime's
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(model_dir, **app_kwargs), host=host, port=port, log_level=log_level)

@@ -86,6 +86,7 @@ class Settings:
         review_threshold: Overrides the calibrated review threshold of ``model_config.json``
             (``None``: the calibrated one).
         device: Where the network runs (``None``: CUDA when onnxruntime has it, else CPU).
+        threads: Intra-op threads of the forward pass (``None``: ONNX Runtime's, one per physical core).
         batch_transform: The handler answers a Batch Transform job: a photo it cannot count (a
             client mistake, 4xx) is answered 200 with ``{"error": "..."}``, so that the job goes
             on and ``bincount transform collect`` makes it an error row. Off, it is answered
@@ -95,6 +96,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     review_threshold: float | None = None
     device: str | None = None
+    threads: int | None = None
     batch_transform: bool = False
 
     @classmethod
@@ -165,7 +167,7 @@ def model_fn(model_dir: str, context: Any = None) -> CountingModel:
     settings = settings_of(context)
     return CountingModel.load(model_dir or os.environ.get("SM_MODEL_DIR", DEFAULT_MODEL_DIR),
                               review_threshold=settings.review_threshold, limits=settings.limits,
-                              device=settings.device)
+                              device=settings.device, threads=settings.threads)
 
 
 def input_fn(request_body: bytes | str, request_content_type: str | None, context: Any = None) -> CountRequest:

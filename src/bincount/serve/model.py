@@ -29,24 +29,36 @@ log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 
 
-def inference_session(path: str | Path, device: str | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime session of ``path`` on ``device``, with torch's intra-op thread count.
-
-    Args:
-        path: ``model.onnx``.
-        device: ``"cpu"`` or ``"cuda"``/``"cuda:N"`` (needs the onnxruntime-gpu package); default:
-            CUDA when this onnxruntime has it, else CPU.
+def onnx_file(model_dir: str | Path) -> Path:
+    """``model_dir``'s ``model.onnx``.
 
     Raises:
-        FileNotFoundError: If ``path`` is missing (a model exported before serving ran on ONNX
-            Runtime: the message says how to re-export it).
-        ValueError: If ``path`` is not a readable ONNX model (cut short, or not one at all), or
+        FileNotFoundError: If it is missing (a model exported before serving ran on ONNX Runtime:
+            the message says how to re-export it).
+    """
+    path = Path(model_dir) / ONNX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the model was exported without it; re-export it with "
+                                f"`bincount export --model-dir {path.parent}`")
+    return path
+
+
+def inference_session(model_dir: str | Path, device: str | None = None,
+                      threads: int | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session of ``model_dir``'s ``model.onnx`` on ``device``.
+
+    Args:
+        model_dir: The exported model folder.
+        device: ``"cpu"`` or ``"cuda"``/``"cuda:N"`` (needs the onnxruntime-gpu package); default:
+            CUDA when this onnxruntime has it, else CPU.
+        threads: Intra-op threads of the forward pass (default: ONNX Runtime's, one per physical core).
+
+    Raises:
+        FileNotFoundError: If ``model.onnx`` is missing (:func:`onnx_file`).
+        ValueError: If it is not a readable ONNX model (cut short, or not one at all), or
             ``device`` is unknown or this onnxruntime cannot run on it.
     """
-    path = Path(path)
-    re_export = f"re-export it with `bincount export --model-dir {path.parent}`"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the model was exported without it; {re_export}")
+    path = onnx_file(model_dir)
     if device is None and CUDA not in ort.get_available_providers() and torch.cuda.is_available():
         log.warning("this machine has a GPU but onnxruntime has no CUDA provider: counting on the CPU "
                     "(pip install onnxruntime-gpu to count on the GPU)")
@@ -61,12 +73,16 @@ def inference_session(path: str | Path, device: str | None = None) -> ort.Infere
     else:
         raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # the one thread setting (bincount serve --threads)
+    options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default
+    # threads that wait without spinning leave the cores to decoding and HTTP between forward passes:
+    # more photos/s under concurrent requests (benchmarks/serve_compare.py)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(path, options, providers=providers)
     except (InvalidProtobuf, InvalidArgument, InvalidGraph, Fail) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{path} is not a readable ONNX model ({reason}): {re_export}") from None
+        raise ValueError(f"{path} is not a readable ONNX model ({reason}): re-export it with "
+                         f"`bincount export --model-dir {path.parent}`") from None
 
 
 @dataclass
@@ -100,7 +116,7 @@ class CountingModel:
 
     @classmethod
     def load(cls, model_dir: str | Path, *, review_threshold: float | None = None, limits: Limits | None = None,
-             device: str | None = None) -> CountingModel:
+             device: str | None = None, threads: int | None = None) -> CountingModel:
         """Load an exported ``model/`` folder (its card and ``model.onnx``) and warm it up.
 
         Args:
@@ -108,6 +124,7 @@ class CountingModel:
             review_threshold: Overrides the calibrated threshold in ``model_config.json``.
             limits: Request limits (default :class:`~bincount.serve.images.Limits`).
             device: Where the network runs (:func:`inference_session`).
+            threads: Intra-op threads of the forward pass (:func:`inference_session`).
 
         Raises:
             FileNotFoundError: If a file of the folder is missing.
@@ -116,7 +133,7 @@ class CountingModel:
         """
         card = read_model_card(model_dir)
         model = cls(
-            session=inference_session(Path(model_dir) / ONNX_FILE, device),
+            session=inference_session(model_dir, device, threads),
             card=card,
             preset=card.preset.build(),
             temperature=1.0 if card.calibration is None else card.calibration.temperature,
