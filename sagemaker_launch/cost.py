@@ -126,6 +126,16 @@ def estimate(instance_type: str, instance_count: int, hours: float, *, table: st
                     float(prices.spot_savings))
 
 
+def hosting_text(instance_type: str, instance_count: int, until: str) -> str:
+    """``"<count> x <type> cost about <USD> USD per hour <until>"`` at the table's on-demand hosting
+    price (endpoints, transform jobs), or the reason the table has none."""
+    try:
+        line = estimate(instance_type, instance_count, 1, table="hosting")
+    except KeyError as err:
+        return str(err.args[0])
+    return f"{instance_count} x {instance_type} cost about {line.on_demand_usd:.3f} USD per hour {until}"
+
+
 def format_table(lines: list[CostLine], prices: DictConfig | None = None, *, mark: str | None = None) -> str:
     """A plain-text table of ``lines`` with the price table's date and source underneath."""
     prices = prices or load_prices()

@@ -213,12 +213,8 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
     print(f"{action} {name} ({cfg.instance_count} x {cfg.instance_type}, {image})\n"
           f"  model and endpoint config {resource}: {model_data}\n"
           f"  {console_url(cfg.region, name, 'endpoint')}")
-    try:
-        line = cost.estimate(cfg.instance_type, cfg.instance_count, 1, table="hosting")
-        print(f"  costs about {line.on_demand_usd:.3f} USD per hour until deleted: "
-              f"python -m sagemaker_launch.deploy delete endpoint={name}")
-    except KeyError:
-        pass
+    print("  " + cost.hosting_text(cfg.instance_type, cfg.instance_count,
+                                   f"until deleted: python -m sagemaker_launch.deploy delete endpoint={name}"))
     if cfg.wait:
         endpoint.wait_for_status("InService")
     endpoint.refresh()
@@ -283,12 +279,7 @@ def main(argv: list[str] | None = None):
         for operation, request in made.requests.items():
             print(f"DRY RUN: {operation} (not sent)\n{describe_request(request, [])}")
         print(f"endpoint {made.name} is created, or updated to the new config (UpdateEndpoint) if it exists")
-        try:
-            line = cost.estimate(cfg.instance_type, cfg.instance_count, 1, table="hosting")
-            print(f"{cfg.instance_count} x {cfg.instance_type} cost about {line.on_demand_usd:.3f} USD per hour "
-                  "until deleted")
-        except KeyError:
-            pass
+        print(cost.hosting_text(cfg.instance_type, cfg.instance_count, "until deleted"))
     return made
 
 

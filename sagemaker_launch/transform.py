@@ -173,7 +173,7 @@ def create_transform(cfg: DictConfig, *, dry_run: bool = False, wait: bool = Fal
     print(f"transform job {name} ({cfg.instance_count} x {cfg.instance_type}): "
           f"{source.model_package or source.model_data}\n"
           f"  {folder(cfg.input)} -> {folder(cfg.output)}\n  {console_url(cfg.region, name, 'transform')}\n"
-          f"  {cost_text(cfg)}", flush=True)
+          f"  {cost.hosting_text(cfg.instance_type, cfg.instance_count, 'while it runs')}", flush=True)
     if wait:
         try:
             job.wait()
@@ -183,15 +183,6 @@ def create_transform(cfg: DictConfig, *, dry_run: bool = False, wait: bool = Fal
     reason = job.failure_reason if isinstance(job.failure_reason, str) else ""
     return Transform(name, {op: sent[-1] for op, sent in hook.sent.items()}, False, str(job.transform_job_status),
                      reason)
-
-
-def cost_text(cfg: DictConfig) -> str:
-    """What the instances cost per hour while the job runs (the price table's on-demand inference prices)."""
-    try:
-        line = cost.estimate(cfg.instance_type, cfg.instance_count, 1, table="hosting")
-    except KeyError as err:
-        return str(err.args[0])
-    return f"{cfg.instance_count} x {cfg.instance_type} cost about {line.on_demand_usd:.3f} USD per hour while it runs"
 
 
 def model_override(value: str) -> str:
@@ -231,7 +222,7 @@ def main(argv: list[str] | None = None) -> Transform:
     if made.dry_run:
         for operation, request in made.requests.items():
             print(f"DRY RUN: {operation} {made.job_name} (not sent)\n{describe_request(request, [])}")
-        print(cost_text(cfg))
+        print(cost.hosting_text(cfg.instance_type, cfg.instance_count, "while it runs"))
         return made
     if flags.wait and made.status != "Completed":
         print(f"error: transform job {made.job_name} {made.status}: {made.failure_reason}", file=sys.stderr)
