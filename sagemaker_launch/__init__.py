@@ -20,12 +20,14 @@ ranks, and ``entry`` decodes the hyperparameters and runs ``train(cfg)``.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 
 
 def run(main: Callable[[], object]) -> None:
-    """Run a command's ``main()``: an expected failure prints one ``error:`` line and exits 2.
+    """Run a command's ``main()``, its log lines (INFO and up) on stderr: an expected failure prints
+    one ``error:`` line and exits 2.
 
     Expected: a config typo or missing value (Hydra, OmegaConf), a value the launcher refuses
     (``ValueError``, ``KeyError``), a file that is not there (``OSError``), the job's wheel failing
@@ -40,6 +42,7 @@ def run(main: Callable[[], object]) -> None:
     from bincount.errors import error_line
     from sagemaker_launch.source import WheelBuildError
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         main()
     except (HydraException, OmegaConfBaseException, ValueError, KeyError, OSError, WheelBuildError, BotoCoreError,

@@ -267,7 +267,6 @@ def delete_endpoint(cfg: DictConfig) -> list[str]:
 
 def main(argv: list[str] | None = None):
     """Run ``create`` (the default), ``invoke`` or ``delete``; see the module docstring."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     command, overrides, photos = parse_argv(list(sys.argv[1:] if argv is None else argv))
     cfg = compose("deploy", overrides)
     if command == "invoke":

@@ -207,7 +207,6 @@ def parse_argv(argv: list[str], prog: str = "python -m sagemaker_launch.launch")
 
 def main(argv: list[str] | None = None) -> Submission:
     """Compose, check, and submit (or dry-run) one training job; see the module docstring."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     flags, overrides = parse_argv(list(sys.argv[1:] if argv is None else argv))
     cfg = compose("launch", overrides)
     plan = plan_training_job(cfg, overrides)

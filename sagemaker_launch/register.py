@@ -244,7 +244,6 @@ def parse_argv(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> Registration:
     """Compose ``conf/register.yaml`` with the arguments and :func:`register`; a dry run prints the request."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = compose("register", parse_argv(list(sys.argv[1:] if argv is None else argv)))
     made = register(cfg)
     if cfg.dry_run:

@@ -215,7 +215,6 @@ def main(argv: list[str] | None = None) -> Transform:
     Raises:
         SystemExit: 1 if ``--wait`` saw the job fail or stop.
     """
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     flags, overrides = parse_argv(list(sys.argv[1:] if argv is None else argv))
     cfg = compose("transform", overrides)
     made = create_transform(cfg, dry_run=flags.dry_run, wait=flags.wait)

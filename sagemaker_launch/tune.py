@@ -234,7 +234,6 @@ def submit_tuning_job(cfg: DictConfig, overrides: list[str], *, dry_run: bool = 
 
 def main(argv: list[str] | None = None) -> Submission:
     """Compose, check and submit (or dry-run) a tuning job; see the module docstring."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     flags, overrides = parse_argv(list(sys.argv[1:] if argv is None else argv), prog="python -m sagemaker_launch.tune")
     cfg = compose("launch", overrides, return_hydra_config=True)
     dry_run = flags.dry_run or bool(cfg.sagemaker.dry_run)
