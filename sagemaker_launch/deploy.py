@@ -32,6 +32,7 @@ sending nothing (nothing is looked up either: a job's model and a group's packag
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
@@ -185,15 +186,11 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
     resource = name_from_base(name)  # unique: the endpoint's current model and config are still in use
     variants = [ProductionVariant(variant_name="AllTraffic", model_name=resource, instance_type=cfg.instance_type,
                                   initial_instance_count=int(cfg.instance_count))]
-    try:  # in a dry run each Create* stops at its DryRun, and the hook keeps its request
+    with contextlib.suppress(DryRun):  # in a dry run each Create* stops at its DryRun, and the hook keeps its request
         serving_models.create_model(resource, cfg, session, source, cfg.environment)
-    except DryRun:
-        pass
-    try:
+    with contextlib.suppress(DryRun):
         EndpointConfig.create(endpoint_config_name=resource, session=session, region=cfg.region,
                               production_variants=variants)
-    except DryRun:
-        pass
     if dry_run:
         try:
             Endpoint.create(endpoint_name=name, endpoint_config_name=resource, session=session, region=cfg.region)

@@ -40,6 +40,7 @@ would write its ``CalledProcessError`` traceback there (the driver keeps a file 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -135,12 +136,10 @@ def drop_trial_checkpoints(env: ContainerEnv, user: list[str]) -> bool:
 def write_failure(env: ContainerEnv, message: str) -> None:
     """Write ``message`` to SageMaker's failure file unless one exists (the first reason stays, as
     the SDK's drivers and sagemaker-training keep it)."""
-    try:
+    with contextlib.suppress(FileExistsError):
         env.failure_file.parent.mkdir(parents=True, exist_ok=True)
         with open(env.failure_file, "x") as f:
             f.write(message + "\n")
-    except FileExistsError:
-        pass
 
 
 def export_or_stop(env: ContainerEnv, run_model_dir: Path) -> None:

@@ -41,6 +41,7 @@ that type (CPU or GPU): :func:`sagemaker_launch.serving_models.model_source`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
 import sys
@@ -151,10 +152,8 @@ def create_transform(cfg: DictConfig, *, dry_run: bool = False, wait: bool = Fal
     hook = RequestHook(session, dry_run=dry_run)
     name = name_from_base(str(cfg.base_job_name))
     source = serving_models.model_source(cfg, session, SOURCES, dry_run=dry_run, use=model_packages.TRANSFORM)
-    try:
+    with contextlib.suppress(DryRun):  # a dry run goes on to keep the transform job's request too
         serving_models.create_model(name, cfg, session, source)
-    except DryRun:
-        pass
     try:
         job = TransformJob.create(
             transform_job_name=name, model_name=name, session=session, region=cfg.region,
@@ -175,10 +174,8 @@ def create_transform(cfg: DictConfig, *, dry_run: bool = False, wait: bool = Fal
           f"  {folder(cfg.input)} -> {folder(cfg.output)}\n  {console_url(cfg.region, name, 'transform')}\n"
           f"  {cost.hosting_text(cfg.instance_type, cfg.instance_count, 'while it runs')}", flush=True)
     if wait:
-        try:
+        with contextlib.suppress(FailedStatusError):  # reported by the status below
             job.wait()
-        except FailedStatusError:
-            pass  # reported by the status below
     job.refresh()
     reason = job.failure_reason if isinstance(job.failure_reason, str) else ""
     return Transform(name, {op: sent[-1] for op, sent in hook.sent.items()}, False, str(job.transform_job_status),

@@ -19,6 +19,7 @@ checkpoints, so a run resumed mid-epoch continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from pathlib import Path
@@ -64,13 +65,6 @@ def allow_http_in_litdata(endpoint_url: str | None = None) -> bool:
         )
     options["allow_http"] = "true"
     return True
-
-
-def _allow_http_from_env() -> None:
-    try:
-        allow_http_in_litdata()
-    except ImportError:  # litdata is optional for fetch-only installs
-        pass
 
 
 class ShardSample:
@@ -237,4 +231,5 @@ class ABIDStreamDataModule(CountingDataModule):
         return StreamingDataLoader(self.datasets[name], **self.loader_kwargs())
 
 
-_allow_http_from_env()
+with contextlib.suppress(ImportError):  # litdata is optional for fetch-only installs
+    allow_http_in_litdata()
