@@ -97,7 +97,7 @@ def test_fetch_resumes_after_being_killed_half_way(public_bucket, tmp_path):
     ids = sorted(good)
     (out / "bin-images").mkdir(parents=True)
     (out / "bin-images" / "00001.jpg.123.456.part").write_bytes(b"half a photo")  # left by an older crash
-    cmd = [sys.executable, "-m", "bincount.data.commands", "fetch", "--ids", f"1-{N_PHOTOS}", "--out", str(out),
+    cmd = [sys.executable, "-m", "bincount.cli", "data", "fetch", "--ids", f"1-{N_PHOTOS}", "--out", str(out),
            "--bucket", PUBLIC_BUCKET, "--endpoint-url", server.endpoint, "--workers", "1", "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60

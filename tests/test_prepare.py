@@ -15,7 +15,6 @@ from PIL import Image
 
 from bincount.cli import main as bincount_cli
 from bincount.data.abid import build_index
-from bincount.data.commands import main as data_cli
 from bincount.data.decode import decode_rgb_bytes
 from bincount.data.prepare import STAGING_PREFIX, prepare
 from bincount.data.s3 import S3Error, upload_tree
@@ -101,7 +100,7 @@ def test_prepare_overwrite_and_bad_input_errors(abid_folder, tmp_path, capsys):
     manifest = prepare(root, str(out), max_count=5, eda=False, overwrite=True, **SPLIT, **FAST)
     assert read_manifest(str(out))["max_count"] == manifest["max_count"] == 5
 
-    assert data_cli(["prepare", "--in", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert bincount_cli(["data", "prepare", "--in", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "bin-images not found" in capsys.readouterr().err
     assert bincount_cli(["data", "prepare", "--in", str(root), "--out", str(out)]) == 2  # the `bincount` command
     assert "--overwrite" in capsys.readouterr().err

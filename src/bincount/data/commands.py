@@ -4,7 +4,6 @@ Usage:
     bincount data fetch --list file_list.json --out data/abid
     bincount data fetch --ids 1-5000 --out data/abid --workers 32
     bincount data prepare --in data/abid --out s3://BUCKET/abid/v1 --resize 256
-    python -m bincount.data.commands fetch --ids 1-100 --out data/abid      # the same without the wrapper
 
 Only argparse lives here; :mod:`bincount.data.fetch` and :mod:`bincount.data.prepare` are
 imported when their command runs, so ``bincount --help`` stays fast.
@@ -15,9 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
-
-from bincount.errors import run_command
 
 PUBLIC_BUCKET = "aft-vbi-pds"  # bincount.data.abid.PUBLIC_BUCKET, without importing it for --help
 
@@ -29,10 +25,7 @@ def add_data_command(subparsers) -> None:
     expected failures (bad input, S3 errors, operating-system errors such as a read-only or full
     disk) print one ``error:`` line and return 2.
     """
-    _add_subcommands(subparsers.add_parser("data", help="fetch ABID from S3 and prepare streaming shards"))
-
-
-def _add_subcommands(parser: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser("data", help="fetch ABID from S3 and prepare streaming shards")
     commands = parser.add_subparsers(dest="data_command", metavar="{fetch,prepare}", required=True)
     _add_fetch(commands)
     _add_prepare(commands)
@@ -133,15 +126,3 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 def _log_to_stderr() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m bincount.data.commands fetch|prepare ...``; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="bincount data", description="Fetch ABID from S3 and prepare shards.")
-    _add_subcommands(parser)
-    args = parser.parse_args(argv)
-    return run_command(args.func, args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
