@@ -155,5 +155,4 @@ def is_tuning_trial(environ: dict[str, str] | None = None) -> bool:
     """Whether this job is a trial of a tuning job: SageMaker adds ``_tuning_objective_metric`` to its
     ``$SM_INPUT_CONFIG_DIR/hyperparameters.json`` (the training toolkit keeps it from the arguments)."""
     environ = os.environ if environ is None else environ
-    path = Path(environ.get("SM_INPUT_CONFIG_DIR", "/opt/ml/input/config")) / "hyperparameters.json"
-    return path.is_file() and TUNING_OBJECTIVE in json.loads(path.read_text())
+    return TUNING_OBJECTIVE in read_hyperparameters({**environ, "SM_HPS": ""})  # the file, not $SM_HPS
