@@ -53,15 +53,16 @@ log = logging.getLogger("sagemaker_launch")
 TUNING_NAME_MAX = 32
 
 
-def parse_value(value: str):
-    """What Hydra reads from the override ``key=<value>`` (its ``Override.value()``).
-
-    Raises:
-        hydra.errors.HydraException: If ``value`` is not Hydra's override syntax.
-    """
+def reads_as(text: str, value: Any) -> bool:
+    """Whether Hydra reads the override ``key=<text>`` as ``value`` (its ``Override.value()``);
+    ``False`` for text that is not Hydra's override syntax."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
-    return OverridesParser.create().parse_override(f"key={value}").value()
+    try:
+        return OverridesParser.create().parse_override(f"key={text}").value() == value
+    except HydraException:
+        return False
 
 
 def hydra_text(value: Any) -> str:
@@ -74,7 +75,6 @@ def hydra_text(value: Any) -> str:
         ValueError: If the text would not read back as ``value``.
     """
     from hydra.core.override_parser.types import Quote, QuotedString
-    from hydra.errors import HydraException
 
     if value is None:
         text = "null"
@@ -88,17 +88,9 @@ def hydra_text(value: Any) -> str:
         text = "{" + ", ".join(f"{k}: {hydra_text(v)}" for k, v in value.items()) + "}"
     else:
         text = str(value)
-        try:
-            plain = parse_value(text) == value
-        except HydraException:
-            plain = False
-        if not plain:
+        if not reads_as(text, value):
             text = QuotedString(text=text, quote=Quote.double).with_quotes()
-    try:
-        same = parse_value(text) == value
-    except HydraException:
-        same = False
-    if not same:
+    if not reads_as(text, value):
         raise ValueError(f"sweep value {value!r} can't be written as a Hydra override value")
     return text
 
