@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> str:
                                                  "config costs on every training instance type of "
                                                  "conf/sagemaker/prices.yaml (sagemaker.expected_hours, else "
                                                  "sagemaker.max_run_hours)")
-    _, overrides = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    _, overrides = parser.parse_known_args(argv)  # None: sys.argv[1:]
     cfg = compose("launch", overrides)
     sm, prices = cfg.sagemaker, load_prices()
     hours = job_hours(sm)

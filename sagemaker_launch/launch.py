@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import logging
 import shlex
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,8 +196,9 @@ def submit_training_job(plan: TrainingJobPlan, *, dry_run: bool = False, wait: b
     return Submission(request, name, [], False)
 
 
-def parse_argv(argv: list[str], prog: str = "python -m sagemaker_launch.launch") -> tuple[argparse.Namespace, list[str]]:
-    """Split ``--dry-run``/``--no-wait`` from the Hydra overrides (``prog``: the command ``--help`` names)."""
+def parse_argv(argv: list[str] | None, prog: str = "python -m sagemaker_launch.launch") -> tuple[argparse.Namespace, list[str]]:
+    """Split ``--dry-run``/``--no-wait`` from the Hydra overrides of ``argv`` (``None``: ``sys.argv[1:]``, as
+    argparse reads it; ``prog``: the command ``--help`` names)."""
     parser = argparse.ArgumentParser(prog=prog, add_help=True, description="Hydra overrides of conf/launch.yaml, plus:")
     parser.add_argument("--dry-run", action="store_true", help="print the request and the cost, send nothing")
     parser.add_argument("--no-wait", action="store_true", help="don't stream the job's log")
@@ -207,7 +207,7 @@ def parse_argv(argv: list[str], prog: str = "python -m sagemaker_launch.launch")
 
 def main(argv: list[str] | None = None) -> Submission:
     """Compose, check, and submit (or dry-run) one training job; see the module docstring."""
-    flags, overrides = parse_argv(list(sys.argv[1:] if argv is None else argv))
+    flags, overrides = parse_argv(argv)
     cfg = compose("launch", overrides)
     plan = plan_training_job(cfg, overrides)
     dry_run = flags.dry_run or bool(cfg.sagemaker.dry_run)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,10 +219,10 @@ def register(cfg: DictConfig) -> Registration:
     return Registration(arn, properties, decision)
 
 
-def parse_argv(argv: list[str]) -> list[str]:
-    """``key=value`` overrides of ``conf/register.yaml``, with ``--approve-if-better`` as
-    ``approve_if_better=true`` and ``--dry-run`` as ``dry_run=true``; ``-h``/``--help`` prints the
-    module docstring and exits 0.
+def parse_argv(argv: list[str] | None) -> list[str]:
+    """``key=value`` overrides of ``conf/register.yaml`` in ``argv`` (``None``: ``sys.argv[1:]``), with
+    ``--approve-if-better`` as ``approve_if_better=true`` and ``--dry-run`` as ``dry_run=true``;
+    ``-h``/``--help`` prints the module docstring and exits 0.
 
     Raises:
         SystemExit: 2 (argparse's one error line) for an argument that is neither a flag nor ``key=value``.
@@ -244,7 +243,7 @@ def parse_argv(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> Registration:
     """Compose ``conf/register.yaml`` with the arguments and :func:`register`; a dry run prints the request."""
-    cfg = compose("register", parse_argv(list(sys.argv[1:] if argv is None else argv)))
+    cfg = compose("register", parse_argv(argv))
     made = register(cfg)
     if cfg.dry_run:
         print(f"DRY RUN: CreateModelPackage in group {cfg.group} (not sent; the group is created if missing)\n"

@@ -194,9 +194,9 @@ def model_override(value: str) -> str:
     return f"model_data={value}" if value.startswith("s3://") else f"job={value}"
 
 
-def parse_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Split ``--dry-run``/``--wait`` from the Hydra overrides, ``model=`` read by :func:`model_override`;
-    ``--help`` prints the module docstring too."""
+def parse_argv(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """Split ``--dry-run``/``--wait`` from the Hydra overrides of ``argv`` (``None``: ``sys.argv[1:]``),
+    ``model=`` read by :func:`model_override`; ``--help`` prints the module docstring too."""
     parser = argparse.ArgumentParser(prog="python -m sagemaker_launch.transform", epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="Hydra overrides of conf/transform.yaml, plus:")
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> Transform:
     Raises:
         SystemExit: 1 if ``--wait`` saw the job fail or stop.
     """
-    flags, overrides = parse_argv(list(sys.argv[1:] if argv is None else argv))
+    flags, overrides = parse_argv(argv)
     cfg = compose("transform", overrides)
     made = create_transform(cfg, dry_run=flags.dry_run, wait=flags.wait)
     if made.dry_run:

@@ -31,7 +31,6 @@ exported its model, so a trial downloads only the checkpoints of trials that hav
 from __future__ import annotations
 
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -226,7 +225,7 @@ def submit_tuning_job(cfg: DictConfig, overrides: list[str], *, dry_run: bool = 
 
 def main(argv: list[str] | None = None) -> Submission:
     """Compose, check and submit (or dry-run) a tuning job; see the module docstring."""
-    flags, overrides = parse_argv(list(sys.argv[1:] if argv is None else argv), prog="python -m sagemaker_launch.tune")
+    flags, overrides = parse_argv(argv, prog="python -m sagemaker_launch.tune")
     cfg = compose("launch", overrides, return_hydra_config=True)
     dry_run = flags.dry_run or bool(cfg.sagemaker.dry_run)
     sub = submit_tuning_job(cfg, overrides, dry_run=dry_run, wait=bool(cfg.sagemaker.wait) and not flags.no_wait)
