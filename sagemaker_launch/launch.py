@@ -196,7 +196,8 @@ def submit_training_job(plan: TrainingJobPlan, *, dry_run: bool = False, wait: b
     return Submission(request, name, [], False)
 
 
-def parse_argv(argv: list[str] | None, prog: str = "python -m sagemaker_launch.launch") -> tuple[argparse.Namespace, list[str]]:
+def parse_argv(argv: list[str] | None,
+               prog: str = "python -m sagemaker_launch.launch") -> tuple[argparse.Namespace, list[str]]:
     """Split ``--dry-run``/``--no-wait`` from the Hydra overrides of ``argv`` (``None``: ``sys.argv[1:]``, as
     argparse reads it; ``prog``: the command ``--help`` names)."""
     parser = argparse.ArgumentParser(prog=prog, add_help=True, description="Hydra overrides of conf/launch.yaml, plus:")
