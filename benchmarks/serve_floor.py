@@ -27,9 +27,9 @@ from bincount.serve.model import CountingModel
 from bincount.serve.request import CountRequest
 
 
-def floor_app(model_dir: str) -> FastAPI:
+def floor_app(model_dir: str, threads: int | None = None) -> FastAPI:
     """``GET /ping`` and ``POST /invocations`` (one JPEG or PNG photo -> the JSON answer)."""
-    model = CountingModel.load(model_dir)
+    model = CountingModel.load(model_dir, threads=threads)
     app = FastAPI()
 
     @app.get("/ping")
@@ -50,12 +50,12 @@ def main() -> None:
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of the forward pass")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of the forward pass (default: ONNX Runtime's, one per physical core)")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    uvicorn.run(floor_app(args.model_dir), host=args.host, port=args.port, log_level=args.log_level)
+    torch.set_num_threads(1)  # preprocessing in one thread, as bincount serve does
+    uvicorn.run(floor_app(args.model_dir, args.threads), host=args.host, port=args.port, log_level=args.log_level)
 
 
 if __name__ == "__main__":

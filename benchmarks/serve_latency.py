@@ -19,7 +19,7 @@ and the rest, the HTTP round trip), and the ratios to the bare forward of ``binc
 goal is p50 <= 1.2x) and of the floor server (what FastAPI + uvicorn cost here with nothing
 around the handler functions).
 
-Blocks, with a pause between them, because after a forward pass torch's OpenMP threads spin
+Blocks, with a pause between them, because after a forward pass a runtime's threads may spin
 for a while (milliseconds): timing this process and the server back to back would have each
 one's idle threads slow the other's forward on a 2-core machine. The kinds run in the same
 order in even blocks and in reverse in odd ones (ABBA). A round is one block of every kind;
@@ -121,19 +121,20 @@ def main() -> None:
     parser.add_argument("--photo", type=Path, default=SHARED_PHOTOS / "00001.jpg")
     parser.add_argument("--n", type=int, default=300, help="timings of each kind")
     parser.add_argument("--block", type=int, default=25, help="timings in a row of one kind, the kinds alternating")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads here and in the server")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="forward-pass threads here and in the servers (default: ONNX Runtime's, one per "
+                             "physical core); preprocessing runs in one torch thread everywhere, as in bincount serve")
     add_out_argument(parser, "serve_latency")
     args = parser.parse_args()
     threads = [] if args.threads is None else ["--threads", str(args.threads)]
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)  # preprocessing, as bincount serve runs it
 
-    from bincount.serve.inference import input_fn, model_fn, predict_fn
+    from bincount.serve.inference import HandlerContext, Settings, input_fn, model_fn, predict_fn
     from bincount.serve.model import forward, preprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or default_model_dir(args.image_size, Path(tmp))
-        model = model_fn(str(model_dir))
+        model = model_fn(str(model_dir), HandlerContext(Settings(threads=args.threads)))
         data = args.photo.read_bytes()
         x = preprocess(model, input_fn(data, "image/jpeg").images)
         post = {"content": data, "headers": {"Content-Type": "image/jpeg"}}
@@ -159,7 +160,7 @@ def main() -> None:
                     if name in kept_alive:  # uvicorn drops a connection idle for 5 s, as the gap between two
                         kept_alive[name].close()  # blocks of a kind can be: reopen it with one untimed request
                         step()
-                    time.sleep(0.1)  # let the other process's idle OpenMP threads stop spinning
+                    time.sleep(0.1)  # let the other process's idle threads stop spinning
                     this_block = []
                     for _ in range(args.block):
                         t0 = time.perf_counter()

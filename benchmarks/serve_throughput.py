@@ -10,7 +10,7 @@ each send ``--requests`` JPEGs (shared ABID photos). Prints requests/s and p50/p
 (median over ``--rounds``, the two servers alternating ABBA), the size of the batch each request
 was counted in (from the server's ``Server-Timing`` header; 1 when one at a time) and the ratio
 batched / one at a time, the median of the per-round ratios (the goal is >= 2x at 8 clients).
-Beside it, timed in this process in every round with the server's torch threads: the forward
+Beside it, timed in this process in every round with the server's forward-pass threads: the forward
 pass alone on a batch of one photo and on a batch of ``--clients``, i.e. what batching gives the
 network itself (decoding, preprocessing and HTTP cost the same per photo batched or not).
 Clients and server share this machine's CPUs. Writes ``<out>/results.json`` (with every
@@ -67,27 +67,21 @@ async def load(url: str, photos: list[bytes], clients: int, requests: int) -> tu
     return clients * requests / elapsed, latencies, sizes
 
 
-def forward_ms_per_photo(model, batch_size: int, threads: int | None, repeats: int = 10) -> float:
+def forward_ms_per_photo(model, batch_size: int, repeats: int = 10) -> float:
     """Median time of the bare forward pass of ``model`` (a ``CountingModel``) on a batch, per photo, ms.
 
-    Run with the server's torch threads. ``forward`` returns its probabilities on the CPU, so a
-    CUDA forward is timed to its end.
+    ``forward`` returns its probabilities on the CPU, so a CUDA forward is timed to its end.
     """
     from bincount.serve.model import forward
 
     size = model.preset.image_size
     x = torch.randn(batch_size, 3, size, size)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
-    try:
+    forward(model, x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
         forward(model, x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            forward(model, x)
-            times.append(1000 * (time.perf_counter() - t0) / batch_size)
-    finally:
-        torch.set_num_threads(before)
+        times.append(1000 * (time.perf_counter() - t0) / batch_size)
     return statistics.median(times)
 
 
@@ -99,7 +93,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40, help="per client")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--photos", type=Path, default=SHARED_PHOTOS)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of the server's forward pass")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of the server's forward pass (default: ONNX Runtime's, one per physical core)")
     add_out_argument(parser, "serve_throughput")
     args = parser.parse_args()
     threads = [] if args.threads is None else ["--threads", str(args.threads)]
@@ -110,13 +105,14 @@ def main() -> None:
         model_dir = args.model_dir or default_model_dir(args.image_size, Path(tmp))
         from bincount.serve.model import CountingModel
 
-        model = CountingModel.load(model_dir)  # on the device the server picks (CUDA when available)
+        torch.set_num_threads(1)  # preprocessing, as bincount serve runs it
+        model = CountingModel.load(model_dir, threads=args.threads)  # on the device the server picks
         alone: dict[int, list[float]] = {1: [], args.clients: []}
         order: list[str] = []  # the sides in the order they ran
         fwd = {1: "forward alone, batch 1", args.clients: f"forward alone, batch {args.clients}"}
         for round_ in range(args.rounds):
             for batch_size in (list(alone)[::-1] if round_ % 2 else list(alone)):  # ABBA
-                alone[batch_size].append(forward_ms_per_photo(model, batch_size, args.threads))
+                alone[batch_size].append(forward_ms_per_photo(model, batch_size))
                 order.append(fwd[batch_size])
             for mode in (list(MODES)[::-1] if round_ % 2 else list(MODES)):  # ABBA
                 with serving(model_dir, *MODES[mode], *threads) as url:
@@ -131,8 +127,8 @@ def main() -> None:
         args.out, name="serve_throughput", rounds=rounds, order=order,
         unit={one: "requests/s", batched: "requests/s", fwd1: "ms per photo", fwdn: "ms per photo"},
         what=f"{args.clients} concurrent clients x {args.requests} requests ({len(photos)} ABID photos) to "
-             f"`bincount serve` on loopback, {card.arch} at {card.preset.image_size} px, server torch threads "
-             f"{args.threads or torch.get_num_threads()}: dynamic batching (--max-batch-size 16) vs one request per "
+             f"`bincount serve` on loopback, {card.arch} at {card.preset.image_size} px, server forward-pass threads "
+             f"{args.threads or 'ONNX Runtime default'}: dynamic batching (--max-batch-size 16) vs one request per "
              f"forward (--max-batch-size 1); beside it the bare forward per photo at batch 1 vs batch "
              f"{args.clients} in this process. Goal: batched / one at a time >= 2x.",
         ratios={f"{batched} / {one} (requests/s)": (batched, one),
