@@ -4,7 +4,6 @@ Usage:
     python benchmarks/forward_runtimes.py --model-dir benchmarks/results/quickstart/runs/qs/model
     python benchmarks/forward_runtimes.py --model-dir outputs/RUN/model --threads 1 --compile
 
-Needs ``onnx``, ``onnxscript`` and ``onnxruntime`` (``pip install onnx onnxscript onnxruntime``).
 Exports the model folder's backbone (as ``bincount serve`` loads it: the card's test-time
 augmentation, eval mode, channels-last) to ONNX with ``torch.onnx.export`` (a dynamic batch
 dimension), then times, on the same preprocessed shared photos and in one process with
@@ -57,11 +56,14 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from bincount.models.decoding import decode_counts
+    from bincount.models.decoding import decode_counts, with_tta
+    from bincount.models.export import load_model_dir
     from bincount.serve.model import CountingModel, preprocess
 
     torch.set_num_threads(args.threads)
-    model = CountingModel.load(args.model_dir, device="cpu")
+    model = CountingModel.load(args.model_dir, device="cpu")  # the preprocessing and the temperature
+    net, card = load_model_dir(args.model_dir)
+    net = with_tta(net, card.tta).eval().to(memory_format=torch.channels_last)  # the eager forward serving had
     files = sorted(args.photos.glob("*.jpg"))[: args.n]
     if not files:
         parser.error(f"no JPEG in {args.photos}")
@@ -69,11 +71,11 @@ def main() -> None:
 
     def eager(batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return model.net(batch.contiguous(memory_format=torch.channels_last))
+            return net(batch.contiguous(memory_format=torch.channels_last))
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        torch.onnx.export(model.net, (x[:1],), onnx_path, input_names=["images"], output_names=["logits"],
+        torch.onnx.export(net, (x[:1],), onnx_path, input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=True)
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
@@ -85,7 +87,7 @@ def main() -> None:
     runtimes = {"eager": eager, "onnxruntime": onnxruntime}
     compile_s = None
     if args.compile:
-        compiled = torch.compile(model.net)
+        compiled = torch.compile(net)
         start = time.perf_counter()
         for size in (1, 8):
             with torch.inference_mode():
