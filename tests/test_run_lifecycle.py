@@ -227,5 +227,5 @@ def test_a_stop_after_training_exports_nothing_exits_nonzero_and_the_resume_expo
     monkeypatch.undo()
     metrics = train(train_cfg("trainer.limit_val_batches=1", "ckpt_path=last", out=out))  # no more training: test, export
     assert "test/mae" in metrics
-    assert sorted(p.name for p in (out / "model").iterdir()) == ["model.pt", "model_config.json"]
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["model.onnx", "model.pt", "model_config.json"]
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
