@@ -7,7 +7,7 @@
 #   curl -s localhost:8080/ping
 #   curl -s --data-binary @bin.jpg -H 'Content-Type: image/jpeg' localhost:8080/invocations
 # On SageMaker: push the image to ECR and create a Model from it with
-#   model.tar.gz = model.pt + model_config.json at its top level (tar -czf model.tar.gz -C outputs/RUN/model .)
+#   model.tar.gz = model.onnx + model.pt + model_config.json at its top level (tar -czf model.tar.gz -C outputs/RUN/model .)
 # SageMaker starts the container as `docker run IMAGE serve`, unpacks model.tar.gz into /opt/ml/model,
 # waits for GET /ping to answer 200 and sends requests to POST /invocations on port 8080.
 # Limits and the review threshold can be set on the Model's environment: BINCOUNT_MAX_IMAGE_BYTES,
