@@ -3,10 +3,12 @@ toolkit's handler, and whether the answers agree.
 
 Usage:
     python benchmarks/serve_compare.py --baseline 057758a --model-dir benchmarks/results/quickstart/runs/qs/model
+    python benchmarks/serve_compare.py --baseline 057758a --arch resnet50 --image-size 224 --agreement-photos 256
 
 Clones ``--baseline`` into a temporary folder and serves the same weights from both checkouts with
-this environment's Python (the baseline's ``src/`` first on ``PYTHONPATH``): ``--model-dir`` is
-copied and, when it has no ``model.onnx``, given one by this checkout's ``bincount export``. Each
+this environment's Python (the baseline's ``src/`` first on ``PYTHONPATH``): ``--model-dir`` (default:
+an untrained ``--arch`` at ``--image-size`` px) is copied and, when it has no ``model.onnx``, given
+one by this checkout's ``bincount export``. Each
 round runs every side back to back, in the reverse order every other round (ABBA), with a pause
 before each block so that the other process's idle threads stop spinning:
 
@@ -22,7 +24,8 @@ before each block so that the other process's idle threads stop spinning:
 
 Agreement: this checkout's served probabilities (``forward``) against the PyTorch model's (the
 weights of ``model.pt`` with the card's test-time augmentation and temperature) on every shared
-photo, preprocessed once: how many counts differ and the largest probability difference.
+photo (the first ``--agreement-photos``), preprocessed once: how many counts differ and the
+largest probability difference.
 
 Goals: head / baseline serve p50 <= 0.6x; head / baseline photos/s with 8 clients >= 1.5x; head
 serve p50 and head toolkit p50 <= 1.2x the head's bare forward; every count equal and every
@@ -47,7 +50,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 
 from results_io import REPO, add_out_argument, write_results  # benchmarks/ is on sys.path
-from serve_latency import SHARED_PHOTOS, post_stdlib, serving
+from serve_latency import SHARED_PHOTOS, default_model_dir, post_stdlib, serving
 from serve_throughput import load
 
 sys.path.insert(0, str(REPO))  # tests.inference_toolkit: SageMaker's toolkit wired as the serving image wires it
@@ -100,7 +103,10 @@ def agreement(model_dir: Path, photos: list[Path], batch_size: int = 32) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", required=True, help="the commit to compare this checkout with")
-    parser.add_argument("--model-dir", type=Path, required=True, help="an exported model/ folder")
+    parser.add_argument("--model-dir", type=Path, default=None, help="an exported model/ folder (default: untrained)")
+    parser.add_argument("--arch", default="resnet18", help="architecture of the default model")
+    parser.add_argument("--image-size", type=int, default=112, help="input size of the default model")
+    parser.add_argument("--agreement-photos", type=int, default=None, help="photos compared (default: all)")
     parser.add_argument("--photo", type=Path, default=SHARED_PHOTOS / "00001.jpg", help="the photo timed one at a time")
     parser.add_argument("--photos", type=Path, default=SHARED_PHOTOS, help="photos of the throughput and agreement")
     parser.add_argument("--rounds", type=int, default=6)
@@ -119,10 +125,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         checkouts = {"baseline": baseline_checkout(args.baseline, tmp / "baseline"), "head": REPO}
-        model_dir = shutil.copytree(args.model_dir, tmp / "model")
+        model_dir = (shutil.copytree(args.model_dir, tmp / "model") if args.model_dir
+                     else default_model_dir(args.image_size, tmp, args.arch))
         if not (model_dir / "model.onnx").is_file():
             subprocess.run([sys.executable, "-m", "bincount.cli", "export", "--model-dir", str(model_dir)], check=True)
-        agree = agreement(model_dir, photo_files)
+        agree = agreement(model_dir, photo_files[:args.agreement_photos])
         print(f"agreement: {agree}", flush=True)
         toolkit_dirs = {side: toolkit_model_dir(checkouts[side], model_dir, tmp / f"toolkit-{side}") for side in SIDES}
         model = CountingModel.load(model_dir, device="cpu")
@@ -194,7 +201,8 @@ def main() -> None:
                 "head serve p50 / head bare forward": ("head serve p50", "head bare forward p50"),
                 "head toolkit p50 / head bare forward": ("head toolkit p50", "head bare forward p50"),
                 "head bare forward / eager bare forward": ("head bare forward p50", "eager bare forward p50")},
-        config={"baseline": args.baseline, "model_dir": str(args.model_dir), "arch": model.card.arch,
+        config={"baseline": args.baseline, "model_dir": str(args.model_dir) if args.model_dir else None,
+                "arch": model.card.arch,
                 "image_size": model.preset.image_size, "tta": model.card.tta, "photo": str(args.photo),
                 "rounds": args.rounds, "n": args.n, "clients": args.clients, "requests": args.requests,
                 "photos": len(photos), "threads": torch.get_num_threads()},

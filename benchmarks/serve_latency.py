@@ -48,16 +48,16 @@ from results_io import add_out_argument, write_results  # benchmarks/ is on sys.
 SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "abid" / "bin-images"
 
 
-def default_model_dir(image_size: int, out: Path) -> Path:
-    """An untrained resnet18 counting 1..5 at ``image_size`` px, exported like training does."""
+def default_model_dir(image_size: int, out: Path, arch: str = "resnet18") -> Path:
+    """An untrained ``arch`` counting 1..5 at ``image_size`` px, exported like training does."""
     from bincount.models.backbones import build_backbone
     from bincount.models.card import Calibration, EvalPreset, ModelCard
     from bincount.models.export import save_model_dir
 
     torch.manual_seed(0)
-    card = ModelCard(arch="resnet18", min_count=1, max_count=5, preset=EvalPreset(image_size=image_size),
+    card = ModelCard(arch=arch, min_count=1, max_count=5, preset=EvalPreset(image_size=image_size),
                      calibration=Calibration(temperature=1.0, review_threshold=0.5))
-    return save_model_dir(build_backbone("resnet18", 5), out / "model", card)
+    return save_model_dir(build_backbone(arch, 5), out / "model", card)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -123,12 +123,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_model_dir(out: Path, photos: list[Path], *, temperature: float = 1.0,
-                   review_threshold: float | None = THRESHOLD) -> Path:
+def make_model_dir(out: Path, photos: list[Path]) -> Path:
     """An exported ``model/`` folder: an untrained resnet18 (counts ``MIN_COUNT..MAX_COUNT``,
     ``IMAGE_SIZE`` pixels) whose head is centred on ``photos``' features, so its counts and
-    confidences differ from photo to photo (a fresh head says the same count for all).
-    ``review_threshold=None`` exports it uncalibrated (no ``calibration`` in its card)."""
+    confidences differ from photo to photo (a fresh head says the same count for all);
+    calibrated with temperature 1 and review threshold :data:`THRESHOLD`."""
     torch.manual_seed(0)
     net = build_backbone("resnet18", MAX_COUNT - MIN_COUNT + 1).eval()
     preset = CountingPresetEval(image_size=IMAGE_SIZE)
@@ -140,10 +139,9 @@ def make_model_dir(out: Path, photos: list[Path], *, temperature: float = 1.0,
         head.weight.copy_(weight)
         head.bias.copy_(-weight @ centre)
     net.fc = head
-    calibration = None if review_threshold is None else Calibration(temperature=temperature,
-                                                                    review_threshold=review_threshold)
     return save_model_dir(net, out, ModelCard(arch="resnet18", min_count=MIN_COUNT, max_count=MAX_COUNT,
-                                              preset=EvalPreset.of(preset), calibration=calibration))
+                                              preset=EvalPreset.of(preset),
+                                              calibration=Calibration(temperature=1.0, review_threshold=THRESHOLD)))
 
 
 def reference_probs(model_dir: Path, paths: list[Path], decoder: str = "torchvision") -> list[torch.Tensor]:

@@ -122,8 +122,18 @@ def test_handler_chain_matches_the_training_preprocessing(bundle, model):
         assert "verdict" not in pred and "expected_quantity" not in pred
 
 
+def recalibrated(model_dir: Path, out: Path, calibration: dict | None) -> Path:
+    """A copy of ``model_dir`` whose card holds ``calibration`` (none: uncalibrated); the same network."""
+    shutil.copytree(model_dir, out)
+    card = {k: v for k, v in json.loads((out / "model_config.json").read_text()).items() if k != "calibration"}
+    if calibration is not None:
+        card["calibration"] = calibration
+    (out / "model_config.json").write_text(json.dumps(card))
+    return out
+
+
 def test_temperature_and_threshold_come_from_model_config(bundle, tmp_path, monkeypatch):
-    hot = make_model_dir(tmp_path / "hot", bundle.photos, temperature=4.0)
+    hot = recalibrated(bundle.model_dir, tmp_path / "hot", {"temperature": 4.0, "review_threshold": THRESHOLD})
     model = CountingModel.load(hot)
     assert (model.temperature, model.review_threshold) == (4.0, THRESHOLD)
     [pred] = predict_fn(input_fn(bundle.photos[0].read_bytes(), "image/jpeg"), model)
@@ -136,7 +146,7 @@ def test_temperature_and_threshold_come_from_model_config(bundle, tmp_path, monk
     model = model_fn("")  # read at call time, not import time
     assert model.review_threshold == 0.3 and model.limits.max_pixels == 1234 and model.temperature == 4.0
 
-    uncalibrated = CountingModel.load(make_model_dir(tmp_path / "raw", bundle.photos, review_threshold=None))
+    uncalibrated = CountingModel.load(recalibrated(bundle.model_dir, tmp_path / "raw", None))
     assert uncalibrated.review_threshold == NEVER  # no threshold, no automatic verdict
 
 
