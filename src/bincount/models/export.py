@@ -15,7 +15,6 @@ import pickle
 from pathlib import Path
 
 import onnxruntime as ort
-
 import torch
 from torch import nn
 
@@ -31,6 +30,11 @@ ONNX_TOLERANCE = 1e-4
 """Largest difference of a calibrated probability between ``model.onnx`` and the PyTorch forward."""
 
 
+def served_network(net: nn.Module, card: ModelCard) -> nn.Module:
+    """A float32 CPU copy of ``net`` in eval mode with the card's test-time augmentation: what serving runs."""
+    return with_tta(copy.deepcopy(net).cpu().float(), card.tta).eval()
+
+
 def export_onnx(net: nn.Module, card: ModelCard) -> bytes:
     """The network as served, as ONNX: ``net`` with the card's test-time augmentation, in eval mode
     on the CPU, exported by ``torch.onnx.export`` (the ``torch.export`` exporter) with a dynamic batch.
@@ -42,11 +46,10 @@ def export_onnx(net: nn.Module, card: ModelCard) -> bytes:
     Returns:
         The ONNX model: input ``images`` ``(N, 3, S, S)`` float32, output ``logits`` ``(N, C)`` float32.
     """
-    served = with_tta(copy.deepcopy(net).cpu().float(), card.tta).eval()
     size = card.preset.image_size
-    program = torch.onnx.export(served, (torch.zeros(2, 3, size, size),), input_names=["images"],
-                                output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                dynamo=True, verbose=False)
+    program = torch.onnx.export(served_network(net, card), (torch.zeros(2, 3, size, size),),
+                                input_names=["images"], output_names=["logits"],
+                                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False)
     return program.model_proto.SerializeToString()
 
 
@@ -62,12 +65,11 @@ def check_onnx(onnx_model: bytes, net: nn.Module, card: ModelCard, *, tolerance:
     Raises:
         RuntimeError: If it exceeds ``tolerance``.
     """
-    served = with_tta(copy.deepcopy(net).cpu().float(), card.tta).eval()
     size = card.preset.image_size
     probe = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     temperature = 1.0 if card.calibration is None else card.calibration.temperature
     with torch.inference_mode():
-        expected = (served(probe) / temperature).softmax(dim=1)
+        expected = (served_network(net, card)(probe) / temperature).softmax(dim=1)
     session = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
     logits = torch.from_numpy(session.run(["logits"], {"images": probe.numpy()})[0])
     difference = float(((logits / temperature).softmax(dim=1) - expected).abs().max())
@@ -78,7 +80,7 @@ def check_onnx(onnx_model: bytes, net: nn.Module, card: ModelCard, *, tolerance:
 
 
 def save_model_dir(net: nn.Module, out_dir: str | Path, card: ModelCard) -> Path:
-    """Write the bare backbone's ``state_dict``, the network as served and its card into the folder ``out_dir``, atomically.
+    """Write the backbone's ``state_dict``, the network as served and the card into ``out_dir``, atomically.
 
     ``model.onnx`` (:func:`export_onnx`) is written only once :func:`check_onnx` has found it to
     answer as ``net`` does. The folder is built beside ``out_dir`` and renamed into place when

@@ -206,9 +206,10 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8080, l
     """Run :func:`create_app` under uvicorn (one process: batching needs one model per process).
 
     A model folder that is missing, or lacks ``model.onnx``, ``model.pt`` or a well-formed
-    ``model_config.json``, fails here, before the server starts (on SageMaker the container then exits with the error
-    in its log instead of answering ``/ping`` with 503 until the endpoint times out). The
-    weights load in the background once the server is up; if they cannot, ``/ping`` says why.
+    ``model_config.json``, fails here, before the server starts (on SageMaker the container then
+    exits with the error in its log instead of answering ``/ping`` with 503 until the endpoint
+    times out). The network loads in the background once the server is up; if it cannot, ``/ping``
+    says why.
 
     Args:
         model_dir: Exported ``model/`` folder.

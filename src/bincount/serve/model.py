@@ -129,7 +129,7 @@ class CountingModel:
         Raises:
             FileNotFoundError: If a file of the folder is missing.
             ValueError: If ``model_config.json`` is malformed (one line naming the file and the
-                field), or ``device`` cannot be used.
+                field), ``model.onnx`` is not a readable ONNX model, or ``device`` cannot be used.
         """
         card = read_model_card(model_dir)
         model = cls(
