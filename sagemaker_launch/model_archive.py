@@ -68,12 +68,15 @@ def export_model(run_model_dir: Path, model_dir: Path) -> Path:
         ``model_dir``.
 
     Raises:
-        FileNotFoundError: If ``run_model_dir`` has no ``model.pt``.
+        FileNotFoundError: If ``run_model_dir`` lacks ``model.pt`` or ``model.onnx`` (what deploy,
+            register and transform require of a ``model.tar.gz``).
     """
     import bincount
+    from bincount.models.export import MODEL_FILE, ONNX_FILE
 
-    if not (run_model_dir / "model.pt").is_file():
-        raise FileNotFoundError(f"{run_model_dir / 'model.pt'} not found: did training export the model?")
+    for name in (MODEL_FILE, ONNX_FILE):
+        if not (run_model_dir / name).is_file():
+            raise FileNotFoundError(f"{run_model_dir / name} not found: did training export the model?")
     model_dir.mkdir(parents=True, exist_ok=True)
     for path in run_model_dir.iterdir():
         if path.is_file():

@@ -44,7 +44,6 @@ def test_overrides_survive_the_hyperparameter_round_trip():
                  "++trainer.profiler=simple", "~callbacks.lr_monitor", "data=abid_stream", "trainer.max_epochs=-1",
                  "data.train_transform.hflip_prob=0.0"]
     hps = encode_overrides(overrides)
-    assert all("." not in name and re.fullmatch(r"\w+", name) for name in hps), hps  # exportable as SM_HP_<NAME>
     # one value, the overrides in order (tests/test_sagemaker_hyperparameters.py: why)
     assert hps == {"overrides": " ".join(overrides)}
     assert decode_hyperparameters(hps) == overrides
@@ -141,11 +140,22 @@ def test_single_process_job_trains_and_exports(tmp_path, fake_abid, monkeypatch)
     assert config["arch"] == "resnet18" and config["num_classes"] == 5
 
 
+def test_a_run_folder_without_model_onnx_is_refused_and_nothing_is_copied(tmp_path):
+    run_model = tmp_path / "run" / "model"
+    run_model.mkdir(parents=True)
+    (run_model / "model_config.json").write_text("{}")
+    (run_model / "model.pt").write_bytes(b"weights")
+    env = ContainerEnv.from_environ({"SM_MODEL_DIR": str(tmp_path / "opt_ml_model")})
+    with pytest.raises(FileNotFoundError, match=r"model\.onnx not found: did training export the model\?"):
+        entry.export_or_stop(env, run_model)  # deploy, register and transform would refuse its model.tar.gz
+    assert not env.model_dir.exists() or list(env.model_dir.iterdir()) == []
+
+
 def test_a_stop_while_copying_the_model_leaves_the_model_dir_empty(tmp_path, monkeypatch):
     run_model = tmp_path / "run" / "model"
     run_model.mkdir(parents=True)
-    (run_model / "model.pt").write_bytes(b"weights")
-    (run_model / "model_config.json").write_text("{}")
+    for name in ("model.pt", "model.onnx", "model_config.json"):
+        (run_model / name).write_bytes(b"{}")
     env = ContainerEnv.from_environ({"SM_MODEL_DIR": str(tmp_path / "opt_ml_model")})
 
     def requirements_after_sigterm() -> str:  # called once model.pt and code/bincount are copied

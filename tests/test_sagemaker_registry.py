@@ -245,7 +245,9 @@ def test_a_job_that_did_not_complete_or_a_model_without_its_card_is_refused_by_e
     create_training_job(sm, "stopped")  # its model.tar.gz is whole: the status alone refuses it
     sm.stop_training_job(TrainingJobName="stopped")
     create_training_job(sm, "no-card", model_archive("model.onnx", "model.pt", "code/inference.py"))
-    no_weights = put_object("runs/no-weights/model.tar.gz", model_archive("model.onnx", "model_config.json", "code/inference.py"))
+    no_weights = put_object("runs/no-weights/model.tar.gz",
+                            model_archive("model.onnx", "model_config.json", "code/inference.py"))
+    no_onnx = put_object("runs/no-onnx/model.tar.gz", model_archive("model.pt", "model_config.json", "code/inference.py"))
     for name, command in commands.items():
         with pytest.raises(ValueError, match="^training job stopped is Stopped: only a Completed job's model is "
                                              "served or registered; its model may be partial: train it again$"):
@@ -256,6 +258,8 @@ def test_a_job_that_did_not_complete_or_a_model_without_its_card_is_refused_by_e
         if name != "register":  # register reads model_data with a local model_dir (below)
             with pytest.raises(ValueError, match=rf"^{no_weights} lacks model.pt: not a complete model"):
                 command(f"model_data={no_weights}")
+            with pytest.raises(ValueError, match=rf"^{no_onnx} lacks model.onnx: not a complete model"):
+                command(f"model_data={no_onnx}")
     run_dir, _ = runs["base"]
     with pytest.raises(ValueError, match=rf"^{no_weights} lacks model.pt"):
         register.main([f"model_dir={run_dir / 'model'}", f"model_data={no_weights}", f"group={GROUP}"])
