@@ -142,11 +142,16 @@ def parse_argv(argv: list[str]) -> dict[str, str]:
 
 
 def read_hyperparameters(environ: dict[str, str] | None = None) -> dict[str, object]:
-    """The job's hyperparameters from ``$SM_HPS``, else ``$SM_INPUT_CONFIG_DIR/hyperparameters.json``
-    (default ``/opt/ml/input/config``); ``{}`` if neither exists."""
+    """The job's hyperparameters from ``$SM_HPS``, else :func:`hyperparameters_file`."""
     environ = os.environ if environ is None else environ
     if environ.get("SM_HPS"):
         return json.loads(environ["SM_HPS"])
+    return hyperparameters_file(environ)
+
+
+def hyperparameters_file(environ: dict[str, str]) -> dict[str, object]:
+    """``$SM_INPUT_CONFIG_DIR/hyperparameters.json`` (default ``/opt/ml/input/config``), as SageMaker
+    wrote it; ``{}`` if it does not exist."""
     path = Path(environ.get("SM_INPUT_CONFIG_DIR", "/opt/ml/input/config")) / "hyperparameters.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -155,4 +160,4 @@ def is_tuning_trial(environ: dict[str, str] | None = None) -> bool:
     """Whether this job is a trial of a tuning job: SageMaker adds ``_tuning_objective_metric`` to its
     ``$SM_INPUT_CONFIG_DIR/hyperparameters.json`` (the training toolkit keeps it from the arguments)."""
     environ = os.environ if environ is None else environ
-    return TUNING_OBJECTIVE in read_hyperparameters({**environ, "SM_HPS": ""})  # the file, not $SM_HPS
+    return TUNING_OBJECTIVE in hyperparameters_file(environ)
