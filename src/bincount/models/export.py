@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -28,6 +29,10 @@ ONNX_FILE = "model.onnx"
 CONFIG_FILE = "model_config.json"
 ONNX_TOLERANCE = 1e-4
 """Largest difference of a calibrated probability between ``model.onnx`` and the PyTorch forward."""
+
+# torch.onnx.export's optimiser logs each of its rewrites at INFO: a run's log keeps only their warnings
+for _name in ("onnxscript", "onnx_ir"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 def served_network(net: nn.Module, card: ModelCard) -> nn.Module:
