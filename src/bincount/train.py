@@ -155,7 +155,8 @@ def finish(trainer: L.Trainer, model: BinCountModule, datamodule: ABIDDataModule
     A collective call: every rank must make it.
     """
     # calibration needs the whole validation split: every rank predicts its share, all are gathered
-    # return_predictions: also under a spawning launcher, where Lightning would otherwise return None
+    # return_predictions=True: a spawning launcher, which cannot return them, fails here with Lightning's
+    # error instead of calibrating on nothing
     val = model.gather_rows(trainer.predict(model, dataloaders=datamodule.val_dataloader(), return_predictions=True),
                             "logits")
     if trainer.is_global_zero:

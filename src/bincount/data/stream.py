@@ -231,5 +231,5 @@ class ABIDStreamDataModule(CountingDataModule):
         return StreamingDataLoader(self.datasets[name], **self.loader_kwargs())
 
 
-with contextlib.suppress(ImportError):  # litdata is optional for fetch-only installs
+with contextlib.suppress(ImportError):  # litdata comes with bincount[data]; without it this module still imports
     allow_http_in_litdata()
