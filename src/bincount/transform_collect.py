@@ -157,7 +157,8 @@ def answer_files(outputs: str) -> dict[str, str]:
     """
     if outputs.startswith("s3://"):
         prefix = folder_prefix(outputs)
-        return {uri[len(prefix):-len(OUT_SUFFIX)]: uri for uri in list_objects(prefix, suffixes=(OUT_SUFFIX,), client=s3_client())}
+        uris = list_objects(prefix, suffixes=(OUT_SUFFIX,), client=s3_client())
+        return {uri[len(prefix):-len(OUT_SUFFIX)]: uri for uri in uris}
     if not Path(outputs).is_dir():
         raise FileNotFoundError(f"{outputs}: no such folder")
     return {p.relative_to(outputs).as_posix()[:-len(OUT_SUFFIX)]: str(p)

@@ -149,7 +149,8 @@ def select_and_fetch(
         client = fetch_kwargs.get("client") or make_client(endpoint_url=endpoint,
                                                            anonymous=fetch_kwargs.get("anonymous", True))
         uris = list_objects(f"s3://{bucket}/{IMAGE_DIR}/", suffixes=(".jpg",), endpoint_url=endpoint, client=client)
-        ids = sorted(uri.rpartition("/")[2].removesuffix(".jpg") for uri in uris)
+        # list_objects matches suffixes in any case; ABID's photos are <id>.jpg, the name fetch reads
+        ids = sorted(uri.rpartition("/")[2].removesuffix(".jpg") for uri in uris if uri.endswith(".jpg"))
         log.info("s3://%s lists %d photos", bucket, len(ids))
     if per_class is not None:
         counts = {i: c for i, c in listed.items() if c >= 0}
