@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import InvalidRetryModeError
 
 from bincount.data.fetch import fetch
 from bincount.data.selection import choose_per_class, parse_id_ranges, select_and_fetch
@@ -63,7 +64,7 @@ def test_s3_uri_and_error_messages():
     assert split_s3_uri("s3://b/abid/v1/") == ("b", "abid/v1")
     with pytest.raises(ValueError, match="not an S3 URI"):
         split_s3_uri("/local/path")
-    with pytest.raises(ValueError, match="retry_mode"):
+    with pytest.raises(InvalidRetryModeError, match='"mode": "forever"'):
         make_client(retry_mode="forever")
 
 

@@ -1,9 +1,5 @@
 """S3 access shared by ``bincount data fetch``, ``bincount data prepare`` and the streaming datamodule.
 
-One client factory (anonymous or signed, any S3-compatible endpoint, botocore's own retry modes),
-one place that turns S3 failures into errors a user can act on, a prefix listing and a folder
-upload (chunks before their index, a manifest last).
-
 The endpoint is ``endpoint_url`` when given, else ``AWS_ENDPOINT_URL`` (which boto3 and litdata
 read too), else AWS itself.
 """
@@ -32,7 +28,6 @@ from botocore.exceptions import (
 log = logging.getLogger(__name__)
 
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
-RETRY_MODES = ("standard", "adaptive", "legacy")
 UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError, ReadTimeoutError)
 
 
@@ -93,10 +88,9 @@ def make_client(
         read_timeout: Seconds to wait for data on an open connection.
 
     Raises:
-        ValueError: If ``retry_mode`` is not a botocore mode or ``max_attempts < 1``.
+        ValueError: If ``max_attempts < 1``.
+        botocore.exceptions.InvalidRetryModeError: If ``retry_mode`` is not a botocore mode.
     """
-    if retry_mode not in RETRY_MODES:
-        raise ValueError(f"retry_mode={retry_mode!r}: must be one of {RETRY_MODES}")
     if max_attempts < 1:
         raise ValueError(f"max_attempts={max_attempts} must be >= 1")
     config = Config(
