@@ -47,27 +47,24 @@ def decoder_reason(err: Exception) -> str:
 
 def _decode(source: bytes | bytearray | memoryview | Path, decoder: str) -> torch.Tensor:
     """Decode ``source`` (encoded bytes, or the file holding them) to ``uint8`` RGB ``(3, H, W)``."""
-    image = _decode_pixels(source, decoder)
-    check_photo_size(image.shape[-1], image.shape[-2])
-    return image
-
-
-def _decode_pixels(source: bytes | bytearray | memoryview | Path, decoder: str) -> torch.Tensor:
     if decoder == "torchvision":  # libjpeg-turbo
         try:
             raw = read_file(str(source)) if isinstance(source, Path) else torch.frombuffer(
                 bytearray(source), dtype=torch.uint8)
-            return decode_jpeg(raw, mode=ImageReadMode.RGB)
+            image = decode_jpeg(raw, mode=ImageReadMode.RGB)
         except RuntimeError as err:
             raise ValueError(f"cannot decode JPEG ({decoder_reason(err)})") from None
-    if decoder == "pil":
+    elif decoder == "pil":
         try:
             with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
                 rgb = img.convert("RGB")
         except (UnidentifiedImageError, OSError) as err:
             raise ValueError(f"cannot decode image ({err})") from None
-        return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
-    raise ValueError(f"unknown decoder {decoder!r}: use {' or '.join(map(repr, DECODERS))}")
+        image = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+    else:
+        raise ValueError(f"unknown decoder {decoder!r}: use {' or '.join(map(repr, DECODERS))}")
+    check_photo_size(image.shape[-1], image.shape[-2])
+    return image
 
 
 def decode_rgb_bytes(data: bytes | bytearray | memoryview, decoder: str = "torchvision") -> torch.Tensor:
