@@ -75,12 +75,6 @@ def choose_per_class(
     return sorted(chosen)
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst``, so that ``dst`` is complete or absent."""
-    with open(src, "rb") as source, atomic_write(dst, "wb") as f:
-        shutil.copyfileobj(source, f)
-
-
 def _counts_of(out: Path, ids: Iterable[str]) -> dict[str, int]:
     """Counts from the fetched metadata files (ids without a readable one are left out)."""
     counts = {}
@@ -137,9 +131,11 @@ def select_and_fetch(
     listed: dict[str, int] = {}
     if list_path is not None:
         listed = read_label_list(Path(list_path))
-        (out / "lists").mkdir(exist_ok=True)
-        if not (out / "lists" / Path(list_path).name).exists():
-            _copy_atomic(Path(list_path), out / "lists" / Path(list_path).name)
+        kept_list = out / "lists" / Path(list_path).name
+        kept_list.parent.mkdir(exist_ok=True)
+        if not kept_list.exists():
+            with open(list_path, "rb") as source, atomic_write(kept_list, "wb") as f:  # complete or absent
+                shutil.copyfileobj(source, f)
         ids = sorted(listed)
     elif id_spec is not None:
         ids = parse_id_ranges(id_spec)
