@@ -188,11 +188,9 @@ def build_index(
     """List the usable labelled photos under an ABID-layout root.
 
     The label of a photo comes from ``metadata/<id>.json``, else from ``labels.csv``, else from
-    ``label_list``. With ``label_list`` only the ids it names are used (that is how the Udacity
-    subset and the challenge splits are defined). Photos whose count is outside
-    ``[min_count, max_count]`` are dropped and counted; unreadable, truncated or unlabelled ones
-    are skipped with one warning each. A full decode happens later, in the dataset, which skips
-    a photo that still fails to decode.
+    ``label_list``. With ``label_list`` only the ids it names are used. Photos whose count is
+    outside ``[min_count, max_count]`` are dropped and counted; unreadable, truncated or unlabelled
+    ones are skipped with one warning each (a full decode happens later, in the dataset).
 
     Args:
         root: Folder with ``bin-images/`` and ``metadata/`` and/or ``labels.csv``.

@@ -15,15 +15,13 @@ import argparse
 import logging
 import os
 
-PUBLIC_BUCKET = "aft-vbi-pds"  # bincount.data.abid.PUBLIC_BUCKET, without importing it for --help
+from bincount.data.abid import PUBLIC_BUCKET
 
 
 def add_data_command(subparsers) -> None:
     """Add ``data`` with its ``fetch`` and ``prepare`` subcommands to an argparse subparsers object.
 
-    Each leaf sets ``func(args) -> int`` (the exit code), run by :func:`bincount.errors.run_command`:
-    expected failures (bad input, S3 errors, operating-system errors such as a read-only or full
-    disk) print one ``error:`` line and return 2.
+    Each leaf sets ``func(args) -> int`` (the exit code), run by :func:`bincount.errors.run_command`.
     """
     parser = subparsers.add_parser("data", help="fetch ABID from S3 and prepare streaming shards")
     commands = parser.add_subparsers(dest="data_command", metavar="{fetch,prepare}", required=True)

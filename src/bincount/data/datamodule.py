@@ -24,12 +24,11 @@ SPLITS = ("block", "per_image", "all")
 class CountingDataModule(L.LightningDataModule):
     """What the folder and the streaming data modules share: presets, splits, loaders by split.
 
-    ``train()`` relies on this much of any data module: ``root``, ``splits`` (lists of
-    :class:`BinRecord` per split, after ``setup()``), ``datasets``, ``eval_preset``,
-    ``num_classes`` and ``hparams.min_count``; evaluation replaces ``eval_preset`` with the model's
-    own before ``setup()``. A subclass calls ``save_hyperparameters`` with
-    ``min_count``, ``max_count``, ``batch_size`` and ``num_workers`` among its arguments, fills
-    ``splits`` and ``datasets`` in ``setup()`` and builds one split's loader in :meth:`_loader`.
+    ``train()`` relies on ``root``, ``splits`` (lists of :class:`BinRecord` per split, after
+    ``setup()``), ``datasets``, ``eval_preset`` (evaluation sets the model's before ``setup()``),
+    ``num_classes`` and ``hparams.min_count``. A subclass saves ``min_count``, ``max_count``,
+    ``batch_size`` and ``num_workers`` as hyperparameters, fills ``splits`` and ``datasets`` in
+    ``setup()`` and builds a loader in :meth:`_loader`.
 
     Args:
         root: Where the photos come from (a folder, or the URI of prepared shards).
@@ -54,8 +53,7 @@ class CountingDataModule(L.LightningDataModule):
         return self.train_preset if split == "train" else self.eval_preset
 
     def loader_kwargs(self) -> dict:
-        """Keyword arguments every split's loader gets: batch size, workers (that leave stop signals to
-        the main process: :func:`~bincount.data.workers.init_loader_worker`), :func:`collate_skip_none`."""
+        """Keyword arguments every split's loader gets: batch size, workers, their init, the collate."""
         return {"batch_size": self.hparams.batch_size, "num_workers": self.hparams.num_workers,
                 "collate_fn": collate_skip_none, "worker_init_fn": init_loader_worker}
 
@@ -80,9 +78,9 @@ class ABIDDataModule(CountingDataModule):
         min_count: Smallest count (class 0). Photos outside ``[min_count, max_count]`` are dropped.
         max_count: Largest count (class ``max_count - min_count``).
         label_list: Optional ``file_list.json`` / counting-split JSON / id list selecting the photos.
-        split: ``"block"``: train/val/test from :func:`bincount.data.abid.block_split`;
+        split: ``"block"``: train/val/test from :func:`bincount.data.splits.block_split`;
             ``"per_image"``: the same test photos, train/val split per photo
-            (:func:`bincount.data.abid.per_image_split`; for comparing with projects that do so);
+            (:func:`bincount.data.splits.per_image_split`; for comparing with projects that do so);
             ``"all"``: every photo is in the test set, for evaluating a held-out folder.
         val_fraction: Approximate share of photos for validation.
         test_fraction: Approximate share of photos for test.

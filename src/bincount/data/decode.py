@@ -1,10 +1,7 @@
-"""Photo decoding for the data layer: one core behind a file and a bytes entry point.
+"""Photo decoding: files for the folder dataset, the bytes in shards for ``prepare`` and streaming.
 
-The folder dataset decodes files (:func:`decode_rgb_file`); ``bincount data prepare`` and the
-streaming dataset decode the bytes stored in shards (:func:`decode_rgb_bytes`). Both give the
-same ``uint8`` ``(3, H, W)`` RGB tensor for the same photo and decoder, and raise ``ValueError``
-with the decoder's own reason (:func:`decoder_reason`) for a photo that does not decode. Serving
-can decode with the same functions; it needs neither Hydra nor Lightning to import this module.
+Both entry points give the same tensor for the same photo and decoder. Serving uses this module
+too; it imports neither Hydra nor Lightning.
 """
 
 from __future__ import annotations

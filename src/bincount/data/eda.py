@@ -1,8 +1,5 @@
-"""The EDA report of ``bincount data prepare``: class histogram, photo sizes, a labelled sample grid.
-
-Written to ``OUT/eda/`` beside the shards (``class_histogram.png``, ``image_sizes.png``,
-``sample_grid.png``, ``summary.json``), from the original photos in the ABID folder.
-"""
+"""The EDA report of ``bincount data prepare`` in ``OUT/eda/``: ``class_histogram.png``,
+``image_sizes.png``, ``sample_grid.png`` (labelled sample photos) and ``summary.json``."""
 
 from __future__ import annotations
 

@@ -8,12 +8,7 @@ Usage:
     bincount data fetch --ids 1-20000 --per-class 500 --max-count 5 --out data/abid-balanced
     AWS_ENDPOINT_URL=http://127.0.0.1:8333 bincount data fetch --ids 1-50 --bucket mirror --out /tmp/abid
 
-Requests are anonymous (botocore ``UNSIGNED``; the bucket is public), run in a thread pool and
-are retried by botocore's retry modes. Every file is written to a temporary name and renamed
-into place, so a file under its final name is complete: a rerun after an interruption fetches
-only what is missing. Keys the bucket does not have (404) are listed in ``fetch_report.json``
-and do not stop the run; a missing bucket, refused access or an unreachable endpoint stops it
-at once with a clear error, after writing the report of what was done.
+Requests are anonymous (the bucket is public), threaded and retried by botocore; see :func:`fetch`.
 """
 
 from __future__ import annotations
@@ -111,9 +106,8 @@ class _Fetcher:
 
     def get(self, kind: str, image_id: str) -> None:
         """Fetch one object; raises :class:`S3Error` only for failures that doom the whole run."""
-        folder, suffix = KINDS[kind]
-        key = f"{folder}/{image_id}{suffix}"
         final = self.path(kind, image_id)
+        key = f"{final.parent.name}/{final.name}"
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
             # complete or absent; a write error (a full disk: the run stops) names the file

@@ -1,10 +1,4 @@
-"""One split of ``bincount data prepare``: its photos decoded, checked and written as litdata chunks.
-
-:func:`optimize_split` runs ``litdata.optimize`` over a split with :class:`SampleEncoder` as its
-function; a photo that fails to decode is left out and its reason returned. The optimize worker
-processes die with the process that started them, even when it is killed with SIGKILL (Linux's
-parent-death signal).
-"""
+"""One split of ``bincount data prepare``: its photos decoded, checked and written as litdata chunks."""
 
 from __future__ import annotations
 

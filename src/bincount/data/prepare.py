@@ -6,23 +6,12 @@ Usage:
     bincount data prepare --in data/abid --list lists/file_list.json --out data/abid-shards
     AWS_ENDPOINT_URL=http://127.0.0.1:8333 bincount data prepare --in data/abid --out s3://local/abid/v1
 
-The output is the training core's split, as shards (the format is :mod:`bincount.data.shards`)::
-
-    OUT/manifest.json          written last: which photos are in which split, classes, settings
-    OUT/{train,val,test}/      litdata chunks + index.json; one sample = {image_id, count, image (JPEG bytes)}
-    OUT/eda/                   the EDA report (bincount.data.eda): class histogram, photo sizes, sample grid
-
-Every photo is decoded once here; one that fails is reported in the manifest and left out.
-With ``--resize N`` photos whose shorter side exceeds ``N`` pixels are scaled down to it and
-re-encoded (JPEG quality ``--quality``); others keep their original bytes. For an S3 output the
-chunks are built in a local staging folder and uploaded with boto3 (manifest last), so a
-failed upload is an error rather than a half-written dataset that looks complete. For a local
-folder they are built in a staging folder beside it and renamed into place when complete, so a
-killed run, with ``--overwrite`` too, leaves the old data set whole or none: never splits of two runs.
-
-The optimize worker processes die with the process that started them, even when it is killed
-with SIGKILL (:mod:`bincount.data.optimize`), and a rerun after such a kill removes what the
-killed run left: its rejects folder and its staging folder.
+The output has the layout of :mod:`bincount.data.shards`. Every photo is decoded once here; one
+that fails is reported in the manifest and left out. With ``--resize N`` photos whose shorter side
+exceeds ``N`` pixels are scaled down to it and re-encoded; others keep their original bytes. The
+data set is built in a staging folder, then uploaded with boto3, manifest last (S3), or renamed
+into place (a local folder): a failed or killed run, with ``--overwrite`` too, leaves the old data
+set whole or none, never splits of two runs, and a rerun removes what a killed run left.
 """
 
 from __future__ import annotations

@@ -79,9 +79,7 @@ def make_client(
     Args:
         endpoint_url: S3-compatible endpoint; default ``$AWS_ENDPOINT_URL`` or AWS.
         anonymous: Send unsigned requests (public buckets such as ``aft-vbi-pds``; no credentials).
-        retry_mode: botocore retry mode: ``standard`` (exponential backoff with jitter on
-            throttling, 5xx and connection errors), ``adaptive`` (also rate-limits the client
-            when throttled) or ``legacy``.
+        retry_mode: botocore retry mode: ``standard``, ``adaptive`` or ``legacy``.
         max_attempts: Attempts per request including the first.
         max_pool_connections: HTTP connections kept open; at least the number of threads using it.
         connect_timeout: Seconds to wait for a connection.

@@ -14,11 +14,8 @@ from bincount.data.abid import BinRecord
 
 
 def split_groups(image_ids: Sequence[str], block_size: int) -> list[str]:
-    """Group key of each id: ids whose numbers fall in the same block of ``block_size``.
-
-    Neighbouring ids are often the same bin photographed twice with a slightly different
-    count, so a split must keep them on one side. Non-numeric ids form their own group.
-    """
+    """Group key of each id: ids whose numbers fall in the same block of ``block_size``; non-numeric
+    ids form their own group."""
     return [f"b{int(i) // block_size}" if i.isdigit() else f"s{i}" for i in image_ids]
 
 

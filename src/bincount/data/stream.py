@@ -6,15 +6,12 @@ Usage:
     torchrun --nproc_per_node 2 train.py +experiment=quickstart data=abid_stream data.uri=s3://BUCKET/abid/v1 \
         trainer.strategy=ddp trainer.devices=2
 
-Each split is a ``litdata.StreamingDataset`` read through a ``StreamingDataLoader``, both built in
-``setup()``: litdata reads the rank and world size when the dataset is constructed (from the
-process group, else ``WORLD_SIZE``/``GLOBAL_RANK``), so building them earlier would give every
-DDP rank the same data. litdata shards by rank and by worker itself (Lightning's distributed
-sampler does not reach an iterable dataset): on one process every photo comes once per epoch;
-under DDP each rank gets an equal, disjoint share and the remainder (fewer than
-``world_size * batch_size`` photos) is left out of that epoch (litdata's ``drop_last``). The
-training order is reshuffled every epoch. The loader's ``state_dict`` is stored in Lightning
-checkpoints, so a run resumed mid-epoch continues where it stopped.
+Each split is a ``litdata.StreamingDataset`` read through a ``StreamingDataLoader``, built in
+``setup()`` because litdata reads the rank and world size when the dataset is constructed. litdata
+shards by rank and by worker itself (Lightning's distributed sampler does not reach an iterable
+dataset): under DDP each rank gets an equal, disjoint share, and the remainder (fewer than
+``world_size * batch_size`` photos) is left out of that epoch. The loader's ``state_dict`` is
+stored in Lightning checkpoints, so a run resumed mid-epoch continues where it stopped.
 """
 
 from __future__ import annotations
@@ -38,19 +35,17 @@ log = logging.getLogger(__name__)
 def allow_http_in_litdata(endpoint_url: str | None = None) -> bool:
     """Let litdata's obstore path talk to a plain-``http`` S3 endpoint.
 
-    litdata 0.2.x builds its obstore ``S3Store`` from the module-level client options
-    ``litdata.streaming.downloader._OBSTORE_CLIENT_OPTIONS`` without ``allow_http``, so every
-    chunk read from an ``http://`` endpoint fails with "builder error / BadScheme". This adds
-    ``allow_http`` there, only when the endpoint is ``http://`` (real S3 is https and needs
-    nothing). It must run in every process that reads chunks; importing this module does it
-    for ``$AWS_ENDPOINT_URL``, and the datamodule and its workers call it for an explicit endpoint.
+    litdata 0.2.x builds its obstore ``S3Store`` from the client options
+    ``litdata.streaming.downloader._OBSTORE_CLIENT_OPTIONS`` without ``allow_http``, so every chunk
+    read from an ``http://`` endpoint fails ("BadScheme"). This adds it there, in every process that
+    reads chunks: importing this module does it for ``$AWS_ENDPOINT_URL``, the datamodule and its
+    workers for an explicit endpoint.
 
     Returns:
         Whether the option was set (``False`` for https or AWS).
 
     Raises:
-        RuntimeError: If litdata no longer has that option table (an upgrade changed it):
-            the workaround must then be revisited rather than silently not applied.
+        RuntimeError: If litdata no longer has that option table (an upgrade changed it).
     """
     endpoint = resolve_endpoint(endpoint_url)
     if not endpoint or not endpoint.startswith("http://"):

@@ -1,11 +1,4 @@
-"""Worker processes that stop with the process that started them, and only through it.
-
-``bincount data prepare`` arms its ``litdata.optimize`` workers with :func:`die_with_parent`
-(Linux's parent-death signal), so a killed prepare leaves no worker writing chunks behind.
-DataLoader workers start with :func:`init_loader_worker`: a stop sent to the whole process group
-(``timeout``, Ctrl-C in a terminal, systemd, a batch scheduler) is left to the main process,
-which stops the run and then its workers.
-"""
+"""Worker processes that stop with the process that started them, and only through it."""
 
 from __future__ import annotations
 
