@@ -11,6 +11,9 @@ from pathlib import Path
 
 from bincount.data.abid import IMAGE_DIR, BinRecord
 
+GRID_COLUMNS = 4  # photos per count in the sample grid
+GRID_ROWS = 8  # counts in the grid at most (the most frequent ones)
+
 
 def write_eda(
     eda_dir: Path,
@@ -19,8 +22,6 @@ def write_eda(
     *,
     summary: dict,
     seed: int = 0,
-    per_count: int = 4,
-    max_rows: int = 8,
 ) -> dict:
     """Write the EDA report: class histogram, image sizes, a labelled sample grid and ``summary.json``.
 
@@ -30,8 +31,6 @@ def write_eda(
         splits: The photos kept in each split.
         summary: Extra fields for ``summary.json`` (rejects, index report, shard stats).
         seed: Seed of the sample choice.
-        per_count: Photos per count in the grid.
-        max_rows: At most this many counts in the grid (the most frequent ones).
 
     Returns:
         The summary written to ``summary.json``.
@@ -75,12 +74,12 @@ def write_eda(
     plt.close(fig)
 
     rng = random.Random(seed)
-    frequent = Counter(r.expected_quantity for r in every).most_common(max_rows)
+    frequent = Counter(r.expected_quantity for r in every).most_common(GRID_ROWS)
     rows = sorted(c for c, _ in frequent)
-    fig, axes = plt.subplots(len(rows), per_count, figsize=(2.2 * per_count, 2.2 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), GRID_COLUMNS, figsize=(2.2 * GRID_COLUMNS, 2.2 * len(rows)), squeeze=False)
     for row, count in zip(axes, rows):
         ids = sorted(r.image_id for r in every if r.expected_quantity == count)
-        for ax, image_id in zip(row, rng.sample(ids, min(per_count, len(ids))) + [None] * per_count):
+        for ax, image_id in zip(row, rng.sample(ids, min(GRID_COLUMNS, len(ids))) + [None] * GRID_COLUMNS):
             ax.axis("off")
             if image_id is None:
                 continue

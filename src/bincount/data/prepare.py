@@ -131,8 +131,6 @@ def prepare(
     records, index_report = build_index(in_dir, min_count=min_count, max_count=max_count, label_list=label_list)
     splits = block_split(records, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                          block_size=block_size)
-    # built in a staging folder, then uploaded (S3) or renamed into place (a local folder, staged
-    # beside it on the same file system): a killed run leaves the old data set whole or none at all
     if remote:
         staging_parent = Path(staging_dir or tempfile.gettempdir())
         staging_parent.mkdir(parents=True, exist_ok=True)
@@ -163,9 +161,8 @@ def prepare(
             index_report=index_report.summary(),
         )
         if eda:
-            write_eda(stage / "eda", in_dir, kept, seed=seed, summary={
-                "rejected": manifest["rejected"], "index_report": manifest["index_report"], "shards": shards,
-                "min_count": min_count, "max_count": max_count, "resize_shorter_side": resize})
+            keys = ("rejected", "index_report", "shards", "min_count", "max_count", "resize_shorter_side")
+            write_eda(stage / "eda", in_dir, kept, seed=seed, summary={k: manifest[k] for k in keys})
         write_json_atomic(stage / MANIFEST, manifest)  # complete or absent, even on a full disk
         if remote:
             upload_tree(stage, out, endpoint_url=endpoint_url, client=client, progress=progress, last=[MANIFEST])

@@ -46,7 +46,7 @@ def make_manifest(
     kept: dict[str, list[BinRecord]],
     shards: dict[str, dict],
     rejected: dict[str, str],
-    index_report: dict,
+    index_report: str,
 ) -> dict:
     """The manifest of a prepared dataset (stamped with the current UTC time).
 
