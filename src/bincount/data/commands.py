@@ -4,9 +4,6 @@ Usage:
     bincount data fetch --list file_list.json --out data/abid
     bincount data fetch --ids 1-5000 --out data/abid --workers 32
     bincount data prepare --in data/abid --out s3://BUCKET/abid/v1 --resize 256
-
-Only argparse lives here; :mod:`bincount.data.fetch` and :mod:`bincount.data.prepare` are
-imported when their command runs, so ``bincount --help`` stays fast.
 """
 
 from __future__ import annotations
