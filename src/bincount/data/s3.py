@@ -148,7 +148,7 @@ def explain(err: BaseException, *, uri: str, endpoint_url: str | None = None) ->
     return S3Error(f"{uri}: {err}")
 
 
-def read_bytes(uri: str, *, endpoint_url: str | None = None, client=None) -> bytes:
+def read_bytes(uri: str, *, endpoint_url: str | None = None) -> bytes:
     """Read a whole object (``s3://...``) or local file.
 
     Raises:
@@ -158,7 +158,7 @@ def read_bytes(uri: str, *, endpoint_url: str | None = None, client=None) -> byt
     if not is_s3_uri(uri):
         return Path(uri).read_bytes()
     bucket, key = split_s3_uri(uri)
-    client = client or make_client(endpoint_url=endpoint_url)
+    client = make_client(endpoint_url=endpoint_url)
     try:
         return client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except (ClientError, BotoCoreError) as err:
