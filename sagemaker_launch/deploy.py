@@ -46,7 +46,7 @@ from omegaconf import DictConfig
 from bincount.config import compose
 from sagemaker_launch import cost, serving_models
 from sagemaker_launch.invoke import invoke_endpoint
-from sagemaker_launch.session import DryRun, RequestHook, console_url, describe_request, role_for
+from sagemaker_launch.session import DryRun, RequestHook, console_url, describe_request
 
 log = logging.getLogger("sagemaker_launch")
 
@@ -174,7 +174,7 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
 
     name = endpoint_name(cfg)
     dry_run = bool(cfg.dry_run)
-    cfg.role = role_for(cfg, dry_run) if dry_run else serving_models.require_role(cfg)
+    cfg.role = serving_models.require_role(cfg, dry_run)
     session = serving_models.boto_session(cfg)
     hook = RequestHook(session, dry_run=dry_run)
     source = serving_models.model_source(cfg, session, SOURCES, dry_run=dry_run)
@@ -191,16 +191,14 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
     with contextlib.suppress(DryRun):
         EndpointConfig.create(endpoint_config_name=resource, session=session, region=cfg.region,
                               production_variants=variants)
-    if dry_run:
+    previous = None
+    if endpoint is None:
         try:
-            Endpoint.create(endpoint_name=name, endpoint_config_name=resource, session=session, region=cfg.region)
+            endpoint = Endpoint.create(endpoint_name=name, endpoint_config_name=resource, session=session,
+                                       region=cfg.region)
         except DryRun:
             return Deployment(name, model_data, image, "", resource, None,
                               {op: sent[-1] for op, sent in hook.sent.items()})
-    previous = None
-    if endpoint is None:
-        endpoint = Endpoint.create(endpoint_name=name, endpoint_config_name=resource, session=session,
-                                   region=cfg.region)
         action = "endpoint"
     else:
         previous = endpoint.endpoint_config_name

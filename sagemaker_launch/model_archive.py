@@ -12,7 +12,7 @@ import logging
 import shutil
 from pathlib import Path
 
-log = logging.getLogger("sagemaker_launch.entry")
+log = logging.getLogger(__name__)
 
 # serving image packages: pinning them in code/requirements.txt would replace the image's CUDA build
 IMAGE_PACKAGES = {"torch", "torchvision"}

@@ -68,20 +68,6 @@ def latest_approved(sm, group: str) -> dict[str, Any] | None:
     return sm.describe_model_package(ModelPackageName=summaries[0]["ModelPackageArn"])
 
 
-def approved_package(session, group: str) -> dict[str, Any]:
-    """DescribeModelPackage of the latest approved package of ``group``, for ``package_group=``
-    (:func:`sagemaker_launch.serving_models.model_source`).
-
-    Raises:
-        ValueError: If the group has no approved package.
-    """
-    package = latest_approved(session.client("sagemaker"), group)
-    if package is None:
-        raise ValueError(f"model package group {group} has no approved package: approve one (python -m "
-                         f"sagemaker_launch.register ... group={group} approve_if_better=true, or in the console)")
-    return package
-
-
 def inference_specifications(sm, served: list[tuple[dict[str, Any], list[str]]]) -> dict[str, Any]:
     """``InferenceSpecification`` and ``AdditionalInferenceSpecifications`` of a package serving
     ``served``: one per container (``Image``, ``ModelDataUrl``, ``Environment``), the first the

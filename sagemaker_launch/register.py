@@ -132,6 +132,8 @@ def served_images(cfg: DictConfig, source: serving_models.ModelSource) -> list[t
     Raises:
         ValueError: ``image_uri``'s device is not ``instance_type``'s.
     """
+    from sagemaker.core.utils.utils import serialize
+
     by_image: dict[str, list[str]] = {}
     for instance_type in dict.fromkeys([str(cfg.instance_type), *map(str, cfg.supported_instance_types or [])]):
         image = serving_models.inference_image(cfg, instance_type)
@@ -144,8 +146,8 @@ def served_images(cfg: DictConfig, source: serving_models.ModelSource) -> list[t
                      want.upper(), device.upper())
             continue
         by_image.setdefault(image, []).append(instance_type)
-    return [(serving_models.package_container(cfg, serving_models.ModelSource(source.model_data, image),
-                                              cfg.environment), types)
+    return [(serialize(serving_models.serving_container(cfg, serving_models.ModelSource(source.model_data, image),
+                                                       cfg.environment)), types)
             for image, types in by_image.items()]
 
 

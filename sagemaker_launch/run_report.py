@@ -91,6 +91,6 @@ def fetch_job_run(output_tar_gz: str, session, into: Path) -> Path:
         raise ValueError(f"{output_tar_gz} not found: has the job finished and written its run folder?") from None
     with tarfile.open(archive) as tar:
         wanted = [m for m in tar.getmembers() if m.isfile()
-                  and str(PurePosixPath(*[p for p in PurePosixPath(m.name).parts if p != "."])) in REPORT_FILES]
+                  and str(PurePosixPath(m.name)) in REPORT_FILES]
         tar.extractall(into / "run", members=wanted, filter="data")
     return into / "run"

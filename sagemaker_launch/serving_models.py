@@ -26,6 +26,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from sagemaker_launch import model_packages
+from sagemaker_launch.session import role_for
 
 log = logging.getLogger("sagemaker_launch")
 
@@ -123,7 +124,7 @@ def check_model_archive(model_data: str, session) -> None:
     try:
         with body, tarfile.open(fileobj=body, mode="r|*") as tar:
             for member in tar:
-                missing.discard(str(PurePosixPath(*[p for p in PurePosixPath(member.name).parts if p != "."] or ".")))
+                missing.discard(str(PurePosixPath(member.name)))
                 if not missing:
                     return
     except (tarfile.TarError, EOFError, OSError) as err:
@@ -220,17 +221,20 @@ def model_source(cfg: DictConfig, session, sources: tuple[str, ...], *, dry_run:
     """
     key = source_key(cfg, sources)
     value = str(cfg[key])
-    if key in ("model_package", "package_group") and dry_run:
-        if key == "model_package":
-            return ModelSource("", "", value)
+    if key == "model_package" and dry_run:
+        return ModelSource("", "", value)
+    if key == "package_group" and dry_run:
         log.warning("dry run: the latest approved package of %s is not looked up; the request shows a placeholder",
                     value)
         return ModelSource("", "", f"arn:aws:sagemaker:{cfg.region}:000000000000:model-package/{value}/LATEST")
-    if key == "model_package":
-        package = session.client("sagemaker").describe_model_package(ModelPackageName=value)
+    if key in ("model_package", "package_group"):
+        sm = session.client("sagemaker")
+        package = (sm.describe_model_package(ModelPackageName=value) if key == "model_package"
+                   else model_packages.latest_approved(sm, value))
+        if package is None:
+            raise ValueError(f"model package group {value} has no approved package: approve one (python -m "
+                             f"sagemaker_launch.register ... group={value} approve_if_better=true, or in the console)")
         return package_source(package, str(cfg.instance_type), use)
-    if key == "package_group":
-        return package_source(model_packages.approved_package(session, value), str(cfg.instance_type), use)
     if key == "job" and dry_run:
         log.warning("dry run: training job %s's model.tar.gz is not looked up; the request shows a placeholder", value)
         return ModelSource(f"s3://TRAINING-JOB-OUTPUT/{value}/output/model.tar.gz", inference_image(cfg))
@@ -260,24 +264,16 @@ def serving_container(cfg: DictConfig, source: ModelSource, environment=None):
         "SAGEMAKER_REGION": str(cfg.region), "SAGEMAKER_CONTAINER_LOG_LEVEL": "20", **extra})
 
 
-def package_container(cfg: DictConfig, source: ModelSource, environment=None) -> dict[str, Any]:
-    """:func:`serving_container` as a model package's ``InferenceSpecification.Containers`` item
-    (``Image``, ``ModelDataUrl``, ``Environment``)."""
-    from sagemaker.core.utils.utils import serialize
-
-    return serialize(serving_container(cfg, source, environment))
-
-
-def require_role(cfg: DictConfig) -> str:
-    """``cfg.role``, the model's execution role; checked before any request, so that a missing one is
-    the first error, also without AWS credentials.
+def require_role(cfg: DictConfig, dry_run: bool = False) -> str:
+    """``cfg.role``, the model's execution role (in a dry run without one, a placeholder); checked
+    before any request, so that a missing one is the first error, also without AWS credentials.
 
     Raises:
-        ValueError: No role (``role=`` or ``$SAGEMAKER_ROLE``).
+        ValueError: No role (``role=`` or ``$SAGEMAKER_ROLE``) outside a dry run.
     """
-    if not cfg.role:
+    if not cfg.role and not dry_run:
         raise ValueError("the model needs an execution role: role=arn:aws:iam::ACCOUNT:role/NAME or $SAGEMAKER_ROLE")
-    return str(cfg.role)
+    return str(role_for(cfg, dry_run))
 
 
 def create_model(name: str, cfg: DictConfig, session, source: ModelSource, environment=None) -> None:
@@ -285,16 +281,12 @@ def create_model(name: str, cfg: DictConfig, session, source: ModelSource, envir
 
     Args:
         name: The model's name.
-        cfg: ``region`` and ``role`` (the model's execution role).
+        cfg: ``region`` and ``role`` (the model's execution role: :func:`require_role`).
         session: The ``boto3.Session``.
         source: See :func:`model_source`.
         environment: More container variables.
-
-    Raises:
-        ValueError: No role.
     """
     from sagemaker.core.resources import Model
 
-    require_role(cfg)
     Model.create(model_name=name, execution_role_arn=cfg.role, session=session, region=cfg.region,
                  primary_container=serving_container(cfg, source, environment))

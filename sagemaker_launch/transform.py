@@ -52,7 +52,7 @@ from omegaconf import DictConfig
 
 from bincount.config import compose
 from sagemaker_launch import cost, model_packages, serving_models
-from sagemaker_launch.session import DryRun, RequestHook, console_url, describe_request, role_for
+from sagemaker_launch.session import DryRun, RequestHook, console_url, describe_request
 
 log = logging.getLogger("sagemaker_launch")
 
@@ -147,7 +147,7 @@ def create_transform(cfg: DictConfig, *, dry_run: bool = False, wait: bool = Fal
     from sagemaker.core.utils.exceptions import FailedStatusError
 
     check_config(cfg)
-    cfg.role = serving_models.require_role(cfg) if not dry_run else role_for(cfg, dry_run)
+    cfg.role = serving_models.require_role(cfg, dry_run)
     session = serving_models.boto_session(cfg)
     hook = RequestHook(session, dry_run=dry_run)
     name = name_from_base(str(cfg.base_job_name))
