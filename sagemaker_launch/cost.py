@@ -21,9 +21,9 @@ from bincount.config import compose, config_dir
 PRICES_FILE = "sagemaker/prices.yaml"
 
 
-def load_prices(path: str | Path | None = None) -> DictConfig:
-    """The price table (``conf/sagemaker/prices.yaml`` unless ``path``)."""
-    return OmegaConf.load(path or Path(config_dir()) / PRICES_FILE)
+def load_prices() -> DictConfig:
+    """The price table, ``conf/sagemaker/prices.yaml``."""
+    return OmegaConf.load(Path(config_dir()) / PRICES_FILE)
 
 
 def instance_gpus(instance_type: str, prices: DictConfig | None = None) -> int:
@@ -82,15 +82,8 @@ def training_precision(instance_type: str, prices: DictConfig | None = None) -> 
 
 @dataclass(frozen=True)
 class CostLine:
-    """One instance type's estimate.
-
-    Attributes:
-        instance_type: e.g. ``ml.g5.xlarge``.
-        instance_count: Instances of the job.
-        hours: Wall-clock hours priced.
-        usd_per_hour: On-demand price of one instance, USD/h.
-        spot_savings: Fraction saved with managed spot (an assumption, see the table).
-    """
+    """One instance type's estimate: ``instance_count`` x ``instance_type`` for ``hours`` (wall clock) at
+    ``usd_per_hour`` (on demand, one instance), ``spot_savings`` the fraction managed spot saves (assumed)."""
 
     instance_type: str
     instance_count: int

@@ -20,17 +20,9 @@ REPORT_FILES = ("metrics.json", "predictions.csv", "config.yaml", "model/model_c
 
 @dataclass(frozen=True)
 class Evaluation:
-    """A run's held-out evaluation, as its run folder records it.
-
-    Attributes:
-        metrics: ``metrics.json`` (:func:`bincount.report.write_report` plus the calibration's
-            :func:`~bincount.models.calibration.held_out_report`).
-        eval_set: ``sha256:<hex>`` of the sorted ``image_id,expected_quantity`` lines of
-            ``predictions.csv``.
-        split: The split, in words (from ``config.yaml``), or ``None`` without one.
-        data: The data the split was taken from (``data.root``), or ``None``.
-        card: The exported model's card, or ``None`` without ``model/model_config.json``.
-    """
+    """A run's held-out evaluation, as its run folder records it: ``metrics`` (``metrics.json``), the
+    ``eval_set`` (:func:`eval_set_id`), and, where the folder has them, the ``split`` in words and the
+    ``data`` it was taken from (``config.yaml``) and the exported model's ``card``."""
 
     metrics: dict
     eval_set: str
