@@ -4,7 +4,9 @@ Usage:
     python -m sagemaker_launch.cost                                    # every instance type, gpu_single
     python -m sagemaker_launch.cost sagemaker=gpu_multi sagemaker.instance_count=4 sagemaker.expected_hours=3
 
-Prices come from ``conf/sagemaker/prices.yaml`` (dated, with its source); nothing is fetched.
+``key=value`` arguments are Hydra overrides of ``conf/launch.yaml``; its ``sagemaker`` config is priced on
+every training instance type for ``sagemaker.expected_hours``, else ``sagemaker.max_run_hours``. Prices come
+from ``conf/sagemaker/prices.yaml`` (dated, with its source); nothing is fetched.
 """
 
 from __future__ import annotations
@@ -148,11 +150,8 @@ def job_hours(sm: DictConfig) -> float:
 
 def main(argv: list[str] | None = None) -> str:
     """Print the cost of the composed ``sagemaker`` config on every training instance type."""
-    parser = argparse.ArgumentParser(prog="python -m sagemaker_launch.cost",
-                                     description="Hydra overrides of conf/launch.yaml; prints what its sagemaker "
-                                                 "config costs on every training instance type of "
-                                                 "conf/sagemaker/prices.yaml (sagemaker.expected_hours, else "
-                                                 "sagemaker.max_run_hours)")
+    parser = argparse.ArgumentParser(prog="python -m sagemaker_launch.cost", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     _, overrides = parser.parse_known_args(argv)  # None: sys.argv[1:]
     cfg = compose("launch", overrides)
     sm, prices = cfg.sagemaker, load_prices()

@@ -131,10 +131,7 @@ class Deployment:
 def create_endpoint(cfg: DictConfig) -> Deployment:
     """Create a model and an endpoint config, then create endpoint ``cfg.endpoint`` on them or
     update it to them if it exists; wait for InService if ``cfg.wait``. With ``cfg.dry_run``, check
-    and keep the CreateModel, CreateEndpointConfig and CreateEndpoint requests instead, sending nothing.
-
-    Args:
-        cfg: ``conf/deploy.yaml``.
+    and keep the three Create* requests instead, sending nothing. ``cfg``: ``conf/deploy.yaml``.
 
     Raises:
         ValueError: No role (``role=`` or ``$SAGEMAKER_ROLE``; a dry run shows a placeholder), an

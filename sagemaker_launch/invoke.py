@@ -52,9 +52,6 @@ def split_requests(photos: list[str], expected_quantity: int | None = None, *, m
                    max_photos: int) -> list[list[str]]:
     """Split ``photos`` into consecutive groups whose :func:`request_body` fits the limits.
 
-    Each group takes as many photos as fit, in order, so the groups' answers concatenated are
-    the answers in the photos' order.
-
     Args:
         photos: Local files or ``s3://`` URIs.
         expected_quantity: Sent for every photo (``None``: ``null``).
@@ -62,7 +59,8 @@ def split_requests(photos: list[str], expected_quantity: int | None = None, *, m
         max_photos: Most photos in one request (the handler's ``BINCOUNT_MAX_INSTANCES``).
 
     Returns:
-        The groups, in order; together exactly ``photos``.
+        The groups, in order, each taking as many photos as fit; together exactly ``photos``, so the
+        groups' answers concatenated are in the photos' order.
 
     Raises:
         ValueError: ``max_photos`` below 1, or a photo whose request alone is over ``max_bytes``.

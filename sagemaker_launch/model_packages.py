@@ -46,7 +46,9 @@ def latest_approved(sm, group: str) -> dict[str, Any] | None:
     page = sm.list_model_packages(ModelPackageGroupName=group, ModelApprovalStatus=APPROVED, SortBy="CreationTime",
                                   SortOrder="Descending", MaxResults=1)
     summaries = page.get("ModelPackageSummaryList", [])
-    return sm.describe_model_package(ModelPackageName=summaries[0]["ModelPackageArn"]) if summaries else None
+    if not summaries:
+        return None
+    return sm.describe_model_package(ModelPackageName=summaries[0]["ModelPackageArn"])
 
 
 def inference_specifications(sm, served: list[tuple[dict[str, Any], list[str]]]) -> dict[str, Any]:
@@ -95,7 +97,7 @@ def create_package(sm, group: str, served: list[tuple[dict[str, Any], list[str]]
         properties: ``CustomerMetadataProperties`` (at most 50; keys and values of letters,
             digits and ``_.:/=+-@``).
         card_content: The model card's ``ModelCardContent`` JSON.
-        description: ``ModelPackageDescription`` (at most 1024 characters).
+        description: ``ModelPackageDescription`` (cut to 1024 characters).
         generated_by: ``MetadataProperties.GeneratedBy`` (where the model came from).
 
     Returns:
@@ -134,9 +136,8 @@ def decide(new: dict[str, str], current: dict[str, Any] | None, group: str) -> D
         group: The group's name (for the line).
 
     Returns:
-        Approve when there is no approved package, or when the new MAE is strictly lower on the
-        same ``eval_set``; otherwise not (a worse or equal MAE, another evaluation set, or an
-        approved package without a recorded MAE).
+        Approve when there is no approved package, or the new MAE is strictly lower on the same
+        ``eval_set``; not on an equal or worse MAE, another evaluation set, or no recorded MAE.
     """
     mae = float(new["mae"])
     if current is None:

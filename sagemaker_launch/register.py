@@ -128,10 +128,7 @@ def placeholder_evaluation(job: str) -> Evaluation:
 def register(cfg: DictConfig) -> Registration:
     """Create the group if missing and a model package in it; approve it if ``cfg.approve_if_better``
     and the rule allows (:func:`sagemaker_launch.model_packages.decide`). With ``cfg.dry_run``, check and keep
-    the CreateModelPackage request instead, sending nothing.
-
-    Args:
-        cfg: ``conf/register.yaml``.
+    the CreateModelPackage request instead, sending nothing. ``cfg``: ``conf/register.yaml``.
 
     Raises:
         ValueError: No ``group``; neither ``job`` alone nor ``model_dir`` with ``model_data``; see
@@ -183,9 +180,8 @@ def register(cfg: DictConfig) -> Registration:
 
 
 def parse_argv(argv: list[str] | None) -> list[str]:
-    """``key=value`` overrides of ``conf/register.yaml`` in ``argv`` (``None``: ``sys.argv[1:]``), with
-    ``--approve-if-better`` as ``approve_if_better=true`` and ``--dry-run`` as ``dry_run=true``;
-    ``-h``/``--help`` prints the module docstring and exits 0.
+    """``key=value`` overrides of ``conf/register.yaml`` in ``argv`` (``None``: ``sys.argv[1:]``), the flags
+    as ``approve_if_better=true`` and ``dry_run=true``; ``--help`` prints the module docstring too.
 
     Raises:
         SystemExit: 2 (argparse's one error line) for an argument that is neither a flag nor ``key=value``.

@@ -10,9 +10,10 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from botocore.exceptions import ClientError
 from omegaconf import OmegaConf
 
-from bincount.data.s3 import split_s3_uri
+from bincount.data.s3 import is_not_found, split_s3_uri
 from bincount.models.card import ModelCard
 
 # the run folder's files a registration reads (a job's output.tar.gz holds the whole run folder)
@@ -71,14 +72,12 @@ def fetch_job_run(output_tar_gz: str, session, into: Path) -> Path:
     Raises:
         ValueError: If there is no such object (the job has not finished, or wrote no output).
     """
-    from botocore.exceptions import ClientError
-
     bucket, key = split_s3_uri(output_tar_gz)
     archive = into / "output.tar.gz"
     try:
         session.client("s3").download_file(bucket, key, str(archive))
     except ClientError as err:
-        if err.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
+        if not is_not_found(err):
             raise
         raise ValueError(f"{output_tar_gz} not found: has the job finished and written its run folder?") from None
     with tarfile.open(archive) as tar:

@@ -63,10 +63,6 @@ def instance_device(instance_type: str) -> str | None:
         return None
 
 
-# a training job whose model.tar.gz is whole: SageMaker uploads the model folder of a stopped job too
-COMPLETED = "Completed"
-
-
 def job_model_data(job: str, session, region: str) -> str:
     """The ``model.tar.gz`` training job ``job`` wrote, if the job completed.
 
@@ -78,7 +74,7 @@ def job_model_data(job: str, session, region: str) -> str:
 
     described = TrainingJob.get(training_job_name=job, session=session, region=region)
     status = str(described.training_job_status)
-    if status != COMPLETED:
+    if status != "Completed":  # SageMaker uploads the model folder of a stopped job too
         reason = described.failure_reason if isinstance(described.failure_reason, str) else ""
         advice = ("wait until it is Completed" if status in ("InProgress", "Stopping")
                   else "its model may be partial: train it again")

@@ -60,9 +60,10 @@ def check_config(cfg: DictConfig) -> None:
     """Refuse what SageMaker would refuse, before anything is created.
 
     Raises:
-        ValueError: Not exactly one of :data:`SOURCES`; no ``input`` or ``output``; a prefix that is not
-            ``s3://``; fewer than one instance or request per instance; ``max_payload_mb`` outside
-            1..100 or, times ``max_concurrent_transforms``, over :data:`MAX_PAYLOAD_MB`.
+        ValueError: Not exactly one of :data:`SOURCES`; no ``input`` or
+            ``output``; a prefix that is not ``s3://``; fewer than one instance or request per
+            instance; ``max_payload_mb`` outside 1..100 or, times ``max_concurrent_transforms``, over
+            :data:`MAX_PAYLOAD_MB`.
     """
     serving_models.source_key(cfg, SOURCES)
     missing = [k for k in ("input", "output") if not cfg[k]]
@@ -109,8 +110,8 @@ def create_transform(cfg: DictConfig, *, dry_run: bool = False, wait: bool = Fal
         wait: Wait until the job ends.
 
     Raises:
-        ValueError: See :func:`check_config` and :func:`sagemaker_launch.serving_models.model_source`; no role
-            (outside a dry run); a request SageMaker's service model refuses (in a dry run).
+        ValueError: See :func:`check_config`, :func:`sagemaker_launch.serving_models.model_source` and
+            :func:`~sagemaker_launch.serving_models.require_role`; in a dry run, a request SageMaker refuses.
     """
     from sagemaker.core import shapes
     from sagemaker.core.common_utils import name_from_base
