@@ -4,7 +4,9 @@ Usage:
     python -m sagemaker_launch.cost                                    # every instance type, gpu_single
     python -m sagemaker_launch.cost sagemaker=gpu_multi sagemaker.instance_count=4 sagemaker.expected_hours=3
 
-Prices come from ``conf/sagemaker/prices.yaml`` (dated, with its source); nothing is fetched.
+``key=value`` arguments are Hydra overrides of ``conf/launch.yaml``; its ``sagemaker`` config is priced on
+every training instance type for ``sagemaker.expected_hours``, else ``sagemaker.max_run_hours``. Prices come
+from ``conf/sagemaker/prices.yaml`` (dated, with its source); nothing is fetched.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from bincount.config import compose, config_dir
 PRICES_FILE = "sagemaker/prices.yaml"
 
 
-def load_prices(path: str | Path | None = None) -> DictConfig:
-    """The price table (``conf/sagemaker/prices.yaml`` unless ``path``)."""
-    return OmegaConf.load(path or Path(config_dir()) / PRICES_FILE)
+def load_prices() -> DictConfig:
+    """The price table, ``conf/sagemaker/prices.yaml``."""
+    return OmegaConf.load(Path(config_dir()) / PRICES_FILE)
 
 
 def instance_gpus(instance_type: str, prices: DictConfig | None = None) -> int:
@@ -82,15 +84,8 @@ def training_precision(instance_type: str, prices: DictConfig | None = None) -> 
 
 @dataclass(frozen=True)
 class CostLine:
-    """One instance type's estimate.
-
-    Attributes:
-        instance_type: e.g. ``ml.g5.xlarge``.
-        instance_count: Instances of the job.
-        hours: Wall-clock hours priced.
-        usd_per_hour: On-demand price of one instance, USD/h.
-        spot_savings: Fraction saved with managed spot (an assumption, see the table).
-    """
+    """One instance type's estimate: ``instance_count`` x ``instance_type`` for ``hours`` (wall clock) at
+    ``usd_per_hour`` (on demand, one instance), ``spot_savings`` the fraction managed spot saves (assumed)."""
 
     instance_type: str
     instance_count: int
@@ -155,11 +150,8 @@ def job_hours(sm: DictConfig) -> float:
 
 def main(argv: list[str] | None = None) -> str:
     """Print the cost of the composed ``sagemaker`` config on every training instance type."""
-    parser = argparse.ArgumentParser(prog="python -m sagemaker_launch.cost",
-                                     description="Hydra overrides of conf/launch.yaml; prints what its sagemaker "
-                                                 "config costs on every training instance type of "
-                                                 "conf/sagemaker/prices.yaml (sagemaker.expected_hours, else "
-                                                 "sagemaker.max_run_hours)")
+    parser = argparse.ArgumentParser(prog="python -m sagemaker_launch.cost", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     _, overrides = parser.parse_known_args(argv)  # None: sys.argv[1:]
     cfg = compose("launch", overrides)
     sm, prices = cfg.sagemaker, load_prices()

@@ -9,25 +9,12 @@ Usage:
     python -m sagemaker_launch.deploy delete endpoint=bincount-prod
 
 ``key=value`` arguments are overrides of ``conf/deploy.yaml`` (composed with Hydra, so a typo
-fails before anything is created). Deploying creates a model (the AWS PyTorch inference image,
-``model.tar.gz`` from ``model_data`` or the training job ``job``, or ``package_group``'s latest
-approved model package: :mod:`sagemaker_launch.register`) and an endpoint config, both
-named ``<endpoint>-<timestamp>``, then creates endpoint ``endpoint`` on them, or, if that
-endpoint exists, points it at them with UpdateEndpoint (SageMaker swaps the instances without
-downtime; the previous model and config stay until ``delete``). ``model.tar.gz`` is what a
-training job's entry wrote to ``$SM_MODEL_DIR``: ``model.onnx``, ``model.pt``, ``model_config.json`` and
-``code/`` with ``inference.py`` (:mod:`bincount.serve.inference`'s ``model_fn`` and
-``transform_fn``). ``invoke`` sends the photos (local
-files inline as base64, or S3 URIs the endpoint reads) in JSON requests, as many photos per
-request as fit InvokeEndpoint's 6 MiB body limit and the handler's photo limit, and prints a
-count (and, with ``expected_quantity``, a verdict) per photo, in the photos' order; ``delete``
-removes the endpoint and every endpoint config and model deployed under its name.
-
-A training job is deployed only if it completed and its ``model.tar.gz`` holds ``model.onnx``, ``model.pt`` and the
-model card; a model package only on an instance type it lists, on the image it holds for that type
-(CPU or GPU): :func:`sagemaker_launch.serving_models.model_source`. ``--dry-run`` checks the CreateModel,
-CreateEndpointConfig and CreateEndpoint requests against SageMaker's service model and prints them,
-sending nothing (nothing is looked up either: a job's model and a group's package are placeholders).
+fails before anything is created). Deploying creates a model (:mod:`sagemaker_launch.serving_models`)
+and an endpoint config, both named ``<endpoint>-<timestamp>``, then creates endpoint ``endpoint`` on
+them, or, if it exists, points it at them with UpdateEndpoint. ``invoke`` sends the photos in as few
+JSON requests as fit (:mod:`sagemaker_launch.invoke`); ``delete`` removes the endpoint and every
+endpoint config and model deployed under its name. ``--dry-run`` checks the three Create* requests
+against SageMaker's service model and prints them, sending nothing. See docs/sagemaker.md.
 """
 
 from __future__ import annotations
@@ -46,7 +33,7 @@ from omegaconf import DictConfig
 from bincount.config import compose
 from sagemaker_launch import cost, serving_models
 from sagemaker_launch.invoke import invoke_endpoint
-from sagemaker_launch.session import DryRun, RequestHook, console_url, describe_request, role_for
+from sagemaker_launch.session import DryRun, RequestHook, console_url, describe_request
 
 log = logging.getLogger("sagemaker_launch")
 
@@ -81,7 +68,6 @@ def parse_argv(argv: list[str]) -> tuple[str, list[str], list[str]]:
 
 
 SOURCES = ("model_data", "job", "package_group")  # what deploy takes of serving_models.MODEL_SOURCES
-
 
 # names of what one deploy makes: sagemaker.core.common_utils.name_from_base's timestamp
 TIMESTAMP = r"\d{4}-\d{2}-\d{2}-\d{2}-\d{2}-\d{2}-\d{3}"
@@ -129,18 +115,9 @@ def find_endpoint(name: str, session, region: str):
 
 @dataclass
 class Deployment:
-    """What :func:`create_endpoint` made.
-
-    Attributes:
-        name: The endpoint's name.
-        model_data: The deployed ``model.tar.gz``.
-        image_uri: The serving image.
-        status: The endpoint's status when :func:`create_endpoint` returned.
-        model: The new model's name (also the new endpoint config's).
-        previous_config: The endpoint config the endpoint served before this update
-            (``None``: the endpoint was created, or a dry run).
-        requests: In a dry run, the Create* requests that were not sent, by operation.
-    """
+    """What :func:`create_endpoint` made: endpoint ``name`` serving ``model_data`` on ``image_uri``, its
+    ``status`` on return, the new ``model`` (and endpoint config), the ``previous_config`` it served before
+    an update (``None``: created, or a dry run), and in a dry run the unsent Create* ``requests`` by operation."""
 
     name: str
     model_data: str
@@ -154,13 +131,7 @@ class Deployment:
 def create_endpoint(cfg: DictConfig) -> Deployment:
     """Create a model and an endpoint config, then create endpoint ``cfg.endpoint`` on them or
     update it to them if it exists; wait for InService if ``cfg.wait``. With ``cfg.dry_run``, check
-    and keep the CreateModel, CreateEndpointConfig and CreateEndpoint requests instead, sending nothing.
-
-    Args:
-        cfg: ``conf/deploy.yaml``.
-
-    Returns:
-        What was deployed.
+    and keep the three Create* requests instead, sending nothing. ``cfg``: ``conf/deploy.yaml``.
 
     Raises:
         ValueError: No role (``role=`` or ``$SAGEMAKER_ROLE``; a dry run shows a placeholder), an
@@ -174,7 +145,7 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
 
     name = endpoint_name(cfg)
     dry_run = bool(cfg.dry_run)
-    cfg.role = role_for(cfg, dry_run) if dry_run else serving_models.require_role(cfg)
+    cfg.role = serving_models.require_role(cfg, dry_run)
     session = serving_models.boto_session(cfg)
     hook = RequestHook(session, dry_run=dry_run)
     source = serving_models.model_source(cfg, session, SOURCES, dry_run=dry_run)
@@ -191,16 +162,14 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
     with contextlib.suppress(DryRun):
         EndpointConfig.create(endpoint_config_name=resource, session=session, region=cfg.region,
                               production_variants=variants)
-    if dry_run:
+    previous = None
+    if endpoint is None:
         try:
-            Endpoint.create(endpoint_name=name, endpoint_config_name=resource, session=session, region=cfg.region)
+            endpoint = Endpoint.create(endpoint_name=name, endpoint_config_name=resource, session=session,
+                                       region=cfg.region)
         except DryRun:
             return Deployment(name, model_data, image, "", resource, None,
                               {op: sent[-1] for op, sent in hook.sent.items()})
-    previous = None
-    if endpoint is None:
-        endpoint = Endpoint.create(endpoint_name=name, endpoint_config_name=resource, session=session,
-                                   region=cfg.region)
         action = "endpoint"
     else:
         previous = endpoint.endpoint_config_name
@@ -219,11 +188,8 @@ def create_endpoint(cfg: DictConfig) -> Deployment:
 
 
 def delete_endpoint(cfg: DictConfig) -> list[str]:
-    """Delete endpoint ``cfg.endpoint`` and every endpoint config and model deployed under its name.
-
-    That is: the endpoint's current config and the models it names, and every config and model
-    named ``<endpoint>`` or ``<endpoint>-<timestamp>`` (earlier deploys, kept by updates, or
-    left by a deploy that failed before its endpoint existed).
+    """Delete endpoint ``cfg.endpoint``, its current config and the models it names, and every config
+    and model named as :func:`deployed_under` says (earlier deploys, or a deploy that failed midway).
 
     Returns:
         What was deleted, as ``"kind name"``: the endpoint, then configs, then models.

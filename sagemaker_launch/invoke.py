@@ -1,9 +1,5 @@
-"""``python -m sagemaker_launch.deploy invoke``: ask an endpoint for counts, in JSON bodies split to fit InvokeEndpoint.
-
-A body is the handler's JSON form (:mod:`bincount.serve.inference`),
-``{"instances": [{"image_b64": ...} or {"s3_uri": ...}], "expected_quantity": [...]}``;
-:func:`split_requests` groups the photos so that each body fits :func:`max_request_bytes` and the
-handler's photo limit.
+"""``python -m sagemaker_launch.deploy invoke``: ask an endpoint for counts, in JSON bodies split to fit InvokeEndpoint
+(:func:`max_request_bytes`) and the handler's photo limit.
 """
 
 from __future__ import annotations
@@ -28,10 +24,8 @@ _HEAD, _MID, _TAIL, _SEP = '{"instances": [', '], "expected_quantity": [', "]}",
 
 @functools.cache
 def max_request_bytes() -> int:
-    """InvokeEndpoint's largest request body in bytes (6 MiB), from botocore's service model.
-
-    botocore's parameter validation does not check it; SageMaker refuses a larger body.
-    """
+    """InvokeEndpoint's largest request body in bytes (6 MiB), from botocore's service model (which
+    botocore's parameter validation does not check; SageMaker refuses a larger body)."""
     import botocore.session
 
     runtime = botocore.session.get_session().get_service_model("sagemaker-runtime")
@@ -46,9 +40,9 @@ def instance_json(photo: str) -> str:
 
 
 def request_body(photos: list[str], expected_quantity: int | None = None) -> str:
-    """The JSON request for ``photos`` (local files inline as base64, ``s3://`` URIs by reference).
-
-    ASCII only (``json.dumps`` escapes the rest), so its length in characters is its size in bytes.
+    """The handler's JSON request for ``photos`` (:mod:`bincount.serve.inference`),
+    ``{"instances": [{"image_b64": ...} or {"s3_uri": ...}], "expected_quantity": [...]}``: local files
+    inline as base64, ``s3://`` URIs by reference. ASCII only, so its length in characters is its size in bytes.
     """
     expected = _SEP.join([json.dumps(expected_quantity)] * len(photos))
     return _HEAD + _SEP.join(instance_json(p) for p in photos) + _MID + expected + _TAIL
@@ -58,10 +52,6 @@ def split_requests(photos: list[str], expected_quantity: int | None = None, *, m
                    max_photos: int) -> list[list[str]]:
     """Split ``photos`` into consecutive groups whose :func:`request_body` fits the limits.
 
-    Each group takes as many photos as fit, in order, so the groups' answers concatenated are
-    the answers in the photos' order. Sizes are those of the encoded entries (every local photo
-    is read and base64-encoded here, once more when its request is built).
-
     Args:
         photos: Local files or ``s3://`` URIs.
         expected_quantity: Sent for every photo (``None``: ``null``).
@@ -69,7 +59,8 @@ def split_requests(photos: list[str], expected_quantity: int | None = None, *, m
         max_photos: Most photos in one request (the handler's ``BINCOUNT_MAX_INSTANCES``).
 
     Returns:
-        The groups, in order; together exactly ``photos``.
+        The groups, in order, each taking as many photos as fit; together exactly ``photos``, so the
+        groups' answers concatenated are in the photos' order.
 
     Raises:
         ValueError: ``max_photos`` below 1, or a photo whose request alone is over ``max_bytes``.
@@ -96,16 +87,12 @@ def split_requests(photos: list[str], expected_quantity: int | None = None, *, m
 
 
 def invoke_endpoint(cfg: DictConfig, photos: list[str]) -> dict[str, Any]:
-    """Ask endpoint ``cfg.endpoint`` for the count of every photo, in as few JSON requests as fit.
-
-    Each request is the handler's JSON form (:mod:`bincount.serve.inference`),
-    ``{"instances": [{"image_b64": ...} or {"s3_uri": ...}], "expected_quantity": [...]}``, of at
-    most :func:`max_request_bytes` bytes and ``cfg.max_photos_per_request`` photos (see
-    :func:`split_requests`); every photo is checked to fit before the first request is sent.
+    """Ask endpoint ``cfg.endpoint`` for the count of every photo, in as few JSON requests
+    (:func:`request_body`) as fit (:func:`split_requests`); every photo is checked to fit before the
+    first request is sent.
 
     Args:
-        cfg: ``conf/deploy.yaml`` (``endpoint``, ``expected_quantity`` for every photo or null,
-            ``max_photos_per_request``).
+        cfg: ``conf/deploy.yaml``.
         photos: Local JPEG/PNG files, or ``s3://`` URIs the endpoint's role can read.
 
     Returns:

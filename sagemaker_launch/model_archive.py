@@ -1,8 +1,5 @@
-"""A training job's ``model.tar.gz``: the exported model plus ``code/`` for SageMaker's PyTorch serving image.
-
-The container entry (:mod:`sagemaker_launch.entry`) calls :func:`export_model` on global rank 0
-after training; ``python -m sagemaker_launch.deploy`` serves what it wrote.
-"""
+"""A training job's ``model.tar.gz``: the exported model plus ``code/`` for SageMaker's PyTorch serving image
+(written by :mod:`sagemaker_launch.entry` on global rank 0 after training)."""
 
 from __future__ import annotations
 
@@ -12,10 +9,8 @@ import logging
 import shutil
 from pathlib import Path
 
-log = logging.getLogger("sagemaker_launch.entry")
+log = logging.getLogger(__name__)
 
-# serving image packages: pinning them in code/requirements.txt would replace the image's CUDA build
-IMAGE_PACKAGES = {"torch", "torchvision"}
 # bincount's dependencies that `import bincount.serve.inference` loads (the test proves the list):
 # ONNX Runtime (the forward), Pillow (decoding), pydantic (the JSON request schema); the image lacks
 # ONNX Runtime and pydantic, so endpoints pip-install them
@@ -33,11 +28,8 @@ torch.set_num_threads(1)
 
 
 def serving_requirements() -> str:
-    """``code/requirements.txt`` for the serving image: what the handler imports but the image has.
-
-    :data:`SERVING_PACKAGES` with the version ranges of bincount's own metadata; torch and
-    torchvision (:data:`IMAGE_PACKAGES`) are left to the image, whose CUDA build a pin would replace.
-    """
+    """``code/requirements.txt`` for the serving image: :data:`SERVING_PACKAGES` with the version ranges
+    of bincount's own metadata (not torch or torchvision: a pin would replace the image's CUDA build)."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
@@ -53,12 +45,8 @@ def serving_requirements() -> str:
 
 
 def export_model(run_model_dir: Path, model_dir: Path) -> Path:
-    """Copy the exported ``model/`` into ``model_dir`` with the serving code.
-
-    ``model_dir`` (SageMaker packs it into model.tar.gz) then holds ``model.onnx``, ``model.pt``,
-    ``model_config.json`` and ``code/``: ``inference.py`` (re-exports
-    :mod:`bincount.serve.inference`'s ``model_fn`` and ``transform_fn``),
-    ``bincount/`` (this package, without conf/) and ``requirements.txt``.
+    """Copy the exported ``model/`` into ``model_dir`` with the serving code: ``code/`` holds
+    ``inference.py`` (:data:`INFERENCE_SHIM`), ``bincount/`` (without conf/) and ``requirements.txt``.
 
     Args:
         run_model_dir: The run's ``model/`` folder written by ``bincount.train.train``.
@@ -68,8 +56,7 @@ def export_model(run_model_dir: Path, model_dir: Path) -> Path:
         ``model_dir``.
 
     Raises:
-        FileNotFoundError: If ``run_model_dir`` lacks ``model.pt`` or ``model.onnx`` (what deploy,
-            register and transform require of a ``model.tar.gz``).
+        FileNotFoundError: If ``run_model_dir`` lacks ``model.pt`` or ``model.onnx``.
     """
     import bincount
     from bincount.models.export import MODEL_FILE, ONNX_FILE

@@ -1,17 +1,9 @@
 """The SageMaker Model Registry side of ``register`` and ``deploy``/``transform package_group=``: model package
 groups, model packages (versions) with their held-out metrics, approval, and the latest approved one.
 
-A package serves on the instance types it lists, each on the image that fits it: its
-``InferenceSpecification`` holds the image of the instance type it was registered for, and its
-``AdditionalInferenceSpecifications`` one more per other image (named ``cpu`` or ``gpu``), each
-listing its instance types for endpoints (``SupportedRealtimeInferenceInstanceTypes``) and transform
-jobs (``SupportedTransformInstanceTypes``); a model made from the package names the specification for
-its instance type (``InferenceSpecificationName``: :func:`sagemaker_launch.serving_models.package_source`).
-
-A package's ``CustomerMetadataProperties`` carry the numbers the approval rule compares
-(:data:`METRIC_KEYS` and ``eval_set``, the evaluation set's identifier); its ``ModelCard`` carries
-the same and more for people (see :mod:`sagemaker_launch.register`). Every call is a boto3
-SageMaker client call, so botocore checks each request against the service model before sending.
+A package holds one inference specification per serving image (CPU, GPU), each listing its instance types
+for endpoints and for transform jobs; a model made from it names the one for its instance type
+(:func:`sagemaker_launch.serving_models.package_source`). See docs/sagemaker.md, "Model registry".
 """
 
 from __future__ import annotations
@@ -30,16 +22,8 @@ EVAL_SET = "eval_set"
 REALTIME, TRANSFORM = "SupportedRealtimeInferenceInstanceTypes", "SupportedTransformInstanceTypes"
 
 
-def ensure_group(sm, group: str, description: str) -> bool:
-    """Create model package group ``group`` unless it exists.
-
-    Args:
-        sm: A boto3 SageMaker client.
-        group: The group's name.
-        description: Its description, if it is created.
-
-    Returns:
-        ``True`` if it was created.
+def ensure_group(sm, group: str, description: str) -> None:
+    """Create model package group ``group`` (with ``description``) unless it exists.
 
     Raises:
         botocore.exceptions.ClientError: Any error but "does not exist".
@@ -48,14 +32,13 @@ def ensure_group(sm, group: str, description: str) -> bool:
 
     try:
         sm.describe_model_package_group(ModelPackageGroupName=group)
-        return False
+        return
     except ClientError as err:
         error = err.response.get("Error", {})
         if error.get("Code") != "ValidationException" or "does not exist" not in error.get("Message", ""):
             raise
     sm.create_model_package_group(ModelPackageGroupName=group, ModelPackageGroupDescription=description)
     log.info("created model package group %s", group)
-    return True
 
 
 def latest_approved(sm, group: str) -> dict[str, Any] | None:
@@ -68,30 +51,10 @@ def latest_approved(sm, group: str) -> dict[str, Any] | None:
     return sm.describe_model_package(ModelPackageName=summaries[0]["ModelPackageArn"])
 
 
-def approved_package(session, group: str) -> dict[str, Any]:
-    """DescribeModelPackage of the latest approved package of ``group``, for ``package_group=``
-    (:func:`sagemaker_launch.serving_models.model_source`).
-
-    Raises:
-        ValueError: If the group has no approved package.
-    """
-    package = latest_approved(session.client("sagemaker"), group)
-    if package is None:
-        raise ValueError(f"model package group {group} has no approved package: approve one (python -m "
-                         f"sagemaker_launch.register ... group={group} approve_if_better=true, or in the console)")
-    return package
-
-
 def inference_specifications(sm, served: list[tuple[dict[str, Any], list[str]]]) -> dict[str, Any]:
-    """``InferenceSpecification`` and ``AdditionalInferenceSpecifications`` of a package serving
-    ``served``: one per container (``Image``, ``ModelDataUrl``, ``Environment``), the first the
-    package's own, each with the instance types it serves on, split into those SageMaker offers for
-    endpoints and for transform jobs (the service model's ``ProductionVariantInstanceType`` and
-    ``TransformInstanceType``). The additional ones are named by their image's device (``cpu``, ``gpu``).
-
-    Args:
-        sm: A boto3 SageMaker client (its service model).
-        served: ``(container, instance types)`` pairs.
+    """``InferenceSpecification`` and ``AdditionalInferenceSpecifications`` (named by their image's device)
+    of a package serving ``served``, each listing its instance types SageMaker offers for endpoints and
+    for transform jobs (the service model's ``ProductionVariantInstanceType``, ``TransformInstanceType``).
 
     Returns:
         ``CreateModelPackage`` fields.
@@ -130,13 +93,11 @@ def create_package(sm, group: str, served: list[tuple[dict[str, Any], list[str]]
     Args:
         sm: A boto3 SageMaker client.
         group: The model package group (must exist: :func:`ensure_group`).
-        served: ``(container, instance types)``: ``Image``, ``ModelDataUrl`` and ``Environment`` of a
-            serving container, as ``deploy`` would create its model, and the instance types it serves
-            on; the first is the package's ``InferenceSpecification`` (:func:`inference_specifications`).
+        served: ``(container, instance types)`` pairs, the package's own first (:func:`inference_specifications`).
         properties: ``CustomerMetadataProperties`` (at most 50; keys and values of letters,
             digits and ``_.:/=+-@``).
         card_content: The model card's ``ModelCardContent`` JSON.
-        description: ``ModelPackageDescription`` (at most 1024 characters).
+        description: ``ModelPackageDescription`` (cut to 1024 characters).
         generated_by: ``MetadataProperties.GeneratedBy`` (where the model came from).
 
     Returns:
@@ -159,12 +120,8 @@ def create_package(sm, group: str, served: list[tuple[dict[str, Any], list[str]]
 
 @dataclass(frozen=True)
 class Decision:
-    """What the approve-if-better rule decided.
-
-    Attributes:
-        approve: Whether to approve the new package.
-        line: One line saying so, with both MAEs (or why they don't compare).
-    """
+    """What the approve-if-better rule decided: ``approve`` the new package or not, and one ``line``
+    saying so, with both MAEs (or why they don't compare)."""
 
     approve: bool
     line: str
@@ -179,9 +136,8 @@ def decide(new: dict[str, str], current: dict[str, Any] | None, group: str) -> D
         group: The group's name (for the line).
 
     Returns:
-        Approve when there is no approved package, or when the new MAE is strictly lower on the
-        same ``eval_set``; otherwise not (a worse or equal MAE, another evaluation set, or an
-        approved package without a recorded MAE).
+        Approve when there is no approved package, or the new MAE is strictly lower on the same
+        ``eval_set``; not on an equal or worse MAE, another evaluation set, or no recorded MAE.
     """
     mae = float(new["mae"])
     if current is None:
@@ -200,10 +156,7 @@ def decide(new: dict[str, str], current: dict[str, Any] | None, group: str) -> D
 
 
 def approve(sm, arn: str, properties: dict[str, str], description: str) -> None:
-    """Set package ``arn`` to Approved with ``description`` (the decision's line).
-
-    Its ``CustomerMetadataProperties`` are sent again unchanged: SageMaker merges an update's
-    properties into the package's, and a server that replaces them instead (moto 5.2) keeps them.
-    """
+    """Set package ``arn`` to Approved with ``description`` (the decision's line); its ``properties`` are
+    sent again unchanged, so a server that replaces rather than merges them (moto 5.2) keeps them."""
     sm.update_model_package(ModelPackageArn=arn, ModelApprovalStatus=APPROVED, ApprovalDescription=description[:1024],
                             CustomerMetadataProperties=properties)

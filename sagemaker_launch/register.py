@@ -6,35 +6,14 @@ Usage:
     python -m sagemaker_launch.register job=bincount-20261203024536 group=bincount-counting approve_if_better=true
     python -m sagemaker_launch.register model_dir=outputs/RUN/model model_data=s3://BUCKET/RUN/model.tar.gz group=bincount-counting
 
-``key=value`` arguments are overrides of ``conf/register.yaml``. Registering creates model
-package group ``group`` if it is missing, then a model package in it, ``PendingManualApproval``:
-the serving container exactly as ``python -m sagemaker_launch.deploy`` would create it
-(:func:`sagemaker_launch.serving_models.serving_container`: the AWS PyTorch inference image of
-``conf/serving_image``, the ``model.tar.gz`` of ``job`` or ``model_data``, bincount's handler), so
-``deploy package_group=GROUP`` (and ``transform package_group=GROUP``) serves it the same way.
-
-The package records the run's held-out (test split) report, ``metrics.json``: for a training
-job, from its ``output.tar.gz`` (beside its ``model.tar.gz``: the run folder the entry wrote);
-for a local run, from the run folder that holds ``model_dir``. ``CustomerMetadataProperties``
-get ``acc``, ``obo_acc`` (within one), ``mae``, ``rmse``, ``n``, the calibration's
-``temperature`` and ``ece_before``/``ece_after``, and ``eval_set``: ``sha256:`` of the test
-photos' sorted ``image_id,expected_quantity`` lines (``predictions.csv``), so two packages'
-MAEs are compared only on the same photos. The package's model card (``ModelCard``) has the
-same metrics in two groups, the split, and the counting task.
-
-The package serves on ``instance_type`` and ``supported_instance_types``, each on the image
-``conf/serving_image`` picks for it: the image of ``instance_type`` is the package's own inference
-specification, the other device's (CPU or GPU) an additional one, so ``deploy package_group=GROUP
-instance_type=ml.g4dn.xlarge`` runs the GPU image (:func:`sagemaker_launch.model_packages.inference_specifications`).
-
-Only a completed training job, or a ``model.tar.gz`` holding ``model.onnx``, ``model.pt`` and the model card
-``model_config.json``, is registered (:func:`sagemaker_launch.serving_models.model_source`).
-
-``approve_if_better=true`` approves the new package only if its MAE is lower than that of the
-group's latest approved package on the same ``eval_set`` (or the group has no approved package),
-and prints one line with the decision and both MAEs (:func:`sagemaker_launch.model_packages.decide`).
+``key=value`` arguments are overrides of ``conf/register.yaml``. The new model package, in group
+``group`` (created if missing), is ``PendingManualApproval``; it holds the serving container
+``python -m sagemaker_launch.deploy`` would create from the same model, once per serving image
+(:func:`served_images`), and the run's held-out report (``metrics.json``, :mod:`sagemaker_launch.run_report`)
+as ``CustomerMetadataProperties`` and a model card. ``approve_if_better=true`` approves it only if its MAE
+beats the group's latest approved package on the same test photos (:func:`sagemaker_launch.model_packages.decide`).
 ``--dry-run`` checks the CreateModelPackage request against SageMaker's service model and prints it,
-sending nothing (a training job's model and metrics are then placeholders: nothing is read).
+sending nothing. See docs/sagemaker.md, "Model registry".
 """
 
 from __future__ import annotations
@@ -66,12 +45,8 @@ def metadata_properties(evaluation: Evaluation) -> dict[str, str]:
 
 
 def card_content(evaluation: Evaluation, model_data: str, source: str) -> str:
-    """The package's ``ModelCardContent``: the model package model card schema, as JSON.
-
-    Two metric groups on the test split: counting (``acc``, ``obo_acc``, ``mae``, ``rmse``,
-    ``n``) and calibration (temperature, ECE before/after, the review threshold and how often it
-    answered, and rightly).
-    """
+    """The package's ``ModelCardContent`` (the model package model card schema) as JSON: counting and
+    calibration metrics on the test split."""
     from sagemaker.core.shapes import model_card_shapes as shapes
 
     m = evaluation.metrics
@@ -108,14 +83,9 @@ def card_content(evaluation: Evaluation, model_data: str, source: str) -> str:
 
 @dataclass(frozen=True)
 class Registration:
-    """What :func:`register` did.
-
-    Attributes:
-        arn: The new model package's ARN (``""`` in a dry run).
-        properties: Its ``CustomerMetadataProperties``.
-        decision: The approve-if-better decision, or ``None`` (not asked: pending manual approval; a dry run).
-        request: In a dry run, the CreateModelPackage request that was not sent.
-    """
+    """What :func:`register` did: the new package's ``arn`` (``""`` in a dry run), its ``properties``
+    (``CustomerMetadataProperties``), the approve-if-better ``decision`` (``None``: not asked, or a dry
+    run), and in a dry run the unsent CreateModelPackage ``request``."""
 
     arn: str
     properties: dict[str, str]
@@ -124,14 +94,14 @@ class Registration:
 
 
 def served_images(cfg: DictConfig, source: serving_models.ModelSource) -> list[tuple[dict, list[str]]]:
-    """What the package serves on: ``(container, instance types)`` per serving image, ``cfg.instance_type``'s
-    first, for ``cfg.instance_type`` and ``cfg.supported_instance_types``
-    (:func:`sagemaker_launch.serving_models.inference_image` of each; with ``image_uri``, the types whose
-    device, CPU or GPU, is the image's).
+    """``(container, instance types)`` per serving image of ``cfg.instance_type`` (first) and
+    ``cfg.supported_instance_types``; with ``image_uri``, the types whose device (CPU, GPU) is the image's.
 
     Raises:
         ValueError: ``image_uri``'s device is not ``instance_type``'s.
     """
+    from sagemaker.core.utils.utils import serialize
+
     by_image: dict[str, list[str]] = {}
     for instance_type in dict.fromkeys([str(cfg.instance_type), *map(str, cfg.supported_instance_types or [])]):
         image = serving_models.inference_image(cfg, instance_type)
@@ -144,8 +114,8 @@ def served_images(cfg: DictConfig, source: serving_models.ModelSource) -> list[t
                      want.upper(), device.upper())
             continue
         by_image.setdefault(image, []).append(instance_type)
-    return [(serving_models.package_container(cfg, serving_models.ModelSource(source.model_data, image),
-                                              cfg.environment), types)
+    return [(serialize(serving_models.serving_container(cfg, serving_models.ModelSource(source.model_data, image),
+                                                       cfg.environment)), types)
             for image, types in by_image.items()]
 
 
@@ -158,21 +128,13 @@ def placeholder_evaluation(job: str) -> Evaluation:
 def register(cfg: DictConfig) -> Registration:
     """Create the group if missing and a model package in it; approve it if ``cfg.approve_if_better``
     and the rule allows (:func:`sagemaker_launch.model_packages.decide`). With ``cfg.dry_run``, check and keep
-    the CreateModelPackage request instead, sending nothing.
-
-    Args:
-        cfg: ``conf/register.yaml``.
+    the CreateModelPackage request instead, sending nothing. ``cfg``: ``conf/register.yaml``.
 
     Raises:
-        ValueError: No ``group``; neither ``job`` alone nor ``model_dir`` with ``model_data``; a job
-            that did not complete, or a ``model.tar.gz`` without ``model.onnx``, ``model.pt`` or the model card
-            (:func:`sagemaker_launch.serving_models.model_source`); a job without ``output.tar.gz``; a run
-            folder whose ``metrics.json`` is not a test report; an instance type the package can't
-            serve on (:func:`served_images`); in a dry run, a request SageMaker's service model refuses.
+        ValueError: No ``group``; neither ``job`` alone nor ``model_dir`` with ``model_data``; see
+            :func:`sagemaker_launch.serving_models.model_source`, :mod:`sagemaker_launch.run_report` and
+            :func:`served_images`; in a dry run, a request SageMaker's service model refuses.
         FileNotFoundError: A run folder without ``metrics.json`` or ``predictions.csv``.
-
-    Returns:
-        The new package's ARN and recorded properties, and the decision if asked for.
     """
     if not cfg.group:
         raise ValueError("register needs group=<model package group>")
@@ -185,14 +147,12 @@ def register(cfg: DictConfig) -> Registration:
     source = serving_models.model_source(cfg, session, ("model_data", "job"), dry_run=dry_run)
     model_data = source.model_data
     with tempfile.TemporaryDirectory() as tmp:
-        if cfg.job and dry_run:
-            run_dir, evaluation = None, placeholder_evaluation(str(cfg.job))
-        elif cfg.job:
-            run_dir = fetch_job_run(model_data.rsplit("/", 1)[0] + "/output.tar.gz", session, Path(tmp))
-            evaluation = read_run(run_dir)
+        if cfg.job:
+            run_dir = None if dry_run else fetch_job_run(model_data.rsplit("/", 1)[0] + "/output.tar.gz", session,
+                                                         Path(tmp))
         else:
             run_dir = Path(cfg.model_dir).resolve().parent
-            evaluation = read_run(run_dir)
+        evaluation = placeholder_evaluation(str(cfg.job)) if run_dir is None else read_run(run_dir)
     source_text = f"training job {cfg.job}" if cfg.job else f"local run {run_dir}"
     properties = metadata_properties(evaluation)
     served = served_images(cfg, source)
@@ -220,9 +180,8 @@ def register(cfg: DictConfig) -> Registration:
 
 
 def parse_argv(argv: list[str] | None) -> list[str]:
-    """``key=value`` overrides of ``conf/register.yaml`` in ``argv`` (``None``: ``sys.argv[1:]``), with
-    ``--approve-if-better`` as ``approve_if_better=true`` and ``--dry-run`` as ``dry_run=true``;
-    ``-h``/``--help`` prints the module docstring and exits 0.
+    """``key=value`` overrides of ``conf/register.yaml`` in ``argv`` (``None``: ``sys.argv[1:]``), the flags
+    as ``approve_if_better=true`` and ``dry_run=true``; ``--help`` prints the module docstring too.
 
     Raises:
         SystemExit: 2 (argparse's one error line) for an argument that is neither a flag nor ``key=value``.

@@ -10,9 +10,10 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from botocore.exceptions import ClientError
 from omegaconf import OmegaConf
 
-from bincount.data.s3 import split_s3_uri
+from bincount.data.s3 import is_not_found, split_s3_uri
 from bincount.models.card import ModelCard
 
 # the run folder's files a registration reads (a job's output.tar.gz holds the whole run folder)
@@ -20,17 +21,9 @@ REPORT_FILES = ("metrics.json", "predictions.csv", "config.yaml", "model/model_c
 
 @dataclass(frozen=True)
 class Evaluation:
-    """A run's held-out evaluation, as its run folder records it.
-
-    Attributes:
-        metrics: ``metrics.json`` (:func:`bincount.report.write_report` plus the calibration's
-            :func:`~bincount.models.calibration.held_out_report`).
-        eval_set: ``sha256:<hex>`` of the sorted ``image_id,expected_quantity`` lines of
-            ``predictions.csv``.
-        split: The split, in words (from ``config.yaml``), or ``None`` without one.
-        data: The data the split was taken from (``data.root``), or ``None``.
-        card: The exported model's card, or ``None`` without ``model/model_config.json``.
-    """
+    """A run's held-out evaluation, as its run folder records it: ``metrics`` (``metrics.json``), the
+    ``eval_set`` (:func:`eval_set_id`), and, where the folder has them, the ``split`` in words and the
+    ``data`` it was taken from (``config.yaml``) and the exported model's ``card``."""
 
     metrics: dict
     eval_set: str
@@ -79,18 +72,16 @@ def fetch_job_run(output_tar_gz: str, session, into: Path) -> Path:
     Raises:
         ValueError: If there is no such object (the job has not finished, or wrote no output).
     """
-    from botocore.exceptions import ClientError
-
     bucket, key = split_s3_uri(output_tar_gz)
     archive = into / "output.tar.gz"
     try:
         session.client("s3").download_file(bucket, key, str(archive))
     except ClientError as err:
-        if err.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
+        if not is_not_found(err):
             raise
         raise ValueError(f"{output_tar_gz} not found: has the job finished and written its run folder?") from None
     with tarfile.open(archive) as tar:
         wanted = [m for m in tar.getmembers() if m.isfile()
-                  and str(PurePosixPath(*[p for p in PurePosixPath(m.name).parts if p != "."])) in REPORT_FILES]
+                  and str(PurePosixPath(m.name)) in REPORT_FILES]
         tar.extractall(into / "run", members=wanted, filter="data")
     return into / "run"

@@ -1,17 +1,8 @@
 """SageMaker models of bincount, shared by ``deploy`` (endpoints), ``register`` (model packages) and
 ``transform`` (Batch Transform jobs): the serving image (``conf/serving_image/``), the serving container,
-and CreateModel from a training job, a ``model.tar.gz``, a model package or a package group's latest
-approved package.
-
-A ``model.tar.gz`` is what a training job's entry wrote to ``$SM_MODEL_DIR``
-(:mod:`sagemaker_launch.model_archive`): ``model.onnx``, ``model.pt``, ``model_config.json`` and ``code/`` with
-``inference.py``, which the AWS PyTorch inference image's toolkit runs (``SAGEMAKER_PROGRAM``).
-A model package (:mod:`sagemaker_launch.model_packages`) carries its own images, model data and environment:
-one inference specification per serving image, each listing the instance types it serves on.
-
-Before a model is made from a training job or a ``model.tar.gz``, :func:`model_source` checks that the
-job completed and that the archive holds ``model.onnx``, ``model.pt`` and the model card, ``model_config.json``
-(:func:`check_model_archive`): a job stopped during test, calibration or export leaves a partial model.
+and CreateModel from a training job, a ``model.tar.gz`` (:mod:`sagemaker_launch.model_archive`), a model
+package or a package group's latest approved package (:mod:`sagemaker_launch.model_packages`), each
+checked first (:func:`model_source`): a job stopped during test, calibration or export leaves a partial model.
 """
 
 from __future__ import annotations
@@ -26,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from sagemaker_launch import model_packages
+from sagemaker_launch.session import role_for
 
 log = logging.getLogger("sagemaker_launch")
 
@@ -42,9 +34,8 @@ def boto_session(cfg: DictConfig):
 
 
 def inference_image(cfg: DictConfig, instance_type: str | None = None) -> str:
-    """``image_uri``, else the AWS PyTorch inference image of ``framework_version``/``py_version`` for
-    ``instance_type`` (default ``cfg.instance_type``; CPU or GPU), in ``region`` (the keys of
-    ``conf/serving_image/``)."""
+    """``image_uri``, else the AWS PyTorch inference image for ``instance_type`` (default
+    ``cfg.instance_type``) of ``conf/serving_image/``'s keys."""
     if cfg.image_uri:
         return str(cfg.image_uri)
     from sagemaker.core import image_uris
@@ -72,13 +63,8 @@ def instance_device(instance_type: str) -> str | None:
         return None
 
 
-# a training job whose model.tar.gz is whole: SageMaker uploads the model folder of a stopped job too
-COMPLETED = "Completed"
-
-
 def job_model_data(job: str, session, region: str) -> str:
-    """The ``model.tar.gz`` training job ``job`` wrote (DescribeTrainingJob's ``S3ModelArtifacts``),
-    if the job completed.
+    """The ``model.tar.gz`` training job ``job`` wrote, if the job completed.
 
     Raises:
         ValueError: If its ``TrainingJobStatus`` is not ``Completed`` (named, with the job's
@@ -88,7 +74,7 @@ def job_model_data(job: str, session, region: str) -> str:
 
     described = TrainingJob.get(training_job_name=job, session=session, region=region)
     status = str(described.training_job_status)
-    if status != COMPLETED:
+    if status != "Completed":  # SageMaker uploads the model folder of a stopped job too
         reason = described.failure_reason if isinstance(described.failure_reason, str) else ""
         advice = ("wait until it is Completed" if status in ("InProgress", "Stopping")
                   else "its model may be partial: train it again")
@@ -98,9 +84,8 @@ def job_model_data(job: str, session, region: str) -> str:
 
 
 def check_model_archive(model_data: str, session) -> None:
-    """Check that ``model_data`` (``s3://.../model.tar.gz``) holds ``model.onnx``, ``model.pt`` and the
-    model card ``model_config.json`` (:mod:`bincount.models.export`), reading the archive's member names
-    as it streams from S3 and stopping once all three are seen. A URI that is not ``s3://`` is not checked.
+    """Check that ``model_data`` (``s3://.../model.tar.gz``; another URI is not checked) holds
+    ``model.onnx``, ``model.pt`` and the model card ``model_config.json``, streaming the member names.
 
     Raises:
         ValueError: No such object, not a tar archive, or a file missing (named).
@@ -123,7 +108,7 @@ def check_model_archive(model_data: str, session) -> None:
     try:
         with body, tarfile.open(fileobj=body, mode="r|*") as tar:
             for member in tar:
-                missing.discard(str(PurePosixPath(*[p for p in PurePosixPath(member.name).parts if p != "."] or ".")))
+                missing.discard(str(PurePosixPath(member.name)))
                 if not missing:
                     return
     except (tarfile.TarError, EOFError, OSError) as err:
@@ -135,16 +120,9 @@ def check_model_archive(model_data: str, session) -> None:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """What a SageMaker model is made of.
-
-    Attributes:
-        model_data: The ``model.tar.gz`` S3 URI (``""`` for a model package not looked up: a dry run).
-        image: The serving image (``""`` likewise).
-        model_package: A model package's ARN: the model is made from it (its own image, model data
-            and environment), else ``None``: from ``model_data`` on ``image``.
-        inference_specification: The package's additional inference specification the model runs
-            (its ``Name``), or ``None``: its ``InferenceSpecification``.
-    """
+    """What a SageMaker model is made of: ``model_data`` (an S3 URI) on ``image`` (both ``""`` for a
+    package not looked up: a dry run), or ``model_package`` (an ARN; ``None``: not a package) with the
+    ``Name`` of the additional ``inference_specification`` it runs (``None``: its own)."""
 
     model_data: str
     image: str
@@ -165,18 +143,13 @@ def source_key(cfg: DictConfig, sources: tuple[str, ...]) -> str:
 
 
 def package_source(package: dict[str, Any], instance_type: str, use: str) -> ModelSource:
-    """The inference specification of model package ``package`` (DescribeModelPackage) that serves
-    on ``instance_type``, as a :class:`ModelSource`.
+    """The inference specification of model package ``package`` (DescribeModelPackage's answer) that
+    serves on ``instance_type`` for ``use`` (:data:`sagemaker_launch.model_packages.REALTIME` or
+    ``TRANSFORM``), as a :class:`ModelSource`.
 
     A specification listing instance types for ``use`` serves on those; one listing none (a package
-    registered by other means) serves where its image's device (:func:`image_device`: CPU or GPU)
-    is the instance type's (:func:`instance_device`), or either device can't be told.
-
-    Args:
-        package: DescribeModelPackage's answer.
-        instance_type: The endpoint's or transform job's instance type.
-        use: :data:`sagemaker_launch.model_packages.REALTIME` (an endpoint) or
-            :data:`~sagemaker_launch.model_packages.TRANSFORM` (a transform job).
+    registered by other means) serves where its image's device (:func:`image_device`) is the instance
+    type's (:func:`instance_device`), or either device can't be told.
 
     Raises:
         ValueError: No specification serves on ``instance_type``: the line names the types the package
@@ -205,14 +178,10 @@ def package_source(package: dict[str, Any], instance_type: str, use: str) -> Mod
 
 def model_source(cfg: DictConfig, session, sources: tuple[str, ...], *, dry_run: bool = False,
                  use: str = model_packages.REALTIME) -> ModelSource:
-    """Resolve the one of ``sources`` that ``cfg`` sets (:func:`source_key`).
-
-    ``job``: its ``model.tar.gz``, if the job completed (:func:`job_model_data`); ``model_data`` and
-    ``job`` on the serving image, once :func:`check_model_archive` found the model and its card in the
-    archive. ``model_package`` and ``package_group`` (the group's latest approved package,
-    :func:`sagemaker_launch.model_packages.latest_approved`): the package's inference specification for
-    ``cfg.instance_type`` and ``use`` (:func:`package_source`). In a dry run nothing is asked, so a
-    job's ``model.tar.gz`` and a group's package are placeholders and nothing is checked.
+    """Resolve the one of ``sources`` that ``cfg`` sets (:func:`source_key`): a ``model.tar.gz`` on the
+    serving image, or a package's inference specification for ``cfg.instance_type`` and ``use``
+    (:func:`package_source`). In a dry run nothing is asked, so a job's ``model.tar.gz`` and a group's
+    package are placeholders and nothing is checked.
 
     Raises:
         ValueError: See :func:`source_key`, :func:`job_model_data`, :func:`check_model_archive` and
@@ -220,17 +189,20 @@ def model_source(cfg: DictConfig, session, sources: tuple[str, ...], *, dry_run:
     """
     key = source_key(cfg, sources)
     value = str(cfg[key])
-    if key in ("model_package", "package_group") and dry_run:
-        if key == "model_package":
-            return ModelSource("", "", value)
+    if key == "model_package" and dry_run:
+        return ModelSource("", "", value)
+    if key == "package_group" and dry_run:
         log.warning("dry run: the latest approved package of %s is not looked up; the request shows a placeholder",
                     value)
         return ModelSource("", "", f"arn:aws:sagemaker:{cfg.region}:000000000000:model-package/{value}/LATEST")
-    if key == "model_package":
-        package = session.client("sagemaker").describe_model_package(ModelPackageName=value)
+    if key in ("model_package", "package_group"):
+        sm = session.client("sagemaker")
+        package = (sm.describe_model_package(ModelPackageName=value) if key == "model_package"
+                   else model_packages.latest_approved(sm, value))
+        if package is None:
+            raise ValueError(f"model package group {value} has no approved package: approve one (python -m "
+                             f"sagemaker_launch.register ... group={value} approve_if_better=true, or in the console)")
         return package_source(package, str(cfg.instance_type), use)
-    if key == "package_group":
-        return package_source(model_packages.approved_package(session, value), str(cfg.instance_type), use)
     if key == "job" and dry_run:
         log.warning("dry run: training job %s's model.tar.gz is not looked up; the request shows a placeholder", value)
         return ModelSource(f"s3://TRAINING-JOB-OUTPUT/{value}/output/model.tar.gz", inference_image(cfg))
@@ -241,13 +213,9 @@ def model_source(cfg: DictConfig, session, sources: tuple[str, ...], *, dry_run:
 
 
 def serving_container(cfg: DictConfig, source: ModelSource, environment=None):
-    """The model's container: ``source``'s package, or its ``model.tar.gz`` on its image running
-    ``code/inference.py`` (bincount's handler) in ``cfg.region``; plus ``environment`` (e.g.
-    ``BINCOUNT_REVIEW_THRESHOLD``). A register packs the same container (serialized) into its package.
-
-    Returns:
-        A ``sagemaker.core.shapes.ContainerDefinition``.
-    """
+    """The model's ``sagemaker.core.shapes.ContainerDefinition``: ``source``'s package, or its ``model.tar.gz``
+    on its image running ``code/inference.py`` (bincount's handler); plus ``environment`` (e.g.
+    ``BINCOUNT_REVIEW_THRESHOLD``). A register packs the same container (serialized) into its package."""
     from sagemaker.core.shapes import ContainerDefinition
 
     extra = {str(k): str(v) for k, v in (environment or {}).items()}
@@ -260,41 +228,22 @@ def serving_container(cfg: DictConfig, source: ModelSource, environment=None):
         "SAGEMAKER_REGION": str(cfg.region), "SAGEMAKER_CONTAINER_LOG_LEVEL": "20", **extra})
 
 
-def package_container(cfg: DictConfig, source: ModelSource, environment=None) -> dict[str, Any]:
-    """:func:`serving_container` as a model package's ``InferenceSpecification.Containers`` item
-    (``Image``, ``ModelDataUrl``, ``Environment``)."""
-    from sagemaker.core.utils.utils import serialize
-
-    return serialize(serving_container(cfg, source, environment))
-
-
-def require_role(cfg: DictConfig) -> str:
-    """``cfg.role``, the model's execution role; checked before any request, so that a missing one is
-    the first error, also without AWS credentials.
+def require_role(cfg: DictConfig, dry_run: bool = False) -> str:
+    """``cfg.role``, the model's execution role (in a dry run without one, a placeholder); checked
+    before any request, so that a missing one is the first error, also without AWS credentials.
 
     Raises:
-        ValueError: No role (``role=`` or ``$SAGEMAKER_ROLE``).
+        ValueError: No role (``role=`` or ``$SAGEMAKER_ROLE``) outside a dry run.
     """
-    if not cfg.role:
+    if not cfg.role and not dry_run:
         raise ValueError("the model needs an execution role: role=arn:aws:iam::ACCOUNT:role/NAME or $SAGEMAKER_ROLE")
-    return str(cfg.role)
+    return str(role_for(cfg, dry_run))
 
 
 def create_model(name: str, cfg: DictConfig, session, source: ModelSource, environment=None) -> None:
-    """CreateModel ``name`` on :func:`serving_container` (``PrimaryContainer``).
-
-    Args:
-        name: The model's name.
-        cfg: ``region`` and ``role`` (the model's execution role).
-        session: The ``boto3.Session``.
-        source: See :func:`model_source`.
-        environment: More container variables.
-
-    Raises:
-        ValueError: No role.
-    """
+    """CreateModel ``name`` on :func:`serving_container`, in ``cfg.region`` with execution role ``cfg.role``
+    (:func:`require_role`), through ``session`` (a ``boto3.Session``)."""
     from sagemaker.core.resources import Model
 
-    require_role(cfg)
     Model.create(model_name=name, execution_role_arn=cfg.role, session=session, region=cfg.region,
                  primary_container=serving_container(cfg, source, environment))

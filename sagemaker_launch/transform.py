@@ -10,32 +10,14 @@ Usage:
     bincount transform collect s3://BUCKET/counts/ --input-prefix s3://BUCKET/bin-images/ --model-dir model/ \
         --out counts.csv
 
-``key=value`` arguments are overrides of ``conf/transform.yaml`` (composed with Hydra, so a typo
-fails before anything is created; ``model=`` names a training job, a model package's ARN or
-a ``model.tar.gz`` URI, see :func:`model_override`). The command creates a model named like the job,
-``<base_job_name>-<timestamp>``, as ``deploy`` makes it (:mod:`sagemaker_launch.serving_models`): a training
-job's (``job``) or any ``model.tar.gz`` (``model_data``) on the AWS PyTorch inference image of
-``conf/serving_image``, or a model package (``model_package``, or ``package_group``'s latest approved
-one); then a transform job on it (CreateTransformJob) that sends every object under ``input`` to the handler of
-:mod:`bincount.serve.inference` as one request: the whole object is one record (``SplitType``
-None, ``BatchStrategy`` SingleRecord), with ``Content-Type`` ``content_type`` and ``Accept``
-``application/json``. The handler answers ``{"predictions": [{"count": ..., "probabilities": [...],
-"confidence": ...}]}``, or for a photo it cannot read ``{"error": "<why>"}`` with status 200
-(``BINCOUNT_BATCH_TRANSFORM=true`` in the job's environment: a 4xx would mark the whole job
-Failed), and Batch Transform writes it to ``<output><key under input>.out``, which is how
-``bincount transform collect`` (:mod:`bincount.transform_collect`) joins every answer with its
-photo into one CSV.
-
-``instance_count`` instances share the objects out; each gets up to ``max_concurrent_transforms``
-requests at a time of at most ``max_payload_mb`` MB each (SageMaker allows at most
-:data:`MAX_PAYLOAD_MB` MB for one, and for the product of the two); the handler's photo limit
-``BINCOUNT_MAX_IMAGE_BYTES`` is set to the same size. ``--dry-run`` checks both requests against
-SageMaker's service model and prints them, sending nothing; ``--wait`` waits for the job to end.
-The model stays after the job (a model costs nothing; ``aws sagemaker delete-model`` removes it).
-
-A training job runs only if it completed and its ``model.tar.gz`` holds ``model.onnx``, ``model.pt`` and the model
-card; a model package only on an instance type it lists for transform jobs, on the image it holds for
-that type (CPU or GPU): :func:`sagemaker_launch.serving_models.model_source`.
+``key=value`` arguments are overrides of ``conf/transform.yaml`` (``model=`` names a training job,
+a model package's ARN or a ``model.tar.gz`` URI: :func:`model_override`). The command creates a model
+named like the job, ``<base_job_name>-<timestamp>``, as ``deploy`` makes it
+(:mod:`sagemaker_launch.serving_models`), then a transform job on it that sends every object under
+``input`` whole, as one request, to :mod:`bincount.serve.inference`'s handler; Batch Transform writes
+each answer to ``<output><key under input>.out``, which ``bincount transform collect`` joins into one
+CSV. ``--dry-run`` checks both requests against SageMaker's service model and prints them, sending
+nothing; ``--wait`` waits for the job to end. See docs/sagemaker.md, "Batch counting".
 """
 
 from __future__ import annotations
@@ -52,7 +34,7 @@ from omegaconf import DictConfig
 
 from bincount.config import compose
 from sagemaker_launch import cost, model_packages, serving_models
-from sagemaker_launch.session import DryRun, RequestHook, console_url, describe_request, role_for
+from sagemaker_launch.session import DryRun, RequestHook, console_url, describe_request
 
 log = logging.getLogger("sagemaker_launch")
 
@@ -100,24 +82,17 @@ def check_config(cfg: DictConfig) -> None:
 
 def job_environment(cfg: DictConfig) -> dict[str, str]:
     """The transform job's container environment: the handler's photo limit at ``max_payload_mb`` MiB
-    and its Batch Transform answers (``BINCOUNT_BATCH_TRANSFORM``: a photo it cannot count is answered
-    200 with ``{"error": ...}``, so the job goes on), then ``cfg.environment`` (which may override them)."""
+    and its Batch Transform answers (a photo it cannot count is answered 200 with ``{"error": ...}``:
+    a 4xx would fail the whole job), then ``cfg.environment`` (which may override them)."""
     return {"BINCOUNT_MAX_IMAGE_BYTES": str(int(cfg.max_payload_mb) * 2**20), "BINCOUNT_BATCH_TRANSFORM": "true",
             **{str(k): str(v) for k, v in (cfg.environment or {}).items()}}
 
 
 @dataclass
 class Transform:
-    """What :func:`create_transform` did.
-
-    Attributes:
-        job_name: The transform job's name (also its model's).
-        requests: ``CreateModel`` and ``CreateTransformJob`` parameters, as sent (or, in a dry run,
-            as they would have been).
-        dry_run: Nothing was sent.
-        status: The job's status when :func:`create_transform` returned (``""`` in a dry run).
-        failure_reason: Why it failed, if it did.
-    """
+    """What :func:`create_transform` did: ``job_name`` (also its model's), the CreateModel and
+    CreateTransformJob ``requests`` as sent (or not sent: ``dry_run``), and the job's ``status`` on return
+    (``""`` in a dry run) with its ``failure_reason``, if it failed."""
 
     job_name: str
     requests: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -134,12 +109,9 @@ def create_transform(cfg: DictConfig, *, dry_run: bool = False, wait: bool = Fal
         dry_run: Send nothing (the role and a training job's model data may be placeholders).
         wait: Wait until the job ends.
 
-    Returns:
-        What was created.
-
     Raises:
-        ValueError: See :func:`check_config` and :func:`sagemaker_launch.serving_models.model_source`; no role
-            (outside a dry run); a request SageMaker's service model refuses (in a dry run).
+        ValueError: See :func:`check_config`, :func:`sagemaker_launch.serving_models.model_source` and
+            :func:`~sagemaker_launch.serving_models.require_role`; in a dry run, a request SageMaker refuses.
     """
     from sagemaker.core import shapes
     from sagemaker.core.common_utils import name_from_base
@@ -147,7 +119,7 @@ def create_transform(cfg: DictConfig, *, dry_run: bool = False, wait: bool = Fal
     from sagemaker.core.utils.exceptions import FailedStatusError
 
     check_config(cfg)
-    cfg.role = serving_models.require_role(cfg) if not dry_run else role_for(cfg, dry_run)
+    cfg.role = serving_models.require_role(cfg, dry_run)
     session = serving_models.boto_session(cfg)
     hook = RequestHook(session, dry_run=dry_run)
     name = name_from_base(str(cfg.base_job_name))
