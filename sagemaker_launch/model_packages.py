@@ -9,6 +9,7 @@ for endpoints and for transform jobs; a model made from it names the one for its
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,14 @@ METRIC_KEYS = ("acc", "obo_acc", "mae", "rmse", "n", "temperature", "ece_before"
 EVAL_SET = "eval_set"
 # an inference specification's instance types: for endpoints, for transform jobs (the lists' names)
 REALTIME, TRANSFORM = "SupportedRealtimeInferenceInstanceTypes", "SupportedTransformInstanceTypes"
+
+
+def image_device(image: str) -> str | None:
+    """``"cpu"`` or ``"gpu"`` as an image's tag says (the AWS framework images' ``2.6.0-gpu-py312``),
+    else ``None`` (a tag that doesn't say)."""
+    tag = image.rpartition("/")[2].partition(":")[2]
+    match = re.search(r"(?:^|[-.])(cpu|gpu)(?:[-.]|$)", tag)
+    return match.group(1) if match else None
 
 
 def ensure_group(sm, group: str, description: str) -> None:
@@ -63,7 +72,6 @@ def inference_specifications(sm, served: list[tuple[dict[str, Any], list[str]]])
         ValueError: An instance type SageMaker offers for neither.
     """
     from bincount.serve.request import CONTENT_TYPES, JSON
-    from sagemaker_launch.serving_models import image_device
 
     offered = {use: set(sm.meta.service_model.shape_for(shape).enum)
                for use, shape in ((REALTIME, "ProductionVariantInstanceType"), (TRANSFORM, "TransformInstanceType"))}

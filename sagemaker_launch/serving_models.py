@@ -8,7 +8,6 @@ checked first (:func:`model_source`): a job stopped during test, calibration or 
 from __future__ import annotations
 
 import logging
-import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -17,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from sagemaker_launch import model_packages
+from sagemaker_launch.model_packages import image_device
 from sagemaker_launch.session import role_for
 
 log = logging.getLogger("sagemaker_launch")
@@ -42,14 +42,6 @@ def inference_image(cfg: DictConfig, instance_type: str | None = None) -> str:
 
     return image_uris.retrieve("pytorch", cfg.region, version=str(cfg.framework_version), py_version=cfg.py_version,
                                instance_type=instance_type or cfg.instance_type, image_scope="inference")
-
-
-def image_device(image: str) -> str | None:
-    """``"cpu"`` or ``"gpu"`` as an image's tag says (the AWS framework images' ``2.6.0-gpu-py312``),
-    else ``None`` (a tag that doesn't say)."""
-    tag = image.rpartition("/")[2].partition(":")[2]
-    match = re.search(r"(?:^|[-.])(cpu|gpu)(?:[-.]|$)", tag)
-    return match.group(1) if match else None
 
 
 def instance_device(instance_type: str) -> str | None:
