@@ -1,7 +1,5 @@
-"""How a network's output becomes a count: the decoding rule and test-time augmentation.
-
-Both are part of the model (stored in ``model_config.json``), so training, evaluation,
-calibration and serving answer the same count for the same photo.
+"""How a network's output becomes a count: the decoding rule and test-time augmentation, both part
+of the model (``model_config.json``), so training, evaluation and serving answer the same count.
 """
 
 from __future__ import annotations
@@ -23,19 +21,15 @@ NEVER = math.nextafter(1.0, 2.0)
 
 
 def decode_counts(probs: torch.Tensor, rule: str = "argmax") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one class per photo from predicted probabilities.
-
-    ``argmax`` is the most probable count (best for accuracy). ``median`` is the median of the
-    predicted distribution, the answer that minimises the expected absolute error (best for MAE
-    when the model hesitates between neighbouring counts).
+    """Pick one class per photo: ``argmax``, the most probable count (best for accuracy), or ``median``
+    of the predicted distribution, which minimises the expected absolute error (best for MAE).
 
     Args:
         probs: ``(N, C)`` probabilities over classes ``0..C-1`` (rows sum to 1).
         rule: One of :data:`DECODE_RULES`.
 
     Returns:
-        ``confidence`` ``(N,)`` (the probability of the chosen class) and ``index`` ``(N,)``
-        (the chosen class, ``long``).
+        ``confidence`` ``(N,)`` (the chosen class's probability) and ``index`` ``(N,)`` (``long``).
 
     Raises:
         ValueError: If ``rule`` is unknown.
@@ -50,10 +44,8 @@ def decode_counts(probs: torch.Tensor, rule: str = "argmax") -> tuple[torch.Tens
 
 
 class FlipTTA(nn.Module):
-    """Test-time augmentation: mean logits over the photo and its horizontal, vertical and double flips.
-
-    A bin seen from above has no canonical orientation, so the four views are equally valid.
-    ``(N, 3, H, W)`` -> ``(N, C)``; costs four forwards.
+    """Test-time augmentation: mean logits over the photo and its horizontal, vertical and double flips
+    (a bin seen from above has no canonical orientation). ``(N, 3, H, W)`` -> ``(N, C)``; four forwards.
     """
 
     def __init__(self, net: nn.Module) -> None:
