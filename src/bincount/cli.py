@@ -51,14 +51,6 @@ def _limits(args: argparse.Namespace):
     return replace(Limits.from_env(), **{k: v for k, v in given.items() if v is not None})
 
 
-def _settings(args: argparse.Namespace):
-    """The serving settings of the environment (as on an endpoint), overridden by the given flags."""
-    from bincount.serve.inference import Settings
-
-    return Settings.from_env().override(review_threshold=args.review_threshold, limits=_limits(args),
-                                        device=args.device)
-
-
 def add_serve_command(subparsers) -> None:
     """``bincount serve``: the SageMaker-compatible HTTP server (:mod:`bincount.serve.app`)."""
     parser = subparsers.add_parser("serve", help="serve a model over HTTP (SageMaker /ping and /invocations)")
@@ -110,8 +102,11 @@ def add_predict_command(subparsers) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     from bincount.predict import predict
+    from bincount.serve.inference import Settings
 
-    settings = _settings(args)
+    # the serving settings of the environment (as on an endpoint), overridden by the given flags
+    settings = Settings.from_env().override(review_threshold=args.review_threshold, limits=_limits(args),
+                                            device=args.device)
     with stop_on_sigterm():
         summary = predict(args.model_dir, args.inputs, args.out, labels=args.labels, batch_size=args.batch_size,
                           num_workers=args.num_workers, review_threshold=settings.review_threshold,

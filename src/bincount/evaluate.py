@@ -35,8 +35,7 @@ def load_for_eval(cfg: DictConfig) -> tuple[BinCountModule, CountingDataModule]:
         The model and the data module (not set up).
 
     Raises:
-        ValueError: If neither or both are given, or the model folder's ``model_config.json`` is
-            malformed (see :func:`bincount.models.export.read_model_card`).
+        ValueError: If neither or both are given, or the model folder's card is malformed.
         FileNotFoundError: If the folder or checkpoint lacks a file.
     """
     if bool(cfg.get("model_dir")) == bool(cfg.get("ckpt_path")):

@@ -20,15 +20,9 @@ def cpu_has_bf16() -> bool:
 
 
 def choose_precision(accelerator: str) -> tuple[str, str]:
-    """The Lightning ``precision`` to train in on this machine, and why.
-
-    Args:
-        accelerator: The Trainer's ``accelerator`` (``"cpu"``, ``"gpu"``, ``"cuda"``, ``"auto"``, ...).
-
-    Returns:
-        ``(precision, reason)``: ``"bf16-mixed"`` on a CPU or GPU with bfloat16 arithmetic;
-        ``"16-mixed"`` on an older GPU (float16 with loss scaling, e.g. T4, V100); ``"32-true"`` on
-        a CPU without it and on any other accelerator.
+    """``(precision, reason)``: the Lightning ``precision`` to train in with the Trainer's ``accelerator``
+    on this machine: ``"bf16-mixed"`` on a CPU or GPU with bfloat16 arithmetic, ``"16-mixed"`` on an
+    older GPU (T4, V100), ``"32-true"`` on a CPU without it and on any other accelerator.
     """
     accelerator = str(accelerator).lower()
     on_cuda = accelerator in ("gpu", "cuda") or (accelerator == AUTO and torch.cuda.is_available())

@@ -105,7 +105,7 @@ def confusion_matrix_figure(confusion: Sequence[Sequence[int]], *, min_count: in
         figures: A line kept whole under the title (e.g. ``"n=..., acc=..., mae=..."``).
 
     Returns:
-        A :class:`matplotlib.figure.Figure` (no pyplot state: nothing to close).
+        A :class:`matplotlib.figure.Figure` (no pyplot state).
     """
     from matplotlib.figure import Figure
 

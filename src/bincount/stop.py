@@ -1,10 +1,6 @@
 """SIGTERM (and SIGINT) as a stop: an exception in the main thread, so that every ``finally`` runs
 (Python's default SIGTERM action ends the process at once, leaving temporary files behind).
 :func:`stops_held` marks code a stop must not cut in two: a SIGTERM there is raised when it ends.
-
-Usage:
-    with stop_on_sigterm():
-        predict(...)  # a SIGTERM: Stopped; the temporary CSV is removed on the way out
 """
 
 from __future__ import annotations

@@ -112,12 +112,10 @@ def fit(trainer: L.Trainer, model: BinCountModule, datamodule, ckpt_path: str | 
 
 
 def select_weights(trainer: L.Trainer, model: BinCountModule) -> str:
-    """Load the weights validation chose (the monitored checkpoint's ``state_dict``) into ``model``, on every rank.
-
-    With ``EMAWeightAveraging`` the ``state_dict`` is the average (the weights validation scored);
-    ``trainer.test(ckpt_path=...)`` would restore the raw ``current_model_state`` instead. Only
-    global rank 0 reads the file (``ModelCheckpoint`` writes on its disk alone and the instances of
-    a multi-instance job share no disk); the other ranks get the tensors broadcast.
+    """Load the weights validation chose (the monitored checkpoint's ``state_dict``: with
+    ``EMAWeightAveraging`` the average, where ``trainer.test(ckpt_path=...)`` would restore the raw
+    weights) into ``model``. Global rank 0 reads the file (the instances of a job share no disk) and
+    broadcasts the tensors.
 
     Returns:
         The checkpoint's path, or ``""`` when there is none (no validation ran): ``model`` keeps

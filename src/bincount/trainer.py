@@ -53,14 +53,8 @@ def report_test(model: BinCountModule, datamodule: ABIDDataModule, out_dir: Path
                 extra: dict | None = None) -> dict:
     """Write the report of the last ``trainer.test`` into ``out_dir`` and print it (on global rank 0 only).
 
-    Args:
-        model: The tested model; its ``test_predictions`` hold every rank's photos.
-        datamodule: The tested data (its test split names the photos).
-        title: What was tested (report and figure title).
-        extra: More fields for ``metrics.json``.
-
-    Returns:
-        The metrics (see :func:`bincount.report.write_report`).
+    ``model.test_predictions`` hold every rank's photos, the test split of ``datamodule`` names them;
+    ``extra`` are more fields for ``metrics.json``. Returns the metrics (:func:`bincount.report.write_report`).
     """
     pred = model.test_predictions
     records = datamodule.splits["test"]

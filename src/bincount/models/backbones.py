@@ -67,7 +67,7 @@ def build_backbone(
         weights_path: Local file with that state_dict, used instead of downloading.
 
     Returns:
-        The network: ``(N, 3, H, W)`` float images -> ``(N, num_classes)`` logits.
+        ``(N, 3, H, W)`` float images -> ``(N, num_classes)`` logits.
 
     Raises:
         ValueError: Unknown ``arch``/``weights``, or an architecture without an ``fc`` head.

@@ -24,14 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """The temperature ``T`` minimising the NLL of ``softmax(logits / T)`` (``log T`` is optimised: ``T > 0``).
-
-    Args:
-        logits: ``(N, C)``.
-        targets: ``(N,)`` class indices.
-
-    Returns:
-        ``T`` (``> 1`` softens an over-confident model).
+    """The temperature ``T > 0`` (optimised as ``log T``) minimising the NLL of ``softmax(logits / T)``, for
+    ``logits`` ``(N, C)`` and ``targets`` ``(N,)`` class indices; ``T > 1`` softens an over-confident model.
 
     Raises:
         ValueError: If there are no samples.
@@ -72,8 +66,7 @@ def choose_review_threshold(confidence: torch.Tensor, correct: torch.Tensor, tar
         min_support: Fewest photos a threshold must answer.
 
     Returns:
-        The threshold, or :data:`NEVER` (every verdict "review") when no threshold reaches the
-        precision on enough of these photos.
+        The threshold, or :data:`NEVER` (every verdict "review") when none reaches the precision.
 
     Raises:
         ValueError: If ``target_precision`` is outside ``(0, 1]``.

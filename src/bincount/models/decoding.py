@@ -10,10 +10,8 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-DecodeRule = Literal["argmax", "median"]
-"""How probabilities become a count (:func:`decode_counts`): the one list of rules."""
-TtaMode = Literal["none", "flips"]
-"""Test-time augmentation (:func:`with_tta`): the one list of modes."""
+DecodeRule = Literal["argmax", "median"]  # how probabilities become a count (decode_counts)
+TtaMode = Literal["none", "flips"]  # test-time augmentation (with_tta)
 DECODE_RULES: tuple[str, ...] = get_args(DecodeRule)
 TTA_MODES: tuple[str, ...] = get_args(TtaMode)
 NEVER = math.nextafter(1.0, 2.0)

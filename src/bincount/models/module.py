@@ -46,19 +46,17 @@ class BinCountModule(L.LightningModule):
         label_smoothing: Cross-entropy label smoothing (``loss="ce"`` only).
         loss: ``"ce"`` or ``"soft_ce"`` (see :func:`soft_count_targets`).
         label_sigma: Width of the soft labels in objects (``loss="soft_ce"``).
-        decode: How probabilities become a count: ``"argmax"`` or ``"median"``
-            (:func:`bincount.models.decoding.decode_counts`); used by the metrics and exported.
+        decode: How probabilities become a count (:func:`bincount.models.decoding.decode_counts`).
         tta: Test-time augmentation for validation, test and serving: ``"none"`` or ``"flips"``.
-        channels_last: Use the channels-last memory format (faster convolutions on CPU and GPU).
+        channels_last: Use the channels-last memory format (faster convolutions).
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``); needed only for training.
         scheduler: ``optimizer -> LRScheduler`` (a Hydra ``_partial_``) or ``None``.
         scheduler_interval: ``"epoch"`` or ``"step"``; with ``"step"`` the scheduler is also given
             ``total_steps`` (the trainer's estimate), as ``torch.optim.lr_scheduler.OneCycleLR`` needs.
 
     Raises:
-        ValueError: If the count range is not whole numbers ``0 <= min_count < max_count``,
-            ``loss``, ``decode``, ``tta`` or ``scheduler_interval`` is unknown, or
-            ``label_smoothing`` is set with ``loss="soft_ce"``; naming the config key.
+        ValueError: Naming the config key, if the count range is not whole numbers ``0 <= min_count <
+            max_count``, an option is unknown, or ``label_smoothing`` is set with ``loss="soft_ce"``.
     """
 
     def __init__(
