@@ -12,8 +12,6 @@ from torch import nn
 
 DecodeRule = Literal["argmax", "median"]  # how probabilities become a count (decode_counts)
 TtaMode = Literal["none", "flips"]  # test-time augmentation (with_tta)
-DECODE_RULES: tuple[str, ...] = get_args(DecodeRule)
-TTA_MODES: tuple[str, ...] = get_args(TtaMode)
 NEVER = math.nextafter(1.0, 2.0)
 """A review threshold no probability reaches: every verdict is "review"."""
 
@@ -24,7 +22,7 @@ def decode_counts(probs: torch.Tensor, rule: str = "argmax") -> tuple[torch.Tens
 
     Args:
         probs: ``(N, C)`` probabilities over classes ``0..C-1`` (rows sum to 1).
-        rule: One of :data:`DECODE_RULES`.
+        rule: One of :data:`DecodeRule`.
 
     Returns:
         ``confidence`` ``(N,)`` (the chosen class's probability) and ``index`` ``(N,)`` (``long``).
@@ -38,7 +36,7 @@ def decode_counts(probs: torch.Tensor, rule: str = "argmax") -> tuple[torch.Tens
         # the smallest class whose cumulative probability reaches one half
         index = (probs.cumsum(dim=1) < 0.5).sum(dim=1).clamp_max(probs.shape[1] - 1)
         return probs.gather(1, index[:, None])[:, 0], index
-    raise ValueError(f"unknown decode rule {rule!r}: use one of {DECODE_RULES}")
+    raise ValueError(f"unknown decode rule {rule!r}: use one of {get_args(DecodeRule)}")
 
 
 class FlipTTA(nn.Module):
@@ -56,7 +54,7 @@ class FlipTTA(nn.Module):
 
 
 def with_tta(net: nn.Module, tta: str) -> nn.Module:
-    """``net`` wrapped for test-time augmentation ``tta`` (one of :data:`TTA_MODES`).
+    """``net`` wrapped for test-time augmentation ``tta`` (one of :data:`TtaMode`).
 
     Raises:
         ValueError: If ``tta`` is unknown.
@@ -65,4 +63,4 @@ def with_tta(net: nn.Module, tta: str) -> nn.Module:
         return net
     if tta == "flips":
         return FlipTTA(net)
-    raise ValueError(f"unknown tta {tta!r}: use one of {TTA_MODES}")
+    raise ValueError(f"unknown tta {tta!r}: use one of {get_args(TtaMode)}")
