@@ -21,15 +21,12 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success rename it to ``path``.
 
-    ``path`` is untouched until the new file is complete. On any failure, an exception raised by
-    a signal handler included, the temporary file is removed (if it was made), and a write error
-    that names no file (or names the temporary one) is raised again naming ``path``, so the user
-    reads the file they asked for.
+    On any failure (a signal handler's exception included) the temporary file is removed, and a
+    write error that names no file (or the temporary one) is raised again naming ``path``.
 
     Args:
         path: The file to write.
-        mode: ``open`` mode (``"w"``, ``"wb"``).
-        **open_kwargs: More ``open`` arguments (``newline=""`` for CSV).
+        mode, **open_kwargs: ``open`` arguments (``"wb"``, ``newline=""`` for CSV).
 
     Yields:
         The open temporary file.
@@ -47,9 +44,8 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[I
 
 @contextmanager
 def _removed_on_failure(tmp: Path, path: Path, remove: Callable[[], None]) -> Iterator[None]:
-    """On any failure in the block, ``remove()`` the temporary ``tmp`` (a file that could not be
-    made or removed is left to the error, which says more) and raise an OSError that names
-    ``tmp`` (or a file in it) or, for a failed write, no file, again naming ``path``."""
+    """On any failure in the block, ``remove()`` the temporary ``tmp``; an OSError naming ``tmp`` (or a
+    file in it) or, for a failed write, no file, is raised again naming ``path``."""
     try:
         yield
     except BaseException as err:
@@ -63,7 +59,7 @@ def _removed_on_failure(tmp: Path, path: Path, remove: Callable[[], None]) -> It
 
 
 def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to ``path``, complete or not at all (:func:`bincount.atomic.atomic_write`).
+    """Write JSON to ``path``, complete or not at all (:func:`atomic_write`).
 
     Raises:
         OSError: If the file cannot be written.
@@ -76,8 +72,7 @@ def replace_folder(new: Path, target: Path) -> None:
     """Put the finished folder ``new`` at ``target`` by renames (``new`` is on ``target``'s file system).
 
     An existing ``target`` is first renamed aside (``<new>-replaced``), then removed: killed at any
-    moment, ``target`` is the old folder or the new one, whole, or absent (between the two renames,
-    when the old one is whole under the aside name until it is cleaned up).
+    moment, ``target`` is the old folder or the new one, whole, or absent.
 
     Raises:
         OSError: If a rename fails.
@@ -104,12 +99,9 @@ def is_running(pid: int) -> bool:
 
 @contextmanager
 def atomic_folder(path: str | Path) -> Iterator[Path]:
-    """A staging folder beside ``path``, renamed to ``path`` when the block ends without an error.
-
-    ``path`` (an existing folder is replaced) is untouched until the block has written the whole
-    folder; on any failure, a stop signal's exception included, the staging folder is removed.
-    A process killed outright leaves its staging folder (``.<name>.<pid>.part``), which the next
-    writer of ``path`` removes.
+    """A staging folder beside ``path``, renamed to ``path`` (replacing it) when the block ends without
+    an error; on any failure it is removed. A process killed outright leaves its staging folder
+    (``.<name>.<pid>.part``), which the next writer of ``path`` removes.
 
     Yields:
         The empty staging folder to write into.

@@ -22,25 +22,19 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 
 def metric_regex(name: str) -> str:
-    """The regular expression that reads metric ``name`` from a :class:`MetricLines` line.
-
-    SageMaker metric definitions and tuning objectives use it; the leading space keeps
-    ``val/acc`` from matching inside ``val/obo_acc``, and ``=`` from matching ``val/acc_best``.
+    """The regular expression that reads metric ``name`` from a :class:`MetricLines` line (SageMaker metric
+    definitions); the leading space and ``=`` keep ``val/acc`` from matching ``val/obo_acc`` or ``val/acc_best``.
     """
     return f" {name}=([-+0-9.eE]+|nan|inf)"
 
 
 class MetricLines(L.Callback):
-    """One ``key=value`` log line per event, on global rank zero, for log scrapers.
-
-    Lines (every value a scalar from ``trainer.callback_metrics``)::
+    """One ``key=value`` log line per event, on global rank zero, for log scrapers::
 
         [bincount] fit start epoch=0 global_step=0 world_size=2
         [bincount] validation epoch=0 global_step=3 val/acc=0.4 val/acc_best=0.4 val/loss=1.6 ...
         [bincount] fit end epoch=1 global_step=6 train/loss_epoch=1.61 ...
         [bincount] test global_step=3 test/acc=0.375 ...
-
-    ``fit start`` shows where a resumed run picks up (``global_step`` > 0).
     """
 
     def _line(self, event: str, trainer: L.Trainer, prefix: str, with_epoch: bool = True) -> None:
@@ -73,15 +67,12 @@ class MetricLines(L.Callback):
 class StopOnSigterm(L.Callback):
     """Stop training at the same step on every rank when any rank receives SIGTERM.
 
-    A spot reclaim, ``StopTrainingJob``, ``kill`` or a scheduler's pre-emption sends SIGTERM. On its
-    own, Lightning 2.6 handles it per rank: its handler runs a broadcast inside the signal handler
-    and each rank raises ``SIGTERMException`` at its own step or epoch end, so under DDP a signal
-    near an epoch end can leave the ranks waiting in different collectives until they are killed.
-    Here the handler only records the signal; after every training step the ranks add up their
-    flags (one one-element all-reduce) and, if any was signalled, all raise ``SIGTERMException``
-    together, after which ``ModelCheckpoint(save_on_exception=True)`` writes ``last.ckpt`` at that
-    step (``conf/callbacks/default.yaml``). A signal during validation takes effect at the next
-    training step. The previous SIGTERM handler is put back when training ends.
+    Lightning 2.6's own handler broadcasts inside the signal handler and each rank raises
+    ``SIGTERMException`` at its own step or epoch end, so under DDP the ranks can end up waiting
+    in different collectives. Here the handler only records the signal; after every training step
+    the ranks add up their flags (one all-reduce) and all raise ``SIGTERMException`` together, after
+    which ``ModelCheckpoint(save_on_exception=True)`` writes ``last.ckpt`` at that step. A signal
+    during validation takes effect at the next training step.
     """
 
     def __init__(self) -> None:
@@ -92,7 +83,7 @@ class StopOnSigterm(L.Callback):
         self.received = True  # nothing else: a collective inside a signal handler can deadlock
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # after Lightning registered its own handler (Trainer._run), which this one replaces
+        # Lightning registered its own handler (Trainer._run) before: this one replaces it
         self.received = False
         self._previous = signal.signal(signal.SIGTERM, self._record)
 

@@ -8,12 +8,9 @@ Usage:
     bincount runs compare --experiment bincount --out comparison/
     bincount export --model-dir outputs/RUN/model
 
-Each ``add_*_command(subparsers)`` adds its parser and sets ``func(args) -> int`` (the exit
-code); implementations are imported when their command runs, so ``bincount --help`` stays fast.
-Expected failures print one ``error:`` line and exit 2 (:func:`bincount.errors.run_command`): bad input, S3 and
-MLflow errors, operating-system errors (a read-only or full disk, a folder where a file belongs); Ctrl-C exits 130.
-``predict`` and ``transform collect`` stopped by SIGTERM (``kill``, ``timeout``, a scheduler) stop
-as after Ctrl-C, leaving no temporary file, and exit 143 with ``error: stopped by SIGTERM``.
+Each ``add_*_command(subparsers)`` sets ``func(args) -> int`` (the exit code), imported when the
+command runs. An expected failure is one ``error:`` line and exit 2 (:func:`bincount.errors.run_command`);
+Ctrl-C exits 130; ``predict`` and ``transform collect`` stopped by SIGTERM leave no temporary file and exit 143.
 """
 
 from __future__ import annotations
@@ -26,6 +23,7 @@ from pathlib import Path
 
 from bincount.data.commands import add_data_command
 from bincount.errors import run_command
+from bincount.runs import DEFAULT_EXPERIMENT, MAX_RUNS
 from bincount.stop import Stopped, stop_on_sigterm
 
 
@@ -51,14 +49,6 @@ def _limits(args: argparse.Namespace):
 
     given = {k: getattr(args, k, None) for k in ("max_image_bytes", "max_pixels", "max_instances")}
     return replace(Limits.from_env(), **{k: v for k, v in given.items() if v is not None})
-
-
-def _settings(args: argparse.Namespace):
-    """The serving settings of the environment (as on an endpoint), overridden by the given flags."""
-    from bincount.serve.inference import Settings
-
-    return Settings.from_env().override(review_threshold=args.review_threshold, limits=_limits(args),
-                                        device=args.device)
 
 
 def add_serve_command(subparsers) -> None:
@@ -112,8 +102,11 @@ def add_predict_command(subparsers) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     from bincount.predict import predict
+    from bincount.serve.inference import Settings
 
-    settings = _settings(args)
+    # the serving settings of the environment (as on an endpoint), overridden by the given flags
+    settings = Settings.from_env().override(review_threshold=args.review_threshold, limits=_limits(args),
+                                            device=args.device)
     with stop_on_sigterm():
         summary = predict(args.model_dir, args.inputs, args.out, labels=args.labels, batch_size=args.batch_size,
                           num_workers=args.num_workers, review_threshold=settings.review_threshold,
@@ -196,11 +189,10 @@ def add_runs_command(subparsers) -> None:
     parser.add_argument("--out", required=True, help="folder for runs.csv, runs.md and val_mae.png")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
-    # bincount.runs.DEFAULT_EXPERIMENT and MAX_RUNS, without importing it for --help
-    parser.add_argument("--experiment", default="bincount", help="MLflow experiment name (default %(default)s)")
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name (default %(default)s)")
     parser.add_argument("--filter", dest="filter_string", default="",
                         help="MLflow search filter, e.g. \"params.`trainer/max_epochs` = '22'\"")
-    parser.add_argument("--max-runs", type=int, default=1000, help="newest runs read (default %(default)s)")
+    parser.add_argument("--max-runs", type=int, default=MAX_RUNS, help="newest runs read (default %(default)s)")
     parser.set_defaults(func=_run_compare)
 
 

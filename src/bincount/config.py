@@ -21,18 +21,13 @@ def config_dir() -> str:
 
 
 def compose(config_name: str, overrides: list[str] | None = None, *, return_hydra_config: bool = False):
-    """``conf/<config_name>.yaml`` composed with ``overrides`` (Hydra's compose API, no run directory).
-
-    The one place outside ``@hydra.main`` that composes the config tree: the SageMaker launcher
-    (``launch``), its container entry (``train``), ``deploy``, and the tests.
+    """``conf/<config_name>.yaml`` composed with ``overrides`` (Hydra's compose API, no run directory),
+    for everything outside ``@hydra.main``.
 
     Args:
         config_name: ``train``, ``eval``, ``launch`` or ``deploy``.
         overrides: Hydra overrides as typed on a command line.
         return_hydra_config: Keep the ``hydra`` node (e.g. ``hydra.sweeper`` of an ``hparams_search``).
-
-    Returns:
-        The composed ``DictConfig``.
 
     Raises:
         hydra.errors.ConfigCompositionException: On an unknown key, group or option.

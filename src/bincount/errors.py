@@ -19,17 +19,9 @@ EXIT_STATUS = 2  # as argparse exits on a usage error
 
 
 def error_line(err: BaseException) -> str:
-    """The one line a command prints for an expected failure.
-
-    An operating-system error reads ``error: <file>: <what the system said>`` (``"[Errno 30]"`` and
-    quotes left out); an MLflow error its message's first line (the rest is the server's answer);
-    any other error ``error: <its message>``.
-
-    Args:
-        err: The exception.
-
-    Returns:
-        The line, without a newline.
+    """The one line (no newline) a command prints for an expected failure: ``error: <file>: <what the
+    system said>`` for an operating-system error, the first line of an MLflow error's message (the rest
+    is the server's answer), else ``error: <its message>``.
     """
     if isinstance(err, OSError) and err.strerror:
         where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
@@ -54,35 +46,31 @@ def expected_failure(err: BaseException) -> BaseException | None:
     return None
 
 
-def run_command(func: Callable[[T], int], args: T) -> int:
-    """A command's exit code: ``func(args)``, or :data:`EXIT_STATUS` after printing
-    :func:`error_line` to stderr when it raises an expected failure (:func:`expected_failure`).
+def one_error_line(main: Callable[..., T]) -> Callable[..., T]:
+    """Make ``main`` print :func:`error_line` and exit with :data:`EXIT_STATUS` on an expected
+    failure (:func:`expected_failure`) instead of a traceback; under ``@hydra.main`` too.
 
     Raises:
+        SystemExit: :data:`EXIT_STATUS`, on an expected failure.
         Exception: Any other error (a bug), with its traceback.
     """
-    try:
-        return func(args)
-    except Exception as err:  # noqa: BLE001 - re-raised unless expected_failure says otherwise
-        if (expected := expected_failure(err)) is None:
-            raise
-        print(error_line(expected), file=sys.stderr)
-        return EXIT_STATUS
-
-
-def one_error_line(main: Callable[..., T]) -> Callable[..., T]:
-    """Make a Hydra task function print :func:`error_line` and exit with status 2 on an expected
-    failure (:func:`expected_failure`) instead of a traceback; put it under ``@hydra.main``."""
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs) -> T:
         try:
             return main(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - re-raised unless expected_failure says otherwise
-            expected = expected_failure(err)
-            if expected is None:
+            if (expected := expected_failure(err)) is None:
                 raise
             print(error_line(expected), file=sys.stderr)
             raise SystemExit(EXIT_STATUS) from None
 
     return wrapped
+
+
+def run_command(func: Callable[[T], int], args: T) -> int:
+    """A command's exit code: ``func(args)``, or :data:`EXIT_STATUS` after :func:`one_error_line`'s line."""
+    try:
+        return one_error_line(func)(args)
+    except SystemExit as exit_:
+        return exit_.code

@@ -28,17 +28,14 @@ log = logging.getLogger(__name__)
 def load_for_eval(cfg: DictConfig) -> tuple[BinCountModule, CountingDataModule]:
     """The model named by ``cfg.model_dir`` or ``cfg.ckpt_path``, and ``cfg.data`` prepared as it expects.
 
-    The class range and the preprocessing come from the model; ``cfg.data``'s are not used. A model
-    folder's card gives the whole eval preset (input size and normalisation), the one serving and
-    ``bincount predict`` use; a checkpoint records the input size only (trained with the default
-    normalisation), or nothing, and then ``cfg.data.image_size`` is used.
+    The class range and the preprocessing come from the model: a model folder's card gives the
+    whole eval preset, a checkpoint the input size only (else ``cfg.data.image_size`` is used).
 
     Returns:
         The model and the data module (not set up).
 
     Raises:
-        ValueError: If neither or both are given, or the model folder's ``model_config.json`` is
-            malformed (see :func:`bincount.models.export.read_model_card`).
+        ValueError: If neither or both are given, or the model folder's card is malformed.
         FileNotFoundError: If the folder or checkpoint lacks a file.
     """
     if bool(cfg.get("model_dir")) == bool(cfg.get("ckpt_path")):
@@ -64,10 +61,8 @@ def load_for_eval(cfg: DictConfig) -> tuple[BinCountModule, CountingDataModule]:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Test a trained model on ``cfg.data`` and write ``metrics.json``, ``predictions.csv`` and
-    ``confusion_matrix.png`` into ``cfg.paths.output_dir``.
-
-    The class range and the preprocessing come from the model (see :func:`load_for_eval`).
+    """Test the model of :func:`load_for_eval` on ``cfg.data`` and write ``metrics.json``,
+    ``predictions.csv`` and ``confusion_matrix.png`` into ``cfg.paths.output_dir``.
 
     Returns:
         The report (see :func:`bincount.report.count_report`); ``{}`` on ranks other than global 0.

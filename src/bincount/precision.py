@@ -1,11 +1,7 @@
 """The training precision for the processor at hand: bfloat16 mixed precision where it computes in
-bfloat16 natively, 32-bit floats (CPU) or float16 mixed precision (GPU) otherwise.
-
-bfloat16 keeps float32's exponent range, so mixed precision with it needs no loss scaling
-(Kalamkar et al. 2019, "A Study of BFLOAT16 for Deep Learning Training"). Lightning runs it as
-``precision="bf16-mixed"``: weights, optimizer state and checkpoints stay float32, and only the
-operations ``torch.autocast`` lists compute in bfloat16. Evaluation never does
-(:meth:`bincount.models.module.BinCountModule.forward` turns autocast off outside training).
+bfloat16 natively, 32-bit floats (CPU) or float16 mixed precision (GPU) otherwise. bfloat16 keeps
+float32's exponent range, so it needs no loss scaling (Kalamkar et al. 2019, "A Study of BFLOAT16
+for Deep Learning Training"); weights, optimizer state and checkpoints stay float32.
 """
 
 from __future__ import annotations
@@ -18,38 +14,21 @@ AUTO = "auto"
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bfloat16 arithmetic instructions: x86 AVX512-BF16 or AMX.
 
-    Read through PyTorch's own CPU feature checks (``torch.cpu._is_avx512_bf16_supported``,
-    ``torch.cpu._is_amx_tile_supported``); a PyTorch without them, or another architecture,
-    counts as no.
+    Read through PyTorch's own CPU feature checks; another architecture counts as no.
     """
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def cuda_has_bf16() -> bool:
-    """Whether the current CUDA GPU computes in bfloat16 natively (Ampere or newer), not emulated."""
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # PyTorch before the including_emulation argument: no emulation counted
-        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def choose_precision(accelerator: str) -> tuple[str, str]:
-    """The Lightning ``precision`` to train in on this machine, and why.
-
-    Args:
-        accelerator: The Trainer's ``accelerator`` (``"cpu"``, ``"gpu"``, ``"cuda"``, ``"auto"``, ...).
-
-    Returns:
-        ``(precision, reason)``: ``"bf16-mixed"`` on a CPU or GPU with bfloat16 arithmetic;
-        ``"16-mixed"`` on an older GPU (float16 with loss scaling, e.g. T4, V100); ``"32-true"`` on
-        a CPU without it and on any other accelerator.
+    """``(precision, reason)``: the Lightning ``precision`` to train in with the Trainer's ``accelerator``
+    on this machine: ``"bf16-mixed"`` on a CPU or GPU with bfloat16 arithmetic, ``"16-mixed"`` on an
+    older GPU (T4, V100), ``"32-true"`` on a CPU without it and on any other accelerator.
     """
     accelerator = str(accelerator).lower()
     on_cuda = accelerator in ("gpu", "cuda") or (accelerator == AUTO and torch.cuda.is_available())
     if on_cuda:
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "the GPU"
-        if cuda_has_bf16():
+        if torch.cuda.is_bf16_supported(including_emulation=False):  # emulated bfloat16 is slow
             return "bf16-mixed", f"{name} computes in bfloat16"
         return "16-mixed", f"{name} has no native bfloat16: float16 mixed precision with loss scaling"
     if accelerator == AUTO and torch.backends.mps.is_available():

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
 
 from bincount.models.decoding import decode_counts
-from bincount.models.metrics import count_metrics, per_class_metrics
+from bincount.models.metrics import count_metrics
 
-# what write_report puts into a run folder
 REPORT_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png")
 
 
@@ -31,9 +31,8 @@ def count_report(target: torch.Tensor, probs: torch.Tensor, *, min_count: int, d
     Returns:
         ``acc, obo_acc, mae, rmse, n, per_class_acc, confusion_matrix, baseline_majority_count,
         baseline_majority_acc, baseline_majority_mae``. Errors are in objects; ``per_class_acc`` maps
-        each count to its accuracy (``None`` where the data has no photo of that count); the
-        baseline always answers the most common true count of these photos (an upper bound for
-        any constant answer's accuracy).
+        each count to its accuracy (``None`` where no photo has that count); the baseline always
+        answers the most common true count of these photos.
 
     Raises:
         ValueError: If there are no predictions.
@@ -46,11 +45,8 @@ def count_report(target: torch.Tensor, probs: torch.Tensor, *, min_count: int, d
     for name, metric in scalar.items():
         metric.update(*((preds, target) if name == "acc" else (preds.float(), target.float())))
     out = {k: float(v) for k, v in scalar.compute().items()}
-    per_class = per_class_metrics(num_classes, sync_on_compute=False)
-    for metric in per_class.values():
-        metric.update(preds, target)
     support = torch.bincount(target, minlength=num_classes)
-    acc_per_class = per_class["per_class_acc"].compute()
+    acc_per_class = multiclass_accuracy(preds, target, num_classes, average=None)  # recall of each count
     majority = int(support.argmax())
     baseline = torch.full_like(target, majority)
     out.update(
@@ -58,7 +54,7 @@ def count_report(target: torch.Tensor, probs: torch.Tensor, *, min_count: int, d
         per_class_acc={
             str(min_count + k): (float(acc_per_class[k]) if support[k] > 0 else None) for k in range(num_classes)
         },
-        confusion_matrix=per_class["confusion_matrix"].compute().tolist(),
+        confusion_matrix=multiclass_confusion_matrix(preds, target, num_classes).tolist(),
         baseline_majority_count=min_count + majority,
         baseline_majority_acc=float((baseline == target).float().mean()),
         baseline_majority_mae=float((baseline - target).abs().float().mean()),
@@ -83,16 +79,8 @@ TITLE_LINES = 3  # at most this many lines of title above the figures line; a lo
 
 
 def fit_title(title: str, width: int, *, max_lines: int = TITLE_LINES) -> str:
-    """``title`` in lines of at most ``width`` characters, breaking long words such as paths.
-
-    Args:
-        title: The text (e.g. a data path, which has no spaces to break at).
-        width: Characters per line.
-        max_lines: Most lines kept; a longer title keeps its first line and its end, with
-            ``"…"`` where the middle was, so the file name stays readable.
-
-    Returns:
-        The lines joined by newlines.
+    """``title`` in lines of at most ``width`` characters joined by newlines, breaking long words such as
+    paths; a title of more than ``max_lines`` lines keeps its first line and its end, ``"…"`` between.
 
     Raises:
         ValueError: If ``width < 4`` or ``max_lines < 1``.
@@ -110,18 +98,14 @@ def confusion_matrix_figure(confusion: Sequence[Sequence[int]], *, min_count: in
                             figures: str = ""):
     """The row-normalised confusion matrix (colour) with the raw numbers in the cells.
 
-    The title is centred over the whole picture and wrapped to its width (:func:`fit_title`),
-    with ``figures`` on a line of their own below it, so a long data path cannot push them out
-    of the picture.
-
     Args:
         confusion: ``(C, C)`` counts, rows true, columns predicted.
         min_count: Count of class 0.
-        title: What was evaluated (e.g. the data path).
+        title: What was evaluated (e.g. the data path), wrapped to the picture's width (:func:`fit_title`).
         figures: A line kept whole under the title (e.g. ``"n=..., acc=..., mae=..."``).
 
     Returns:
-        A :class:`matplotlib.figure.Figure` (no pyplot state: nothing to close).
+        A :class:`matplotlib.figure.Figure` (no pyplot state).
     """
     from matplotlib.figure import Figure
 

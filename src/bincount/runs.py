@@ -4,17 +4,9 @@ Usage:
     bincount runs compare --out comparison/
     bincount runs compare --experiment bincount --filter "params.seed = '42'" --out comparison/
 
-Reads the runs of one experiment (``mlflow.MlflowClient.search_runs``; the tracking URI is
-``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's default, ``mlflow.db`` in the
-working folder) and writes into ``--out``:
-
-- ``runs.csv`` and ``runs.md``: one row per run, best ``test/mae`` first: its name and id, the
-  params whose values differ between the runs, and the test metrics;
-- ``val_mae.png``: each run's validation MAE per epoch.
-
-A sweep's parent run (:data:`bincount.tracking.SWEEP_DIR_TAG`) holds no training and is left out;
-so are params naming the run's own folder (they differ for every run and say nothing about it).
-MLflow is imported when this module's functions run, not when it is imported.
+Writes into ``--out`` ``runs.csv`` and ``runs.md`` (one row per run of one experiment, best
+``test/mae`` first: name, id, the params that differ between the runs, the test metrics) and
+``val_mae.png`` (each run's validation MAE per epoch). MLflow is imported when a function runs.
 """
 
 from __future__ import annotations
@@ -51,16 +43,8 @@ class Comparison:
 
 
 def find_runs(client, experiment: str, filter_string: str = "", max_runs: int = MAX_RUNS) -> list:
-    """The newest ``max_runs`` runs of ``experiment`` that match ``filter_string``, sweep parents left out.
-
-    Args:
-        client: An ``mlflow.MlflowClient``.
-        experiment: The experiment's name.
-        filter_string: An MLflow search filter (``"params.`model/optimizer/lr` = '0.003'"``).
-        max_runs: Most runs read.
-
-    Returns:
-        ``mlflow.entities.Run`` objects.
+    """The newest ``max_runs`` ``mlflow.entities.Run`` of ``experiment`` that match ``filter_string``
+    (an MLflow search filter), sweep parents (:data:`bincount.tracking.SWEEP_DIR_TAG`) left out.
 
     Raises:
         ValueError: If there is no such experiment, or no run in it matches.
@@ -93,11 +77,11 @@ def differing_params(runs: list) -> list[str]:
             and not any(names_run_folder(run, k) for run in runs)]
 
 
-def curve(client, run_id: str, metric: str = CURVE_METRIC) -> tuple[list[float], list[float]]:
-    """``(epochs, values)`` of ``metric``: its history, each step placed at the ``epoch`` Lightning
+def curve(client, run_id: str) -> tuple[list[float], list[float]]:
+    """``(epochs, values)`` of :data:`CURVE_METRIC`: its history, each step placed at the ``epoch`` Lightning
     logged with it (the step itself where there is none)."""
     epoch_at = {m.step: m.value for m in client.get_metric_history(run_id, "epoch")}
-    history = sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)
+    history = sorted(client.get_metric_history(run_id, CURVE_METRIC), key=lambda m: m.step)
     return [epoch_at.get(m.step, m.step) for m in history], [m.value for m in history]
 
 
@@ -118,37 +102,13 @@ def compare(client, experiment: str = DEFAULT_EXPERIMENT, filter_string: str = "
     return Comparison(["run", "run_id", *params, *TEST_METRICS], rows, curves)
 
 
-def curves_figure(curves: dict[str, tuple[list[float], list[float]]], metric: str = CURVE_METRIC):
-    """One line per run: ``metric`` (objects off per photo, for ``val/mae``) against the epoch.
-
-    Returns:
-        A :class:`matplotlib.figure.Figure` (no pyplot state).
-    """
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5), dpi=120)
-    ax = fig.subplots()
-    for name, (epochs, values) in curves.items():
-        if values:
-            ax.plot(epochs, values, marker="o", markersize=3, label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"{metric} (objects per photo)" if metric.endswith("mae") else metric)
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    return fig
-
-
-def write_comparison(comparison: Comparison, out: Path) -> list[Path]:
-    """Write :data:`OUTPUT_FILES` (``runs.csv``, ``runs.md``, ``val_mae.png``) into ``out``, each atomically.
-
-    Returns:
-        The paths written.
+def write_comparison(comparison: Comparison, out: Path) -> None:
+    """Write :data:`OUTPUT_FILES` into ``out``, each atomically.
 
     Raises:
         OSError: If a file cannot be written.
     """
+    from matplotlib.figure import Figure
     from tabulate import tabulate
 
     out.mkdir(parents=True, exist_ok=True)
@@ -159,9 +119,19 @@ def write_comparison(comparison: Comparison, out: Path) -> list[Path]:
         writer.writerows(["" if v is None else v for v in row] for row in comparison.rows)
     with atomic_write(table_md) as f:
         f.write(tabulate(comparison.rows, comparison.header, tablefmt="github", floatfmt=".4f", missingval="-") + "\n")
+    fig = Figure(figsize=(7, 4.5), dpi=120)  # no pyplot state
+    ax = fig.subplots()
+    for name, (epochs, values) in comparison.curves.items():
+        if values:
+            ax.plot(epochs, values, marker="o", markersize=3, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{CURVE_METRIC} (objects per photo)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
     with atomic_write(curves_png, "wb") as f:
-        curves_figure(comparison.curves).savefig(f, format="png")
-    return [table_csv, table_md, curves_png]
+        fig.savefig(f, format="png")
 
 
 def existing_store(tracking_uri: str | None) -> str:
@@ -190,7 +160,6 @@ def compare_runs(out: str | Path, *, tracking_uri: str | None = None, experiment
     Args:
         out: Folder for :data:`OUTPUT_FILES`.
         tracking_uri: An MLflow tracking URI; ``None``: ``$MLFLOW_TRACKING_URI``, else MLflow's default.
-        experiment, filter_string, max_runs: See :func:`find_runs`.
 
     Raises:
         ValueError: See :func:`existing_store` and :func:`find_runs`.

@@ -1,14 +1,6 @@
-"""SIGTERM (and SIGINT) as a stop: an exception in the main thread, so that every ``finally`` runs.
-
-Python's default SIGTERM action ends the process at once: no ``finally`` runs and a file being
-written through :func:`bincount.atomic.atomic_write` is left behind as ``<file>.<pid>.part``.
-Under :func:`stop_on_sigterm` a SIGTERM raises :class:`Stopped` instead, as Ctrl-C raises
-``KeyboardInterrupt``. :func:`stops_held` marks code a stop must not cut in two (starting worker
-processes): a SIGTERM there is raised when it ends.
-
-Usage:
-    with stop_on_sigterm():
-        predict(...)  # a SIGTERM: Stopped; the temporary CSV is removed on the way out
+"""SIGTERM (and SIGINT) as a stop: an exception in the main thread, so that every ``finally`` runs
+(Python's default SIGTERM action ends the process at once, leaving temporary files behind).
+:func:`stops_held` marks code a stop must not cut in two: a SIGTERM there is raised when it ends.
 """
 
 from __future__ import annotations
@@ -21,9 +13,8 @@ from contextlib import contextmanager
 
 
 class Stopped(BaseException):
-    """Raised in the main thread by a SIGTERM (or SIGINT) under :func:`stop_on_sigterm`.
-
-    A ``BaseException``, as ``KeyboardInterrupt`` is: no ``except Exception`` swallows it.
+    """Raised in the main thread by a SIGTERM (or SIGINT) under :func:`stop_on_sigterm`; a
+    ``BaseException``, as ``KeyboardInterrupt`` is, so no ``except Exception`` swallows it.
 
     Attributes:
         signum: The signal that stopped the process.
@@ -59,17 +50,15 @@ _active: _Stop | None = None
 
 @contextmanager
 def stop_on_sigterm(*, sigint: bool = False) -> Iterator[_Stop]:
-    """While in the block, SIGTERM raises :class:`Stopped` in the main thread instead of ending the
-    process at once; the previous handler is put back after. Outside the main thread (where
-    Python cannot set signal handlers) it does nothing.
+    """While in the block, SIGTERM raises :class:`Stopped` in the main thread; the previous handler is
+    put back after. Outside the main thread (where Python cannot set signal handlers) it does nothing.
 
     Args:
         sigint: SIGINT (Ctrl-C) raises :class:`Stopped` too, instead of ``KeyboardInterrupt``
             (which Lightning catches and turns into an exit of its own).
 
     Yields:
-        The handler; its ``received`` is the first signal that arrived (``None``: none yet), for
-        code that must tell an error raised while a stop unwinds from one of its own.
+        The handler; its ``received`` is the first signal that arrived (``None``: none yet).
 
     Raises:
         Stopped: When the process receives SIGTERM (or SIGINT) in the block.
@@ -93,11 +82,9 @@ def stop_on_sigterm(*, sigint: bool = False) -> Iterator[_Stop]:
 def stops_held() -> Iterator[None]:
     """A SIGTERM in the block is raised as :class:`Stopped` when the block ends, not in it.
 
-    For code that an exception must not interrupt half-way: forking worker processes (an
-    exception raised in a fork's callbacks is printed and lost, and the run goes on) or building
-    the object that later shuts them down. An error the block raises after a SIGTERM (a worker
-    killed by the same stop) gives way to :class:`Stopped`. Without :func:`stop_on_sigterm`
-    around it, it does nothing.
+    For forking worker processes (an exception raised in a fork's callbacks is printed and lost)
+    or building the object that later shuts them down. An error the block raises after a SIGTERM
+    gives way to :class:`Stopped`. Without :func:`stop_on_sigterm` around it, it does nothing.
 
     Raises:
         Stopped: When the process received SIGTERM in the block.

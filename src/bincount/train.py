@@ -37,24 +37,6 @@ from bincount.trainer import checked_checkpoint, instantiate_trainer, report_tes
 log = logging.getLogger(__name__)
 
 
-def load_selected_weights(trainer: L.Trainer, model: BinCountModule, checkpoint_path: str) -> None:
-    """Load the weights that validation chose into ``model``, on every rank.
-
-    They are the checkpoint's ``state_dict``: with ``EMAWeightAveraging`` that is the average
-    (the weights validation scored); the raw weights of that step are in ``current_model_state``,
-    which ``trainer.test(ckpt_path=...)`` would restore while the callback is attached. Only
-    global rank 0 reads the file, because ``ModelCheckpoint`` writes on its disk alone and the
-    instances of a multi-instance job share no disk; the other ranks get the tensors broadcast.
-
-    Raises:
-        FileNotFoundError: On global rank 0, if the checkpoint is missing.
-    """
-    state = None
-    if trainer.is_global_zero:
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict(trainer.strategy.broadcast(state, src=0))
-
-
 def resume_checkpoint(cfg: DictConfig) -> str | None:
     """The checkpoint ``cfg.ckpt_path`` names (``"last"``: ``last.ckpt`` of the run folder), checked.
 
@@ -101,9 +83,8 @@ def stop(signum: int, message: str, out_dir: Path, trainer: L.Trainer | None = N
     """Print ``message`` and the command that resumes the run; the exception to raise.
 
     Args:
-        trainer: Given when each rank stops on its own (after training, where ranks need not be
-            at the same point): every rank prints, naming itself under several processes. Else
-            the ranks stop together and global rank 0 prints.
+        trainer: Given when each rank stops on its own (after training): every rank prints, naming
+            itself under several processes. Else the ranks stop together and global rank 0 prints.
     """
     text = f"{message}. Resume with:\n  {resume_command(out_dir)}"
     if trainer is None:
@@ -131,7 +112,10 @@ def fit(trainer: L.Trainer, model: BinCountModule, datamodule, ckpt_path: str | 
 
 
 def select_weights(trainer: L.Trainer, model: BinCountModule) -> str:
-    """Load the weights validation chose (the monitored checkpoint's) into ``model``, on every rank.
+    """Load the weights validation chose (the monitored checkpoint's ``state_dict``: with
+    ``EMAWeightAveraging`` the average, where ``trainer.test(ckpt_path=...)`` would restore the raw
+    weights) into ``model``. Global rank 0 reads the file (the instances of a job share no disk) and
+    broadcasts the tensors.
 
     Returns:
         The checkpoint's path, or ``""`` when there is none (no validation ran): ``model`` keeps
@@ -140,7 +124,10 @@ def select_weights(trainer: L.Trainer, model: BinCountModule) -> str:
     monitored = [cb for cb in trainer.checkpoint_callbacks if cb.monitor]
     best = monitored[0].best_model_path if monitored else ""
     if best:
-        load_selected_weights(trainer, model, best)
+        state = None
+        if trainer.is_global_zero:
+            state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        model.load_state_dict(trainer.strategy.broadcast(state, src=0))
     else:
         log.warning("no best checkpoint (no validation ran?); testing the final weights")
     rank_zero_info(f"testing {best or 'the final weights'}")
@@ -149,39 +136,20 @@ def select_weights(trainer: L.Trainer, model: BinCountModule) -> str:
 
 def finish(trainer: L.Trainer, model: BinCountModule, datamodule: ABIDDataModule, out_dir: Path,
            checkpoint: str) -> None:
-    """After the test: predict the validation split on every rank, then calibrate, report and
-    export on global rank 0 (:func:`calibrate_report_export`).
+    """After the test: predict the validation split on every rank (a collective call); on global rank 0,
+    fit the calibration on it, write the test report (with the calibration measured on the test split)
+    and export ``model/``.
 
-    A collective call: every rank must make it.
+    Args:
+        model: The tested model (weights validation chose, ``test_predictions`` gathered).
+        checkpoint: Path of the checkpoint the weights came from, or ``""``.
     """
-    # calibration needs the whole validation split: every rank predicts its share, all are gathered
     # return_predictions=True: a spawning launcher, which cannot return them, fails here with Lightning's
     # error instead of calibrating on nothing
     val = model.gather_rows(trainer.predict(model, dataloaders=datamodule.val_dataloader(), return_predictions=True),
                             "logits")
-    if trainer.is_global_zero:
-        calibrate_report_export(model, datamodule, val, out_dir, checkpoint)
-
-
-def calibrate_report_export(model: BinCountModule, datamodule: ABIDDataModule, val: dict[str, torch.Tensor],
-                            out_dir: Path, checkpoint: str) -> ModelCard:
-    """The run's outputs, written by one process (global rank 0).
-
-    Fits the calibration on the validation split, writes the test report (``metrics.json`` with
-    the calibration measured on the test split, ``predictions.csv``, ``confusion_matrix.png``)
-    and exports ``model/`` with its :class:`~bincount.models.card.ModelCard`.
-
-    Args:
-        model: The tested model (weights validation chose, ``test_predictions`` gathered).
-        datamodule: The run's data.
-        val: Every validation photo's ``logits`` ``(N, num_classes)`` and ``target`` ``(N,)``
-            (:meth:`~bincount.models.module.BinCountModule.gather_rows`).
-        out_dir: The run folder.
-        checkpoint: Path of the checkpoint the weights came from, or ``""``.
-
-    Returns:
-        The exported card.
-    """
+    if not trainer.is_global_zero:
+        return
     decode = model.hparams.decode
     calibration = calibrate(val["logits"], val["target"], decode=decode)
     held_out = held_out_report(model.test_predictions["probs"], model.test_predictions["target"], calibration,
@@ -194,16 +162,12 @@ def calibrate_report_export(model: BinCountModule, datamodule: ABIDDataModule, v
     )
     save_model_dir(model.net, out_dir / "model", card)
     rank_zero_info(f"run folder: {out_dir}")
-    return card
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, select the weights validation chose, test them, then calibrate, report and export
-    (with ``logger=mlflow``, into an MLflow run too: :mod:`bincount.tracking`).
-
-    Works on any number of processes and instances (instances need share no disk): every rank
-    tests its share of the test split and predicts its share of the validation split; global
-    rank 0 writes the report and ``model/``.
+    (with ``logger=mlflow``, into an MLflow run too). On any number of processes and instances,
+    which need share no disk: global rank 0 writes the report and ``model/``.
 
     Args:
         cfg: The composed ``train.yaml`` config.
@@ -252,9 +216,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 @one_error_line
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers. An expected failure (a
-    missing folder, a bad value, a full disk, an unreachable MLflow server) is one ``error:`` line
-    and exit status 2."""
+    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers. An expected failure is one
+    ``error:`` line and exit status 2."""
     metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric"))
 

@@ -31,37 +31,30 @@ def instantiate_trainer(cfg: DictConfig) -> L.Trainer:
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
 
 
-def checked_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict:
+def checked_checkpoint(path: str | Path) -> dict:
     """The Lightning checkpoint at ``path``, memory-mapped (its structure is read, not its weights).
 
     Raises:
         FileNotFoundError: If there is no such file.
-        ValueError: If the file is not a Lightning checkpoint; both name the config ``key``.
+        ValueError: If the file is not a Lightning checkpoint; both name the config key ``ckpt_path``.
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{key}={path}: no such file")
+        raise FileNotFoundError(f"ckpt_path={path}: no such file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a file that is not a checkpoint
-        raise ValueError(f"{key}={path}: not a Lightning checkpoint ({type(err).__name__})") from None
+        raise ValueError(f"ckpt_path={path}: not a Lightning checkpoint ({type(err).__name__})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{key}={path}: not a Lightning checkpoint (no state_dict)")
+        raise ValueError(f"ckpt_path={path}: not a Lightning checkpoint (no state_dict)")
     return checkpoint
 
 
 def report_test(model: BinCountModule, datamodule: ABIDDataModule, out_dir: Path, title: str,
                 extra: dict | None = None) -> dict:
-    """Write and print the report of the last ``trainer.test`` (call it on global rank 0 only).
+    """Write the report of the last ``trainer.test`` into ``out_dir`` and print it (on global rank 0 only).
 
-    Args:
-        model: The tested model; its ``test_predictions`` hold every rank's photos.
-        datamodule: The tested data (its test split names the photos).
-        out_dir: Where ``metrics.json``, ``predictions.csv`` and ``confusion_matrix.png`` go.
-        title: What was tested (report and figure title).
-        extra: More fields for ``metrics.json``.
-
-    Returns:
-        The metrics (see :func:`bincount.report.write_report`).
+    ``model.test_predictions`` hold every rank's photos, the test split of ``datamodule`` names them;
+    ``extra`` are more fields for ``metrics.json``. Returns the metrics (:func:`bincount.report.write_report`).
     """
     pred = model.test_predictions
     records = datamodule.splits["test"]

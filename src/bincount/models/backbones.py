@@ -62,12 +62,12 @@ def build_backbone(
 
     Args:
         arch: A torchvision model name with an ``fc`` head (``resnet18``, ``resnet50``, ``resnext50_32x4d``...).
-        num_classes: Outputs of the new head (counts ``min_count..max_count``).
+        num_classes: Outputs of the new head.
         weights: torchvision weights name for the body (``IMAGENET1K_V1``...), or ``None`` for random init.
         weights_path: Local file with that state_dict, used instead of downloading.
 
     Returns:
-        The network: ``(N, 3, H, W)`` float images -> ``(N, num_classes)`` logits.
+        ``(N, 3, H, W)`` float images -> ``(N, num_classes)`` logits.
 
     Raises:
         ValueError: Unknown ``arch``/``weights``, or an architecture without an ``fc`` head.

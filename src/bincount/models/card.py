@@ -1,16 +1,8 @@
-"""The model card: what ``model_config.json`` says about an exported model, typed and checked.
+"""The model card: what ``model_config.json`` says about an exported model, as frozen pydantic models.
 
-Training writes one :class:`ModelCard` beside the weights; evaluation, ``bincount predict``,
-``bincount serve`` and the SageMaker handler read it back through
-:func:`bincount.models.export.read_model_card`, so every reader sees the same checked fields
-(class range, input preprocessing, decoding rule, test-time augmentation, calibration) and a
-malformed file fails once, naming the file and the field.
-
-The card is a frozen pydantic model: a card built in code and a card read from disk pass the
-same checks. Reading (:meth:`ModelCard.read`) turns pydantic's errors into one
-:class:`CardError` line naming each field (``calibration.temperature``) and its problem. Keys
-that are not fields are ignored when reading, so a card written by a newer version with an extra
-field still loads. ``model_dump(mode="json")`` is the JSON object of ``model_config.json``.
+Every reader loads it through :func:`bincount.models.export.read_model_card`; a malformed file
+fails once, in one ``ValueError`` line naming each field. Unknown keys are ignored, so a card
+written by a newer version still loads. ``model_dump(mode="json")`` is the file's JSON object.
 """
 
 from __future__ import annotations
@@ -34,17 +26,8 @@ RGB = Field(min_length=3, max_length=3)
 FROZEN = ConfigDict(frozen=True, extra="ignore")
 
 
-class CardError(ValueError):
-    """A model card field is missing or has the wrong type or value; the message names the field."""
-
-
 def check_count_range(min_count: Any, max_count: Any, *, keys: str = "") -> None:
-    """The class range every model and card share: whole numbers ``0 <= min_count < max_count``.
-
-    Args:
-        min_count: Count of class 0.
-        max_count: Count of the last class.
-        keys: Appended to the message (the config keys the values came from).
+    """Check the class range every model and card share; ``keys`` (the config keys) ends the message.
 
     Raises:
         ValueError: If the range is not whole numbers ``0 <= min_count < max_count``.
@@ -54,12 +37,7 @@ def check_count_range(min_count: Any, max_count: Any, *, keys: str = "") -> None
 
 
 def check_option(key: str, value: Any, kind: Any) -> None:
-    """Check one constructor argument against its type (a ``Literal`` of the allowed values).
-
-    Args:
-        key: The config key, named in the error (``model.decode``).
-        value: The value given.
-        kind: The type (:data:`~bincount.models.decoding.DecodeRule`, ...).
+    """Check the value of config ``key`` (``model.decode``) against its type (a ``Literal``).
 
     Raises:
         ValueError: ``key=value: <the problem>``.
@@ -68,25 +46,6 @@ def check_option(key: str, value: Any, kind: Any) -> None:
         TypeAdapter(kind).validate_python(value)
     except ValidationError as err:
         raise ValueError(f"{key}={value!r}: {err.errors()[0]['msg']}") from None
-
-
-def card_error(err: ValidationError) -> CardError:
-    """One line naming every field pydantic refused (``calibration.temperature``) and why.
-
-    A list's own error (too short) is left out when one of its items has one: the item says more.
-    """
-    errors = err.errors(include_url=False)
-    inside = {e["loc"][:k] for e in errors for k in range(len(e["loc"]))}  # every location holding an error
-    errors = [e for e in errors if e["loc"] not in inside]
-    missing = [".".join(map(str, e["loc"])) for e in errors if e["type"] == "missing"]
-    problems = [f"lacks {', '.join(missing)}: not a bincount model config"] if missing else []
-    for e in errors:
-        where = ".".join(map(str, e["loc"]))
-        if e["type"] == "value_error":  # a validator's own message says it all
-            problems.append(f"{where}: {e['ctx']['error']}" if where else str(e["ctx"]["error"]))
-        elif e["type"] != "missing":
-            problems.append(f"{where}: {e['msg']}, got {e['input']!r}")
-    return CardError("; ".join(problems))
 
 
 class EvalPreset(BaseModel):
@@ -115,11 +74,9 @@ class EvalPreset(BaseModel):
 
 
 class Calibration(BaseModel):
-    """Temperature scaling and the review threshold, fitted on the validation split
-    (:func:`bincount.models.calibration.calibrate`).
+    """Temperature scaling and the review threshold (:func:`bincount.models.calibration.calibrate`).
 
-    Serving needs ``temperature`` and ``review_threshold``; the other fields record how they
-    were fitted (``None`` when not recorded).
+    Serving needs ``temperature`` and ``review_threshold``; the others record how they were fitted.
 
     Args:
         temperature: Logits are divided by it before the softmax (``> 0``; 1.0 changes nothing).
@@ -148,25 +105,19 @@ class Calibration(BaseModel):
 
 
 class ModelCard(BaseModel):
-    """Everything besides the weights that serving, evaluation and batch prediction need.
-
-    Written as ``model_config.json`` by :func:`bincount.models.export.save_model_dir`, with
-    ``num_classes`` (derived, for readers of the file) as its last key.
+    """Everything besides the weights that serving, evaluation and batch prediction need; written
+    by :func:`bincount.models.export.save_model_dir` with ``num_classes`` (derived) as its last key.
 
     Args:
-        arch: torchvision model name of the backbone (``resnet18``, ``resnet50``, ...; checked against
-            torchvision's classification models).
+        arch: torchvision classification model name of the backbone (``resnet18``, ``resnet50``, ...).
         min_count: Count of class 0 (``>= 0``).
         max_count: Count of the last class (``> min_count``).
         preset: The evaluation preprocessing (input size and normalisation).
         bincount_version: The version of bincount that wrote the card (``None`` if unknown).
-        decode: How probabilities become a count: one of
-            :data:`~bincount.models.decoding.DecodeRule`.
+        decode: How probabilities become a count: one of :data:`~bincount.models.decoding.DecodeRule`.
         tta: Test-time augmentation: one of :data:`~bincount.models.decoding.TtaMode`.
-        checkpoint: File name of the checkpoint the weights came from (in the run's
-            ``checkpoints/``), or ``None`` (the final weights, or not from a training run).
-        calibration: Temperature and review threshold, or ``None`` (uncalibrated: temperature
-            1, every verdict ``"review"`` unless a threshold is given at serving time).
+        checkpoint: File name of the checkpoint the weights came from (in the run's ``checkpoints/``), or ``None``.
+        calibration: Temperature and review threshold, or ``None`` (uncalibrated).
         num_classes: Optional; when given, it must match the class range.
 
     Raises:
@@ -204,19 +155,27 @@ class ModelCard(BaseModel):
 
     @classmethod
     def read(cls, data: Any) -> ModelCard:
-        """Check and read a parsed ``model_config.json``.
-
-        ``arch``, ``min_count``, ``max_count`` and ``preset`` are required; ``decode``, ``tta``,
-        ``checkpoint``, ``calibration`` and ``bincount_version`` default as in :class:`ModelCard`
-        (``bincount_version`` to ``None``: unknown); other keys are ignored.
+        """Check and read a parsed ``model_config.json``; a missing ``bincount_version`` is ``None`` (unknown).
 
         Raises:
-            CardError: If ``data`` is not an object, or on missing or malformed fields; one line
+            ValueError: If ``data`` is not an object, or on missing or malformed fields; one line
                 naming each field.
         """
         if not isinstance(data, dict):
-            raise CardError(f"holds a JSON {type(data).__name__}, not an object")
+            raise ValueError(f"holds a JSON {type(data).__name__}, not an object")
         try:
             return cls.model_validate({"bincount_version": None, **data})
         except ValidationError as err:
-            raise card_error(err) from None
+            errors = err.errors(include_url=False)
+        # a list's own error (too short) is left out when one of its items has one: the item says more
+        inside = {e["loc"][:k] for e in errors for k in range(len(e["loc"]))}  # every location holding an error
+        errors = [e for e in errors if e["loc"] not in inside]
+        missing = [".".join(map(str, e["loc"])) for e in errors if e["type"] == "missing"]
+        problems = [f"lacks {', '.join(missing)}: not a bincount model config"] if missing else []
+        for e in errors:
+            where = ".".join(map(str, e["loc"]))
+            if e["type"] == "value_error":  # a validator's own message says it all
+                problems.append(f"{where}: {e['ctx']['error']}" if where else str(e["ctx"]["error"]))
+            elif e["type"] != "missing":
+                problems.append(f"{where}: {e['msg']}, got {e['input']!r}")
+        raise ValueError("; ".join(problems))

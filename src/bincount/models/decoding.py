@@ -1,7 +1,5 @@
-"""How a network's output becomes a count: the decoding rule and test-time augmentation.
-
-Both are part of the model (stored in ``model_config.json``), so training, evaluation,
-calibration and serving answer the same count for the same photo.
+"""How a network's output becomes a count: the decoding rule and test-time augmentation, both part
+of the model (``model_config.json``), so training, evaluation and serving answer the same count.
 """
 
 from __future__ import annotations
@@ -12,30 +10,22 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-DecodeRule = Literal["argmax", "median"]
-"""How probabilities become a count (:func:`decode_counts`): the one list of rules."""
-TtaMode = Literal["none", "flips"]
-"""Test-time augmentation (:func:`with_tta`): the one list of modes."""
-DECODE_RULES: tuple[str, ...] = get_args(DecodeRule)
-TTA_MODES: tuple[str, ...] = get_args(TtaMode)
+DecodeRule = Literal["argmax", "median"]  # how probabilities become a count (decode_counts)
+TtaMode = Literal["none", "flips"]  # test-time augmentation (with_tta)
 NEVER = math.nextafter(1.0, 2.0)
 """A review threshold no probability reaches: every verdict is "review"."""
 
 
 def decode_counts(probs: torch.Tensor, rule: str = "argmax") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one class per photo from predicted probabilities.
-
-    ``argmax`` is the most probable count (best for accuracy). ``median`` is the median of the
-    predicted distribution, the answer that minimises the expected absolute error (best for MAE
-    when the model hesitates between neighbouring counts).
+    """Pick one class per photo: ``argmax``, the most probable count (best for accuracy), or ``median``
+    of the predicted distribution, which minimises the expected absolute error (best for MAE).
 
     Args:
         probs: ``(N, C)`` probabilities over classes ``0..C-1`` (rows sum to 1).
-        rule: One of :data:`DECODE_RULES`.
+        rule: One of :data:`DecodeRule`.
 
     Returns:
-        ``confidence`` ``(N,)`` (the probability of the chosen class) and ``index`` ``(N,)``
-        (the chosen class, ``long``).
+        ``confidence`` ``(N,)`` (the chosen class's probability) and ``index`` ``(N,)`` (``long``).
 
     Raises:
         ValueError: If ``rule`` is unknown.
@@ -46,14 +36,12 @@ def decode_counts(probs: torch.Tensor, rule: str = "argmax") -> tuple[torch.Tens
         # the smallest class whose cumulative probability reaches one half
         index = (probs.cumsum(dim=1) < 0.5).sum(dim=1).clamp_max(probs.shape[1] - 1)
         return probs.gather(1, index[:, None])[:, 0], index
-    raise ValueError(f"unknown decode rule {rule!r}: use one of {DECODE_RULES}")
+    raise ValueError(f"unknown decode rule {rule!r}: use one of {get_args(DecodeRule)}")
 
 
 class FlipTTA(nn.Module):
-    """Test-time augmentation: mean logits over the photo and its horizontal, vertical and double flips.
-
-    A bin seen from above has no canonical orientation, so the four views are equally valid.
-    ``(N, 3, H, W)`` -> ``(N, C)``; costs four forwards.
+    """Test-time augmentation: mean logits over the photo and its horizontal, vertical and double flips
+    (a bin seen from above has no canonical orientation). ``(N, 3, H, W)`` -> ``(N, C)``; four forwards.
     """
 
     def __init__(self, net: nn.Module) -> None:
@@ -66,7 +54,7 @@ class FlipTTA(nn.Module):
 
 
 def with_tta(net: nn.Module, tta: str) -> nn.Module:
-    """``net`` wrapped for test-time augmentation ``tta`` (one of :data:`TTA_MODES`).
+    """``net`` wrapped for test-time augmentation ``tta`` (one of :data:`TtaMode`).
 
     Raises:
         ValueError: If ``tta`` is unknown.
@@ -75,4 +63,4 @@ def with_tta(net: nn.Module, tta: str) -> nn.Module:
         return net
     if tta == "flips":
         return FlipTTA(net)
-    raise ValueError(f"unknown tta {tta!r}: use one of {TTA_MODES}")
+    raise ValueError(f"unknown tta {tta!r}: use one of {get_args(TtaMode)}")

@@ -1,9 +1,6 @@
-"""The exported model folder (SageMaker's ``model_dir``): ``model.pt``, ``model.onnx`` and ``model_config.json``.
-
-Everything evaluation and serving need, without Hydra or Lightning: the bare backbone's
-``state_dict`` (``model.pt``, loaded with torch and torchvision), the network as served
-(``model.onnx``: the backbone with the card's test-time augmentation, run by ONNX Runtime) and
-its :class:`~bincount.models.card.ModelCard`.
+"""The exported model folder (SageMaker's ``model_dir``), read without Hydra or Lightning: the backbone's
+``state_dict`` (``model.pt``), the network as served by ONNX Runtime (``model.onnx``) and its
+:class:`~bincount.models.card.ModelCard` (``model_config.json``).
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ from torch import nn
 
 from bincount.atomic import atomic_folder
 from bincount.models.backbones import build_backbone
-from bincount.models.card import CardError, ModelCard
+from bincount.models.card import ModelCard
 from bincount.models.decoding import with_tta
 
 MODEL_FILE = "model.pt"
@@ -41,8 +38,7 @@ def served_network(net: nn.Module, card: ModelCard) -> nn.Module:
 
 
 def export_onnx(net: nn.Module, card: ModelCard) -> bytes:
-    """The network as served, as ONNX: ``net`` with the card's test-time augmentation, in eval mode
-    on the CPU, exported by ``torch.onnx.export`` (the ``torch.export`` exporter) with a dynamic batch.
+    """:func:`served_network` as ONNX (``torch.onnx.export``, dynamo exporter), with a dynamic batch.
 
     Args:
         net: The backbone, ``(N, 3, S, S)`` -> ``(N, card.num_classes)`` logits (any device; not modified).
@@ -58,17 +54,15 @@ def export_onnx(net: nn.Module, card: ModelCard) -> bytes:
     return program.model_proto.SerializeToString()
 
 
-def check_onnx(onnx_model: bytes, net: nn.Module, card: ModelCard, *, tolerance: float = ONNX_TOLERANCE) -> float:
-    """Check that ONNX Runtime's forward of ``onnx_model`` gives ``net``'s calibrated probabilities.
-
-    Both run a fixed random batch of 3 inputs ``(3, 3, S, S)`` on the CPU, ``net`` with the card's
-    test-time augmentation; the logits are divided by the card's temperature before the softmax.
+def check_onnx(onnx_model: bytes, net: nn.Module, card: ModelCard) -> float:
+    """Check that ONNX Runtime's forward of ``onnx_model`` gives the calibrated probabilities of
+    :func:`served_network` on a fixed random batch ``(3, 3, S, S)``.
 
     Returns:
         The largest absolute difference of a probability.
 
     Raises:
-        RuntimeError: If it exceeds ``tolerance``.
+        RuntimeError: If it exceeds :data:`ONNX_TOLERANCE`.
     """
     size = card.preset.image_size
     probe = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -78,24 +72,19 @@ def check_onnx(onnx_model: bytes, net: nn.Module, card: ModelCard, *, tolerance:
     session = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
     logits = torch.from_numpy(session.run(["logits"], {"images": probe.numpy()})[0])
     difference = float(((logits / temperature).softmax(dim=1) - expected).abs().max())
-    if not difference <= tolerance:
+    if not difference <= ONNX_TOLERANCE:
         raise RuntimeError(f"the ONNX export disagrees with the PyTorch forward (a probability differs by "
-                           f"{difference:.3g} > {tolerance:g}): the model cannot be served")
+                           f"{difference:.3g} > {ONNX_TOLERANCE:g}): the model cannot be served")
     return difference
 
 
 def save_model_dir(net: nn.Module, out_dir: str | Path, card: ModelCard) -> Path:
-    """Write the backbone's ``state_dict``, the network as served and the card into ``out_dir``, atomically.
-
-    ``model.onnx`` (:func:`export_onnx`) is written only once :func:`check_onnx` has found it to
-    answer as ``net`` does. The folder is built beside ``out_dir`` and renamed into place when
-    every file is written (:func:`bincount.atomic.atomic_folder`): stopped or failing at any
-    moment, ``out_dir`` is the previous model, whole, or the new one, or absent; never a
-    ``model.pt`` without its card.
+    """Write the backbone's ``state_dict``, the network as served (checked: :func:`check_onnx`) and the
+    card into ``out_dir``, atomically (:func:`bincount.atomic.atomic_folder`): stopped or failing at
+    any moment, ``out_dir`` is the previous model, whole, or the new one, or absent.
 
     Args:
-        net: The torchvision backbone (``BinCountModule.net``), ``(N, 3, S, S)`` ->
-            ``(N, card.num_classes)`` logits.
+        net: The backbone (``BinCountModule.net``), ``(N, 3, S, S)`` -> ``(N, card.num_classes)`` logits.
         out_dir: Folder to create or overwrite.
         card: What the weights are (written as ``model_config.json``).
 
@@ -120,13 +109,7 @@ def save_model_dir(net: nn.Module, out_dir: str | Path, card: ModelCard) -> Path
 
 
 def read_model_card(model_dir: str | Path) -> ModelCard:
-    """Read and check ``model_config.json``: the one way every reader loads a model's card.
-
-    Args:
-        model_dir: The exported model folder.
-
-    Returns:
-        The card.
+    """Read and check ``model_config.json`` of the exported ``model_dir``: how every reader loads a card.
 
     Raises:
         FileNotFoundError: If ``model_dir`` has no ``model_config.json`` or ``model.pt``.
@@ -144,7 +127,7 @@ def read_model_card(model_dir: str | Path) -> ModelCard:
         raise ValueError(f"{path} is not valid JSON ({err}): re-export the model or restore the file") from None
     try:
         return ModelCard.read(data)
-    except CardError as err:
+    except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
 
 
@@ -157,8 +140,7 @@ def load_model_dir(model_dir: str | Path, map_location: str | torch.device = "cp
     Raises:
         FileNotFoundError: If a file is missing.
         ValueError: If ``model_config.json`` is malformed (see :func:`read_model_card`) or names an
-            architecture torchvision lacks.
-        ValueError: If ``model.pt`` is not a readable weights file (cut short, or not one at all).
+            architecture torchvision lacks, or ``model.pt`` is not a readable weights file.
         RuntimeError: If ``model.pt`` does not match the card's architecture and class count.
     """
     card = read_model_card(model_dir)

@@ -4,8 +4,8 @@ predictions every rank gathers for the reports and the calibration."""
 from __future__ import annotations
 
 import torch
-from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, Metric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 
@@ -20,12 +20,9 @@ class OffByOneAccuracy(MeanMetric):
 
 
 def count_metrics(num_classes: int, **metric_kwargs) -> MetricCollection:
-    """Scalar counting metrics over predicted and true class indices of shape ``(N,)``.
-
-    ``acc`` (top-1 accuracy over all photos), ``obo_acc`` (off-by-one accuracy), ``mae`` and
-    ``rmse`` in objects. Class indices and counts differ by a constant, so errors are in objects.
-    ``metric_kwargs`` go to every metric (``sync_on_compute=False`` for predictions that one
-    process already gathered: syncing them would wait for ranks that are not computing).
+    """``acc``, ``obo_acc`` (off-by-one), ``mae`` and ``rmse`` (in objects) over predicted and true class
+    indices ``(N,)``. ``metric_kwargs`` go to every metric (``sync_on_compute=False`` for predictions
+    that one process already gathered).
     """
     return MetricCollection(
         {
@@ -37,22 +34,9 @@ def count_metrics(num_classes: int, **metric_kwargs) -> MetricCollection:
     )
 
 
-def per_class_metrics(num_classes: int, **metric_kwargs) -> dict[str, Metric]:
-    """Per-class accuracy ``(num_classes,)`` (recall of each count) and the confusion matrix
-    ``(num_classes, num_classes)`` (rows: true count, columns: predicted)."""
-    return {
-        "per_class_acc": MulticlassAccuracy(num_classes=num_classes, average=None, **metric_kwargs),
-        "confusion_matrix": MulticlassConfusionMatrix(num_classes=num_classes, **metric_kwargs),
-    }
-
-
 def gather_by_index(strategy, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every rank's per-photo rows, on every rank, in dataset order, each photo once.
-
-    Under DDP each rank holds its share of a split (DistributedSampler, or litdata's sharding),
-    possibly padded with repeated photos: keeping the first row of each ``index`` gives each photo
-    exactly once.
-    A collective call: every rank must make it.
+    """Every rank's per-photo rows, on every rank, in dataset order, each photo once (a rank's share may
+    be padded with repeated photos: the first row of each ``index`` is kept). A collective call.
 
     Args:
         strategy: The Trainer's strategy (``trainer.strategy``); one process needs no gathering.

@@ -23,11 +23,9 @@ SchedulerInterval = Literal["epoch", "step"]
 
 
 def soft_count_targets(targets: torch.Tensor, num_classes: int, sigma: float) -> torch.Tensor:
-    """Soft labels over neighbouring counts: ``p(k) ∝ exp(-(k - y)^2 / (2 sigma^2))``.
-
-    Cross-entropy against them charges a near miss less than a far one (an ordinal-aware
-    objective in the spirit of Gao et al. 2017, "Deep Label Distribution Learning With Label
-    Ambiguity"). ``targets`` ``(N,)`` class indices -> ``(N, num_classes)`` rows summing to 1.
+    """Soft labels over neighbouring counts, ``p(k) ∝ exp(-(k - y)^2 / (2 sigma^2))``: cross-entropy
+    against them charges a near miss less than a far one (Gao et al. 2017, "Deep Label Distribution
+    Learning With Label Ambiguity"). ``targets`` ``(N,)`` class indices -> ``(N, num_classes)`` rows summing to 1.
     """
     k = torch.arange(num_classes, device=targets.device, dtype=torch.float32)
     logits = -((k[None, :] - targets[:, None].float()) ** 2) / (2 * sigma**2)
@@ -35,12 +33,9 @@ def soft_count_targets(targets: torch.Tensor, num_classes: int, sigma: float) ->
 
 
 class BinCountModule(L.LightningModule):
-    """Counting as classification over ``min_count..max_count``.
-
-    This is the ABID challenge baseline's formulation (silverbottlep/abid_challenge): class ``k``
-    means ``min_count + k`` objects, trained with cross-entropy (``loss="ce"``) or with
-    cross-entropy on soft ordinal labels (``loss="soft_ce"``). Hyperparameters are primitives,
-    so ``BinCountModule.load_from_checkpoint(path)`` needs no Hydra.
+    """Counting as classification over ``min_count..max_count``, as the ABID challenge baseline
+    (silverbottlep/abid_challenge): class ``k`` means ``min_count + k`` objects. Hyperparameters are
+    primitives, so ``BinCountModule.load_from_checkpoint(path)`` needs no Hydra.
 
     Args:
         arch: torchvision model name (``resnet18``, ``resnet50``, ...).
@@ -51,19 +46,17 @@ class BinCountModule(L.LightningModule):
         label_smoothing: Cross-entropy label smoothing (``loss="ce"`` only).
         loss: ``"ce"`` or ``"soft_ce"`` (see :func:`soft_count_targets`).
         label_sigma: Width of the soft labels in objects (``loss="soft_ce"``).
-        decode: How probabilities become a count: ``"argmax"`` or ``"median"``
-            (:func:`bincount.models.decoding.decode_counts`); used by the metrics and exported.
+        decode: How probabilities become a count (:func:`bincount.models.decoding.decode_counts`).
         tta: Test-time augmentation for validation, test and serving: ``"none"`` or ``"flips"``.
-        channels_last: Use the channels-last memory format (faster convolutions on CPU and GPU).
+        channels_last: Use the channels-last memory format (faster convolutions).
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``); needed only for training.
         scheduler: ``optimizer -> LRScheduler`` (a Hydra ``_partial_``) or ``None``.
         scheduler_interval: ``"epoch"`` or ``"step"``; with ``"step"`` the scheduler is also given
             ``total_steps`` (the trainer's estimate), as ``torch.optim.lr_scheduler.OneCycleLR`` needs.
 
     Raises:
-        ValueError: If the count range is not whole numbers ``0 <= min_count < max_count``,
-            ``loss``, ``decode``, ``tta`` or ``scheduler_interval`` is unknown, or
-            ``label_smoothing`` is set with ``loss="soft_ce"``; naming the config key.
+        ValueError: Naming the config key, if the count range is not whole numbers ``0 <= min_count <
+            max_count``, an option is unknown, or ``label_smoothing`` is set with ``loss="soft_ce"``.
     """
 
     def __init__(
@@ -116,11 +109,8 @@ class BinCountModule(L.LightningModule):
         return self.hparams.max_count - self.hparams.min_count + 1
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, H, W)`` normalised images -> ``(N, num_classes)`` logits.
-
-        Outside training (validation, test, calibration) with the model's TTA and in float32 even
-        under a mixed-precision Trainer, so every figure measures the exported weights as served.
-        """
+        """``(N, 3, H, W)`` normalised images -> ``(N, num_classes)`` logits; outside training with the
+        model's TTA and in float32 even under a mixed-precision Trainer (the weights as served)."""
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.training:
@@ -135,7 +125,7 @@ class BinCountModule(L.LightningModule):
         return F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
 
     def _shared_step(self, batch, stage: str) -> dict[str, torch.Tensor] | None:
-        if batch is None:  # every photo of the batch failed to decode (each was warned about)
+        if batch is None:  # every photo of the batch failed to decode
             return None
         images, targets, indices = batch
         logits = self(images)
@@ -192,12 +182,8 @@ class BinCountModule(L.LightningModule):
         self.test_outputs = []
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor] | None:
-        """A batch's per-photo logits for ``trainer.predict`` (eval mode, the model's TTA).
-
-        Returns:
-            ``index`` ``(N,)``, ``target`` ``(N,)`` and ``logits`` ``(N, num_classes)`` float32, or
-            ``None`` for a batch whose photos all failed to decode.
-        """
+        """``index`` ``(N,)``, ``target`` ``(N,)`` and ``logits`` ``(N, num_classes)`` float32 of a batch
+        (``None``: its photos all failed to decode), for ``trainer.predict``."""
         if batch is None:
             return None
         images, targets, indices = batch
@@ -205,9 +191,7 @@ class BinCountModule(L.LightningModule):
                 "logits": self(images).float()}
 
     def gather_rows(self, rows: list[dict[str, torch.Tensor] | None], values: str) -> dict[str, torch.Tensor]:
-        """This rank's per-batch rows joined and gathered from every rank (:func:`gather_by_index`).
-
-        A collective call: every rank must make it.
+        """This rank's per-batch rows joined and gathered from every rank (:func:`gather_by_index`); collective.
 
         Args:
             rows: Batches of ``index`` ``(N,)``, ``target`` ``(N,)`` and ``values`` ``(N, num_classes)``
@@ -226,7 +210,7 @@ class BinCountModule(L.LightningModule):
         return gather_by_index(self.trainer.strategy, local)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # a resumed one-cycle schedule keeps its planned length (see configure_optimizers)
+        # a resumed one-cycle schedule keeps its planned length
         schedulers = checkpoint.get("lr_schedulers") or [{}]
         self.planned_steps = schedulers[0].get("total_steps")
 
@@ -234,9 +218,8 @@ class BinCountModule(L.LightningModule):
         """The optimizer, and the scheduler stepped every ``scheduler_interval``.
 
         A step schedule (one-cycle) is planned over the trainer's ``estimated_stepping_batches``;
-        one whose warm-up would be shorter than two steps (``pct_start * total_steps < 2``, a
-        shortened run) is left out and the run trains at the optimizer's constant ``lr``, said in
-        one line (``OneCycleLR`` divides by zero or gives ``lr=0`` there).
+        one whose warm-up would be shorter than two steps (``OneCycleLR`` divides by zero or gives
+        ``lr=0`` there) is left out and the run trains at the optimizer's constant ``lr``.
 
         Raises:
             RuntimeError: If the module was built without an optimizer.
