@@ -25,6 +25,7 @@ so a new kind of command cannot go unchecked.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import re
@@ -388,12 +389,14 @@ def check_bincount(args: list[str], capsys) -> None:
 
 
 def check_mlflow(args: list[str]) -> None:
-    """``mlflow <command> --help`` exits 0 and names every ``--option`` of the line (``mlflow ui``)."""
-    proc = subprocess.run([str(Path(sys.executable).parent / "mlflow"), args[0], "--help"],
+    """``mlflow <command> [<subcommand>] --help`` exits 0 and names every ``--option`` of the line
+    (``mlflow ui``, ``mlflow experiments csv``)."""
+    command = list(itertools.takewhile(lambda a: not a.startswith("-"), args))
+    proc = subprocess.run([str(Path(sys.executable).parent / "mlflow"), *command, "--help"],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"mlflow {args[0]} --help exited {proc.returncode}: {proc.stderr[-2000:]}"
-    for option in (a.split("=")[0] for a in args[1:] if a.startswith("--")):
-        assert re.search(rf"{re.escape(option)}\b", proc.stdout), f"mlflow {args[0]}: no option {option} in --help"
+    assert proc.returncode == 0, f"mlflow {' '.join(command)} --help exited {proc.returncode}: {proc.stderr[-2000:]}"
+    for option in (a.split("=")[0] for a in args[len(command):] if a.startswith("--")):
+        assert re.search(rf"{re.escape(option)}\b", proc.stdout), f"mlflow {' '.join(command)}: no option {option}"
 
 
 def check_benchmark(script: str, args: list[str], capsys) -> None:

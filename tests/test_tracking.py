@@ -1,4 +1,4 @@
-"""logger=mlflow (bincount.tracking) and ``bincount runs compare`` (bincount.runs), against real MLflow
+"""logger=mlflow (bincount.tracking), against real MLflow
 stores: the local SQLite default, SQLite files, and a tracking server on loopback (``mlflow_server``,
 last in this module: it boots while the others run)."""
 
@@ -14,21 +14,19 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from bincount import tracking
-from bincount.cli import build_parser, main
 from bincount.config import compose
-from bincount.runs import DEFAULT_EXPERIMENT, OUTPUT_FILES
 from bincount.tracking import JOB_NAME_TAG, RUN_DIR_TAG, SWEEP_DIR_TAG, TRIAL_TAG, Sweep, current_sweep
 from bincount.train import train
 from bincount.trainer import instantiate_trainer
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+EXPERIMENT = "bincount"  # conf/logger/mlflow.yaml's experiment_name
 PARENT_TAG = "mlflow.parentRunId"
 TEST_KEYS = ("test/acc", "test/obo_acc", "test/mae", "test/rmse")
 
 
 def the_run(client, out_dir: Path):
     """The one run of the default experiment that trained in ``out_dir``."""
-    experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id], f"tags.`{RUN_DIR_TAG}` = '{out_dir.resolve()}'")
     assert len(runs) == 1, [r.info.run_id for r in runs]
     return runs[0]
@@ -77,7 +75,7 @@ def test_without_a_tracking_uri_runs_and_sweeps_go_to_mlflow_db_in_the_working_f
     assert JOB_NAME_TAG not in run.data.tags and PARENT_TAG not in run.data.tags
     assert run.info.run_name == "/".join(Path(single.paths.output_dir).parts[-2:])  # not one made-up name per seed
 
-    experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
     runs = {r.info.run_id: r for r in client.search_runs([experiment])}
     assert len(runs) == 1 + 5  # the run, three trials, two parents
     parents = {sweep: runs[run_id].data.tags[PARENT_TAG] for sweep, run_id in trials.items()}
@@ -136,109 +134,13 @@ def test_a_sagemaker_job_tracks_to_a_managed_mlflow_arn(mlflow_env):
     assert isinstance(store, MlflowSageMakerStore) and store.store_uri == arn
 
 
-def make_run(client, experiment_id: str, name: str, *, lr: str, out: str, test: dict[str, float] | None,
-             val_mae: list[float], tags: dict[str, str] | None = None) -> str:
-    """A run as logger=mlflow records one: params, ``epoch`` and ``val/mae`` at each validation step, test metrics."""
-    from mlflow.entities import Metric, Param
-
-    run_id = client.create_run(experiment_id, run_name=name, tags=tags or {}).info.run_id
-    params = {"model/optimizer/lr": lr, "seed": "42", "paths/output_dir": out,
-              "callbacks/model_checkpoint/dirpath": f"{out}/checkpoints"}
-    metrics = [Metric(key, value, 0, step) for epoch, mae in enumerate(val_mae)
-               for key, value, step in (("epoch", epoch, 10 * epoch + 9), ("val/mae", mae, 10 * epoch + 9))]
-    metrics += [Metric(f"test/{key}", value, 0, 0) for key, value in (test or {}).items()]
-    client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
-    return run_id
-
-
-@pytest.fixture(scope="module")
-def runs_store(tmp_path_factory) -> tuple[str, dict[str, str]]:
-    """A SQLite store with three runs of the default experiment, a sweep parent and a run of another
-    experiment: ``(tracking URI, run name -> id)``."""
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('runs_store') / 'runs.db'}"
-    client = MlflowClient(uri)
-    experiment = client.create_experiment(DEFAULT_EXPERIMENT)
-    ids = {
-        "slow": make_run(client, experiment, "slow", lr="0.001", out="/runs/a", val_mae=[0.9, 0.7, 0.6],
-                         test={"acc": 0.5, "obo_acc": 0.875, "mae": 0.625, "rmse": 0.875}),
-        "fast": make_run(client, experiment, "fast", lr="0.003", out="/runs/b", val_mae=[0.8, 0.5],
-                         test={"acc": 0.625, "obo_acc": 0.9375, "mae": 0.4375, "rmse": 0.75}),
-        "unfinished": make_run(client, experiment, "unfinished", lr="0.01", out="/runs/c", val_mae=[1.1], test=None),
-    }
-    make_run(client, experiment, "sweep", lr="0.001", out="/runs/d", val_mae=[], test=None,
-             tags={SWEEP_DIR_TAG: "/multirun/x"})  # a sweep's parent: not a training run
-    make_run(client, client.create_experiment("other"), "elsewhere", lr="0.1", out="/runs/e", val_mae=[0.1],
-             test={"mae": 0.0})
-    return uri, ids
-
-
-def test_runs_compare_tabulates_the_params_that_differ_and_the_test_metrics(runs_store, mlflow_env, tmp_path, capsys):
-    from mlflow import MlflowClient
-
-    from bincount.runs import compare
-
-    uri, ids = runs_store
-    out = tmp_path / "cmp"
-    assert main(["runs", "compare", "--tracking-uri", uri, "--out", str(out)]) == 0
-    rows = read_csv(out / "runs.csv")
-    assert [r["run_id"] for r in rows] == [ids["fast"], ids["slow"], ids["unfinished"]]  # best test/mae first
-    # only lr differs; seed is shared, the run folder and what lies under it name the run
-    assert list(rows[0]) == ["run", "run_id", "model/optimizer/lr", *TEST_KEYS]
-    assert [r["model/optimizer/lr"] for r in rows] == ["0.003", "0.001", "0.01"]
-    assert [float(rows[0][k]) for k in TEST_KEYS] == [0.625, 0.9375, 0.4375, 0.75]
-    assert rows[2]["test/mae"] == ""
-    markdown = (out / "runs.md").read_text().splitlines()
-    assert markdown[0].startswith("| run ") and len(markdown) == 2 + 3
-    assert "fast" in markdown[2] and "0.4375" in markdown[2] and "0.6250" in markdown[3]
-    assert (out / "val_mae.png").read_bytes().startswith(PNG_MAGIC)
-    # the plotted curve: val/mae per epoch, from the epoch logged at the same step
-    curves = compare(MlflowClient(uri)).curves
-    assert curves[f"slow ({ids['slow'][:8]})"] == ([0, 1, 2], [0.9, 0.7, 0.6])
-
-    assert main(["runs", "compare", "--tracking-uri", uri, "--filter", "params.`model/optimizer/lr` = '0.001'",
-                 "--out", str(tmp_path / "filtered")]) == 0
-    assert [r["run_id"] for r in read_csv(tmp_path / "filtered" / "runs.csv")] == [ids["slow"]]
-    assert "1 runs ->" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(("args", "message"), [
-    (["--experiment", "nope"], "error: no experiment 'nope' at sqlite:"),
-    (["--filter", "params.`model/optimizer/lr` = '9'"], "error: no runs in experiment 'bincount' at sqlite:"),
-    (["--filter", "params.lr ~ 1"], "error: "),
-    (["--tracking-uri", "sqlite:///nowhere/mlflow.db"], "error: no MLflow store at sqlite:///nowhere/mlflow.db: "),
-])
-def test_runs_compare_fails_with_one_line(args, message, runs_store, mlflow_env, tmp_path, capsys):
-    uri, _ = runs_store
-    capsys.readouterr()
-    mlflow_env.chdir(tmp_path)  # sqlite:///nowhere/... is relative to it, and must stay absent
-    assert main(["runs", "compare", "--tracking-uri", uri, *args, "--out", str(tmp_path / "cmp")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(message) and err.count("\n") == 1, err
-    assert not (tmp_path / "cmp").exists() and not (tmp_path / "nowhere").exists()
-
-
-def test_runs_compare_into_a_file_is_one_error_line(runs_store, mlflow_env, tmp_path, capsys):
-    uri, _ = runs_store
-    taken = tmp_path / "taken"
-    taken.write_text("not a folder\n")
-    capsys.readouterr()
-    assert main(["runs", "compare", "--tracking-uri", uri, "--out", str(taken)]) == 2
-    assert capsys.readouterr().err == f"error: {taken}: File exists\n"
-    assert taken.read_text() == "not a folder\n"
-
-
-def test_the_default_experiment_is_the_one_runs_are_logged_to():
+def test_logger_mlflow_comes_on_top_of_csv_and_tensorboard():
     cfg = compose("train", ["logger=mlflow"])
-    compare_args = build_parser().parse_args(["runs", "compare", "--out", "x"])
-    assert cfg.logger.mlflow.experiment_name == DEFAULT_EXPERIMENT == compare_args.experiment
-    assert set(compose("train", []).logger) < set(cfg.logger)  # mlflow comes on top of csv and tensorboard
-    assert OUTPUT_FILES == ("runs.csv", "runs.md", "val_mae.png")
+    assert cfg.logger.mlflow.experiment_name == EXPERIMENT
+    assert set(compose("train", []).logger) < set(cfg.logger)
 
 
-def test_a_tracked_run_logs_config_metrics_and_outputs_to_the_server(train_cfg, mlflow_server, mlflow_env, tmp_path,
-                                                                      capsys):
+def test_a_tracked_run_logs_config_metrics_and_outputs_to_the_server(train_cfg, mlflow_server, mlflow_env, tmp_path):
     from mlflow import MlflowClient
 
     mlflow_env.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)  # honoured through the config's ${oc.env:...}
@@ -273,11 +175,3 @@ def test_a_tracked_run_logs_config_metrics_and_outputs_to_the_server(train_cfg, 
     for name in ("model_config.json", "model.pt"):
         assert (got / name).read_bytes() == (out / "model" / name).read_bytes(), name
 
-    # bincount runs compare, on the same server: the run's test metrics and its validation curve
-    assert main(["runs", "compare", "--tracking-uri", mlflow_server.uri, "--out", str(tmp_path / "cmp")]) == 0
-    rows = read_csv(tmp_path / "cmp" / "runs.csv")
-    assert [r["run_id"] for r in rows] == [run.info.run_id]
-    for key in ("acc", "obo_acc", "mae", "rmse"):
-        assert float(rows[0][f"test/{key}"]) == pytest.approx(report[key], abs=1e-6), key
-    assert (tmp_path / "cmp" / "val_mae.png").read_bytes().startswith(PNG_MAGIC)
-    assert "1 runs ->" in capsys.readouterr().err

@@ -5,7 +5,6 @@ Usage:
     bincount predict --model-dir outputs/RUN/model photos/ s3://BUCKET/bin-images/ --out predictions.csv
     bincount transform collect s3://BUCKET/counts/ --input-prefix s3://BUCKET/bin-images/ --model-dir model/ \
         --out counts.csv
-    bincount runs compare --experiment bincount --out comparison/
     bincount export --model-dir outputs/RUN/model
 
 Each ``add_*_command(subparsers)`` sets ``func(args) -> int`` (the exit code), imported when the
@@ -23,7 +22,6 @@ from pathlib import Path
 
 from bincount.data.commands import add_data_command
 from bincount.errors import run_command
-from bincount.runs import DEFAULT_EXPERIMENT, MAX_RUNS
 from bincount.stop import Stopped, stop_on_sigterm
 
 
@@ -177,41 +175,7 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_runs_command(subparsers) -> None:
-    """``bincount runs compare``: tracked MLflow runs side by side (:mod:`bincount.runs`)."""
-    runs = subparsers.add_parser("runs", help="compare tracked training runs (MLflow, logger=mlflow)")
-    commands = runs.add_subparsers(dest="runs_command", metavar="{compare}", required=True)
-    parser = commands.add_parser(
-        "compare", help="a table (CSV, Markdown) and a validation-MAE plot of an experiment's runs",
-        description="Write runs.csv and runs.md (per run: the params that differ between the runs and the test "
-                    "acc, obo_acc, mae, rmse; best test/mae first) and val_mae.png (validation MAE per epoch) "
-                    "into --out.")
-    parser.add_argument("--out", required=True, help="folder for runs.csv, runs.md and val_mae.png")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
-    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name (default %(default)s)")
-    parser.add_argument("--filter", dest="filter_string", default="",
-                        help="MLflow search filter, e.g. \"params.`trainer/max_epochs` = '22'\"")
-    parser.add_argument("--max-runs", type=int, default=MAX_RUNS, help="newest runs read (default %(default)s)")
-    parser.set_defaults(func=_run_compare)
-
-
-def _run_compare(args: argparse.Namespace) -> int:
-    from bincount.runs import OUTPUT_FILES, compare_runs
-
-    if args.tracking_uri:  # process-wide too: sagemaker-mlflow's request headers read it for an ARN
-        import mlflow
-
-        mlflow.set_tracking_uri(args.tracking_uri)
-    comparison = compare_runs(args.out, tracking_uri=args.tracking_uri, experiment=args.experiment,
-                              filter_string=args.filter_string, max_runs=args.max_runs)
-    print(f"{len(comparison.rows)} runs -> "
-          + ", ".join(str(Path(args.out) / name) for name in OUTPUT_FILES), file=sys.stderr)
-    return 0
-
-
-COMMANDS = (add_serve_command, add_predict_command, add_transform_command, add_data_command, add_runs_command,
-            add_export_command)
+COMMANDS = (add_serve_command, add_predict_command, add_transform_command, add_data_command, add_export_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
