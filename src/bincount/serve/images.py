@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from pydantic import TypeAdapter, ValidationError
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import to_dtype
 
@@ -26,16 +27,25 @@ from bincount.serve.errors import RequestError, UpstreamError
 
 IMAGE_FORMATS = ("JPEG", "PNG")
 ALLOWED_S3_PREFIXES = "BINCOUNT_ALLOWED_S3_PREFIXES"
+ENV_KINDS = {int: "an integer", float: "a number", bool: "true or false"}
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None:
+def env_value(name: str, kind: type[int] | type[float] | type[bool], default: Any = None) -> Any:
+    """``$name`` read by pydantic as ``kind`` (a bool: ``true``/``false``, ``1``/``0``, ``yes``/``no``, ``on``/``off``).
+
+    Returns:
+        The value, or ``default`` if the variable is unset or empty.
+
+    Raises:
+        ValueError: If it is set but not a ``kind``, naming the variable.
+    """
+    value = os.environ.get(name, "").strip()
+    if not value:
         return default
     try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+        return TypeAdapter(kind).validate_python(value)
+    except ValidationError:
+        raise ValueError(f"environment variable {name}={value!r} must be {ENV_KINDS[kind]}") from None
 
 
 def parse_s3_prefixes(value: str, *, name: str = ALLOWED_S3_PREFIXES) -> tuple[tuple[str, str], ...]:
@@ -88,9 +98,9 @@ class Limits:
         """
         allowed = os.environ.get(ALLOWED_S3_PREFIXES, "")
         return cls(
-            max_image_bytes=_env_int("BINCOUNT_MAX_IMAGE_BYTES", cls.max_image_bytes),
-            max_pixels=_env_int("BINCOUNT_MAX_PIXELS", cls.max_pixels),
-            max_instances=_env_int("BINCOUNT_MAX_INSTANCES", cls.max_instances),
+            max_image_bytes=env_value("BINCOUNT_MAX_IMAGE_BYTES", int, cls.max_image_bytes),
+            max_pixels=env_value("BINCOUNT_MAX_PIXELS", int, cls.max_pixels),
+            max_instances=env_value("BINCOUNT_MAX_INSTANCES", int, cls.max_instances),
             allowed_s3_prefixes=parse_s3_prefixes(allowed) if allowed.strip() else None,
         )
 

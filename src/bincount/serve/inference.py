@@ -47,35 +47,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
-
 from bincount.serve.errors import RequestError
-from bincount.serve.images import Limits
+from bincount.serve.images import Limits, env_value
 from bincount.serve.model import CountingModel, make_predictions, probabilities
 from bincount.serve.request import CUSTOM_ATTRIBUTES, CountRequest, check_accept, decode_request
-
-DEFAULT_MODEL_DIR = "/opt/ml/model"
-
-
-def _env_float(name: str) -> float | None:
-    value = os.environ.get(name)
-    if not value:  # set but empty: as if unset
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be a number") from None
-
-
-def _env_bool(name: str) -> bool:
-    value = os.environ.get(name, "").strip()
-    if not value:  # unset or empty: off
-        return False
-    try:
-        return TypeAdapter(bool).validate_python(value)  # pydantic's reading: true/false, 1/0, yes/no, on/off
-    except ValidationError:
-        raise ValueError(f"environment variable {name}={value!r} must be true or false") from None
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -106,8 +81,8 @@ class Settings:
         Raises:
             ValueError: If a variable is set but malformed.
         """
-        return cls(limits=Limits.from_env(), review_threshold=_env_float("BINCOUNT_REVIEW_THRESHOLD"),
-                   batch_transform=_env_bool("BINCOUNT_BATCH_TRANSFORM"))
+        return cls(limits=Limits.from_env(), review_threshold=env_value("BINCOUNT_REVIEW_THRESHOLD", float),
+                   batch_transform=env_value("BINCOUNT_BATCH_TRANSFORM", bool, False))
 
     def override(self, **values: Any) -> Settings:
         """A copy with the values that are not ``None`` replaced (command-line flags over the environment)."""
@@ -165,7 +140,7 @@ def model_fn(model_dir: str, context: Any = None) -> CountingModel:
         ValueError: If ``model_config.json`` or a ``BINCOUNT_*`` variable is malformed.
     """
     settings = settings_of(context)
-    return CountingModel.load(model_dir or os.environ.get("SM_MODEL_DIR", DEFAULT_MODEL_DIR),
+    return CountingModel.load(model_dir or os.environ.get("SM_MODEL_DIR", "/opt/ml/model"),
                               review_threshold=settings.review_threshold, limits=settings.limits,
                               device=settings.device, threads=settings.threads)
 

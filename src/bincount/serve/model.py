@@ -106,14 +106,6 @@ class CountingModel:
     review_threshold: float
     limits: Limits = field(default_factory=Limits)
 
-    @property
-    def min_count(self) -> int:
-        return self.card.min_count
-
-    @property
-    def max_count(self) -> int:
-        return self.card.max_count
-
     @classmethod
     def load(cls, model_dir: str | Path, *, review_threshold: float | None = None, limits: Limits | None = None,
              device: str | None = None, threads: int | None = None) -> CountingModel:
@@ -213,10 +205,9 @@ def make_predictions(probs: torch.Tensor, expected: Sequence[int | None], model:
     confidence, index = decode_counts(probs, model.card.decode)
     out = []
     for p, c, k, e in zip(probs.tolist(), confidence.tolist(), index.tolist(), expected):
-        pred = {"count": model.min_count + k, "probabilities": [round(x, 6) for x in p], "confidence": round(c, 6)}
+        pred = {"count": model.card.min_count + k, "probabilities": [round(x, 6) for x in p], "confidence": round(c, 6)}
         if e is not None:
             pred["expected_quantity"] = e
-            pred["verdict"] = verdict(model.min_count + k, c, e, card=model.card,
-                                      review_threshold=model.review_threshold)
+            pred["verdict"] = verdict(pred["count"], c, e, card=model.card, review_threshold=model.review_threshold)
         out.append(pred)
     return out
