@@ -1,22 +1,16 @@
 """Batch prediction over photo files, folders and S3 prefixes, written to one CSV.
 
-Uses the serving code end to end (:class:`~bincount.serve.model.CountingModel`, the same
-decoding, limits, calibrated probabilities and verdicts), batched through a DataLoader so
-decoding runs in worker processes while the network counts.
+Uses the serving code end to end (:class:`~bincount.serve.model.CountingModel`: the same decoding,
+limits, calibrated probabilities and verdicts), batched through a DataLoader so decoding runs in
+worker processes while the network counts.
 
 Usage:
     bincount predict --model-dir outputs/RUN/model photos/ extra.jpg --out predictions.csv
     bincount predict --model-dir outputs/RUN/model s3://BUCKET/bin-images/ --labels labels.csv --out verdicts.csv
 
-Each row: ``source,image_id,count,confidence,prob_<count>...,expected_quantity,verdict,error``.
-``image_id`` is the file name without its extension (ABID's id); ``expected_quantity`` and
-``verdict`` are filled for photos named in ``--labels`` (``image_id,expected_quantity``). A photo
-that cannot be read or decoded gets a row with only ``error`` filled; the run goes on.
-
-The CSV is written to a temporary file beside ``--out`` and renamed over it once complete: an
-existing file stays intact until then, and an interrupted, stopped (SIGTERM under
-:func:`bincount.stop.stop_on_sigterm`, as ``bincount predict`` runs it) or failed run leaves no
-partial file, under the final name or beside it.
+Each row: :func:`csv_columns`; a photo that cannot be read or decoded gets a row with only
+``error`` filled, and the run goes on. The CSV is written atomically (:func:`bincount.atomic.atomic_write`):
+an interrupted, stopped or failed run leaves no partial file.
 """
 
 from __future__ import annotations
@@ -88,7 +82,11 @@ def probability_columns(card: ModelCard) -> list[str]:
 
 
 def csv_columns(card: ModelCard) -> list[str]:
-    """The CSV's header: ``source,image_id,count,confidence,prob_<count>...,expected_quantity,verdict,error``."""
+    """The CSV's header: ``source,image_id,count,confidence,prob_<count>...,expected_quantity,verdict,error``.
+
+    ``image_id`` is the file name without its extension (ABID's id); ``expected_quantity`` and
+    ``verdict`` are filled for photos named in the labels (``image_id,expected_quantity``).
+    """
     return ["source", "image_id", "count", "confidence", *probability_columns(card), "expected_quantity", "verdict",
             "error"]
 
@@ -165,12 +163,9 @@ def collate_photos(batch: list[tuple[torch.Tensor | None, int, str]]) -> dict:
 def exit_on_sigterm(worker_id: int) -> None:
     """A DataLoader worker's ``worker_init_fn``: SIGTERM makes the worker exit at once, with status 0.
 
-    A stop sent to the whole process group (``timeout``, a scheduler, Ctrl-C's SIGINT aside)
-    reaches the workers as well as ``predict``. Killed by the signal, a worker would make the
-    DataLoader raise ``DataLoader worker ... is killed by signal`` over ``predict``'s own stop;
-    exiting with status 0 leaves the stop to ``predict``, which stops reading at once. (Training's
-    workers ignore the signal instead, :func:`bincount.data.workers.init_loader_worker`: Lightning
-    reads on to the end of the step before it stops, and a worker gone by then is an error.)
+    A stop sent to the whole process group reaches the workers as well as ``predict``. Killed by
+    the signal, a worker would make the DataLoader raise ``DataLoader worker ... is killed by
+    signal`` over ``predict``'s own stop; exiting with status 0 leaves the stop to ``predict``.
     """
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by _write_rows while workers start

@@ -7,19 +7,9 @@ Usage:
         --labels labels.csv --out verdicts.csv
 
 A transform job (``python -m sagemaker_launch.transform``) sends every photo ``<input><path>`` to
-the handler of :mod:`bincount.serve.inference` alone and writes its answer,
-``{"predictions": [{"count": ..., "probabilities": [...], "confidence": ...}]}``, to
-``<output><path>.out``. :func:`collect` lists the photos under the input prefix as ``bincount
-predict`` does, reads each one's ``.out`` (from S3, or from a local copy of the output prefix),
-and writes one row per photo with ``predict``'s columns and formatting
-(:func:`~bincount.predict.prediction_row`). The model folder gives the probability
-columns' counts, and, with ``--labels``, the count range and review threshold of the verdicts
-(:func:`~bincount.serve.model.verdict`), which the job cannot give: Batch Transform sends no
-per-photo header. A photo the handler could not count (its ``.out`` is ``{"error": "<why>"}``,
-:func:`~bincount.serve.inference.error_answer`) gets a row with only ``error`` filled, the
-handler's reason, as ``bincount predict`` writes it; so does a photo without a ``.out`` (the job
-failed on it, or has not reached it). A ``.out`` that is neither stops the run with one error
-naming the file.
+the handler of :mod:`bincount.serve.inference` alone and writes its answer to ``<output><path>.out``.
+The model folder gives the probability columns and, with ``--labels``, the count range and review
+threshold of the verdicts, which the job cannot give: Batch Transform sends no per-photo header.
 """
 
 from __future__ import annotations
@@ -38,16 +28,7 @@ from bincount.data.abid import read_labels_csv
 from bincount.data.s3 import S3Error, list_objects
 from bincount.models.card import ModelCard
 from bincount.models.export import read_model_card
-from bincount.predict import (
-    IMAGE_SUFFIXES,
-    check_csv_path,
-    csv_columns,
-    error_row,
-    find_photos,
-    image_id,
-    prediction_row,
-    progress_bar,
-)
+from bincount.predict import check_csv_path, csv_columns, error_row, find_photos, image_id, prediction_row, progress_bar
 from bincount.serve.errors import RequestError
 from bincount.serve.images import read_s3_object, s3_client
 from bincount.serve.model import review_threshold_of, verdict
@@ -134,15 +115,12 @@ def input_photos(input_prefix: str) -> dict[str, str]:
         ValueError: No photos under it.
         bincount.data.s3.S3Error: The prefix cannot be listed.
     """
-    if input_prefix.startswith("s3://"):
-        prefix = folder_prefix(input_prefix)
-        photos = list_objects(prefix, suffixes=IMAGE_SUFFIXES, client=s3_client())
-        if not photos:
-            raise ValueError(f"no photos found in {prefix}")
-        return {uri[len(prefix):]: uri for uri in photos}
-    if not Path(input_prefix).is_dir():
+    if not input_prefix.startswith("s3://") and not Path(input_prefix).is_dir():
         raise FileNotFoundError(f"--input-prefix {input_prefix}: no such folder")
-    return {Path(p).relative_to(input_prefix).as_posix(): p for p in find_photos([input_prefix])}
+    prefix = folder_prefix(input_prefix)
+    if prefix.startswith("s3://"):
+        return {uri[len(prefix):]: uri for uri in find_photos([prefix])}
+    return {Path(p).relative_to(prefix).as_posix(): p for p in find_photos([prefix])}
 
 
 def answer_files(outputs: str) -> dict[str, str]:

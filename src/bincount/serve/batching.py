@@ -1,9 +1,4 @@
-"""Dynamic batching: photos of concurrent requests share one call of a batch function.
-
-One worker task collects the requests queued while the previous batch ran and hands them to the
-batch function in a dedicated thread (so all of the network's work stays on one thread and one
-OpenMP team); a lone request waits for nobody.
-"""
+"""Dynamic batching: photos of concurrent requests share one call of a batch function."""
 
 from __future__ import annotations
 
@@ -44,7 +39,7 @@ class Batcher:
     (and whatever arrives within ``max_wait_ms``) until ``max_batch_size`` items are in, and in
     a dedicated thread prepares each request's items and runs ``fn`` once on all of them, then
     hands each request its rows of the output. While that runs, new requests queue up and form
-    the next batch.
+    the next batch; a lone request waits for nobody.
 
     Args:
         fn: ``N`` items -> ``N`` rows (a tensor ``(N, ...)`` or a list), called in one thread at

@@ -1,9 +1,7 @@
 """The photos of a request: an encoded photo or an S3 object -> ``uint8`` RGB tensor, within :class:`Limits`.
 
-The header is read first (Pillow, lazily), so a photo that declares too many pixels is refused
-before any memory is spent on it; the pixels are decoded by torchvision, the decoder training
-uses. A photo named by ``s3_uri`` is read with one S3 client per process, from the S3 prefixes
-the operator allows.
+Pillow reads the header first, so a photo that declares too many pixels costs no memory;
+torchvision, training's decoder, decodes the pixels.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import to_dtype
 
 from bincount.data.decode import check_photo_size, decoder_reason
-from bincount.serve.errors import RequestError, UpstreamError
+from bincount.serve.errors import RequestError
 
 IMAGE_FORMATS = ("JPEG", "PNG")
 ALLOWED_S3_PREFIXES = "BINCOUNT_ALLOWED_S3_PREFIXES"
@@ -167,12 +165,7 @@ def decode_image_pixels(data: bytes, fmt: str) -> torch.Tensor:
 
 
 def decode_image_bytes(data: bytes, *, limits: Limits, expected_format: str | None = None) -> torch.Tensor:
-    """Check and decode one encoded photo: :func:`read_image_header`, then :func:`decode_image_pixels`.
-
-    Args:
-        data: The encoded photo.
-        limits: Size limits.
-        expected_format: ``"JPEG"`` or ``"PNG"`` when the content type named one; ``None``: either.
+    """Check and decode one encoded photo: :func:`read_image_header` (its arguments), then :func:`decode_image_pixels`.
 
     Returns:
         ``uint8`` RGB tensor ``(3, H, W)``.
@@ -210,7 +203,6 @@ def s3_client():
 
 
 def _bucket_and_key(uri: str) -> tuple[str, str]:
-    """:func:`bincount.data.s3.split_s3_uri`, refusing a URI that is not one with a 400."""
     from bincount.data.s3 import split_s3_uri
 
     try:
@@ -247,8 +239,7 @@ def read_s3_object(uri: str, *, max_bytes: int) -> bytes:
 
     Raises:
         RequestError: (400) Bad URI (botocore's own checks of the bucket name and key included),
-            missing object or bucket, access denied, or over ``max_bytes``.
-        UpstreamError: (502) S3 cannot be reached.
+            missing object or bucket, access denied, or over ``max_bytes``; (502) S3 cannot be reached.
     """
     from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
@@ -266,4 +257,4 @@ def read_s3_object(uri: str, *, max_bytes: int) -> bytes:
     except ParamValidationError as err:  # refused before sending: the request's fault, not S3's
         raise RequestError(f"s3_uri {uri!r}: " + " ".join(str(err).replace("Parameter validation failed:", "").split())) from None
     except BotoCoreError as err:
-        raise UpstreamError(str(explain(err, uri=uri))) from None
+        raise RequestError(str(explain(err, uri=uri)), 502) from None

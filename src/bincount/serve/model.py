@@ -1,11 +1,9 @@
 """The served model: an exported ``model/`` folder loaded for inference, its forward pass, and
 the answers it gives (count, confidence and verdict).
 
-The forward pass is ONNX Runtime's, on ``model.onnx`` (the network with its test-time
-augmentation, written and checked against the PyTorch forward at export:
-:func:`bincount.models.export.save_model_dir`); preprocessing is the training code's
-:class:`~bincount.data.transforms.CountingPresetEval`. Needs onnxruntime, torch, torchvision
-and Pillow (no Hydra, no Lightning).
+The forward pass is ONNX Runtime's, on ``model.onnx`` (checked against the PyTorch forward at
+export: :func:`bincount.models.export.save_model_dir`); preprocessing is the training code's
+:class:`~bincount.data.transforms.CountingPresetEval`.
 """
 
 from __future__ import annotations

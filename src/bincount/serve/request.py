@@ -6,10 +6,7 @@ or ``application/json``, a body :class:`CountRequestBody` validates::
 
     {"instances": [{"image_b64": "..."}, {"s3_uri": "s3://bucket/key.jpg"}], "expected_quantity": [3, null]}
 
-:func:`parse_json_body` turns pydantic's first validation error into a one-line 400 that names
-the field, e.g. ``instances[1]: must be an object with a string "image_b64" or "s3_uri" (not
-both)`` or ``expected_quantity[0] must be a non-negative integer or null, got "3"``. Answers:
-``application/json``.
+Answers: ``application/json``.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ import torch
 from pydantic import BaseModel, Field, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator, \
     model_validator
 
-from bincount.serve.errors import NotAcceptable, RequestError, UnsupportedContentType
+from bincount.serve.errors import RequestError
 from bincount.serve.images import Limits, check_s3_allowed, decode_image_bytes, read_s3_object
 
 JSON = "application/json"
@@ -47,11 +44,11 @@ def check_content_type(content_type: str | None) -> str:
         One of :data:`CONTENT_TYPES`.
 
     Raises:
-        UnsupportedContentType: (415) Not JPEG, PNG, x-image or JSON.
+        RequestError: (415) Not JPEG, PNG, x-image or JSON.
     """
     kind = (content_type or "").split(";", 1)[0].strip().lower()
     if kind not in CONTENT_TYPES:
-        raise UnsupportedContentType(content_type, CONTENT_TYPES)
+        raise RequestError(f"unsupported Content-Type {content_type!r}: send one of {', '.join(CONTENT_TYPES)}", 415)
     return kind
 
 
@@ -65,7 +62,7 @@ def check_accept(accept: str | None) -> str:
         ``"application/json"``.
 
     Raises:
-        NotAcceptable: (406) If no media range of ``accept`` (with ``q > 0``) covers JSON.
+        RequestError: (406) If no media range of ``accept`` (with ``q > 0``) covers JSON.
     """
     if not accept or not accept.strip():
         return JSON
@@ -78,7 +75,7 @@ def check_accept(accept: str | None) -> str:
             wanted = False
         if kind in ACCEPT_TYPES and wanted:
             return JSON
-    raise NotAcceptable(accept, JSON)
+    raise RequestError(f"cannot answer with Accept {accept!r}: this endpoint answers {JSON}", 406)
 
 
 def parse_custom_attributes(header: str | None) -> int | None:
@@ -124,8 +121,8 @@ class Instance(BaseModel):
         Raises:
             RequestError: (400) Over ``limits.max_image_bytes``, invalid base64, or see
                 :func:`~bincount.serve.images.read_s3_object`; (403) an ``s3_uri`` outside
-                ``limits.allowed_s3_prefixes`` (:func:`~bincount.serve.images.check_s3_allowed`).
-            UpstreamError: (502) S3 cannot be reached.
+                ``limits.allowed_s3_prefixes`` (:func:`~bincount.serve.images.check_s3_allowed`);
+                (502) S3 cannot be reached.
         """
         if self.s3_uri is not None:
             check_s3_allowed(self.s3_uri, limits.allowed_s3_prefixes)
@@ -178,9 +175,10 @@ def _expected_length_message(instances: int, expected: Any) -> str:
 
 
 def _describe(error: dict, doc: Any) -> str:
-    """One line for the first of pydantic's ``ValidationError.errors()`` on ``doc``."""
+    """One line that names the field, for the first of pydantic's ``ValidationError.errors()`` on ``doc``,
+    e.g. ``instances[1]: must be an object with a string "image_b64" or "s3_uri" (not both)``."""
     loc, message = error["loc"], error["msg"].removeprefix("Value error, ")
-    if error["type"] == "value_error" and len(loc) < 2:  # raised by our own validators: complete already
+    if error["type"] == "value_error" and len(loc) < 2:  # raised by our own validators
         return message
     if not loc or loc == ("instances",):
         return BODY_SHAPE
@@ -239,11 +237,10 @@ def decode_request(body: bytes | str, content_type: str | None, *, limits: Limit
         custom_attributes: The ``X-Amzn-SageMaker-Custom-Attributes`` header (single photos).
 
     Raises:
-        UnsupportedContentType: (415) Not JPEG, PNG, x-image or JSON.
         RequestError: (400) A bad photo (:func:`~bincount.serve.images.decode_image_bytes`; in a
             JSON body the message names the instance), malformed JSON or a structure or type
-            :func:`parse_json_body` refuses; (403) an ``s3_uri`` outside ``limits.allowed_s3_prefixes``.
-        UpstreamError: (502) A photo's S3 object cannot be fetched because S3 is unreachable.
+            :func:`parse_json_body` refuses; (403) an ``s3_uri`` outside ``limits.allowed_s3_prefixes``;
+            (415) not JPEG, PNG, x-image or JSON; (502) S3 cannot be reached.
     """
     kind = check_content_type(content_type)
     if kind != JSON:
