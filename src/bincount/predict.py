@@ -92,18 +92,8 @@ def csv_columns(card: ModelCard) -> list[str]:
 
 
 def prediction_row(source: str, prediction: dict, card: ModelCard) -> dict[str, object]:
-    """The CSV row of one answer.
-
-    Args:
-        source: The photo's path or ``s3://`` URI.
-        prediction: One answer of :func:`~bincount.serve.model.make_predictions` (the handler's
-            ``predictions[i]``): ``count``, ``probabilities`` (``C`` values), ``confidence``, and
-            with an expected quantity ``expected_quantity`` and ``verdict``.
-        card: The model's card (names the probability columns).
-
-    Returns:
-        Column -> value; probabilities and confidence with 5 decimals, no ``error``.
-    """
+    """The CSV row (column -> value) of one answer of :func:`~bincount.serve.model.make_predictions` on
+    the photo ``source``: probabilities and confidence with 5 decimals, no ``error``."""
     return {"source": source, "image_id": image_id(source), "count": prediction["count"],
             "confidence": f"{prediction['confidence']:.5f}",
             **{c: f"{p:.5f}" for c, p in zip(probability_columns(card), prediction["probabilities"])},
@@ -116,14 +106,9 @@ def error_row(source: str, error: str) -> dict[str, str]:
 
 
 class PhotoDataset(Dataset):
-    """Photos by path or S3 URI, decoded and preprocessed as serving does.
+    """Photos by path or S3 URI, decoded and preprocessed (``preset``) as serving does.
 
     Item ``i`` is ``(image (3, S, S) float32 or None, i, error message or "")``.
-
-    Args:
-        sources: Local paths and ``s3://`` URIs.
-        preset: The model's eval preprocessing.
-        limits: Per-photo limits.
     """
 
     def __init__(self, sources: Sequence[str], preset: CountingPresetEval, limits: Limits) -> None:
@@ -197,16 +182,11 @@ def predict(model_dir: str | Path, inputs: Sequence[str], out: str | Path, *, la
     """Count the objects in every photo of ``inputs`` and write one CSV row per photo.
 
     Args:
-        model_dir: Exported ``model/`` folder.
-        inputs: Files, folders and ``s3://`` prefixes.
-        out: The CSV to write.
+        inputs: Files, folders and ``s3://`` prefixes (:func:`find_photos`).
         labels: CSV with ``image_id,expected_quantity``: adds the expected quantity and the verdict.
-        batch_size: Photos per forward pass.
         num_workers: DataLoader processes reading and decoding photos (0: in this process).
         review_threshold: Overrides the calibrated review threshold.
         limits: Per-photo limits (default :class:`~bincount.serve.images.Limits`).
-        device: Default CUDA when available.
-        progress: Show a rich progress bar.
 
     Returns:
         ``{"photos": rows written, "failed": unreadable photos, "verdicts": {verdict: n}, "out": path}``.
@@ -225,7 +205,7 @@ def predict(model_dir: str | Path, inputs: Sequence[str], out: str | Path, *, la
     loader = DataLoader(PhotoDataset(sources, model.preset, model.limits), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate_photos, worker_init_fn=exit_on_sigterm)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out, newline="") as f, progress_bar(progress) as bar:  # an existing --out stays whole until this one is
+    with atomic_write(out, newline="") as f, progress_bar(progress) as bar:
         failed, verdicts = _write_rows(f, loader, sources, expected, model, bar)
     return {"photos": len(sources), "failed": failed, "verdicts": dict(verdicts), "out": str(out)}
 

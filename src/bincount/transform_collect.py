@@ -62,11 +62,9 @@ class Refusal(BaseModel):
 
 
 def parse_answer(data: bytes, where: str, card: ModelCard) -> dict:
-    """The prediction, or the handler's refusal, of one ``.out`` file.
+    """The prediction, or the handler's refusal, of one ``.out`` file: ``data``, read from ``where``.
 
     Args:
-        data: The file's bytes.
-        where: Its path or URI, for the error message.
         card: The model's card: the answer must have its ``C`` probabilities and a count in its range.
 
     Returns:
@@ -176,18 +174,17 @@ def collect(outputs: str, input_prefix: str, out: str | Path, *, model_dir: str 
             labels: str | Path | None = None, review_threshold: float | None = None, progress: bool = True) -> dict:
     """Write one CSV row per photo under ``input_prefix`` from its answer under ``outputs``.
 
+    A photo without a ``.out`` (the job failed on it, or has not reached it) or with the handler's
+    refusal gets an error row, as :func:`~bincount.predict.predict` writes an unreadable photo.
+
     Args:
         outputs: The transform job's output prefix (``s3://...``), or a local copy of it.
         input_prefix: Its input prefix (``s3://...``), or a local folder of the same photos.
-        out: The CSV to write (``bincount predict``'s columns).
         model_dir: The model the job ran (only its ``model_config.json`` is read).
         labels: CSV with ``image_id,expected_quantity``: adds the expected quantity and the verdict.
-        review_threshold: Overrides the model's calibrated review threshold.
-        progress: Show a rich progress bar.
 
     Returns:
-        ``{"photos": rows written, "failed": photos without a count (no answer, or the handler's
-        error), "verdicts": {verdict: n},
+        ``{"photos": rows written, "failed": photos without a count, "verdicts": {verdict: n},
         "unmatched": answers of no photo under input_prefix, "out": path}``.
 
     Raises:

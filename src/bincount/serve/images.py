@@ -46,7 +46,7 @@ def env_value(name: str, kind: type[int] | type[float] | type[bool], default: An
         raise ValueError(f"environment variable {name}={value!r} must be {ENV_KINDS[kind]}") from None
 
 
-def parse_s3_prefixes(value: str, *, name: str = ALLOWED_S3_PREFIXES) -> tuple[tuple[str, str], ...]:
+def parse_s3_prefixes(value: str) -> tuple[tuple[str, str], ...]:
     """``"bins-a, s3://bins-b/bin-images/"`` -> ``(("bins-a", ""), ("bins-b", "bin-images/"))``.
 
     Entries are separated by commas or white space; each is a bucket (``bins-a`` or
@@ -54,7 +54,7 @@ def parse_s3_prefixes(value: str, *, name: str = ALLOWED_S3_PREFIXES) -> tuple[t
     matches prefixes (``s3://b/bin`` also covers ``s3://b/bin-old/``; end a folder with ``/``).
 
     Raises:
-        ValueError: An entry that is not a bucket or an ``s3://`` prefix, naming ``name``.
+        ValueError: An entry that is not a bucket or an ``s3://`` prefix.
     """
     prefixes = []
     for entry in re.split(r"[\s,]+", value.strip()):
@@ -62,7 +62,7 @@ def parse_s3_prefixes(value: str, *, name: str = ALLOWED_S3_PREFIXES) -> tuple[t
             continue
         parsed = urlparse(entry if "://" in entry else f"s3://{entry}")
         if parsed.scheme != "s3" or not parsed.netloc or parsed.query or parsed.fragment:
-            raise ValueError(f"{name}: {entry!r} is not a bucket or an s3://BUCKET/PREFIX")
+            raise ValueError(f"{ALLOWED_S3_PREFIXES}: {entry!r} is not a bucket or an s3://BUCKET/PREFIX")
         prefixes.append((parsed.netloc, parsed.path.removeprefix("/")))
     return tuple(prefixes)
 
@@ -107,8 +107,6 @@ def read_image_header(data: bytes, *, limits: Limits, expected_format: str | Non
     """Check an encoded photo's size and header without decoding its pixels.
 
     Args:
-        data: The encoded photo.
-        limits: Size limits.
         expected_format: ``"JPEG"`` or ``"PNG"`` when the content type named one; ``None``: either.
 
     Returns:
@@ -145,11 +143,7 @@ def read_image_header(data: bytes, *, limits: Limits, expected_format: str | Non
 
 
 def decode_image_pixels(data: bytes, fmt: str) -> torch.Tensor:
-    """Decode the pixels of a photo whose header :func:`read_image_header` has checked.
-
-    Args:
-        data: The encoded photo.
-        fmt: Its format, ``"JPEG"`` or ``"PNG"`` (for the error message).
+    """Decode the pixels of a photo whose header :func:`read_image_header` has checked (``fmt``: its format).
 
     Returns:
         ``uint8`` RGB tensor ``(3, H, W)``; 16-bit PNGs are scaled to the 8 bits training photos have.
@@ -165,14 +159,8 @@ def decode_image_pixels(data: bytes, fmt: str) -> torch.Tensor:
 
 
 def decode_image_bytes(data: bytes, *, limits: Limits, expected_format: str | None = None) -> torch.Tensor:
-    """Check and decode one encoded photo: :func:`read_image_header` (its arguments), then :func:`decode_image_pixels`.
-
-    Returns:
-        ``uint8`` RGB tensor ``(3, H, W)``.
-
-    Raises:
-        RequestError: (400) See :func:`read_image_header` and :func:`decode_image_pixels`.
-    """
+    """Check and decode one encoded photo: :func:`read_image_header` (its arguments and errors), then
+    :func:`decode_image_pixels` (its ``(3, H, W)`` ``uint8`` answer and errors)."""
     fmt, _, _ = read_image_header(data, limits=limits, expected_format=expected_format)
     return decode_image_pixels(data, fmt)
 
@@ -182,10 +170,8 @@ _s3_lock = threading.Lock()
 
 
 def s3_client():
-    """This process's S3 client (:func:`bincount.data.s3.make_client`; a forked worker makes its own).
-
-    Endpoint and credentials come from the usual AWS sources (``AWS_ENDPOINT_URL`` included);
-    without credentials the requests go unsigned, which reads public buckets such as ABID's.
+    """This process's S3 client (:func:`bincount.data.s3.make_client`; a forked worker makes its own),
+    unsigned without AWS credentials (public buckets such as ABID's).
 
     Raises:
         ImportError: If boto3 is not installed (``pip install bincount[serve]``).
@@ -215,7 +201,6 @@ def check_s3_allowed(uri: str, allowed: tuple[tuple[str, str], ...] | None) -> N
     """Refuse an ``s3_uri`` outside the S3 prefixes the operator allows, before anything is sent to S3.
 
     Args:
-        uri: ``s3://bucket/key`` as the request named it.
         allowed: ``(bucket, key prefix)`` pairs (:attr:`Limits.allowed_s3_prefixes`); ``None``: allow any.
 
     Raises:
@@ -231,11 +216,7 @@ def check_s3_allowed(uri: str, allowed: tuple[tuple[str, str], ...] | None) -> N
 
 
 def read_s3_object(uri: str, *, max_bytes: int) -> bytes:
-    """The bytes of one S3 object.
-
-    Args:
-        uri: ``s3://bucket/key``.
-        max_bytes: Largest object accepted, bytes.
+    """The bytes of the S3 object ``uri`` (``s3://bucket/key``), of at most ``max_bytes`` bytes.
 
     Raises:
         RequestError: (400) Bad URI (botocore's own checks of the bucket name and key included),

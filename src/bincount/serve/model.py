@@ -31,8 +31,7 @@ def onnx_file(model_dir: str | Path) -> Path:
     """``model_dir``'s ``model.onnx``.
 
     Raises:
-        FileNotFoundError: If it is missing (a model exported before serving ran on ONNX Runtime:
-            the message says how to re-export it).
+        FileNotFoundError: If it is missing; the message says how to re-export it.
     """
     path = Path(model_dir) / ONNX_FILE
     if not path.is_file():
@@ -46,7 +45,6 @@ def inference_session(model_dir: str | Path, device: str | None = None,
     """An ONNX Runtime session of ``model_dir``'s ``model.onnx`` on ``device``.
 
     Args:
-        model_dir: The exported model folder.
         device: ``"cpu"`` or ``"cuda"``/``"cuda:N"`` (needs the onnxruntime-gpu package); default:
             CUDA when this onnxruntime has it, else CPU.
         threads: Intra-op threads of the forward pass (default: ONNX Runtime's, one per physical core).
@@ -110,11 +108,9 @@ class CountingModel:
         """Load an exported ``model/`` folder (its card and ``model.onnx``) and warm it up.
 
         Args:
-            model_dir: Folder with ``model.onnx``, ``model.pt`` and ``model_config.json``.
             review_threshold: Overrides the calibrated threshold in ``model_config.json``.
-            limits: Request limits (default :class:`~bincount.serve.images.Limits`).
-            device: Where the network runs (:func:`inference_session`).
-            threads: Intra-op threads of the forward pass (:func:`inference_session`).
+            device: See :func:`inference_session`.
+            threads: See :func:`inference_session`.
 
         Raises:
             FileNotFoundError: If a file of the folder is missing.
@@ -167,20 +163,14 @@ def probabilities(model: CountingModel, images: Sequence[torch.Tensor]) -> torch
 
 
 def verdict(count: int, confidence: float, expected: int, *, card: ModelCard, review_threshold: float) -> str:
-    """``"match"``/``"mismatch"`` when the model is confident enough, else ``"review"``.
+    """``"match"``/``"mismatch"`` of ``count`` and ``expected`` when the model is confident enough, else ``"review"``.
 
-    An expected quantity outside ``min_count..max_count`` is always ``"review"``: the model
-    cannot count it, so it cannot confirm or deny it.
+    An expected quantity outside the card's ``min_count..max_count`` is always ``"review"``: the
+    model cannot count it, so it cannot confirm or deny it.
 
     Args:
-        count: The decoded count.
-        confidence: Its calibrated probability, in ``[0, 1]``.
-        expected: The quantity the bin should hold.
-        card: The model's card: gives the count range.
+        confidence: The count's calibrated probability, in ``[0, 1]``.
         review_threshold: Confidences below it are ``"review"`` (:func:`review_threshold_of`).
-
-    Returns:
-        ``"match"``, ``"mismatch"`` or ``"review"``.
     """
     if not card.min_count <= expected <= card.max_count or confidence < review_threshold:
         return "review"
@@ -193,7 +183,6 @@ def make_predictions(probs: torch.Tensor, expected: Sequence[int | None], model:
     Args:
         probs: ``(N, C)`` calibrated probabilities of ``min_count..max_count`` objects.
         expected: ``N`` expected quantities, ``None`` where there is nothing to verify.
-        model: Gives the decoding rule, the count range and the review threshold.
 
     Returns:
         ``[{"count", "probabilities", "confidence"[, "expected_quantity", "verdict"]}, ...]``;

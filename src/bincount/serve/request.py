@@ -35,13 +35,8 @@ INSTANCE_SHAPE = 'must be an object with a string "image_b64" or "s3_uri" (not b
 
 
 def check_content_type(content_type: str | None) -> str:
-    """The media type of a request body the handler reads.
-
-    Args:
-        content_type: The ``Content-Type`` header (``"Image/JPEG; charset=x"`` reads as ``"image/jpeg"``).
-
-    Returns:
-        One of :data:`CONTENT_TYPES`.
+    """The media type, one of :data:`CONTENT_TYPES`, of a ``Content-Type`` header
+    (``"Image/JPEG; charset=x"`` reads as ``"image/jpeg"``).
 
     Raises:
         RequestError: (415) Not JPEG, PNG, x-image or JSON.
@@ -53,13 +48,8 @@ def check_content_type(content_type: str | None) -> str:
 
 
 def check_accept(accept: str | None) -> str:
-    """The content type to answer with.
-
-    Args:
-        accept: The ``Accept`` header (``None``, empty or ``*/*``: JSON).
-
-    Returns:
-        ``"application/json"``.
+    """The content type to answer with, ``"application/json"``, for an ``Accept`` header (``None``,
+    empty or ``*/*``: JSON).
 
     Raises:
         RequestError: (406) If no media range of ``accept`` (with ``q > 0``) covers JSON.
@@ -79,12 +69,8 @@ def check_accept(accept: str | None) -> str:
 
 
 def parse_custom_attributes(header: str | None) -> int | None:
-    """The expected quantity in ``X-Amzn-SageMaker-Custom-Attributes`` (``expected_quantity=3``).
-
-    Pairs may be separated by ``;`` or ``,``; other keys are ignored.
-
-    Returns:
-        The expected quantity, or ``None`` if the header does not name one.
+    """The expected quantity in ``X-Amzn-SageMaker-Custom-Attributes`` (``expected_quantity=3``; pairs
+    separated by ``;`` or ``,``, other keys ignored), or ``None`` if the header does not name one.
 
     Raises:
         RequestError: (400) If ``expected_quantity`` is not a non-negative integer.
@@ -101,10 +87,7 @@ def parse_custom_attributes(header: str | None) -> int | None:
 
 
 class Instance(BaseModel):
-    """One photo: its encoded bytes in base64, or the S3 URI of its object (exactly one of them).
-
-    Other keys are ignored.
-    """
+    """One photo: its encoded bytes in base64, or the S3 URI of its object (exactly one of them)."""
 
     image_b64: StrictStr | None = None
     s3_uri: StrictStr | None = None
@@ -136,9 +119,8 @@ class Instance(BaseModel):
 
 
 class CountRequestBody(BaseModel):
-    """Photos to count and, optionally, the quantity each is expected to hold.
-
-    Validate with ``context={"max_instances": n}`` to limit the number of photos.
+    """Photos to count and, optionally, the quantity each is expected to hold; validate with
+    ``context={"max_instances": n}`` to limit the number of photos.
 
     Attributes:
         instances: 1 to ``max_instances`` photos.
@@ -190,14 +172,7 @@ def _describe(error: dict, doc: Any) -> str:
 
 
 def parse_json_body(body: bytes | str, *, max_instances: int) -> CountRequestBody:
-    """Parse and validate a JSON request body.
-
-    Args:
-        body: The raw body (the SageMaker toolkit may hand it over as ``str``).
-        max_instances: Most photos one request may hold.
-
-    Returns:
-        The validated body.
+    """Parse and validate a JSON request body (the SageMaker toolkit may hand it over as ``str``).
 
     Raises:
         RequestError: (400) Malformed JSON, or a structure or value the schema refuses; the
@@ -217,7 +192,7 @@ def parse_json_body(body: bytes | str, *, max_instances: int) -> CountRequestBod
 class CountRequest:
     """Decoded photos and the quantities they are expected to hold.
 
-    Args:
+    Attributes:
         images: ``uint8`` RGB tensors ``(3, H, W)``.
         expected: One per image: the expected count, or ``None`` (no verification).
     """
@@ -228,12 +203,9 @@ class CountRequest:
 
 def decode_request(body: bytes | str, content_type: str | None, *, limits: Limits,
                    custom_attributes: str | None = None) -> CountRequest:
-    """Decode a request body of any supported content type.
+    """Decode a request body of any supported content type (JSON may come as ``str``).
 
     Args:
-        body: Raw body (the SageMaker toolkit may hand JSON over as ``str``).
-        content_type: The ``Content-Type`` header.
-        limits: Size limits.
         custom_attributes: The ``X-Amzn-SageMaker-Custom-Attributes`` header (single photos).
 
     Raises:
