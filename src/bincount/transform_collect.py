@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
@@ -102,11 +101,8 @@ def under(location: str, path: str) -> str:
 
 
 def input_photos(input_prefix: str) -> dict[str, str]:
-    """The photos under ``input_prefix`` (as ``bincount predict`` finds them) by their path under it.
-
-    Returns:
-        ``{"sub/00001.jpg": "s3://b/bin-images/sub/00001.jpg" or "bin-images/sub/00001.jpg", ...}``,
-        in ``predict``'s order.
+    """The photos under ``input_prefix`` by their path under it, in ``bincount predict``'s order:
+    ``{"sub/00001.jpg": "s3://b/bin-images/sub/00001.jpg" or "bin-images/sub/00001.jpg", ...}``.
 
     Raises:
         FileNotFoundError: A local ``input_prefix`` that is not a folder.
@@ -122,10 +118,8 @@ def input_photos(input_prefix: str) -> dict[str, str]:
 
 
 def answer_files(outputs: str) -> dict[str, str]:
-    """The ``.out`` files under ``outputs`` (an S3 prefix or a local folder) by the path of their photo.
-
-    Returns:
-        ``{"sub/00001.jpg": "<outputs>/sub/00001.jpg.out", ...}``.
+    """The ``.out`` files under ``outputs`` (an S3 prefix or a local folder) by the path of their photo:
+    ``{"sub/00001.jpg": "<outputs>/sub/00001.jpg.out", ...}``.
 
     Raises:
         FileNotFoundError: A local ``outputs`` that is not a folder.
@@ -157,17 +151,6 @@ def read_answer(location: str) -> bytes:
     if Path(location).stat().st_size > MAX_ANSWER_BYTES:
         raise ValueError(f"{location}: over {MAX_ANSWER_BYTES} bytes, not an answer of bincount's handler")
     return Path(location).read_bytes()
-
-
-@contextmanager
-def cancel_on_error(pool: ThreadPoolExecutor) -> Iterator[None]:
-    """On an error, Ctrl-C or a stop in the block, cancel ``pool``'s reads not yet started (the
-    pool's own exit would wait for every one of them)."""
-    try:
-        yield
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
 
 
 def collect(outputs: str, input_prefix: str, out: str | Path, *, model_dir: str | Path,
@@ -211,7 +194,9 @@ def collect(outputs: str, input_prefix: str, out: str | Path, *, model_dir: str 
     failed = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out, newline="") as f, progress_bar(progress) as bar, ThreadPoolExecutor(READERS) as pool, \
-            cancel_on_error(pool):
+            ExitStack() as before_pool_exit:
+        # on an error, Ctrl-C or a stop, reads not yet started are cancelled: the pool's exit would wait for them
+        before_pool_exit.callback(pool.shutdown, wait=False, cancel_futures=True)
         writer = csv.DictWriter(f, csv_columns(card))
         writer.writeheader()
         task = bar.add_task("collecting", total=len(photos))

@@ -78,7 +78,6 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
     (:meth:`~bincount.serve.inference.Settings.from_env`).
 
     Args:
-        model_dir: Exported ``model/`` folder.
         review_threshold: Overrides ``BINCOUNT_REVIEW_THRESHOLD`` and the calibrated review threshold.
         limits: Per-photo and per-request limits (default :meth:`Limits.from_env`).
         max_body_bytes: Largest JSON body (larger: 413). An image body's limit is
@@ -87,8 +86,7 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
         max_wait_ms: See :class:`~bincount.serve.batching.Batcher`.
         inline_decode_pixels: A single photo of at most this many pixels (by its header) is
             decoded in the forward thread just before its batch (one thread hand-off instead of
-            two); a larger one, and a JSON body (it may name S3 objects), in a thread pool, so
-            that they do not delay other requests' batches.
+            two); a larger one, and a JSON body, in a thread pool, beside other requests' batches.
         device: See :func:`~bincount.serve.model.inference_session`.
         threads: See :func:`~bincount.serve.model.inference_session`.
 
@@ -194,10 +192,8 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8080, l
     log instead of answering ``/ping`` with 503 until the endpoint times out.
 
     Args:
-        model_dir: Exported ``model/`` folder.
         host: Interface to bind (``0.0.0.0`` in a container).
         port: TCP port (SageMaker: 8080).
-        log_level: uvicorn log level.
         **app_kwargs: See :func:`create_app`.
 
     Raises:

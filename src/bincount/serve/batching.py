@@ -18,12 +18,9 @@ class Batched:
     """One request's share of a batch.
 
     Attributes:
-        rows: ``fn``'s output rows for the request's items: ``len(items)`` of them (a slice of
-            its tensor or list).
+        rows: ``fn``'s ``len(items)`` output rows for the request's items (a slice of its tensor or list).
         prepare_ms: Time spent preparing this request's items, milliseconds.
-        batch_ms: Time of the ``fn`` call the rows came from, milliseconds (shared by the
-            requests of the batch).
-        batch_size: Items in that call.
+        batch_ms: Time of the ``fn`` call the rows came from (``batch_size`` items), milliseconds.
     """
 
     rows: torch.Tensor | list
@@ -39,7 +36,7 @@ class Batcher:
     (and whatever arrives within ``max_wait_ms``) until ``max_batch_size`` items are in, and in
     a dedicated thread prepares each request's items and runs ``fn`` once on all of them, then
     hands each request its rows of the output. While that runs, new requests queue up and form
-    the next batch; a lone request waits for nobody.
+    the next batch.
 
     Args:
         fn: ``N`` items -> ``N`` rows (a tensor ``(N, ...)`` or a list), called in one thread at
@@ -64,7 +61,6 @@ class Batcher:
         """Queue ``items`` and wait for ``fn``'s output rows for them.
 
         Args:
-            items: This request's items.
             prepare: Applied to each item in the batch thread before ``fn`` (e.g. decoding a
                 photo); what it raises fails this request only.
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from bincount.serve.errors import RequestError
 from bincount.serve.images import Limits, env_value
-from bincount.serve.model import CountingModel, make_predictions, probabilities
+from bincount.serve.model import CountingModel, forward, make_predictions, preprocess
 from bincount.serve.request import CUSTOM_ATTRIBUTES, CountRequest, check_accept, decode_request
 
 
@@ -104,11 +104,9 @@ class HandlerContext:
 
 
 def model_fn(model_dir: str, context: Any = None) -> CountingModel:
-    """Load the exported model.
+    """Load the exported model from ``model_dir`` (empty: ``$SM_MODEL_DIR``, else ``/opt/ml/model``).
 
     Args:
-        model_dir: Folder with ``model.onnx``, ``model.pt`` and ``model_config.json`` (empty: ``$SM_MODEL_DIR``,
-            else ``/opt/ml/model``).
         context: TorchServe's context, or one with ``settings`` (:func:`settings_of`).
 
     Raises:
@@ -135,14 +133,11 @@ def input_fn(request_body: bytes | str, request_content_type: str | None, contex
 
 def predict_fn(input_data: CountRequest, model: CountingModel, context: Any = None) -> list[dict]:
     """Count the objects in every photo of the request: one answer dict per photo."""
-    return make_predictions(probabilities(model, input_data.images), input_data.expected, model)
+    return make_predictions(forward(model, preprocess(model, input_data.images)), input_data.expected, model)
 
 
 def output_fn(prediction: list[dict], accept: str | None, context: Any = None) -> tuple[str, str]:
-    """Serialise the answers.
-
-    Returns:
-        ``(body, content_type)``: ``{"predictions": [...]}`` as JSON.
+    """Serialise the answers: ``(body, content_type)``, ``{"predictions": [...]}`` as JSON.
 
     Raises:
         RequestError: (406) If ``accept`` excludes JSON.
@@ -167,9 +162,6 @@ def transform_fn(model: CountingModel, request_body: bytes | str, request_conten
     answers it (:func:`error_answer`), not with the toolkit's traceback body.
 
     Args:
-        model: From :func:`model_fn`.
-        request_body: The body.
-        request_content_type: Its ``Content-Type``.
         accept: The ``Accept`` header (the toolkit's default when the request had none).
         context: TorchServe's context: its request headers, and ``set_response_status``.
 

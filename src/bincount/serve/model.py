@@ -157,11 +157,6 @@ def forward(model: CountingModel, batch: torch.Tensor) -> torch.Tensor:
     return (torch.from_numpy(logits) / model.temperature).softmax(dim=1)
 
 
-def probabilities(model: CountingModel, images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Calibrated probabilities ``(N, C)`` of ``uint8`` ``(3, H, W)`` photos (:func:`preprocess`, :func:`forward`)."""
-    return forward(model, preprocess(model, images))
-
-
 def verdict(count: int, confidence: float, expected: int, *, card: ModelCard, review_threshold: float) -> str:
     """``"match"``/``"mismatch"`` of ``count`` and ``expected`` when the model is confident enough, else ``"review"``.
 
