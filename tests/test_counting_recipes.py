@@ -146,14 +146,14 @@ def test_training_with_every_option_exports_what_serving_answers_with(trained_ru
     [served] = model.session.run(["logits"], {"images": x.numpy()})  # the averaged flips, not the photo alone
     assert (torch.from_numpy(served) - flipped).abs().max() < 1e-4 < (torch.from_numpy(served) - plain).abs().max()
     probs = torch.tensor([[0.45, 0.0, 0.0, 0.15, 0.40]])
-    assert make_predictions(probs, [None], model)[0]["count"] == model.min_count + 3  # the median, not argmax
+    assert make_predictions(probs, [None], model)[0]["count"] == model.card.min_count + 3  # the median, not argmax
 
     # the exported model's test predictions, decoded by the median, are what the report counted
     rows = (out / "predictions.csv").read_text().splitlines()[1:]
     for row in rows:
         _, _, predicted, *p = row.split(",")
         probs = torch.tensor([[float(x) for x in p]])
-        assert int(predicted) == model.min_count + int(decode_counts(probs, "median")[1])
+        assert int(predicted) == model.card.min_count + int(decode_counts(probs, "median")[1])
 
 
 def _load_recipe_compare():

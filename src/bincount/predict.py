@@ -1,22 +1,16 @@
 """Batch prediction over photo files, folders and S3 prefixes, written to one CSV.
 
-Uses the serving code end to end (:class:`~bincount.serve.model.CountingModel`, the same
-decoding, limits, calibrated probabilities and verdicts), batched through a DataLoader so
-decoding runs in worker processes while the network counts.
+Uses the serving code end to end (:class:`~bincount.serve.model.CountingModel`: the same decoding,
+limits, calibrated probabilities and verdicts), batched through a DataLoader so decoding runs in
+worker processes while the network counts.
 
 Usage:
     bincount predict --model-dir outputs/RUN/model photos/ extra.jpg --out predictions.csv
     bincount predict --model-dir outputs/RUN/model s3://BUCKET/bin-images/ --labels labels.csv --out verdicts.csv
 
-Each row: ``source,image_id,count,confidence,prob_<count>...,expected_quantity,verdict,error``.
-``image_id`` is the file name without its extension (ABID's id); ``expected_quantity`` and
-``verdict`` are filled for photos named in ``--labels`` (``image_id,expected_quantity``). A photo
-that cannot be read or decoded gets a row with only ``error`` filled; the run goes on.
-
-The CSV is written to a temporary file beside ``--out`` and renamed over it once complete: an
-existing file stays intact until then, and an interrupted, stopped (SIGTERM under
-:func:`bincount.stop.stop_on_sigterm`, as ``bincount predict`` runs it) or failed run leaves no
-partial file, under the final name or beside it.
+Each row: :func:`csv_columns`; a photo that cannot be read or decoded gets a row with only
+``error`` filled, and the run goes on. The CSV is written atomically (:func:`bincount.atomic.atomic_write`):
+an interrupted, stopped or failed run leaves no partial file.
 """
 
 from __future__ import annotations
@@ -88,24 +82,18 @@ def probability_columns(card: ModelCard) -> list[str]:
 
 
 def csv_columns(card: ModelCard) -> list[str]:
-    """The CSV's header: ``source,image_id,count,confidence,prob_<count>...,expected_quantity,verdict,error``."""
+    """The CSV's header: ``source,image_id,count,confidence,prob_<count>...,expected_quantity,verdict,error``.
+
+    ``image_id`` is the file name without its extension (ABID's id); ``expected_quantity`` and
+    ``verdict`` are filled for photos named in the labels (``image_id,expected_quantity``).
+    """
     return ["source", "image_id", "count", "confidence", *probability_columns(card), "expected_quantity", "verdict",
             "error"]
 
 
 def prediction_row(source: str, prediction: dict, card: ModelCard) -> dict[str, object]:
-    """The CSV row of one answer.
-
-    Args:
-        source: The photo's path or ``s3://`` URI.
-        prediction: One answer of :func:`~bincount.serve.model.make_predictions` (the handler's
-            ``predictions[i]``): ``count``, ``probabilities`` (``C`` values), ``confidence``, and
-            with an expected quantity ``expected_quantity`` and ``verdict``.
-        card: The model's card (names the probability columns).
-
-    Returns:
-        Column -> value; probabilities and confidence with 5 decimals, no ``error``.
-    """
+    """The CSV row (column -> value) of one answer of :func:`~bincount.serve.model.make_predictions` on
+    the photo ``source``: probabilities and confidence with 5 decimals, no ``error``."""
     return {"source": source, "image_id": image_id(source), "count": prediction["count"],
             "confidence": f"{prediction['confidence']:.5f}",
             **{c: f"{p:.5f}" for c, p in zip(probability_columns(card), prediction["probabilities"])},
@@ -118,14 +106,9 @@ def error_row(source: str, error: str) -> dict[str, str]:
 
 
 class PhotoDataset(Dataset):
-    """Photos by path or S3 URI, decoded and preprocessed as serving does.
+    """Photos by path or S3 URI, decoded and preprocessed (``preset``) as serving does.
 
     Item ``i`` is ``(image (3, S, S) float32 or None, i, error message or "")``.
-
-    Args:
-        sources: Local paths and ``s3://`` URIs.
-        preset: The model's eval preprocessing.
-        limits: Per-photo limits.
     """
 
     def __init__(self, sources: Sequence[str], preset: CountingPresetEval, limits: Limits) -> None:
@@ -165,12 +148,9 @@ def collate_photos(batch: list[tuple[torch.Tensor | None, int, str]]) -> dict:
 def exit_on_sigterm(worker_id: int) -> None:
     """A DataLoader worker's ``worker_init_fn``: SIGTERM makes the worker exit at once, with status 0.
 
-    A stop sent to the whole process group (``timeout``, a scheduler, Ctrl-C's SIGINT aside)
-    reaches the workers as well as ``predict``. Killed by the signal, a worker would make the
-    DataLoader raise ``DataLoader worker ... is killed by signal`` over ``predict``'s own stop;
-    exiting with status 0 leaves the stop to ``predict``, which stops reading at once. (Training's
-    workers ignore the signal instead, :func:`bincount.data.workers.init_loader_worker`: Lightning
-    reads on to the end of the step before it stops, and a worker gone by then is an error.)
+    A stop sent to the whole process group reaches the workers as well as ``predict``. Killed by
+    the signal, a worker would make the DataLoader raise ``DataLoader worker ... is killed by
+    signal`` over ``predict``'s own stop; exiting with status 0 leaves the stop to ``predict``.
     """
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by _write_rows while workers start
@@ -202,16 +182,11 @@ def predict(model_dir: str | Path, inputs: Sequence[str], out: str | Path, *, la
     """Count the objects in every photo of ``inputs`` and write one CSV row per photo.
 
     Args:
-        model_dir: Exported ``model/`` folder.
-        inputs: Files, folders and ``s3://`` prefixes.
-        out: The CSV to write.
+        inputs: Files, folders and ``s3://`` prefixes (:func:`find_photos`).
         labels: CSV with ``image_id,expected_quantity``: adds the expected quantity and the verdict.
-        batch_size: Photos per forward pass.
         num_workers: DataLoader processes reading and decoding photos (0: in this process).
         review_threshold: Overrides the calibrated review threshold.
         limits: Per-photo limits (default :class:`~bincount.serve.images.Limits`).
-        device: Default CUDA when available.
-        progress: Show a rich progress bar.
 
     Returns:
         ``{"photos": rows written, "failed": unreadable photos, "verdicts": {verdict: n}, "out": path}``.
@@ -230,7 +205,7 @@ def predict(model_dir: str | Path, inputs: Sequence[str], out: str | Path, *, la
     loader = DataLoader(PhotoDataset(sources, model.preset, model.limits), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate_photos, worker_init_fn=exit_on_sigterm)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out, newline="") as f, progress_bar(progress) as bar:  # an existing --out stays whole until this one is
+    with atomic_write(out, newline="") as f, progress_bar(progress) as bar:
         failed, verdicts = _write_rows(f, loader, sources, expected, model, bar)
     return {"photos": len(sources), "failed": failed, "verdicts": dict(verdicts), "out": str(out)}
 

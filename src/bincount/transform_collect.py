@@ -7,28 +7,17 @@ Usage:
         --labels labels.csv --out verdicts.csv
 
 A transform job (``python -m sagemaker_launch.transform``) sends every photo ``<input><path>`` to
-the handler of :mod:`bincount.serve.inference` alone and writes its answer,
-``{"predictions": [{"count": ..., "probabilities": [...], "confidence": ...}]}``, to
-``<output><path>.out``. :func:`collect` lists the photos under the input prefix as ``bincount
-predict`` does, reads each one's ``.out`` (from S3, or from a local copy of the output prefix),
-and writes one row per photo with ``predict``'s columns and formatting
-(:func:`~bincount.predict.prediction_row`). The model folder gives the probability
-columns' counts, and, with ``--labels``, the count range and review threshold of the verdicts
-(:func:`~bincount.serve.model.verdict`), which the job cannot give: Batch Transform sends no
-per-photo header. A photo the handler could not count (its ``.out`` is ``{"error": "<why>"}``,
-:func:`~bincount.serve.inference.error_answer`) gets a row with only ``error`` filled, the
-handler's reason, as ``bincount predict`` writes it; so does a photo without a ``.out`` (the job
-failed on it, or has not reached it). A ``.out`` that is neither stops the run with one error
-naming the file.
+the handler of :mod:`bincount.serve.inference` alone and writes its answer to ``<output><path>.out``.
+The model folder gives the probability columns and, with ``--labels``, the count range and review
+threshold of the verdicts, which the job cannot give: Batch Transform sends no per-photo header.
 """
 
 from __future__ import annotations
 
 import csv
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
@@ -38,16 +27,7 @@ from bincount.data.abid import read_labels_csv
 from bincount.data.s3 import S3Error, list_objects
 from bincount.models.card import ModelCard
 from bincount.models.export import read_model_card
-from bincount.predict import (
-    IMAGE_SUFFIXES,
-    check_csv_path,
-    csv_columns,
-    error_row,
-    find_photos,
-    image_id,
-    prediction_row,
-    progress_bar,
-)
+from bincount.predict import check_csv_path, csv_columns, error_row, find_photos, image_id, prediction_row, progress_bar
 from bincount.serve.errors import RequestError
 from bincount.serve.images import read_s3_object, s3_client
 from bincount.serve.model import review_threshold_of, verdict
@@ -81,11 +61,9 @@ class Refusal(BaseModel):
 
 
 def parse_answer(data: bytes, where: str, card: ModelCard) -> dict:
-    """The prediction, or the handler's refusal, of one ``.out`` file.
+    """The prediction, or the handler's refusal, of one ``.out`` file: ``data``, read from ``where``.
 
     Args:
-        data: The file's bytes.
-        where: Its path or URI, for the error message.
         card: The model's card: the answer must have its ``C`` probabilities and a count in its range.
 
     Returns:
@@ -123,33 +101,25 @@ def under(location: str, path: str) -> str:
 
 
 def input_photos(input_prefix: str) -> dict[str, str]:
-    """The photos under ``input_prefix`` (as ``bincount predict`` finds them) by their path under it.
-
-    Returns:
-        ``{"sub/00001.jpg": "s3://b/bin-images/sub/00001.jpg" or "bin-images/sub/00001.jpg", ...}``,
-        in ``predict``'s order.
+    """The photos under ``input_prefix`` by their path under it, in ``bincount predict``'s order:
+    ``{"sub/00001.jpg": "s3://b/bin-images/sub/00001.jpg" or "bin-images/sub/00001.jpg", ...}``.
 
     Raises:
         FileNotFoundError: A local ``input_prefix`` that is not a folder.
         ValueError: No photos under it.
         bincount.data.s3.S3Error: The prefix cannot be listed.
     """
-    if input_prefix.startswith("s3://"):
-        prefix = folder_prefix(input_prefix)
-        photos = list_objects(prefix, suffixes=IMAGE_SUFFIXES, client=s3_client())
-        if not photos:
-            raise ValueError(f"no photos found in {prefix}")
-        return {uri[len(prefix):]: uri for uri in photos}
-    if not Path(input_prefix).is_dir():
+    if not input_prefix.startswith("s3://") and not Path(input_prefix).is_dir():
         raise FileNotFoundError(f"--input-prefix {input_prefix}: no such folder")
-    return {Path(p).relative_to(input_prefix).as_posix(): p for p in find_photos([input_prefix])}
+    prefix = folder_prefix(input_prefix)
+    if prefix.startswith("s3://"):
+        return {uri[len(prefix):]: uri for uri in find_photos([prefix])}
+    return {Path(p).relative_to(prefix).as_posix(): p for p in find_photos([prefix])}
 
 
 def answer_files(outputs: str) -> dict[str, str]:
-    """The ``.out`` files under ``outputs`` (an S3 prefix or a local folder) by the path of their photo.
-
-    Returns:
-        ``{"sub/00001.jpg": "<outputs>/sub/00001.jpg.out", ...}``.
+    """The ``.out`` files under ``outputs`` (an S3 prefix or a local folder) by the path of their photo:
+    ``{"sub/00001.jpg": "<outputs>/sub/00001.jpg.out", ...}``.
 
     Raises:
         FileNotFoundError: A local ``outputs`` that is not a folder.
@@ -183,33 +153,21 @@ def read_answer(location: str) -> bytes:
     return Path(location).read_bytes()
 
 
-@contextmanager
-def cancel_on_error(pool: ThreadPoolExecutor) -> Iterator[None]:
-    """On an error, Ctrl-C or a stop in the block, cancel ``pool``'s reads not yet started (the
-    pool's own exit would wait for every one of them)."""
-    try:
-        yield
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-
-
 def collect(outputs: str, input_prefix: str, out: str | Path, *, model_dir: str | Path,
             labels: str | Path | None = None, review_threshold: float | None = None, progress: bool = True) -> dict:
     """Write one CSV row per photo under ``input_prefix`` from its answer under ``outputs``.
 
+    A photo without a ``.out`` (the job failed on it, or has not reached it) or with the handler's
+    refusal gets an error row, as :func:`~bincount.predict.predict` writes an unreadable photo.
+
     Args:
         outputs: The transform job's output prefix (``s3://...``), or a local copy of it.
         input_prefix: Its input prefix (``s3://...``), or a local folder of the same photos.
-        out: The CSV to write (``bincount predict``'s columns).
         model_dir: The model the job ran (only its ``model_config.json`` is read).
         labels: CSV with ``image_id,expected_quantity``: adds the expected quantity and the verdict.
-        review_threshold: Overrides the model's calibrated review threshold.
-        progress: Show a rich progress bar.
 
     Returns:
-        ``{"photos": rows written, "failed": photos without a count (no answer, or the handler's
-        error), "verdicts": {verdict: n},
+        ``{"photos": rows written, "failed": photos without a count, "verdicts": {verdict: n},
         "unmatched": answers of no photo under input_prefix, "out": path}``.
 
     Raises:
@@ -236,7 +194,9 @@ def collect(outputs: str, input_prefix: str, out: str | Path, *, model_dir: str 
     failed = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out, newline="") as f, progress_bar(progress) as bar, ThreadPoolExecutor(READERS) as pool, \
-            cancel_on_error(pool):
+            ExitStack() as before_pool_exit:
+        # on an error, Ctrl-C or a stop, reads not yet started are cancelled: the pool's exit would wait for them
+        before_pool_exit.callback(pool.shutdown, wait=False, cancel_futures=True)
         writer = csv.DictWriter(f, csv_columns(card))
         writer.writeheader()
         task = bar.add_task("collecting", total=len(photos))

@@ -1,25 +1,12 @@
 """The HTTP server of SageMaker's inference container contract, on FastAPI + uvicorn.
 
 ``GET /ping`` answers 200 once :func:`~bincount.serve.inference.model_fn` has loaded the model
-(503 before, or if loading failed); ``POST /invocations`` runs
-:func:`~bincount.serve.inference.input_fn`, :func:`~bincount.serve.inference.predict_fn` and
-:func:`~bincount.serve.inference.output_fn`: the handler functions the SageMaker PyTorch image
-runs (through :func:`~bincount.serve.inference.transform_fn`), given the request's headers and
-the server's :class:`~bincount.serve.inference.Settings` in their ``context``. This module only
-adapts HTTP to them. Client mistakes (the handler's :class:`~bincount.serve.errors.RequestError`)
-get their 4xx with ``{"error": "<what was wrong>"}`` (200 under Batch Transform,
-:func:`~bincount.serve.inference.error_answer`). Every answer says where its time went in a
+(503 before, or if loading failed); ``POST /invocations`` runs the handler functions
+(:mod:`bincount.serve.inference`) with the request's headers and the server's settings in their
+``context``; this module only adapts HTTP to them. The photos of concurrent requests share forward
+passes (:class:`~bincount.serve.batching.Batcher`). Every answer says where its time went in a
 ``Server-Timing`` header (W3C Server Timing), in milliseconds: ``decode`` (``input_fn`` on this
-request), ``batch`` (``predict_fn`` on the batch it shared, ``desc`` its size) and ``total`` (in
-the handler, from headers read to answer ready).
-
-Concurrent requests share forward passes: the photos of requests that queue up while the
-network is busy go through ``predict_fn`` together in the next batch
-(:class:`~bincount.serve.batching.Batcher`), so a lone request waits for nobody. A single photo
-of up to ``inline_decode_pixels`` (by its header, read before anything else) is decoded by
-``input_fn`` in the forward thread just before its batch (one thread hand-off per request instead
-of two); a larger one, and a JSON body (it may name S3 objects), are decoded in a thread pool so
-that they never hold up the network.
+request), ``batch`` (``predict_fn`` on the batch it shared, ``desc`` its size) and ``total``.
 
 Usage:
     bincount serve --model-dir outputs/RUN/model --port 8080
@@ -88,11 +75,9 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
     """The FastAPI app; the model loads in the background once the server starts.
 
     Settings not given here come from the environment, as on a SageMaker endpoint
-    (:meth:`~bincount.serve.inference.Settings.from_env`: ``BINCOUNT_REVIEW_THRESHOLD``,
-    ``BINCOUNT_MAX_IMAGE_BYTES``, ``BINCOUNT_MAX_PIXELS``, ``BINCOUNT_MAX_INSTANCES``).
+    (:meth:`~bincount.serve.inference.Settings.from_env`).
 
     Args:
-        model_dir: Exported ``model/`` folder.
         review_threshold: Overrides ``BINCOUNT_REVIEW_THRESHOLD`` and the calibrated review threshold.
         limits: Per-photo and per-request limits (default :meth:`Limits.from_env`).
         max_body_bytes: Largest JSON body (larger: 413). An image body's limit is
@@ -100,13 +85,10 @@ def create_app(model_dir: str | Path, *, review_threshold: float | None = None, 
         max_batch_size: Photos per forward pass (1: one request at a time).
         max_wait_ms: See :class:`~bincount.serve.batching.Batcher`.
         inline_decode_pixels: A single photo of at most this many pixels (by its header) is
-            decoded in the forward thread, which saves two thread hand-offs; a larger one
-            (milliseconds to decode) in a thread pool, so that it does not delay other
-            requests' batches.
-        device: ``"cpu"``, ``"cuda"``...; default CUDA when onnxruntime has it
-            (:func:`~bincount.serve.model.inference_session`).
-        threads: Intra-op threads of the forward pass (default: ONNX Runtime's, one per physical
-            core). On a small machine fewer threads leave cores for decoding and HTTP.
+            decoded in the forward thread just before its batch (one thread hand-off instead of
+            two); a larger one, and a JSON body, in a thread pool, beside other requests' batches.
+        device: See :func:`~bincount.serve.model.inference_session`.
+        threads: See :func:`~bincount.serve.model.inference_session`.
 
     Returns:
         The app; ``app.state.model`` is ``None`` until loaded, ``app.state.load_error`` says why
@@ -205,17 +187,13 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8080, l
           **app_kwargs) -> None:
     """Run :func:`create_app` under uvicorn (one process: batching needs one model per process).
 
-    A model folder that is missing, or lacks ``model.onnx``, ``model.pt`` or a well-formed
-    ``model_config.json``, fails here, before the server starts (on SageMaker the container then
-    exits with the error in its log instead of answering ``/ping`` with 503 until the endpoint
-    times out). The network loads in the background once the server is up; if it cannot, ``/ping``
-    says why.
+    A model folder without ``model.onnx``, ``model.pt`` or a well-formed ``model_config.json``
+    fails here, before the server starts: on SageMaker the container exits with the error in its
+    log instead of answering ``/ping`` with 503 until the endpoint times out.
 
     Args:
-        model_dir: Exported ``model/`` folder.
         host: Interface to bind (``0.0.0.0`` in a container).
         port: TCP port (SageMaker: 8080).
-        log_level: uvicorn log level.
         **app_kwargs: See :func:`create_app`.
 
     Raises:

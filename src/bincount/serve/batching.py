@@ -1,9 +1,4 @@
-"""Dynamic batching: photos of concurrent requests share one call of a batch function.
-
-One worker task collects the requests queued while the previous batch ran and hands them to the
-batch function in a dedicated thread (so all of the network's work stays on one thread and one
-OpenMP team); a lone request waits for nobody.
-"""
+"""Dynamic batching: photos of concurrent requests share one call of a batch function."""
 
 from __future__ import annotations
 
@@ -23,12 +18,9 @@ class Batched:
     """One request's share of a batch.
 
     Attributes:
-        rows: ``fn``'s output rows for the request's items: ``len(items)`` of them (a slice of
-            its tensor or list).
+        rows: ``fn``'s ``len(items)`` output rows for the request's items (a slice of its tensor or list).
         prepare_ms: Time spent preparing this request's items, milliseconds.
-        batch_ms: Time of the ``fn`` call the rows came from, milliseconds (shared by the
-            requests of the batch).
-        batch_size: Items in that call.
+        batch_ms: Time of the ``fn`` call the rows came from (``batch_size`` items), milliseconds.
     """
 
     rows: torch.Tensor | list
@@ -69,7 +61,6 @@ class Batcher:
         """Queue ``items`` and wait for ``fn``'s output rows for them.
 
         Args:
-            items: This request's items.
             prepare: Applied to each item in the batch thread before ``fn`` (e.g. decoding a
                 photo); what it raises fails this request only.
 

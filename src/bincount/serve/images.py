@@ -1,9 +1,7 @@
 """The photos of a request: an encoded photo or an S3 object -> ``uint8`` RGB tensor, within :class:`Limits`.
 
-The header is read first (Pillow, lazily), so a photo that declares too many pixels is refused
-before any memory is spent on it; the pixels are decoded by torchvision, the decoder training
-uses. A photo named by ``s3_uri`` is read with one S3 client per process, from the S3 prefixes
-the operator allows.
+Pillow reads the header first, so a photo that declares too many pixels costs no memory;
+torchvision, training's decoder, decodes the pixels.
 """
 
 from __future__ import annotations
@@ -18,27 +16,37 @@ from urllib.parse import urlparse
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from pydantic import TypeAdapter, ValidationError
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import to_dtype
 
 from bincount.data.decode import check_photo_size, decoder_reason
-from bincount.serve.errors import RequestError, UpstreamError
+from bincount.serve.errors import RequestError
 
 IMAGE_FORMATS = ("JPEG", "PNG")
 ALLOWED_S3_PREFIXES = "BINCOUNT_ALLOWED_S3_PREFIXES"
+ENV_KINDS = {int: "an integer", float: "a number", bool: "true or false"}
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None:
+def env_value(name: str, kind: type[int] | type[float] | type[bool], default: Any = None) -> Any:
+    """``$name`` read by pydantic as ``kind`` (a bool: ``true``/``false``, ``1``/``0``, ``yes``/``no``, ``on``/``off``).
+
+    Returns:
+        The value, or ``default`` if the variable is unset or empty.
+
+    Raises:
+        ValueError: If it is set but not a ``kind``, naming the variable.
+    """
+    value = os.environ.get(name, "").strip()
+    if not value:
         return default
     try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+        return TypeAdapter(kind).validate_python(value)
+    except ValidationError:
+        raise ValueError(f"environment variable {name}={value!r} must be {ENV_KINDS[kind]}") from None
 
 
-def parse_s3_prefixes(value: str, *, name: str = ALLOWED_S3_PREFIXES) -> tuple[tuple[str, str], ...]:
+def parse_s3_prefixes(value: str) -> tuple[tuple[str, str], ...]:
     """``"bins-a, s3://bins-b/bin-images/"`` -> ``(("bins-a", ""), ("bins-b", "bin-images/"))``.
 
     Entries are separated by commas or white space; each is a bucket (``bins-a`` or
@@ -46,7 +54,7 @@ def parse_s3_prefixes(value: str, *, name: str = ALLOWED_S3_PREFIXES) -> tuple[t
     matches prefixes (``s3://b/bin`` also covers ``s3://b/bin-old/``; end a folder with ``/``).
 
     Raises:
-        ValueError: An entry that is not a bucket or an ``s3://`` prefix, naming ``name``.
+        ValueError: An entry that is not a bucket or an ``s3://`` prefix.
     """
     prefixes = []
     for entry in re.split(r"[\s,]+", value.strip()):
@@ -54,7 +62,7 @@ def parse_s3_prefixes(value: str, *, name: str = ALLOWED_S3_PREFIXES) -> tuple[t
             continue
         parsed = urlparse(entry if "://" in entry else f"s3://{entry}")
         if parsed.scheme != "s3" or not parsed.netloc or parsed.query or parsed.fragment:
-            raise ValueError(f"{name}: {entry!r} is not a bucket or an s3://BUCKET/PREFIX")
+            raise ValueError(f"{ALLOWED_S3_PREFIXES}: {entry!r} is not a bucket or an s3://BUCKET/PREFIX")
         prefixes.append((parsed.netloc, parsed.path.removeprefix("/")))
     return tuple(prefixes)
 
@@ -88,9 +96,9 @@ class Limits:
         """
         allowed = os.environ.get(ALLOWED_S3_PREFIXES, "")
         return cls(
-            max_image_bytes=_env_int("BINCOUNT_MAX_IMAGE_BYTES", cls.max_image_bytes),
-            max_pixels=_env_int("BINCOUNT_MAX_PIXELS", cls.max_pixels),
-            max_instances=_env_int("BINCOUNT_MAX_INSTANCES", cls.max_instances),
+            max_image_bytes=env_value("BINCOUNT_MAX_IMAGE_BYTES", int, cls.max_image_bytes),
+            max_pixels=env_value("BINCOUNT_MAX_PIXELS", int, cls.max_pixels),
+            max_instances=env_value("BINCOUNT_MAX_INSTANCES", int, cls.max_instances),
             allowed_s3_prefixes=parse_s3_prefixes(allowed) if allowed.strip() else None,
         )
 
@@ -99,8 +107,6 @@ def read_image_header(data: bytes, *, limits: Limits, expected_format: str | Non
     """Check an encoded photo's size and header without decoding its pixels.
 
     Args:
-        data: The encoded photo.
-        limits: Size limits.
         expected_format: ``"JPEG"`` or ``"PNG"`` when the content type named one; ``None``: either.
 
     Returns:
@@ -137,11 +143,7 @@ def read_image_header(data: bytes, *, limits: Limits, expected_format: str | Non
 
 
 def decode_image_pixels(data: bytes, fmt: str) -> torch.Tensor:
-    """Decode the pixels of a photo whose header :func:`read_image_header` has checked.
-
-    Args:
-        data: The encoded photo.
-        fmt: Its format, ``"JPEG"`` or ``"PNG"`` (for the error message).
+    """Decode the pixels of a photo whose header :func:`read_image_header` has checked (``fmt``: its format).
 
     Returns:
         ``uint8`` RGB tensor ``(3, H, W)``; 16-bit PNGs are scaled to the 8 bits training photos have.
@@ -157,19 +159,8 @@ def decode_image_pixels(data: bytes, fmt: str) -> torch.Tensor:
 
 
 def decode_image_bytes(data: bytes, *, limits: Limits, expected_format: str | None = None) -> torch.Tensor:
-    """Check and decode one encoded photo: :func:`read_image_header`, then :func:`decode_image_pixels`.
-
-    Args:
-        data: The encoded photo.
-        limits: Size limits.
-        expected_format: ``"JPEG"`` or ``"PNG"`` when the content type named one; ``None``: either.
-
-    Returns:
-        ``uint8`` RGB tensor ``(3, H, W)``.
-
-    Raises:
-        RequestError: (400) See :func:`read_image_header` and :func:`decode_image_pixels`.
-    """
+    """Check and decode one encoded photo: :func:`read_image_header` (its arguments and errors), then
+    :func:`decode_image_pixels` (its ``(3, H, W)`` ``uint8`` answer and errors)."""
     fmt, _, _ = read_image_header(data, limits=limits, expected_format=expected_format)
     return decode_image_pixels(data, fmt)
 
@@ -179,10 +170,8 @@ _s3_lock = threading.Lock()
 
 
 def s3_client():
-    """This process's S3 client (:func:`bincount.data.s3.make_client`; a forked worker makes its own).
-
-    Endpoint and credentials come from the usual AWS sources (``AWS_ENDPOINT_URL`` included);
-    without credentials the requests go unsigned, which reads public buckets such as ABID's.
+    """This process's S3 client (:func:`bincount.data.s3.make_client`; a forked worker makes its own),
+    unsigned without AWS credentials (public buckets such as ABID's).
 
     Raises:
         ImportError: If boto3 is not installed (``pip install bincount[serve]``).
@@ -200,7 +189,6 @@ def s3_client():
 
 
 def _bucket_and_key(uri: str) -> tuple[str, str]:
-    """:func:`bincount.data.s3.split_s3_uri`, refusing a URI that is not one with a 400."""
     from bincount.data.s3 import split_s3_uri
 
     try:
@@ -213,7 +201,6 @@ def check_s3_allowed(uri: str, allowed: tuple[tuple[str, str], ...] | None) -> N
     """Refuse an ``s3_uri`` outside the S3 prefixes the operator allows, before anything is sent to S3.
 
     Args:
-        uri: ``s3://bucket/key`` as the request named it.
         allowed: ``(bucket, key prefix)`` pairs (:attr:`Limits.allowed_s3_prefixes`); ``None``: allow any.
 
     Raises:
@@ -229,16 +216,11 @@ def check_s3_allowed(uri: str, allowed: tuple[tuple[str, str], ...] | None) -> N
 
 
 def read_s3_object(uri: str, *, max_bytes: int) -> bytes:
-    """The bytes of one S3 object.
-
-    Args:
-        uri: ``s3://bucket/key``.
-        max_bytes: Largest object accepted, bytes.
+    """The bytes of the S3 object ``uri`` (``s3://bucket/key``), of at most ``max_bytes`` bytes.
 
     Raises:
         RequestError: (400) Bad URI (botocore's own checks of the bucket name and key included),
-            missing object or bucket, access denied, or over ``max_bytes``.
-        UpstreamError: (502) S3 cannot be reached.
+            missing object or bucket, access denied, or over ``max_bytes``; (502) S3 cannot be reached.
     """
     from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
@@ -256,4 +238,4 @@ def read_s3_object(uri: str, *, max_bytes: int) -> bytes:
     except ParamValidationError as err:  # refused before sending: the request's fault, not S3's
         raise RequestError(f"s3_uri {uri!r}: " + " ".join(str(err).replace("Parameter validation failed:", "").split())) from None
     except BotoCoreError as err:
-        raise UpstreamError(str(explain(err, uri=uri))) from None
+        raise RequestError(str(explain(err, uri=uri)), 502) from None

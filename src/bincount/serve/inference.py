@@ -1,16 +1,12 @@
 """SageMaker PyTorch inference handler: ``model_fn``, ``input_fn``, ``predict_fn``, ``output_fn``, ``transform_fn``.
 
-``bincount serve`` (:mod:`bincount.serve.app`) runs ``model_fn``, ``input_fn``, ``predict_fn``
-and ``output_fn`` behind FastAPI; the SageMaker PyTorch serving image runs ``model_fn`` and
-``transform_fn``, which calls the other three and answers a client mistake as ``bincount
-serve`` does, so a test of one is a test of both.
+The SageMaker PyTorch serving image runs ``model_fn`` and ``transform_fn``; ``bincount serve``
+(:mod:`bincount.serve.app`) runs the other three behind FastAPI, so a test of one is a test of both.
+The ``BINCOUNT_*`` variables configure them, read when the handler runs, never at import time
+(:class:`Settings`). Answer (``application/json``; client mistakes: :func:`error_answer`)::
 
-The SageMaker endpoint is configured by its environment, read when the handler runs (never at
-import time): ``BINCOUNT_MAX_IMAGE_BYTES``, ``BINCOUNT_MAX_PIXELS``, ``BINCOUNT_MAX_INSTANCES``,
-``BINCOUNT_ALLOWED_S3_PREFIXES`` (:class:`~bincount.serve.images.Limits`),
-``BINCOUNT_REVIEW_THRESHOLD`` and ``BINCOUNT_BATCH_TRANSFORM`` (:class:`Settings`). ``bincount
-serve`` starts from the same variables and lets its flags override them; it hands the result to
-the handler functions in their ``context`` argument (:func:`settings_of`).
+    {"predictions": [{"count": 3, "probabilities": [...], "confidence": 0.62,
+                      "expected_quantity": 3, "verdict": "match"}, ...]}
 
 Usage:
     # the SageMaker PyTorch serving image: model.tar.gz = model.onnx, model.pt, model_config.json and code/
@@ -21,22 +17,6 @@ Usage:
 
     # locally (and in Dockerfile), the same functions behind FastAPI
     bincount serve --model-dir outputs/RUN/model --port 8080
-
-Requests: one JPEG or PNG photo, or a JSON body of photos (:mod:`bincount.serve.request`).
-Answer (``application/json``)::
-
-    {"predictions": [{"count": 3, "probabilities": [...], "confidence": 0.62,
-                      "expected_quantity": 3, "verdict": "match"}, ...]}
-
-``probabilities[i]`` is the calibrated probability of ``min_count + i`` objects; ``count`` is
-decoded from them by the model's rule and ``confidence`` is its probability; ``verdict`` (only
-with an expected quantity) is ``"match"``, ``"mismatch"`` or ``"review"``
-(:func:`bincount.serve.model.verdict`).
-
-A client mistake (a photo that cannot be read, a wrong header or body) is answered with its 4xx
-and ``{"error": "<what was wrong>"}``; under Batch Transform (``BINCOUNT_BATCH_TRANSFORM=true``,
-set by ``python -m sagemaker_launch.transform``) with 200 and the same body, so that one bad
-photo neither fails the job nor loses the other photos' answers.
 """
 
 from __future__ import annotations
@@ -47,34 +27,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
-
 from bincount.serve.errors import RequestError
-from bincount.serve.images import Limits
-from bincount.serve.model import CountingModel, make_predictions, probabilities
+from bincount.serve.images import Limits, env_value
+from bincount.serve.model import CountingModel, forward, make_predictions, preprocess
 from bincount.serve.request import CUSTOM_ATTRIBUTES, CountRequest, check_accept, decode_request
-
-DEFAULT_MODEL_DIR = "/opt/ml/model"
-
-
-def _env_float(name: str) -> float | None:
-    value = os.environ.get(name)
-    if not value:  # set but empty: as if unset
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be a number") from None
-
-
-def _env_bool(name: str) -> bool:
-    value = os.environ.get(name, "").strip()
-    if not value:  # unset or empty: off
-        return False
-    try:
-        return TypeAdapter(bool).validate_python(value)  # pydantic's reading: true/false, 1/0, yes/no, on/off
-    except ValidationError:
-        raise ValueError(f"environment variable {name}={value!r} must be true or false") from None
 
 
 @dataclass(frozen=True)
@@ -87,10 +43,7 @@ class Settings:
             (``None``: the calibrated one).
         device: Where the network runs (``None``: CUDA when onnxruntime has it, else CPU).
         threads: Intra-op threads of the forward pass (``None``: ONNX Runtime's, one per physical core).
-        batch_transform: The handler answers a Batch Transform job: a photo it cannot count (a
-            client mistake, 4xx) is answered 200 with ``{"error": "..."}``, so that the job goes
-            on and ``bincount transform collect`` makes it an error row. Off, it is answered
-            with its 4xx, as an endpoint's caller expects.
+        batch_transform: The handler answers a Batch Transform job (:func:`error_answer`).
     """
 
     limits: Limits = field(default_factory=Limits)
@@ -106,8 +59,8 @@ class Settings:
         Raises:
             ValueError: If a variable is set but malformed.
         """
-        return cls(limits=Limits.from_env(), review_threshold=_env_float("BINCOUNT_REVIEW_THRESHOLD"),
-                   batch_transform=_env_bool("BINCOUNT_BATCH_TRANSFORM"))
+        return cls(limits=Limits.from_env(), review_threshold=env_value("BINCOUNT_REVIEW_THRESHOLD", float),
+                   batch_transform=env_value("BINCOUNT_BATCH_TRANSFORM", bool, False))
 
     def override(self, **values: Any) -> Settings:
         """A copy with the values that are not ``None`` replaced (command-line flags over the environment)."""
@@ -133,10 +86,8 @@ def request_header(context: Any, name: str) -> str | None:
 
 
 class HandlerContext:
-    """The ``context`` ``bincount serve`` passes to the handler functions.
-
-    The part of TorchServe's ``Context`` the handler reads (:func:`request_header`) and the
-    server's settings (:func:`settings_of`).
+    """The ``context`` ``bincount serve`` passes to the handler functions: the part of TorchServe's
+    ``Context`` they read (:func:`request_header`) and the server's settings (:func:`settings_of`).
 
     Args:
         settings: The server's settings.
@@ -153,11 +104,9 @@ class HandlerContext:
 
 
 def model_fn(model_dir: str, context: Any = None) -> CountingModel:
-    """Load the exported model.
+    """Load the exported model from ``model_dir`` (empty: ``$SM_MODEL_DIR``, else ``/opt/ml/model``).
 
     Args:
-        model_dir: Folder with ``model.onnx``, ``model.pt`` and ``model_config.json`` (empty: ``$SM_MODEL_DIR``,
-            else ``/opt/ml/model``).
         context: TorchServe's context, or one with ``settings`` (:func:`settings_of`).
 
     Raises:
@@ -165,7 +114,7 @@ def model_fn(model_dir: str, context: Any = None) -> CountingModel:
         ValueError: If ``model_config.json`` or a ``BINCOUNT_*`` variable is malformed.
     """
     settings = settings_of(context)
-    return CountingModel.load(model_dir or os.environ.get("SM_MODEL_DIR", DEFAULT_MODEL_DIR),
+    return CountingModel.load(model_dir or os.environ.get("SM_MODEL_DIR", "/opt/ml/model"),
                               review_threshold=settings.review_threshold, limits=settings.limits,
                               device=settings.device, threads=settings.threads)
 
@@ -174,10 +123,9 @@ def input_fn(request_body: bytes | str, request_content_type: str | None, contex
     """Decode a request; an image's expected quantity comes from the custom attributes header in ``context``.
 
     Raises:
-        UnsupportedContentType: (415) Not JPEG, PNG, x-image or JSON.
         RequestError: (400) A bad photo, body or header; (403) an ``s3_uri`` outside
-            ``BINCOUNT_ALLOWED_S3_PREFIXES``; the message says what was wrong.
-        UpstreamError: (502) A photo's S3 object cannot be fetched because S3 is unreachable.
+            ``BINCOUNT_ALLOWED_S3_PREFIXES``; (415) not JPEG, PNG, x-image or JSON; (502) a photo's
+            S3 object cannot be fetched because S3 is unreachable. The message says what was wrong.
     """
     return decode_request(request_body, request_content_type, limits=settings_of(context).limits,
                           custom_attributes=request_header(context, CUSTOM_ATTRIBUTES))
@@ -185,17 +133,14 @@ def input_fn(request_body: bytes | str, request_content_type: str | None, contex
 
 def predict_fn(input_data: CountRequest, model: CountingModel, context: Any = None) -> list[dict]:
     """Count the objects in every photo of the request: one answer dict per photo."""
-    return make_predictions(probabilities(model, input_data.images), input_data.expected, model)
+    return make_predictions(forward(model, preprocess(model, input_data.images)), input_data.expected, model)
 
 
 def output_fn(prediction: list[dict], accept: str | None, context: Any = None) -> tuple[str, str]:
-    """Serialise the answers.
-
-    Returns:
-        ``(body, content_type)``: ``{"predictions": [...]}`` as JSON.
+    """Serialise the answers: ``(body, content_type)``, ``{"predictions": [...]}`` as JSON.
 
     Raises:
-        NotAcceptable: (406) If ``accept`` excludes JSON.
+        RequestError: (406) If ``accept`` excludes JSON.
     """
     content_type = check_accept(accept)
     return json.dumps({"predictions": prediction}), content_type
@@ -203,7 +148,9 @@ def output_fn(prediction: list[dict], accept: str | None, context: Any = None) -
 
 def error_answer(err: RequestError, settings: Settings) -> tuple[int, dict]:
     """The status and JSON body that answer a client mistake: ``(err.status_code, {"error": message})``,
-    with 200 for a 4xx when ``settings.batch_transform`` is on."""
+    with 200 for a 4xx when ``settings.batch_transform`` is on, so that one bad photo neither fails a
+    Batch Transform job nor loses the other photos' answers (``bincount transform collect`` makes it
+    an error row)."""
     status = 200 if settings.batch_transform and err.status_code < 500 else err.status_code
     return status, {"error": err.message}
 
@@ -211,16 +158,10 @@ def error_answer(err: RequestError, settings: Settings) -> tuple[int, dict]:
 def transform_fn(model: CountingModel, request_body: bytes | str, request_content_type: str | None,
                  accept: str | None, context: Any = None) -> tuple[str, str]:
     """One request, as the SageMaker serving image's toolkit calls it: :func:`input_fn`,
-    :func:`predict_fn`, :func:`output_fn`; a client mistake is answered here, not by the toolkit.
-
-    The toolkit would answer the mistake's status with its message and a Python traceback as
-    the body; here the body is ``{"error": "<what was wrong>"}``, as ``bincount serve`` answers,
-    and the status the mistake's 4xx, or 200 under Batch Transform (:func:`error_answer`).
+    :func:`predict_fn`, :func:`output_fn`; a client mistake is answered here as ``bincount serve``
+    answers it (:func:`error_answer`), not with the toolkit's traceback body.
 
     Args:
-        model: From :func:`model_fn`.
-        request_body: The body.
-        request_content_type: Its ``Content-Type``.
         accept: The ``Accept`` header (the toolkit's default when the request had none).
         context: TorchServe's context: its request headers, and ``set_response_status``.
 

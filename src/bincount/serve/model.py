@@ -1,11 +1,9 @@
 """The served model: an exported ``model/`` folder loaded for inference, its forward pass, and
 the answers it gives (count, confidence and verdict).
 
-The forward pass is ONNX Runtime's, on ``model.onnx`` (the network with its test-time
-augmentation, written and checked against the PyTorch forward at export:
-:func:`bincount.models.export.save_model_dir`); preprocessing is the training code's
-:class:`~bincount.data.transforms.CountingPresetEval`. Needs onnxruntime, torch, torchvision
-and Pillow (no Hydra, no Lightning).
+The forward pass is ONNX Runtime's, on ``model.onnx`` (checked against the PyTorch forward at
+export: :func:`bincount.models.export.save_model_dir`); preprocessing is the training code's
+:class:`~bincount.data.transforms.CountingPresetEval`.
 """
 
 from __future__ import annotations
@@ -33,8 +31,7 @@ def onnx_file(model_dir: str | Path) -> Path:
     """``model_dir``'s ``model.onnx``.
 
     Raises:
-        FileNotFoundError: If it is missing (a model exported before serving ran on ONNX Runtime:
-            the message says how to re-export it).
+        FileNotFoundError: If it is missing; the message says how to re-export it.
     """
     path = Path(model_dir) / ONNX_FILE
     if not path.is_file():
@@ -48,7 +45,6 @@ def inference_session(model_dir: str | Path, device: str | None = None,
     """An ONNX Runtime session of ``model_dir``'s ``model.onnx`` on ``device``.
 
     Args:
-        model_dir: The exported model folder.
         device: ``"cpu"`` or ``"cuda"``/``"cuda:N"`` (needs the onnxruntime-gpu package); default:
             CUDA when this onnxruntime has it, else CPU.
         threads: Intra-op threads of the forward pass (default: ONNX Runtime's, one per physical core).
@@ -106,25 +102,15 @@ class CountingModel:
     review_threshold: float
     limits: Limits = field(default_factory=Limits)
 
-    @property
-    def min_count(self) -> int:
-        return self.card.min_count
-
-    @property
-    def max_count(self) -> int:
-        return self.card.max_count
-
     @classmethod
     def load(cls, model_dir: str | Path, *, review_threshold: float | None = None, limits: Limits | None = None,
              device: str | None = None, threads: int | None = None) -> CountingModel:
         """Load an exported ``model/`` folder (its card and ``model.onnx``) and warm it up.
 
         Args:
-            model_dir: Folder with ``model.onnx``, ``model.pt`` and ``model_config.json``.
             review_threshold: Overrides the calibrated threshold in ``model_config.json``.
-            limits: Request limits (default :class:`~bincount.serve.images.Limits`).
-            device: Where the network runs (:func:`inference_session`).
-            threads: Intra-op threads of the forward pass (:func:`inference_session`).
+            device: See :func:`inference_session`.
+            threads: See :func:`inference_session`.
 
         Raises:
             FileNotFoundError: If a file of the folder is missing.
@@ -171,26 +157,15 @@ def forward(model: CountingModel, batch: torch.Tensor) -> torch.Tensor:
     return (torch.from_numpy(logits) / model.temperature).softmax(dim=1)
 
 
-def probabilities(model: CountingModel, images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Calibrated probabilities ``(N, C)`` of ``uint8`` ``(3, H, W)`` photos (:func:`preprocess`, :func:`forward`)."""
-    return forward(model, preprocess(model, images))
-
-
 def verdict(count: int, confidence: float, expected: int, *, card: ModelCard, review_threshold: float) -> str:
-    """``"match"``/``"mismatch"`` when the model is confident enough, else ``"review"``.
+    """``"match"``/``"mismatch"`` of ``count`` and ``expected`` when the model is confident enough, else ``"review"``.
 
-    An expected quantity outside ``min_count..max_count`` is always ``"review"``: the model
-    cannot count it, so it cannot confirm or deny it.
+    An expected quantity outside the card's ``min_count..max_count`` is always ``"review"``: the
+    model cannot count it, so it cannot confirm or deny it.
 
     Args:
-        count: The decoded count.
-        confidence: Its calibrated probability, in ``[0, 1]``.
-        expected: The quantity the bin should hold.
-        card: The model's card: gives the count range.
+        confidence: The count's calibrated probability, in ``[0, 1]``.
         review_threshold: Confidences below it are ``"review"`` (:func:`review_threshold_of`).
-
-    Returns:
-        ``"match"``, ``"mismatch"`` or ``"review"``.
     """
     if not card.min_count <= expected <= card.max_count or confidence < review_threshold:
         return "review"
@@ -203,7 +178,6 @@ def make_predictions(probs: torch.Tensor, expected: Sequence[int | None], model:
     Args:
         probs: ``(N, C)`` calibrated probabilities of ``min_count..max_count`` objects.
         expected: ``N`` expected quantities, ``None`` where there is nothing to verify.
-        model: Gives the decoding rule, the count range and the review threshold.
 
     Returns:
         ``[{"count", "probabilities", "confidence"[, "expected_quantity", "verdict"]}, ...]``;
@@ -213,10 +187,9 @@ def make_predictions(probs: torch.Tensor, expected: Sequence[int | None], model:
     confidence, index = decode_counts(probs, model.card.decode)
     out = []
     for p, c, k, e in zip(probs.tolist(), confidence.tolist(), index.tolist(), expected):
-        pred = {"count": model.min_count + k, "probabilities": [round(x, 6) for x in p], "confidence": round(c, 6)}
+        pred = {"count": model.card.min_count + k, "probabilities": [round(x, 6) for x in p], "confidence": round(c, 6)}
         if e is not None:
             pred["expected_quantity"] = e
-            pred["verdict"] = verdict(model.min_count + k, c, e, card=model.card,
-                                      review_threshold=model.review_threshold)
+            pred["verdict"] = verdict(pred["count"], c, e, card=model.card, review_threshold=model.review_threshold)
         out.append(pred)
     return out

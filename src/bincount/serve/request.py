@@ -6,10 +6,7 @@ or ``application/json``, a body :class:`CountRequestBody` validates::
 
     {"instances": [{"image_b64": "..."}, {"s3_uri": "s3://bucket/key.jpg"}], "expected_quantity": [3, null]}
 
-:func:`parse_json_body` turns pydantic's first validation error into a one-line 400 that names
-the field, e.g. ``instances[1]: must be an object with a string "image_b64" or "s3_uri" (not
-both)`` or ``expected_quantity[0] must be a non-negative integer or null, got "3"``. Answers:
-``application/json``.
+Answers: ``application/json``.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ import torch
 from pydantic import BaseModel, Field, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator, \
     model_validator
 
-from bincount.serve.errors import NotAcceptable, RequestError, UnsupportedContentType
+from bincount.serve.errors import RequestError
 from bincount.serve.images import Limits, check_s3_allowed, decode_image_bytes, read_s3_object
 
 JSON = "application/json"
@@ -38,34 +35,24 @@ INSTANCE_SHAPE = 'must be an object with a string "image_b64" or "s3_uri" (not b
 
 
 def check_content_type(content_type: str | None) -> str:
-    """The media type of a request body the handler reads.
-
-    Args:
-        content_type: The ``Content-Type`` header (``"Image/JPEG; charset=x"`` reads as ``"image/jpeg"``).
-
-    Returns:
-        One of :data:`CONTENT_TYPES`.
+    """The media type, one of :data:`CONTENT_TYPES`, of a ``Content-Type`` header
+    (``"Image/JPEG; charset=x"`` reads as ``"image/jpeg"``).
 
     Raises:
-        UnsupportedContentType: (415) Not JPEG, PNG, x-image or JSON.
+        RequestError: (415) Not JPEG, PNG, x-image or JSON.
     """
     kind = (content_type or "").split(";", 1)[0].strip().lower()
     if kind not in CONTENT_TYPES:
-        raise UnsupportedContentType(content_type, CONTENT_TYPES)
+        raise RequestError(f"unsupported Content-Type {content_type!r}: send one of {', '.join(CONTENT_TYPES)}", 415)
     return kind
 
 
 def check_accept(accept: str | None) -> str:
-    """The content type to answer with.
-
-    Args:
-        accept: The ``Accept`` header (``None``, empty or ``*/*``: JSON).
-
-    Returns:
-        ``"application/json"``.
+    """The content type to answer with, ``"application/json"``, for an ``Accept`` header (``None``,
+    empty or ``*/*``: JSON).
 
     Raises:
-        NotAcceptable: (406) If no media range of ``accept`` (with ``q > 0``) covers JSON.
+        RequestError: (406) If no media range of ``accept`` (with ``q > 0``) covers JSON.
     """
     if not accept or not accept.strip():
         return JSON
@@ -78,16 +65,12 @@ def check_accept(accept: str | None) -> str:
             wanted = False
         if kind in ACCEPT_TYPES and wanted:
             return JSON
-    raise NotAcceptable(accept, JSON)
+    raise RequestError(f"cannot answer with Accept {accept!r}: this endpoint answers {JSON}", 406)
 
 
 def parse_custom_attributes(header: str | None) -> int | None:
-    """The expected quantity in ``X-Amzn-SageMaker-Custom-Attributes`` (``expected_quantity=3``).
-
-    Pairs may be separated by ``;`` or ``,``; other keys are ignored.
-
-    Returns:
-        The expected quantity, or ``None`` if the header does not name one.
+    """The expected quantity in ``X-Amzn-SageMaker-Custom-Attributes`` (``expected_quantity=3``; pairs
+    separated by ``;`` or ``,``, other keys ignored), or ``None`` if the header does not name one.
 
     Raises:
         RequestError: (400) If ``expected_quantity`` is not a non-negative integer.
@@ -104,10 +87,7 @@ def parse_custom_attributes(header: str | None) -> int | None:
 
 
 class Instance(BaseModel):
-    """One photo: its encoded bytes in base64, or the S3 URI of its object (exactly one of them).
-
-    Other keys are ignored.
-    """
+    """One photo: its encoded bytes in base64, or the S3 URI of its object (exactly one of them)."""
 
     image_b64: StrictStr | None = None
     s3_uri: StrictStr | None = None
@@ -124,8 +104,8 @@ class Instance(BaseModel):
         Raises:
             RequestError: (400) Over ``limits.max_image_bytes``, invalid base64, or see
                 :func:`~bincount.serve.images.read_s3_object`; (403) an ``s3_uri`` outside
-                ``limits.allowed_s3_prefixes`` (:func:`~bincount.serve.images.check_s3_allowed`).
-            UpstreamError: (502) S3 cannot be reached.
+                ``limits.allowed_s3_prefixes`` (:func:`~bincount.serve.images.check_s3_allowed`);
+                (502) S3 cannot be reached.
         """
         if self.s3_uri is not None:
             check_s3_allowed(self.s3_uri, limits.allowed_s3_prefixes)
@@ -139,9 +119,8 @@ class Instance(BaseModel):
 
 
 class CountRequestBody(BaseModel):
-    """Photos to count and, optionally, the quantity each is expected to hold.
-
-    Validate with ``context={"max_instances": n}`` to limit the number of photos.
+    """Photos to count and, optionally, the quantity each is expected to hold; validate with
+    ``context={"max_instances": n}`` to limit the number of photos.
 
     Attributes:
         instances: 1 to ``max_instances`` photos.
@@ -178,9 +157,10 @@ def _expected_length_message(instances: int, expected: Any) -> str:
 
 
 def _describe(error: dict, doc: Any) -> str:
-    """One line for the first of pydantic's ``ValidationError.errors()`` on ``doc``."""
+    """One line that names the field, for the first of pydantic's ``ValidationError.errors()`` on ``doc``,
+    e.g. ``instances[1]: must be an object with a string "image_b64" or "s3_uri" (not both)``."""
     loc, message = error["loc"], error["msg"].removeprefix("Value error, ")
-    if error["type"] == "value_error" and len(loc) < 2:  # raised by our own validators: complete already
+    if error["type"] == "value_error" and len(loc) < 2:  # raised by our own validators
         return message
     if not loc or loc == ("instances",):
         return BODY_SHAPE
@@ -192,14 +172,7 @@ def _describe(error: dict, doc: Any) -> str:
 
 
 def parse_json_body(body: bytes | str, *, max_instances: int) -> CountRequestBody:
-    """Parse and validate a JSON request body.
-
-    Args:
-        body: The raw body (the SageMaker toolkit may hand it over as ``str``).
-        max_instances: Most photos one request may hold.
-
-    Returns:
-        The validated body.
+    """Parse and validate a JSON request body (the SageMaker toolkit may hand it over as ``str``).
 
     Raises:
         RequestError: (400) Malformed JSON, or a structure or value the schema refuses; the
@@ -219,7 +192,7 @@ def parse_json_body(body: bytes | str, *, max_instances: int) -> CountRequestBod
 class CountRequest:
     """Decoded photos and the quantities they are expected to hold.
 
-    Args:
+    Attributes:
         images: ``uint8`` RGB tensors ``(3, H, W)``.
         expected: One per image: the expected count, or ``None`` (no verification).
     """
@@ -230,20 +203,16 @@ class CountRequest:
 
 def decode_request(body: bytes | str, content_type: str | None, *, limits: Limits,
                    custom_attributes: str | None = None) -> CountRequest:
-    """Decode a request body of any supported content type.
+    """Decode a request body of any supported content type (JSON may come as ``str``).
 
     Args:
-        body: Raw body (the SageMaker toolkit may hand JSON over as ``str``).
-        content_type: The ``Content-Type`` header.
-        limits: Size limits.
         custom_attributes: The ``X-Amzn-SageMaker-Custom-Attributes`` header (single photos).
 
     Raises:
-        UnsupportedContentType: (415) Not JPEG, PNG, x-image or JSON.
         RequestError: (400) A bad photo (:func:`~bincount.serve.images.decode_image_bytes`; in a
             JSON body the message names the instance), malformed JSON or a structure or type
-            :func:`parse_json_body` refuses; (403) an ``s3_uri`` outside ``limits.allowed_s3_prefixes``.
-        UpstreamError: (502) A photo's S3 object cannot be fetched because S3 is unreachable.
+            :func:`parse_json_body` refuses; (403) an ``s3_uri`` outside ``limits.allowed_s3_prefixes``;
+            (415) not JPEG, PNG, x-image or JSON; (502) S3 cannot be reached.
     """
     kind = check_content_type(content_type)
     if kind != JSON:
