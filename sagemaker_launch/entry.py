@@ -7,22 +7,21 @@ Usage:
     # without arguments: the hyperparameters of $SM_HPS or $SM_INPUT_CONFIG_DIR/hyperparameters.json
     python sagemaker_launch/entry.py
 
-The hyperparameters decode to the launcher's Hydra overrides (:mod:`sagemaker_launch.hyperparameters`).
-The entry composes ``conf/train.yaml`` with them and the container's places, read from the
-environment when :func:`main` runs (:func:`container_overrides`):
-
-- ``paths.output_dir=$SM_OUTPUT_DATA_DIR``: the run folder becomes the job's ``output.tar.gz``; one
-  fixed folder for every process (no Hydra run directory resolved per process under torchrun).
-- ``callbacks=sagemaker`` with ``model_checkpoint.dirpath=$SM_CHECKPOINT_DIR/$TRAINING_JOB_NAME``,
-  synced with the job's checkpoint S3 URI: a restarted (spot) job resumes from its newest checkpoint
-  (``ckpt_path``); the subfolder keeps the trials of a tuning job, which share one URI, apart.
-- ``data.root=$SM_CHANNEL_TRAIN`` when a ``train`` channel is mounted; a streaming data config's
-  ``cache_dir`` goes to ``$SM_INPUT_DIR/scratch`` (not into the output archive).
-- under torchrun, ``devices * num_nodes == WORLD_SIZE``, as Lightning requires (:func:`distributed_overrides`).
+The hyperparameters decode to the launcher's Hydra overrides
+(:mod:`sagemaker_launch.hyperparameters`). The entry composes ``conf/train.yaml`` with them plus the
+container's places, read from the environment when :func:`main` runs (:func:`container_overrides`):
+the run folder is ``$SM_OUTPUT_DATA_DIR`` (the job's ``output.tar.gz``; one fixed folder for every
+process, no ``${now:...}`` resolved per process); checkpoints go to
+``$SM_CHECKPOINT_DIR/$TRAINING_JOB_NAME``, synced with the job's checkpoint S3 URI, and a restarted
+(spot) job resumes from the newest (the subfolder keeps a tuning job's trials, which share one URI,
+apart); ``data.root`` is the ``train`` channel; a stream cache goes to ``$SM_INPUT_DIR/scratch``
+(not into the output archive); under torchrun, ``devices * num_nodes == WORLD_SIZE`` as Lightning
+requires (:func:`distributed_overrides`).
 
 Global rank 0 copies the exported ``model/`` to ``$SM_MODEL_DIR`` (:func:`export_or_stop`). A job
 stopped by SIGTERM exits non-zero with ``$SM_MODEL_DIR`` empty and writes where it stopped to
-SageMaker's failure file before the SDK's driver would write its traceback there (:func:`write_failure`).
+SageMaker's failure file before the SDK's driver would write its traceback there
+(:func:`write_failure`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ A job's hyperparameters (:func:`encode_overrides`, :func:`decode_hyperparameters
   order), separated by spaces, each percent-escaped but for printable ASCII other than space,
   ``'`` and ``%``: ``"+experiment=quickstart trainer.max_epochs=20 data.label_list=%27my%20list.txt%27"``;
 - in a tuning job's trials, one more per tuned key (:func:`tuned_name`), set per trial to a plain
-  number or ``=`` and a categorical range's Hydra value, escaped the same way (:func:`categorical_value`);
-  applied after ``overrides``, by name.
+  number or ``=`` and a categorical range's Hydra value, escaped the same way
+  (:func:`categorical_value`); applied after ``overrides``, by name.
 
 Why this form reaches the entry unchanged both ways a container reads it:
 

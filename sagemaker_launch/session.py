@@ -1,5 +1,5 @@
-"""The AWS side shared by launch, tune and deploy: a boto3 session whose requests are recorded,
-checked against SageMaker's service model and held back in a dry run (:class:`RequestHook`); console links."""
+"""The AWS side shared by launch, tune and deploy: console links, and a boto3 session whose requests
+are recorded, checked against the service model and held back in a dry run (:class:`RequestHook`)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ CONSOLE_PAGES = {"training": "jobs", "tuning": "hyper-tuning-jobs", "endpoint": 
 
 
 def console_url(region: str, name: str, kind: str = "training") -> str:
-    """The SageMaker console page in ``region`` of the ``kind`` (``training``, ``tuning``, ``endpoint`` or
-    ``transform``) job or endpoint ``name``."""
+    """The SageMaker console page in ``region`` of the ``kind`` (``training``, ``tuning``, ``endpoint``
+    or ``transform``) job or endpoint ``name``."""
     return f"https://{region}.console.aws.amazon.com/sagemaker/home?region={region}#/{CONSOLE_PAGES[kind]}/{name}"
 
 
@@ -167,7 +167,8 @@ class RequestHook:
 
 def make_session(sm: DictConfig, *, dry_run: bool = False,
                  edits: dict[str, Callable[[dict[str, Any]], None]] | None = None):
-    """A SageMaker ``Session`` in ``sm.region`` on ``sm.bucket`` with a :class:`RequestHook` (``edits``: see there).
+    """A SageMaker ``Session`` in ``sm.region`` on ``sm.bucket`` with a :class:`RequestHook`
+    (``edits``: see there).
 
     In a dry run the default bucket is ``sm.bucket`` (or a placeholder) without asking S3.
 

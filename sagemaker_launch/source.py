@@ -1,8 +1,9 @@
 """The code a SageMaker job runs (its ``code`` channel, ModelTrainer's ``SourceCode.source_dir``):
-bincount's wheel, built from this source tree or repacked from the installed package, so the job runs
-the code the launcher runs; a ``requirements.txt`` that pip-installs it (torch and torchvision come
-with the AWS PyTorch training image); and the two scripts SageMaker starts by path before anything is
-installed, ``sagemaker_launch/entry.py`` and ``sagemaker_launch/container_init.sh``, copied out of the wheel.
+bincount's wheel, built from this source tree or repacked from the installed package, so the job
+runs the code the launcher runs; a ``requirements.txt`` that pip-installs it (torch and torchvision
+come with the AWS PyTorch training image); and the two scripts SageMaker starts by path before
+anything is installed, ``sagemaker_launch/entry.py`` and ``sagemaker_launch/container_init.sh``,
+copied out of the wheel.
 """
 
 from __future__ import annotations

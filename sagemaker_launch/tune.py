@@ -6,11 +6,12 @@ Usage:
     python -m sagemaker_launch.tune +experiment=resnet50_subset hparams_search=lr_optuna sagemaker=gpu_multi \
         sagemaker.spot=true sagemaker.inputs.train=s3://BUCKET/abid/subset --dry-run
 
-The ``hydra.sweeper.params`` of ``hparams_search`` become the tuning job's ranges (:func:`parameter_range`),
-``optimized_metric`` and ``hydra.sweeper.direction`` its objective, ``n_trials``/``n_jobs`` its limits.
-Trials bypass ModelTrainer's drivers: the PyTorch image's training toolkit runs ``sagemaker_program``
-and drops the Torchrun config, so a multi-process trial gets ``sagemaker_torch_distributed_enabled=true``.
-With spot, the trials share one checkpoint URI (a tuning job takes one ``CheckpointConfig``).
+The ``hydra.sweeper.params`` of ``hparams_search`` become the tuning job's ranges
+(:func:`parameter_range`), ``optimized_metric`` and ``hydra.sweeper.direction`` its objective,
+``n_trials``/``n_jobs`` its limits. Trials bypass ModelTrainer's drivers: the PyTorch image's
+training toolkit runs ``sagemaker_program`` and drops the Torchrun config, so a multi-process trial
+gets ``sagemaker_torch_distributed_enabled=true``. With spot, the trials share one checkpoint URI (a
+tuning job takes one ``CheckpointConfig``).
 """
 
 from __future__ import annotations

@@ -6,16 +6,13 @@ Usage:
     python train.py -m hydra/launcher=sagemaker sagemaker=cpu sagemaker.dry_run=true \
         +experiment=quickstart sagemaker.inputs.train=s3://BUCKET/abid/sample data.batch_size=16,32
 
-Each job's ``cfg`` is planned and submitted as ``python -m sagemaker_launch.launch`` would, without
-waiting (``pip install "bincount[sagemaker]"``); its return value is the training job's name.
-``hydra/launcher=sagemaker`` adds the ``sagemaker`` group (default ``gpu_single``), so ``sagemaker=<name>``,
-``sagemaker.*`` overrides and ``sagemaker.dry_run=true`` read as for that command.
-
-Jobs are named ``<base_job_name>-<sweep>-<job number>-<time>``, ``<sweep>`` the sweep's start
-(``%y%m%d%H%M%S``): jobs of one sweep submitted within a second get distinct names, and sweeps
-don't share S3 prefixes (a ``sagemaker.checkpoint_s3_uri`` gets ``/<base_job_name>-<sweep>-<job number>``
-appended per job). Sweepers that need each job's objective back (Optuna) can't wait on this launcher:
-use ``python -m sagemaker_launch.tune`` for a search.
+Each job is planned and submitted as by ``python -m sagemaker_launch.launch``, without waiting; its
+return value is the training job's name. ``hydra/launcher=sagemaker`` adds the ``sagemaker`` group
+(default ``gpu_single``), so ``sagemaker.*`` overrides read as for that command. Jobs are named
+``<base_job_name>-<sweep>-<job number>-<time>``, ``<sweep>`` the sweep's start (``%y%m%d%H%M%S``),
+so jobs and sweeps share no names or S3 prefixes (a ``sagemaker.checkpoint_s3_uri`` gets
+``/<base_job_name>-<sweep>-<job number>`` appended). Sweepers that need each job's objective back
+(Optuna): ``python -m sagemaker_launch.tune``.
 
 Module-level imports are Hydra's only: Hydra imports every ``hydra_plugins`` module when it starts,
 inside training containers too, where the SageMaker SDK is not installed. (No ``from __future__
