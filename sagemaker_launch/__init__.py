@@ -1,21 +1,6 @@
-"""Run bincount's Hydra experiments as SageMaker jobs.
-
-Commands (``python -m sagemaker_launch.<name>``): ``launch`` (compose the training config here, then
-start a training job), ``tune`` (a hyperparameter tuning job over an ``hparams_search`` space),
-``deploy`` (model, endpoint config, endpoint; invoke; delete), ``register`` (a model package with
-the run's held-out metrics, approved if better), ``transform`` (a Batch Transform job counting every
-photo under an S3 prefix) and ``cost`` (instance-hours x price). The Hydra launcher
-``hydra/launcher=sagemaker`` (``hydra_plugins``) runs a multirun's jobs through ``launch``.
-
-Their parts: ``plan`` (the job's decisions from the config, nothing sent), ``hyperparameters``
-(Hydra overrides <-> SageMaker hyperparameters, both ways), ``session`` (the boto3/SDK session,
-recorded in dry runs), ``source`` (the wheel and scripts a job runs), ``model_archive`` (``model.tar.gz``
-for the PyTorch serving image), ``serving_models`` (the serving image, and CreateModel from a job, a
-``model.tar.gz`` or a model package, for deploy and transform), ``model_packages`` (model package groups,
-packages, approval, the latest approved package), ``run_report`` (a run's held-out evaluation,
-for ``register``), ``invoke`` (asking an endpoint for counts in bodies that fit its limit). On
-the container side, ``container_init.sh`` is PID 1, ``container`` reads the job's folders and
-ranks, and ``entry`` decodes the hyperparameters and runs ``train(cfg)``.
+"""Run bincount's Hydra experiments as SageMaker jobs: ``python -m sagemaker_launch.<command>`` for
+``launch``, ``tune``, ``deploy``, ``register``, ``transform`` and ``cost``, and the Hydra launcher
+``hydra/launcher=sagemaker`` (``hydra_plugins``); each module's part: ``docs/sagemaker.md``.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("sagemaker_launch.entry")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,7 @@ class ContainerEnv:
     local_world_size: int
 
     @classmethod
-    def from_environ(cls, environ: dict[str, str] | None = None) -> ContainerEnv:
-        environ = os.environ if environ is None else environ
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> ContainerEnv:
         job_name = environ.get("TRAINING_JOB_NAME", "local")
         world_size = int(environ.get("WORLD_SIZE", 1))
         channel = environ.get("SM_CHANNEL_TRAIN")
@@ -70,7 +70,7 @@ def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
 
     import torch
 
-    best: tuple[int, float, Path] | None = None
+    found: list[tuple[int, float, Path]] = []
     for path in checkpoint_dir.glob("*.ckpt") if checkpoint_dir.is_dir() else []:
         try:
             step = int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
@@ -78,6 +78,5 @@ def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
             # a file cut short by the kill: skip it, resume from another
             log.warning("ignoring unreadable checkpoint %s: %s", path, err)
             continue
-        key = (step, path.stat().st_mtime, path)
-        best = key if best is None or key > best else best
-    return None if best is None else best[2]
+        found.append((step, path.stat().st_mtime, path))
+    return max(found)[2] if found else None

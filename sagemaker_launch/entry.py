@@ -7,35 +7,21 @@ Usage:
     # without arguments: the hyperparameters of $SM_HPS or $SM_INPUT_CONFIG_DIR/hyperparameters.json
     python sagemaker_launch/entry.py
 
-The job's hyperparameters are the Hydra overrides the launcher was given, encoded so that both
-ways a container reads them hand every override to this entry unchanged
-(:mod:`sagemaker_launch.hyperparameters` says how and why).
+The hyperparameters decode to the launcher's Hydra overrides
+(:mod:`sagemaker_launch.hyperparameters`). The entry composes ``conf/train.yaml`` with them plus the
+container's places, read from the environment when :func:`main` runs (:func:`container_overrides`):
+the run folder is ``$SM_OUTPUT_DATA_DIR`` (the job's ``output.tar.gz``; one fixed folder for every
+process, no ``${now:...}`` resolved per process); checkpoints go to
+``$SM_CHECKPOINT_DIR/$TRAINING_JOB_NAME``, synced with the job's checkpoint S3 URI, and a restarted
+(spot) job resumes from the newest (the subfolder keeps a tuning job's trials, which share one URI,
+apart); ``data.root`` is the ``train`` channel; a stream cache goes to ``$SM_INPUT_DIR/scratch``
+(not into the output archive); under torchrun, ``devices * num_nodes == WORLD_SIZE`` as Lightning
+requires (:func:`distributed_overrides`).
 
-The entry then composes ``conf/train.yaml`` (the same file a local run uses) with the overrides
-and the container's places, read from the environment when :func:`main` runs:
-
-- ``paths.output_dir=$SM_OUTPUT_DATA_DIR``: the run folder (metrics.json, predictions.csv,
-  logs, profiler report) becomes the job's ``output.tar.gz``. It is one fixed folder for every
-  process: no Hydra run directory resolved per process (``${now:...}``) under torchrun.
-- ``callbacks=sagemaker`` with ``model_checkpoint.dirpath=$SM_CHECKPOINT_DIR/$TRAINING_JOB_NAME``:
-  SageMaker syncs that folder with the job's checkpoint S3 URI, and a restarted (spot) job resumes
-  from its newest checkpoint (``ckpt_path``). The job-name subfolder keeps the trials of a
-  tuning job, which share one checkpoint URI, from resuming each other; a trial that has
-  exported its model deletes its subfolder, so later trials don't download it
-  (:func:`drop_trial_checkpoints`).
-- ``data.root=$SM_CHANNEL_TRAIN`` when a ``train`` channel is mounted; a streaming data config's
-  ``cache_dir`` goes to ``$SM_INPUT_DIR/scratch`` (not into the output archive).
-- under torchrun, ``trainer.devices=$LOCAL_WORLD_SIZE``, ``trainer.num_nodes=WORLD_SIZE /
-  LOCAL_WORLD_SIZE``, ``trainer.strategy=ddp``: Lightning requires ``devices * num_nodes ==
-  WORLD_SIZE`` (otherwise each process would train its own model).
-
-Global rank 0 copies the exported ``model/`` (model.onnx, model.pt, model_config.json) to ``$SM_MODEL_DIR``
-with ``code/`` for SageMaker's PyTorch serving image (:func:`sagemaker_launch.model_archive.export_model`).
-
-A job stopped by SIGTERM (``StopTrainingJob``, a spot reclaim, the stopping condition) at any
-phase exits non-zero with ``$SM_MODEL_DIR`` empty, and writes where it stopped to SageMaker's
-failure file (``/opt/ml/output/failure``, the job's ``FailureReason``) before the SDK's driver
-would write its ``CalledProcessError`` traceback there (the driver keeps a file that exists).
+Global rank 0 copies the exported ``model/`` to ``$SM_MODEL_DIR`` (:func:`export_or_stop`). A job
+stopped by SIGTERM exits non-zero with ``$SM_MODEL_DIR`` empty and writes where it stopped to
+SageMaker's failure file before the SDK's driver would write its traceback there
+(:func:`write_failure`).
 """
 
 from __future__ import annotations
@@ -112,12 +98,9 @@ def container_overrides(env: ContainerEnv, user: list[str], data_keys: set[str])
 def drop_trial_checkpoints(env: ContainerEnv, user: list[str]) -> bool:
     """Delete a finished tuning trial's checkpoint folder (``$SM_CHECKPOINT_DIR/$TRAINING_JOB_NAME``).
 
-    A tuning job gives all its trials one checkpoint S3 URI (``HyperParameterTrainingJobDefinition``
-    has one ``CheckpointConfig``, with no per-trial part), and SageMaker copies everything under it
-    into each trial's container before the trial starts. SageMaker deletes from S3 what the
-    container deletes from the synced folder, so once a trial has exported its model, its
-    checkpoints go: later trials download only those of trials still running or waiting to resume
-    after a spot interruption.
+    A tuning job's trials share one checkpoint S3 URI, all of which SageMaker copies into each trial's
+    container at its start; SageMaker deletes from S3 what the container deletes from the synced
+    folder, so later trials download only the checkpoints of unfinished trials.
 
     Args:
         env: This process's :class:`ContainerEnv`.

@@ -1,17 +1,13 @@
 """SageMaker hyperparameters <-> Hydra overrides: the one codec of the launcher and the container entry.
 
-The launcher (:mod:`sagemaker_launch.plan`, :mod:`sagemaker_launch.tune`) encodes a job's Hydra
-overrides with :func:`encode_overrides`; the container entry (:mod:`sagemaker_launch.entry`)
-reads them back with :func:`parse_argv` or :func:`read_hyperparameters` and
-:func:`decode_hyperparameters`. A job's hyperparameters are:
+A job's hyperparameters (:func:`encode_overrides`, :func:`decode_hyperparameters`) are:
 
 - ``overrides``: all its Hydra overrides in one value, in their order (Hydra applies them in
   order), separated by spaces, each percent-escaped but for printable ASCII other than space,
   ``'`` and ``%``: ``"+experiment=quickstart trainer.max_epochs=20 data.label_list=%27my%20list.txt%27"``;
-- in a tuning job's trials, one more per tuned key (:func:`tuned_name`: ``model.optimizer.lr`` ->
-  ``model__optimizer__lr``), which SageMaker sets per trial to a plain number or, for a
-  categorical range, to one of its values: ``=`` and the Hydra value, escaped the same way
-  (:func:`categorical_value`). They are applied after ``overrides``, by name.
+- in a tuning job's trials, one more per tuned key (:func:`tuned_name`), set per trial to a plain
+  number or ``=`` and a categorical range's Hydra value, escaped the same way
+  (:func:`categorical_value`); applied after ``overrides``, by name.
 
 Why this form reaches the entry unchanged both ways a container reads it:
 
@@ -34,6 +30,7 @@ import json
 import os
 import re
 import urllib.parse
+from collections.abc import Mapping
 from pathlib import Path
 
 OVERRIDES = "overrides"
@@ -141,23 +138,21 @@ def parse_argv(argv: list[str]) -> dict[str, str]:
     return {name.lstrip("-"): value for name, value in zip(names, argv[1::2])}
 
 
-def read_hyperparameters(environ: dict[str, str] | None = None) -> dict[str, object]:
+def read_hyperparameters(environ: Mapping[str, str] = os.environ) -> dict[str, object]:
     """The job's hyperparameters from ``$SM_HPS``, else :func:`hyperparameters_file`."""
-    environ = os.environ if environ is None else environ
     if environ.get("SM_HPS"):
         return json.loads(environ["SM_HPS"])
     return hyperparameters_file(environ)
 
 
-def hyperparameters_file(environ: dict[str, str]) -> dict[str, object]:
+def hyperparameters_file(environ: Mapping[str, str]) -> dict[str, object]:
     """``$SM_INPUT_CONFIG_DIR/hyperparameters.json`` (default ``/opt/ml/input/config``), as SageMaker
     wrote it; ``{}`` if it does not exist."""
     path = Path(environ.get("SM_INPUT_CONFIG_DIR", "/opt/ml/input/config")) / "hyperparameters.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def is_tuning_trial(environ: dict[str, str] | None = None) -> bool:
+def is_tuning_trial(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this job is a trial of a tuning job: SageMaker adds ``_tuning_objective_metric`` to its
     ``$SM_INPUT_CONFIG_DIR/hyperparameters.json`` (the training toolkit keeps it from the arguments)."""
-    environ = os.environ if environ is None else environ
     return TUNING_OBJECTIVE in hyperparameters_file(environ)

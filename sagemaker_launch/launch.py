@@ -8,54 +8,31 @@ Usage:
         sagemaker=cpu sagemaker.profiler=true --no-wait
 
 Every argument but ``--dry-run``/``--no-wait`` is a Hydra override of ``conf/launch.yaml`` =
-``conf/train.yaml`` + a ``sagemaker`` group (``conf/sagemaker/*.yaml``). The config is composed
-and resolved here, so a typo fails before a job is paid for. The job gets the *overrides* (not the
-resolved config) as hyperparameters (:func:`sagemaker_launch.hyperparameters.encode_overrides`), and its
-container composes the same ``conf/`` with them (``sagemaker_launch/entry.py``).
-
-What the launcher adds to the job:
-
-- the code: bincount's wheel (built from this source tree, or repacked from the installed
-  package), a ``requirements.txt`` that pip-installs it (torch and torchvision come with the AWS
-  PyTorch training image), and the entry script and PID 1 script out of that wheel
-  (:mod:`sagemaker_launch.source`);
-- the trainer for the hardware: ``trainer.accelerator``, and for more than one process
-  ``trainer.devices`` (processes per instance), ``trainer.num_nodes`` (instances) and
-  ``trainer.strategy=ddp``, run by torchrun (ModelTrainer's ``Torchrun``);
-- its PID 1: ``sagemaker_launch/container_init.sh`` runs the SDK's ``sm_train.sh`` and passes
-  SageMaker's SIGTERM (stop, spot reclaim) on to training, which then writes a checkpoint
-  (:func:`use_container_init`);
-- ``SM_CHECKPOINT_DIR=/opt/ml/checkpoints`` (no SageMaker driver sets one); with
-  ``sagemaker.spot=true`` managed spot, ``max_wait`` and a per-job checkpoint S3 URI;
-- metric definitions for the ``[bincount]`` log lines (``val/acc``, ``val/mae``, ...);
-- with ``sagemaker.profiler=true``, a ``ProfilerConfig`` in the request (ModelTrainer has no field
-  for it: :class:`sagemaker_launch.session.RequestHook` adds it) and ``++trainer.profiler=simple``
-  (its report lands in output.tar.gz under ``csv/``).
-
-``--dry-run`` prints the CreateTrainingJob request and the cost, and sends nothing.
+``conf/train.yaml`` + a ``sagemaker`` group, composed and resolved here. The job gets the overrides
+as hyperparameters (:mod:`sagemaker_launch.hyperparameters`) and its container composes the same
+``conf/`` with them (``sagemaker_launch/entry.py``). ``--dry-run`` prints the CreateTrainingJob
+request and the cost, and sends nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
+import os
 import shlex
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from omegaconf import DictConfig
 
 from bincount.config import compose
 from sagemaker_launch.plan import (CHECKPOINT_DIR, TrainingJobPlan, cost_text, metric_definitions, plan_training_job,
                                    precision_text)
-from sagemaker_launch.session import (DryRun, console_url, describe_request, make_session, role_check_skipped,
-                                      role_for)
+from sagemaker_launch.session import DryRun, console_url, describe_request, make_session, role_for
 from sagemaker_launch.source import CONTAINER_INIT_SCRIPT, ENTRY_SCRIPT, stage_source
-
-log = logging.getLogger("sagemaker_launch")
 
 # the job's PID 1 (see the script): the code channel is downloaded before the container starts
 CONTAINER_INIT = f"/opt/ml/input/data/code/{CONTAINER_INIT_SCRIPT}"
@@ -94,19 +71,19 @@ def channels(sm: DictConfig) -> list:
             for name, uri in (sm.inputs or {}).items() if uri]
 
 
-def make_model_trainer(plan: TrainingJobPlan, session, source_dir: Path, *, role: str | None,
-                       checkpoint_s3_uri: str | None = None, dry_run: bool = False):
-    """A fresh ``ModelTrainer`` for one job (it writes the job's checkpoint URI back into itself).
+def make_model_trainer(plan: TrainingJobPlan, session, tmp: Path, *, checkpoint_s3_uri: str | None = None,
+                       dry_run: bool = False):
+    """A fresh ``ModelTrainer`` for one job (it writes the job's checkpoint URI back into itself), its
+    code staged under ``tmp`` (:func:`sagemaker_launch.source.stage_source`).
 
     Args:
         plan: From :func:`plan_training_job`.
         session: From :func:`make_session`.
-        source_dir: From :func:`sagemaker_launch.source.stage_source`.
-        role: Execution role ARN or name (``None``: the caller's role).
+        tmp: A folder that lives until the job is submitted.
         checkpoint_s3_uri: Overrides ``sagemaker.checkpoint_s3_uri``; with spot and neither set,
             the SDK picks ``s3://BUCKET/BASE/JOB/checkpoints`` per job.
-        dry_run: The session is a dry run's: the SDK's IAM check of ``role`` is skipped
-            (:func:`sagemaker_launch.session.role_check_skipped`).
+        dry_run: The session is a dry run's, which refuses every IAM call: the SDK's check of the
+            role is switched off (``SAGEMAKER_VALIDATE_ROLE=false``), so it can't warn "access denied".
     """
     from sagemaker.core.training.configs import (CheckpointConfig, Compute, MetricDefinition, SourceCode,
                                                  StoppingCondition, Tag)
@@ -115,10 +92,11 @@ def make_model_trainer(plan: TrainingJobPlan, session, source_dir: Path, *, role
 
     sm = plan.sagemaker
     uri = checkpoint_s3_uri or sm.checkpoint_s3_uri
-    with role_check_skipped() if dry_run else contextlib.nullcontext():
+    source_dir = stage_source(tmp / "source", plan.extras)
+    with mock.patch.dict(os.environ, SAGEMAKER_VALIDATE_ROLE="false") if dry_run else contextlib.nullcontext():
         trainer = ModelTrainer(
             sagemaker_session=session,
-            role=role,
+            role=role_for(sm, dry_run),
             base_job_name=sm.base_job_name,
             training_image=plan.image_uri,
             source_code=SourceCode(source_dir=str(source_dir), entry_script=ENTRY_SCRIPT,
@@ -180,12 +158,11 @@ def submit_training_job(plan: TrainingJobPlan, *, dry_run: bool = False, wait: b
     if plan.profiler:
         hook.extra["CreateTrainingJob"] = {"ProfilerConfig": profiler_config(plan, session)}
     with tempfile.TemporaryDirectory(prefix="bincount-source-") as tmp:
-        source = stage_source(Path(tmp) / "source", plan.extras)
-        trainer = make_model_trainer(plan, session, source, role=role_for(sm, dry_run), dry_run=dry_run)
+        trainer = make_model_trainer(plan, session, Path(tmp), dry_run=dry_run)
         try:
             trainer.train(input_data_config=channels(sm) or None, wait=False, logs=False)
         except DryRun as stop:
-            return Submission(stop.params, stop.params["TrainingJobName"], hook.uploads, True, dict(hook.files))
+            return Submission(stop.params, stop.params["TrainingJobName"], list(hook.files), True, dict(hook.files))
     request = hook.sent["CreateTrainingJob"][-1]
     name = request["TrainingJobName"]
     print(f"training job {name}\n  {console_url(sm.region, name)}", flush=True)

@@ -1,12 +1,10 @@
-"""Plan a SageMaker training job from the composed config: decisions only, nothing is sent or uploaded.
+"""Plan a SageMaker training job from the composed ``conf/launch.yaml`` config: decisions only, nothing
+is sent or uploaded (the SDK is used only for :func:`training_image`'s table lookup).
 
-:func:`plan_training_job` checks a ``conf/launch.yaml`` config (a typo or a missing value fails
-here, before a job is paid for) and decides what :mod:`sagemaker_launch.launch` submits: the
-overrides the container composes ``conf/train.yaml`` with (the training config's, plus the trainer
-the instance type needs: accelerator, precision, devices x nodes under torchrun), their
-hyperparameter encoding (:mod:`sagemaker_launch.hyperparameters`), the container environment,
+:func:`plan_training_job` checks the config (a typo or a missing value fails here, before a job is
+paid for) and decides the overrides the container composes ``conf/train.yaml`` with (the training
+config's, plus the trainer the instance type needs), their hyperparameters, the container environment,
 the profiler settings, the image, and the metric definitions SageMaker reads from the log.
-The only SDK use is :func:`training_image`'s table lookup, and only without ``sagemaker.image_uri``.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bincount.callbacks import metric_regex
 from sagemaker_launch import cost
-from sagemaker_launch.hyperparameters import encode_overrides, override_key
+from sagemaker_launch.hyperparameters import encode_overrides, override_key, override_value
 
 CHECKPOINT_DIR = "/opt/ml/checkpoints"
 # override roots that configure the launch, not the training run
@@ -33,15 +31,10 @@ METRICS = ("val/acc", "val/acc_best", "val/mae", "val/mae_best", "val/rmse", "va
            "test/acc", "test/mae", "test/rmse", "test/obo_acc")
 
 
-def override_root(override: str) -> str:
-    """``"+sagemaker.spot=true"`` -> ``"sagemaker"``; ``"hydra/launcher=x"`` -> ``"hydra"``."""
-    return override.lstrip("+~").partition("=")[0].split(".")[0].split("/")[0]
-
-
 def job_overrides(overrides: list[str]) -> list[str]:
     """The overrides a training job gets: those of the training config (not ``sagemaker.*``,
-    ``hydra.*``, ``hparams_search``)."""
-    return [o for o in overrides if override_root(o) not in LAUNCHER_KEYS]
+    ``hydra.*``, ``hydra/launcher=...``, ``hparams_search``)."""
+    return [o for o in overrides if re.split(r"[./]", override_key(o))[0] not in LAUNCHER_KEYS]
 
 
 def check_config(cfg: DictConfig, overrides: list[str]) -> None:
@@ -51,7 +44,9 @@ def check_config(cfg: DictConfig, overrides: list[str]) -> None:
         omegaconf.errors.OmegaConfBaseException: A missing value (``???``) or a broken interpolation.
         ValueError: The data config reads a folder (``data.root``) but no ``train`` channel is given,
             streams from a ``data.uri`` the job can't reach (a local path), or ``sagemaker.*`` values
-            SageMaker would refuse (see :func:`check_base_job_name`).
+            SageMaker would refuse: a ``base_job_name`` longer than :data:`BASE_JOB_NAME_MAX` (the
+            SDK's timestamp suffix would be cut off) or not letters, digits and single dashes or
+            underscores between them, a spot ``max_wait_hours`` below ``max_run_hours``.
     """
     run = copy.deepcopy(cfg)
     with open_dict(run):
@@ -69,20 +64,7 @@ def check_config(cfg: DictConfig, overrides: list[str]) -> None:
     for name, uri in inputs.items():
         if uri and not str(uri).startswith("s3://"):
             raise ValueError(f"sagemaker.inputs.{name}={uri}: must be an s3:// URI")
-    sm = cfg.sagemaker
-    check_base_job_name(str(sm.base_job_name))
-    if sm.spot and sm.max_wait_hours < sm.max_run_hours:
-        raise ValueError(f"sagemaker.max_wait_hours={sm.max_wait_hours} < max_run_hours={sm.max_run_hours}: "
-                         "spot needs max_wait >= max_run")
-
-
-def check_base_job_name(base: str) -> None:
-    """Refuse a ``sagemaker.base_job_name`` that can't start uniquely named jobs.
-
-    Raises:
-        ValueError: Longer than :data:`BASE_JOB_NAME_MAX` (the SDK's timestamp suffix would be cut
-            off), or not letters, digits and single dashes/underscores between them.
-    """
+    sm, base = cfg.sagemaker, str(cfg.sagemaker.base_job_name)
     if len(base) > BASE_JOB_NAME_MAX:
         raise ValueError(f"sagemaker.base_job_name={base!r} has {len(base)} characters, at most {BASE_JOB_NAME_MAX}: "
                          f"job names are <base>-<timestamp> cut to {JOB_NAME_MAX}, so a longer base loses the "
@@ -90,6 +72,9 @@ def check_base_job_name(base: str) -> None:
     if not re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*", base.replace("_", "-")):
         raise ValueError(f"sagemaker.base_job_name={base!r}: letters, digits, '-' and '_' only, starting and ending "
                          "with a letter or digit (SageMaker's job name pattern)")
+    if sm.spot and sm.max_wait_hours < sm.max_run_hours:
+        raise ValueError(f"sagemaker.max_wait_hours={sm.max_wait_hours} < max_run_hours={sm.max_run_hours}: "
+                         "spot needs max_wait >= max_run")
 
 
 def job_base_name(base: str, suffix: str) -> str:
@@ -194,7 +179,7 @@ def plan_training_job(cfg: DictConfig, overrides: list[str]) -> TrainingJobPlan:
     check_config(cfg, overrides)
     sm = cfg.sagemaker
     run = job_overrides(overrides) + trainer_overrides(cfg, overrides)
-    if sm.profiler and not any(override_key(o) == "trainer.profiler" for o in run):
+    if sm.profiler and override_value(run, "trainer.profiler") is None:
         run.append("++trainer.profiler=simple")
     profiler = None
     if sm.profiler:  # S3OutputPath: the session's bucket, known once there is a session (profiler_config)
@@ -213,15 +198,13 @@ def metric_definitions() -> list[dict[str, str]]:
 
 def precision_text(cfg: DictConfig, overrides: list[str]) -> str:
     """The dry run's precision line: what the job (``cfg`` composed from ``overrides``) trains in, and why."""
-    chosen = [o.split("=", 1)[1] for o in [*overrides, *trainer_overrides(cfg, overrides)]
-              if override_key(o) == "trainer.precision"]
-    if any(override_key(o) == "trainer.precision" for o in overrides):
-        return f"{chosen[-1]} (set on the command line)"
+    if (given := override_value(overrides, "trainer.precision")) is not None:
+        return f"{given} (set on the command line)"
     if str(cfg.trainer.precision) == "auto":
         value, reason = cost.training_precision(cfg.sagemaker.instance_type)
         return f"{value or 'auto'} ({reason})"
-    if chosen:
-        return f"{chosen[-1]} (the experiment's {cfg.trainer.precision} needs a GPU)"
+    if added := override_value(trainer_overrides(cfg, overrides), "trainer.precision"):
+        return f"{added} (the experiment's {cfg.trainer.precision} needs a GPU)"
     return f"{cfg.trainer.precision} (the experiment's trainer.precision)"
 
 

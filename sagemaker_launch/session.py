@@ -1,19 +1,12 @@
-"""The AWS side shared by launch, tune and deploy: a boto3 session whose requests can be recorded,
-checked against SageMaker's service model, and held back in a dry run; and the console links.
-
-:class:`RequestHook` sits on the botocore events of one session: it adds fields the SDK has no
-parameter for, keeps every ``Create*`` request as sent, and in a dry run checks it
-(:func:`request_errors`) and stops it (:class:`DryRun`) instead of sending it.
-"""
+"""The AWS side shared by launch, tune and deploy: console links, and a boto3 session whose requests
+are recorded, checked against the service model and held back in a dry run (:class:`RequestHook`)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import json
 import logging
-import os
 import re
 from collections import defaultdict
 from typing import Any, Callable
@@ -27,13 +20,8 @@ CONSOLE_PAGES = {"training": "jobs", "tuning": "hyper-tuning-jobs", "endpoint": 
 
 
 def console_url(region: str, name: str, kind: str = "training") -> str:
-    """The SageMaker console page of a training job, tuning job, endpoint or transform job.
-
-    Args:
-        region: e.g. ``us-east-1``.
-        name: The job's or endpoint's name.
-        kind: ``training``, ``tuning``, ``endpoint`` or ``transform``.
-    """
+    """The SageMaker console page in ``region`` of the ``kind`` (``training``, ``tuning``, ``endpoint``
+    or ``transform``) job or endpoint ``name``."""
     return f"https://{region}.console.aws.amazon.com/sagemaker/home?region={region}#/{CONSOLE_PAGES[kind]}/{name}"
 
 
@@ -109,34 +97,31 @@ class DryRun(Exception):  # noqa: N818 - not an error: how a dry run stops befor
 
     def __init__(self, operation: str, params: dict[str, Any]) -> None:
         super().__init__(f"dry run: {operation} not sent")
-        self.operation = operation
         self.params = params
 
 
 class RequestHook:
     """botocore event handlers on one boto3 session.
 
-    - add request fields the SDK has no parameter for (``extra``: operation -> fields, e.g.
-      ``{"CreateTrainingJob": {"ProfilerConfig": {...}}}``), then apply ``edits`` (operation ->
-      function changing the request in place);
+    - add request fields the SDK has no parameter for (:attr:`extra`: operation -> fields, e.g.
+      ``{"CreateTrainingJob": {"ProfilerConfig": {...}}}``), then apply ``edits``;
     - keep every SageMaker ``Create*`` request as sent (``sent``), so the launcher knows the job name;
     - in a dry run, send nothing: ``Create*`` is checked against the service model
       (:func:`request_errors`: ``ValueError`` if SageMaker would refuse it), then raises
-      :class:`DryRun` carrying the request, S3 uploads
-      are answered locally and recorded with their contents (``files``: ``s3://bucket/key`` -> bytes),
-      any other call is refused (``AccessDenied``, which the SDK treats as "cannot verify").
+      :class:`DryRun` carrying the request; S3 uploads are answered locally and recorded with their
+      contents (``files``: ``s3://bucket/key`` -> bytes, in upload order); any other call is refused
+      (``AccessDenied``, which the SDK treats as "cannot verify").
 
     Args:
         boto_session: The ``boto3.Session`` every client of the job is made from (register before
             creating clients: a client copies the session's handlers when it is created).
-        extra: Fields to add per operation.
         edits: Functions changing the request in place, per operation.
         dry_run: Send nothing.
     """
 
-    def __init__(self, boto_session, *, extra: dict[str, dict[str, Any]] | None = None,
-                 edits: dict[str, Callable[[dict[str, Any]], None]] | None = None, dry_run: bool = False) -> None:
-        self.extra = extra or {}
+    def __init__(self, boto_session, *, edits: dict[str, Callable[[dict[str, Any]], None]] | None = None,
+                 dry_run: bool = False) -> None:
+        self.extra: dict[str, dict[str, Any]] = {}
         self.edits = edits or {}
         self.dry_run = dry_run
         self.sent: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -157,11 +142,6 @@ class RequestHook:
                     raise ValueError(f"dry run: SageMaker would refuse this {model.name} request:\n  "
                                      + "\n  ".join(errors))
                 raise DryRun(model.name, copy.deepcopy(params))
-
-    @property
-    def uploads(self) -> list[str]:
-        """The ``s3://`` URIs of :attr:`files`, in upload order."""
-        return list(self.files)
 
     def _s3_put(self, params: dict[str, Any], **_: Any) -> None:
         # ModelTrainer uploads `code` and `sm_drivers` file by file (Session.upload_data -> S3Transfer):
@@ -185,10 +165,10 @@ class RequestHook:
         raise ClientError({"Error": {"Code": "AccessDenied", "Message": "dry run: nothing is sent"}}, model.name)
 
 
-def make_session(sm: DictConfig, *, dry_run: bool = False, extra: dict[str, dict[str, Any]] | None = None,
+def make_session(sm: DictConfig, *, dry_run: bool = False,
                  edits: dict[str, Callable[[dict[str, Any]], None]] | None = None):
     """A SageMaker ``Session`` in ``sm.region`` on ``sm.bucket`` with a :class:`RequestHook`
-    (``extra``, ``edits``: see there).
+    (``edits``: see there).
 
     In a dry run the default bucket is ``sm.bucket`` (or a placeholder) without asking S3.
 
@@ -199,7 +179,7 @@ def make_session(sm: DictConfig, *, dry_run: bool = False, extra: dict[str, dict
     from sagemaker.core.helper.session_helper import Session
 
     boto_session = boto3.Session(region_name=sm.region)
-    hook = RequestHook(boto_session, extra=extra, edits=edits, dry_run=dry_run)
+    hook = RequestHook(boto_session, edits=edits, dry_run=dry_run)
     if dry_run:
         from sagemaker.core.config.config import load_sagemaker_config
 
@@ -215,22 +195,6 @@ def make_session(sm: DictConfig, *, dry_run: bool = False, extra: dict[str, dict
     return Session(boto_session=boto_session, default_bucket=sm.bucket), hook
 
 
-@contextlib.contextmanager
-def role_check_skipped():
-    """Turn the SDK's check of the execution role off inside the block (its own switch,
-    ``SAGEMAKER_VALIDATE_ROLE=false``; restored after). For dry runs: their session refuses every IAM
-    call, so the check could only warn that it cannot verify the role ("access denied")."""
-    saved = os.environ.get("SAGEMAKER_VALIDATE_ROLE")
-    os.environ["SAGEMAKER_VALIDATE_ROLE"] = "false"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["SAGEMAKER_VALIDATE_ROLE"]
-        else:
-            os.environ["SAGEMAKER_VALIDATE_ROLE"] = saved
-
-
 def role_for(sm: DictConfig, dry_run: bool) -> str | None:
     """``sm.role``; in a dry run without one, a placeholder (a real launch asks AWS for the caller's)."""
     if sm.role or not dry_run:
@@ -243,7 +207,6 @@ def describe_request(request: dict[str, Any], uploads: list[str]) -> str:
     """The dry-run printout of a request and of the files it would upload."""
     lines = [json.dumps(request, indent=2, sort_keys=True, default=str)]
     if uploads:
-        prefixes = sorted({u.rsplit("/input/", 1)[0] + "/input/" + u.rsplit("/input/", 1)[1].split("/")[0] + "/"
-                           if "/input/" in u else u for u in uploads})
+        prefixes = sorted({re.sub(r"^(.*/input/[^/]*).*", r"\1/", u) for u in uploads})
         lines.append(f"would upload {len(uploads)} files to: " + ", ".join(prefixes))
     return "\n".join(lines)

@@ -1,17 +1,9 @@
-"""The code a SageMaker job runs: bincount's wheel, and the two scripts SageMaker starts before it is installed.
-
-A job's ``code`` channel (ModelTrainer's ``SourceCode.source_dir``) holds:
-
-- ``bincount-<version>-py3-none-any.whl``: built from the source tree this module is in
-  (``pip wheel``, the project's own build backend), or, where bincount was installed from a wheel
-  and there is no source tree, repacked from the installed files (``wheel pack``). Either way the
-  job runs the code the launcher runs;
-- ``requirements.txt`` naming that wheel: the SDK's ``sm_train.sh`` (training jobs) and the
-  training toolkit (tuning trials) pip-install it, with its dependencies, from the channel's
-  folder; torch and torchvision come with the AWS PyTorch training image;
-- ``sagemaker_launch/entry.py`` (the entry script the SDK's driver runs) and
-  ``sagemaker_launch/container_init.sh`` (the job's PID 1, which starts the driver), copied out of
-  that wheel: SageMaker starts them by path, before anything is installed.
+"""The code a SageMaker job runs (its ``code`` channel, ModelTrainer's ``SourceCode.source_dir``):
+bincount's wheel, built from this source tree or repacked from the installed package, so the job
+runs the code the launcher runs; a ``requirements.txt`` that pip-installs it (torch and torchvision
+come with the AWS PyTorch training image); and the two scripts SageMaker starts by path before
+anything is installed, ``sagemaker_launch/entry.py`` and ``sagemaker_launch/container_init.sh``,
+copied out of the wheel.
 """
 
 from __future__ import annotations
@@ -35,13 +27,6 @@ INSTALLER_FILES = ("INSTALLER", "REQUESTED", "RECORD", "direct_url.json")
 
 class WheelBuildError(Exception):
     """bincount's wheel could not be built or repacked; the message says why."""
-
-
-def source_tree() -> Path | None:
-    """The source checkout this module runs from, or ``None`` when it is installed from a wheel."""
-    if (REPO / "pyproject.toml").is_file() and (REPO / "src" / DISTRIBUTION / "__init__.py").is_file():
-        return REPO
-    return None
 
 
 def unpack_installed(dst: Path) -> Path:
@@ -79,7 +64,8 @@ def unpack_installed(dst: Path) -> Path:
 
 
 def build_wheel(dst: Path) -> Path:
-    """Write bincount's wheel into ``dst``: built from :func:`source_tree`, else repacked from the installation.
+    """Write bincount's wheel into ``dst``: built from the source checkout this module runs from, if it
+    is one, else repacked from the installation.
 
     Returns:
         The wheel's path.
@@ -90,11 +76,10 @@ def build_wheel(dst: Path) -> Path:
             package index), or did not write one bincount wheel.
     """
     dst.mkdir(parents=True, exist_ok=True)
-    tree = source_tree()
     with tempfile.TemporaryDirectory(prefix="bincount-unpacked-") as unpacked:
-        if tree is not None:
-            what = f"pip wheel {tree}"
-            cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(dst), str(tree)]
+        if (REPO / "pyproject.toml").is_file() and (REPO / "src" / DISTRIBUTION / "__init__.py").is_file():
+            what = f"pip wheel {REPO}"
+            cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(dst), str(REPO)]
         else:
             what = f"wheel pack (the installed {DISTRIBUTION})"
             cmd = [sys.executable, "-m", "wheel", "pack", "--dest-dir", str(dst), str(unpack_installed(Path(unpacked)))]
@@ -111,15 +96,10 @@ def build_wheel(dst: Path) -> Path:
     return wheels[0]
 
 
-def requirements_line(wheel_name: str, extras: tuple[str, ...] = ()) -> str:
-    """The ``requirements.txt`` line that installs the wheel (a path relative to the channel's folder,
-    where both installers run pip) with ``extras``: ``./bincount-0.1.0-py3-none-any.whl[track]``."""
-    return f"./{wheel_name}" + (f"[{','.join(extras)}]" if extras else "")
-
-
 def stage_source(dst: Path, extras: tuple[str, ...] = ()) -> Path:
     """Write a job's code channel into ``dst`` (see the module docstring); ``requirements.txt``
-    installs the wheel with ``extras`` (:func:`sagemaker_launch.plan.install_extras`).
+    installs the wheel with ``extras`` (:func:`sagemaker_launch.plan.install_extras`), by a path relative
+    to the channel's folder, where both installers run pip: ``./bincount-0.1.0-py3-none-any.whl[track]``.
 
     Returns:
         ``dst``.
@@ -136,6 +116,7 @@ def stage_source(dst: Path, extras: tuple[str, ...] = ()) -> Path:
         for name in (ENTRY_SCRIPT, CONTAINER_INIT_SCRIPT):
             (dst / name).parent.mkdir(parents=True, exist_ok=True)
             (dst / name).write_bytes(archive.read(name))
+    line = f"./{wheel.name}" + (f"[{','.join(extras)}]" if extras else "")
     (dst / "requirements.txt").write_text(f"# {DISTRIBUTION} and its dependencies (torch and torchvision come with "
-                                          f"the image)\n{requirements_line(wheel.name, extras)}\n")
+                                          f"the image)\n{line}\n")
     return dst

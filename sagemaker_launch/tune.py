@@ -6,31 +6,16 @@ Usage:
     python -m sagemaker_launch.tune +experiment=resnet50_subset hparams_search=lr_optuna sagemaker=gpu_multi \
         sagemaker.spot=true sagemaker.inputs.train=s3://BUCKET/abid/subset --dry-run
 
-One search space, two backends: the ``hydra.sweeper.params`` that ``python train.py -m
-hparams_search=lr_optuna`` gives Optuna become the tuning job's ranges
-(``interval`` -> continuous, ``tag(int, interval(...))`` -> integer, ``tag(log, ...)`` ->
-logarithmic, ``choice`` -> categorical, ``range`` -> integer or categorical), ``optimized_metric`` and ``hydra.sweeper.direction`` its
-objective (read by regex from the ``[bincount] validation`` log lines, Bayesian search), and
-``hydra.sweeper.n_trials``/``n_jobs`` its job limits.
-
-Tuning jobs bypass ModelTrainer's drivers: the PyTorch image's training toolkit runs
-``sagemaker_program`` from ``sagemaker_submit_directory``. It drops the Torchrun config, so a
-multi-process trial gets ``sagemaker_torch_distributed_enabled=true`` (torchrun over all GPUs of
-every instance). Every trial gets the training job's ``overrides`` hyperparameter but the tuned
-keys' (:func:`static_hyperparameters`), and one hyperparameter per tuned key
-(:mod:`sagemaker_launch.hyperparameters`): a plain number, or a categorical value escaped like
-``overrides`` (:func:`sagemaker_launch.hyperparameters.categorical_value`), so it reaches Hydra as typed.
-
-With spot, the trials share one explicit checkpoint URI: a tuning job takes one
-``CheckpointConfig`` for all its trials, and SageMaker copies everything under that URI into each
-trial's container at its start. The entry keeps each trial's checkpoints in a subfolder named
-after its training job (a restarted spot trial resumes its own) and deletes it once the trial has
-exported its model, so a trial downloads only the checkpoints of trials that have not finished.
+The ``hydra.sweeper.params`` of ``hparams_search`` become the tuning job's ranges
+(:func:`parameter_range`), ``optimized_metric`` and ``hydra.sweeper.direction`` its objective,
+``n_trials``/``n_jobs`` its limits. Trials bypass ModelTrainer's drivers: the PyTorch image's
+training toolkit runs ``sagemaker_program`` and drops the Torchrun config, so a multi-process trial
+gets ``sagemaker_torch_distributed_enabled=true``. With spot, the trials share one checkpoint URI (a
+tuning job takes one ``CheckpointConfig``).
 """
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -43,10 +28,7 @@ from sagemaker_launch.hyperparameters import (MAX_CATEGORICAL_CHARS, SEP, catego
                                               tuned_name)
 from sagemaker_launch.launch import Submission, channels, make_model_trainer, parse_argv
 from sagemaker_launch.plan import cost_text, metric_definitions, plan_training_job, precision_text
-from sagemaker_launch.session import DryRun, console_url, describe_request, make_session, role_for
-from sagemaker_launch.source import stage_source
-
-log = logging.getLogger("sagemaker_launch")
+from sagemaker_launch.session import DryRun, console_url, describe_request, make_session
 
 # SageMaker's limit on a tuning job's name
 TUNING_NAME_MAX = 32
@@ -116,8 +98,9 @@ def parameter_range(spec: str):
             ``"tag(int, interval(1, 8))"``, ``"choice(32, 64)"``, ``"range(1, 5)"``.
 
     Returns:
-        A ``ContinuousParameter``, ``IntegerParameter`` or ``CategoricalParameter`` (its values
-        from :func:`categorical_values`).
+        A ``ContinuousParameter`` (``interval``), ``IntegerParameter`` (``tag(int, interval(...))``, a
+        ``range`` of integers) or ``CategoricalParameter`` (``choice``, other ranges; values from
+        :func:`categorical_values`); logarithmic when tagged ``log``.
 
     Raises:
         ValueError: A fixed value or a sweep SageMaker can't express.
@@ -201,9 +184,7 @@ def submit_tuning_job(cfg: DictConfig, overrides: list[str], *, dry_run: bool = 
         checkpoints = None
         if sm.spot or sm.checkpoint_s3_uri:  # one URI for all trials: the API has no per-trial one
             checkpoints = sm.checkpoint_s3_uri or f"s3://{session.default_bucket()}/{sm.base_job_name}/{name}/checkpoints"
-        source = stage_source(Path(tmp) / "source", plan.extras)
-        trainer = make_model_trainer(plan, session, source, role=role_for(sm, dry_run),
-                                     checkpoint_s3_uri=checkpoints, dry_run=dry_run)
+        trainer = make_model_trainer(plan, session, Path(tmp), checkpoint_s3_uri=checkpoints, dry_run=dry_run)
         tuner = HyperparameterTuner(
             model_trainer=trainer, objective_metric_name=str(cfg.optimized_metric), hyperparameter_ranges=ranges,
             metric_definitions=metric_definitions(), strategy="Bayesian",
@@ -213,7 +194,7 @@ def submit_tuning_job(cfg: DictConfig, overrides: list[str], *, dry_run: bool = 
         try:
             tuner.tune(inputs=channels(sm) or None, job_name=name, wait=False)
         except DryRun as stop:
-            return Submission(stop.params, name, hook.uploads, True)
+            return Submission(stop.params, name, list(hook.files), True)
     request = hook.sent["CreateHyperParameterTuningJob"][-1]
     print(f"tuning job {name}\n  {console_url(sm.region, name, 'tuning')}", flush=True)
     if wait:
@@ -233,8 +214,7 @@ def main(argv: list[str] | None = None) -> Submission:
         print(f"DRY RUN: CreateHyperParameterTuningJob {sub.job_name} (not sent)")
         print(describe_request(sub.request, sub.uploads))
         print(f"precision: {precision_text(cfg, overrides)}")
-        trials = int(cfg.hydra.sweeper.get("n_trials", 10))
-        print(f"{trials} trials, each at most:")
+        print(f"{int(cfg.hydra.sweeper.get('n_trials', 10))} trials, each at most:")
         print(cost_text(cfg.sagemaker))
     return sub
 

@@ -6,23 +6,13 @@ Usage:
     python train.py -m hydra/launcher=sagemaker sagemaker=cpu sagemaker.dry_run=true \
         +experiment=quickstart sagemaker.inputs.train=s3://BUCKET/abid/sample data.batch_size=16,32
 
-The job requests are planned by ``sagemaker_launch.plan`` and submitted by ``sagemaker_launch.launch`` (``pip install "bincount[sagemaker]"``;
-installed, ``bincount-train -m ...`` runs the same multirun as ``python train.py -m ...`` in a
-checkout). ``hydra/launcher=sagemaker`` adds the ``sagemaker`` group
-(``conf/sagemaker/*.yaml``, default ``gpu_single``) to the config, so ``sagemaker=<name>`` and
-``sagemaker.*`` overrides read exactly as for ``python -m sagemaker_launch.launch``, and
-``sagemaker.dry_run=true`` prints each request instead of sending it. Each job is planned and
-checked as the launcher would (a fresh ModelTrainer per job), then submitted without waiting;
-the job's return value is the training job's name.
-
-Jobs are named ``<base_job_name>-<sweep>-<job number>-<time>``, ``<sweep>`` the sweep's start
-(``%y%m%d%H%M%S``): jobs of one sweep submitted within a second get distinct names, and sweeps
-don't share S3 prefixes (code, output, profiler, and a ``sagemaker.checkpoint_s3_uri``, which
-gets ``/<base_job_name>-<sweep>-<job number>`` appended per job).
-
-Sweepers that need each job's objective back (Optuna) can't wait on this launcher: use
-``python -m sagemaker_launch.tune`` for a search. The jobs never run Hydra multirun themselves
-(the container composes one config), so Lightning's DDP never re-runs a sweep.
+Each job is planned and submitted as by ``python -m sagemaker_launch.launch``, without waiting; its
+return value is the training job's name. ``hydra/launcher=sagemaker`` adds the ``sagemaker`` group
+(default ``gpu_single``), so ``sagemaker.*`` overrides read as for that command. Jobs are named
+``<base_job_name>-<sweep>-<job number>-<time>``, ``<sweep>`` the sweep's start (``%y%m%d%H%M%S``),
+so jobs and sweeps share no names or S3 prefixes (a ``sagemaker.checkpoint_s3_uri`` gets
+``/<base_job_name>-<sweep>-<job number>`` appended). Sweepers that need each job's objective back
+(Optuna): ``python -m sagemaker_launch.tune``.
 
 Module-level imports are Hydra's only: Hydra imports every ``hydra_plugins`` module when it starts,
 inside training containers too, where the SageMaker SDK is not installed. (No ``from __future__
