@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shlex
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from omegaconf import DictConfig
 
 from bincount.config import compose
 from sagemaker_launch.plan import (CHECKPOINT_DIR, TrainingJobPlan, cost_text, metric_definitions, plan_training_job,
                                    precision_text)
-from sagemaker_launch.session import DryRun, console_url, describe_request, make_session, role_for
+from sagemaker_launch.session import DryRun, console_url, describe_request, make_session, role_check_skipped, role_for
 from sagemaker_launch.source import CONTAINER_INIT_SCRIPT, ENTRY_SCRIPT, stage_source
 
 # the job's PID 1 (see the script): the code channel is downloaded before the container starts
@@ -93,7 +91,7 @@ def make_model_trainer(plan: TrainingJobPlan, session, tmp: Path, *, checkpoint_
     sm = plan.sagemaker
     uri = checkpoint_s3_uri or sm.checkpoint_s3_uri
     source_dir = stage_source(tmp / "source", plan.extras)
-    with mock.patch.dict(os.environ, SAGEMAKER_VALIDATE_ROLE="false") if dry_run else contextlib.nullcontext():
+    with role_check_skipped() if dry_run else contextlib.nullcontext():
         trainer = ModelTrainer(
             sagemaker_session=session,
             role=role_for(sm, dry_run),

@@ -3,10 +3,12 @@ are recorded, checked against the service model and held back in a dry run (:cla
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import logging
+import os
 import re
 from collections import defaultdict
 from typing import Any, Callable
@@ -193,6 +195,21 @@ def make_session(sm: DictConfig, *, dry_run: bool = False,
         config.setdefault("SageMaker", {}).setdefault("PythonSDK", {}).setdefault("Modules", {})["TelemetryOptOut"] = True
         return DryRunSession(boto_session=boto_session, default_bucket=sm.bucket, sagemaker_config=config), hook
     return Session(boto_session=boto_session, default_bucket=sm.bucket), hook
+
+
+@contextlib.contextmanager
+def role_check_skipped():
+    """Turn the SDK's check of the execution role off inside the block (its own switch,
+    ``SAGEMAKER_VALIDATE_ROLE=false``; restored after)."""
+    saved = os.environ.get("SAGEMAKER_VALIDATE_ROLE")
+    os.environ["SAGEMAKER_VALIDATE_ROLE"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["SAGEMAKER_VALIDATE_ROLE"]
+        else:
+            os.environ["SAGEMAKER_VALIDATE_ROLE"] = saved
 
 
 def role_for(sm: DictConfig, dry_run: bool) -> str | None:
